@@ -1,0 +1,619 @@
+"""Transformer-XL (Dai et al., 2019) with an optional Mixture-of-Experts feed-forward.
+
+A faithful port of the original PyTorch `mem_transformer.py` and of FastMoE's
+`examples/transformer-xl`: the constructor, `forward(data, target, *mems)`,
+the memory semantics and every parameter name are the original's, so original
+and FastMoE checkpoints load with `strict=True`.
+
+Shapes follow the original: sequences are time-major, [len, bsz, d_model].
+Attention scores are [qlen, klen, bsz, n_head].
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.log_uniform_sampler import LogUniformSampler, sample_logits
+from utils.moe import GATES, FMoETransformerMLP
+from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
+
+ATTN_TYPES = {
+    0: 'relative positions, global biases (Transformer-XL)',
+    1: 'relative learnable embeddings (Shaw et al.)',
+    2: 'absolute sinusoids (vanilla Transformer)',
+    3: 'absolute learnable embeddings per layer (Al-Rfou et al.)',
+}
+
+
+class PositionalEmbedding(nn.Module):
+    def __init__(self, demb):
+        super().__init__()
+        self.demb = demb
+        inv_freq = 1 / (10000 ** (torch.arange(0.0, demb, 2.0) / demb))
+        self.register_buffer('inv_freq', inv_freq)
+
+    def forward(self, pos_seq, bsz=None):
+        sinusoid_inp = torch.outer(pos_seq, self.inv_freq)
+        pos_emb = torch.cat([sinusoid_inp.sin(), sinusoid_inp.cos()], dim=-1)
+        if bsz is not None:
+            return pos_emb[:, None, :].expand(-1, bsz, -1)
+        return pos_emb[:, None, :]
+
+
+def residual_norm(inp, core, layer_norm, pre_lnorm):
+    """Residual around `core`, with LayerNorm before it (pre-LN) or after the sum (post-LN)."""
+    if pre_lnorm:
+        return inp + core(layer_norm(inp))
+    return layer_norm(inp + core(inp))
+
+
+class PositionwiseFF(nn.Module):
+    def __init__(self, d_model, d_inner, dropout, pre_lnorm=False):
+        super().__init__()
+        self.d_model = d_model
+        self.d_inner = d_inner
+        self.dropout = dropout
+        self.CoreNet = nn.Sequential(
+            nn.Linear(d_model, d_inner), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(d_inner, d_model),
+            nn.Dropout(dropout),
+        )
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.pre_lnorm = pre_lnorm
+
+    def forward(self, inp):
+        return residual_norm(inp, self.CoreNet, self.layer_norm, self.pre_lnorm)
+
+
+class MoEPositionwiseFF(FMoETransformerMLP):
+    """FastMoE's CustomizedMoEPositionwiseFF: experts are ReLU -> Dropout MLPs,
+    then dropout, residual and LayerNorm around the mixture."""
+
+    def __init__(self, d_model, d_inner, dropout, pre_lnorm=False,
+                 moe_num_expert=64, moe_top_k=2, **moe_options):
+        activation = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        super().__init__(num_expert=moe_num_expert, d_model=d_model, d_hidden=d_inner,
+                         activation=activation, top_k=moe_top_k, **moe_options)
+        self.pre_lnorm = pre_lnorm
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, inp):
+        mixture = super().forward
+        return residual_norm(inp, lambda x: self.dropout(mixture(x)),
+                             self.layer_norm, self.pre_lnorm)
+
+
+def rel_shift(x):
+    """Turn scores indexed by relative distance into scores indexed by key position.
+
+    x[i, d] holds the score of query i against the key `klen - 1 - d` steps back
+    (positions are fed in decreasing order); the result holds at [i, j] the score
+    for key j, i.e. x[i, j + qlen - 1 - i]. Padding one zero column and
+    re-reading the buffer with one more row does this without a gather
+    (Transformer-XL, appendix B). Entries above the causal diagonal
+    (j > i + mlen) get other rows' values; they are always masked.
+    """
+    qlen, klen = x.shape[:2]
+    zero_pad = x.new_zeros((qlen, 1) + x.shape[2:])
+    x_padded = torch.cat([zero_pad, x], dim=1).view(klen + 1, qlen, *x.shape[2:])
+    return x_padded[1:].view_as(x)
+
+
+def pad_or_trim_front(t, length):
+    """The last `length` rows of t; when t is shorter, its first row repeated in front."""
+    if length > t.size(0):
+        pad = t[0:1].expand(length - t.size(0), *t.shape[1:])
+        return torch.cat([pad, t], 0)
+    return t[t.size(0) - length:]
+
+
+class Attention(nn.Module):
+    """What the four attention types share: heads, output projection, masked
+    softmax over keys, dropout, residual and LayerNorm."""
+
+    def __init__(self, n_head, d_model, d_head, dropout, dropatt=0, pre_lnorm=False,
+                 **unused_lengths):
+        super().__init__()
+        self.n_head = n_head
+        self.d_model = d_model
+        self.d_head = d_head
+        self.dropout = dropout
+        # Input projections are made before o_net, as in the original, so that
+        # a seeded construction consumes the random stream in the same order.
+        self._make_input_nets()
+        self.drop = nn.Dropout(dropout)
+        self.dropatt = nn.Dropout(dropatt)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.scale = 1 / (d_head ** 0.5)
+        self.pre_lnorm = pre_lnorm
+
+    def _make_input_nets(self):
+        raise NotImplementedError
+
+    def heads(self, x):
+        return x.view(x.size(0), x.size(1), self.n_head, self.d_head)
+
+    def attend(self, h, q, k, v, attn_mask, pos_score=None):
+        """h [qlen, bsz, d_model] residual input; q [qlen, bsz, n, d]; k, v [klen, bsz, n, d];
+        attn_mask [qlen, klen] bool, True = may not attend; pos_score [qlen, klen, bsz|1, n]."""
+        score = torch.einsum('ibnd,jbnd->ijbn', q, k)
+        if pos_score is not None:
+            score = score + pos_score
+        score = score * self.scale
+        if attn_mask is not None:
+            score = score.masked_fill(attn_mask[:, :, None, None], -float('inf'))
+        prob = self.dropatt(F.softmax(score, dim=1))
+        vec = torch.einsum('ijbn,jbnd->ibnd', prob, v)
+        out = self.drop(self.o_net(vec.reshape(vec.size(0), vec.size(1), -1)))
+        return h + out if self.pre_lnorm else self.layer_norm(h + out)
+
+
+class MultiHeadAttn(Attention):
+    """Absolute-position attention (attn_type 2 and 3)."""
+
+    def _make_input_nets(self):
+        self.q_net = nn.Linear(self.d_model, self.n_head * self.d_head, bias=False)
+        self.kv_net = nn.Linear(self.d_model, 2 * self.n_head * self.d_head, bias=False)
+
+    def forward(self, h, attn_mask=None, mems=None):
+        c = h if mems is None else torch.cat([mems, h], 0)
+        if self.pre_lnorm:
+            c = self.layer_norm(c)
+        # As in the original, queries come from the un-normalized h even in pre-LN.
+        head_q = self.heads(self.q_net(h))
+        head_k, head_v = map(self.heads, torch.chunk(self.kv_net(c), 2, dim=-1))
+        return self.attend(h, head_q, head_k, head_v, attn_mask)
+
+
+class RelMultiHeadAttn(Attention):
+    """Relative-position attention: one projection for queries, keys and values
+    over [memory; segment], queries kept for the segment only."""
+
+    def _make_input_nets(self):
+        self.qkv_net = nn.Linear(self.d_model, 3 * self.n_head * self.d_head, bias=False)
+
+    def project(self, w, mems):
+        cat = w if mems is None else torch.cat([mems, w], 0)
+        if self.pre_lnorm:
+            cat = self.layer_norm(cat)
+        q, k, v = torch.chunk(self.qkv_net(cat), 3, dim=-1)
+        return self.heads(q[-w.size(0):]), self.heads(k), self.heads(v)
+
+
+class RelPartialLearnableMultiHeadAttn(RelMultiHeadAttn):
+    """attn_type 0, the paper's: score = (q + u)·k + rel_shift((q + v)·W_r r)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.r_net = nn.Linear(self.d_model, self.n_head * self.d_head, bias=False)
+
+    def forward(self, w, r, r_w_bias, r_r_bias, attn_mask=None, mems=None):
+        q, k, v = self.project(w, mems)
+        r_head_k = self.r_net(r).view(r.size(0), self.n_head, self.d_head)
+        BD = rel_shift(torch.einsum('ibnd,jnd->ijbn', q + r_r_bias, r_head_k))
+        return self.attend(w, q + r_w_bias, k, v, attn_mask, BD)
+
+
+class RelLearnableMultiHeadAttn(RelMultiHeadAttn):
+    """attn_type 1: learnable relative embeddings r_emb and biases r_bias per distance."""
+
+    def forward(self, w, r_emb, r_w_bias, r_bias, attn_mask=None, mems=None):
+        q, k, v = self.project(w, mems)
+        klen = k.size(0)
+        r_emb, r_bias = pad_or_trim_front(r_emb, klen), pad_or_trim_front(r_bias, klen)
+        B_ = torch.einsum('ibnd,jnd->ijbn', q, r_emb)
+        D_ = r_bias[None, :, None]
+        return self.attend(w, q + r_w_bias[None], k, v, attn_mask, rel_shift(B_ + D_))
+
+
+class DecoderLayer(nn.Module):
+    """Attention (any type) followed by the position-wise feed-forward (dense or MoE)."""
+
+    def __init__(self, dec_attn, pos_ff):
+        super().__init__()
+        self.dec_attn = dec_attn
+        self.pos_ff = pos_ff
+
+    def forward(self, dec_inp, *pos_args, dec_attn_mask=None, mems=None):
+        out = self.dec_attn(dec_inp, *pos_args, attn_mask=dec_attn_mask, mems=mems)
+        return self.pos_ff(out)
+
+
+class AdaptiveEmbedding(nn.Module):
+    def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1, sample_softmax=False):
+        super().__init__()
+        self.n_token = n_token
+        self.d_embed = d_embed
+        self.cutoffs = list(cutoffs) + [n_token]
+        self.div_val = div_val
+        self.d_proj = d_proj
+        self.emb_scale = d_proj ** 0.5
+        self.cutoff_ends = [0] + self.cutoffs
+
+        self.emb_layers = nn.ModuleList()
+        self.emb_projs = nn.ParameterList()
+        if div_val == 1:
+            self.emb_layers.append(nn.Embedding(n_token, d_embed, sparse=sample_softmax > 0))
+            if d_proj != d_embed:
+                self.emb_projs.append(nn.Parameter(torch.empty(d_proj, d_embed)))
+        else:
+            for i in range(len(self.cutoffs)):
+                l_idx, r_idx = self.cutoff_ends[i], self.cutoff_ends[i + 1]
+                d_emb_i = d_embed // (div_val ** i)
+                self.emb_layers.append(nn.Embedding(r_idx - l_idx, d_emb_i))
+                self.emb_projs.append(nn.Parameter(torch.empty(d_proj, d_emb_i)))
+        self._register_load_state_dict_pre_hook(
+            lambda sd, prefix, *args: rename_projection_keys(sd, prefix, 'emb_projs'))
+
+    def forward(self, inp):
+        if self.div_val == 1:
+            embed = self.emb_layers[0](inp)
+            if self.d_proj != self.d_embed:
+                embed = F.linear(embed, self.emb_projs[0])
+        else:
+            param = self.emb_projs[0]
+            inp_flat = inp.reshape(-1)
+            emb_flat = torch.zeros([inp_flat.size(0), self.d_proj],
+                                   dtype=param.dtype, device=param.device)
+            for i in range(len(self.cutoffs)):
+                l_idx, r_idx = self.cutoff_ends[i], self.cutoff_ends[i + 1]
+                indices_i = ((inp_flat >= l_idx) & (inp_flat < r_idx)).nonzero().squeeze(1)
+                if indices_i.numel() == 0:
+                    continue
+                emb_i = self.emb_layers[i](inp_flat.index_select(0, indices_i) - l_idx)
+                emb_i = F.linear(emb_i, self.emb_projs[i])
+                emb_flat.index_copy_(0, indices_i, emb_i.to(emb_flat.dtype))
+            embed = emb_flat.view(*inp.size(), self.d_proj)
+        return embed * self.emb_scale
+
+
+def check_config(n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dropatt,
+                 d_embed, div_val, cutoffs, tgt_len, ext_len, mem_len, attn_type,
+                 sample_softmax, tie_weight, moe, moe_num_expert, moe_top_k, moe_gate,
+                 **unchecked):
+    """Raise ValueError naming the first argument whose value cannot work."""
+    def bad(name, value, why):
+        raise ValueError(f'{name}={value!r}: {why}')
+
+    for name, value in [('n_token', n_token), ('n_layer', n_layer), ('n_head', n_head),
+                        ('d_model', d_model), ('d_head', d_head), ('d_inner', d_inner)]:
+        if not isinstance(value, int) or value < 1:
+            bad(name, value, 'must be a positive integer')
+    for name, value in [('dropout', dropout), ('dropatt', dropatt)]:
+        if not 0 <= value < 1:
+            bad(name, value, 'must be in [0, 1)')
+    if attn_type not in ATTN_TYPES:
+        bad('attn_type', attn_type, 'unknown attention type; known: '
+            + ', '.join(f'{k} ({v})' for k, v in ATTN_TYPES.items()))
+    for name, value in [('tgt_len', tgt_len), ('ext_len', ext_len), ('mem_len', mem_len)]:
+        if value is not None and value < 0:
+            bad(name, value, 'must be >= 0')
+    if attn_type in (1, 3) and not tgt_len:
+        bad('tgt_len', tgt_len, f'attn_type {attn_type} sizes its position table by tgt_len + ext_len + mem_len')
+    if attn_type == 3 and n_head * d_head != d_model:
+        bad('d_head', d_head, 'attn_type 3 adds per-head position embeddings to the hidden state, '
+            'so n_head * d_head must equal d_model')
+    if not isinstance(div_val, int) or div_val < 1:
+        bad('div_val', div_val, 'must be an integer >= 1')
+    if d_embed is not None and d_embed < 1:
+        bad('d_embed', d_embed, 'must be a positive integer')
+    if any(not 0 < c < n_token for c in cutoffs) or list(cutoffs) != sorted(set(cutoffs)):
+        bad('cutoffs', list(cutoffs), f'must be strictly increasing and within (0, n_token={n_token})')
+    d_embed = d_model if d_embed is None else d_embed
+    if div_val > 1 and d_embed // div_val ** len(cutoffs) < 1:
+        bad('div_val', div_val, f'the last cluster of d_embed={d_embed} would have no dimensions')
+    if sample_softmax > 0 and (div_val != 1 or d_embed != d_model):
+        bad('sample_softmax', sample_softmax, 'the sampled softmax needs div_val=1 and d_embed=d_model')
+    if moe:
+        if not isinstance(moe_num_expert, int) or moe_num_expert < 1:
+            bad('moe_num_expert', moe_num_expert, 'must be a positive integer')
+        if not isinstance(moe_top_k, int) or not 1 <= moe_top_k <= moe_num_expert:
+            bad('moe_top_k', moe_top_k, f'must be between 1 and moe_num_expert={moe_num_expert}')
+        if moe_gate not in GATES:
+            bad('moe_gate', moe_gate, 'unknown gate; known: ' + ', '.join(GATES))
+
+
+class MemTransformerLM(nn.Module):
+    def __init__(self, n_token, n_layer, n_head, d_model, d_head, d_inner,
+                 dropout, dropatt, tie_weight=True, d_embed=None,
+                 div_val=1, tie_projs=[False], pre_lnorm=False,
+                 tgt_len=None, ext_len=None, mem_len=None,
+                 cutoffs=[], adapt_inp=False,
+                 same_length=False, attn_type=0, clamp_len=-1,
+                 sample_softmax=-1, moe=False, moe_num_expert=64, moe_top_k=2,
+                 moe_gate='naive', moe_capacity_factor=1.2, moe_eval_capacity_factor=2.4,
+                 moe_balance_coef=0.01, moe_zloss_coef=0.0):
+        super().__init__()
+        # Plain data: MemTransformerLM(**model.config) rebuilds this model.
+        config = {k: v for k, v in locals().items() if k not in ('self', '__class__')}
+        config['cutoffs'], config['tie_projs'] = list(cutoffs), list(tie_projs)
+        check_config(**config)
+        self.config = config
+
+        self.n_token = n_token
+        d_embed = d_model if d_embed is None else d_embed
+        self.d_embed = d_embed
+        self.d_model = d_model
+        self.n_head = n_head
+        self.d_head = d_head
+
+        self.word_emb = AdaptiveEmbedding(n_token, d_embed, d_model, cutoffs, div_val=div_val)
+        self.drop = nn.Dropout(dropout)
+        self.n_layer = n_layer
+
+        self.tgt_len = tgt_len
+        self.mem_len = mem_len or 0
+        self.ext_len = ext_len or 0
+        self.max_klen = (tgt_len or 0) + self.ext_len + self.mem_len
+        self.attn_type = attn_type
+
+        attn_class = {0: RelPartialLearnableMultiHeadAttn, 1: RelLearnableMultiHeadAttn,
+                      2: MultiHeadAttn, 3: MultiHeadAttn}[attn_type]
+        moe_options = dict(moe_num_expert=moe_num_expert, moe_top_k=moe_top_k, gate=moe_gate,
+                           capacity_factor=(moe_capacity_factor, moe_eval_capacity_factor))
+        self.layers = nn.ModuleList()
+        for _ in range(n_layer):
+            dec_attn = attn_class(n_head, d_model, d_head, dropout, dropatt=dropatt,
+                                  pre_lnorm=pre_lnorm)
+            if moe:
+                pos_ff = MoEPositionwiseFF(d_model, d_inner, dropout, pre_lnorm=pre_lnorm,
+                                           **moe_options)
+            else:
+                pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm=pre_lnorm)
+            self.layers.append(DecoderLayer(dec_attn, pos_ff))
+
+        self.sample_softmax = sample_softmax
+        if sample_softmax > 0:
+            self.out_layer = nn.Linear(d_model, n_token)
+            if tie_weight:
+                # The original tied to `word_emb.weight`, which does not exist.
+                self.out_layer.weight = self.word_emb.emb_layers[0].weight
+            self.tie_weight = tie_weight
+            self.sampler = LogUniformSampler(n_token, sample_softmax)
+        else:
+            self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs,
+                                                    div_val=div_val)
+            if tie_weight:
+                for i in range(len(self.crit.out_layers)):
+                    self.crit.out_layers[i].weight = self.word_emb.emb_layers[i].weight
+            for i, tie_proj in enumerate(tie_projs or []):
+                if tie_proj and div_val == 1 and d_model != d_embed:
+                    self.crit.out_projs[i] = self.word_emb.emb_projs[0]
+                elif tie_proj and div_val != 1:
+                    self.crit.out_projs[i] = self.word_emb.emb_projs[i]
+
+        self.same_length = same_length
+        self.clamp_len = clamp_len
+        self.moe_balance_coef = moe_balance_coef
+        self.moe_zloss_coef = moe_zloss_coef
+        self._create_params()
+
+    def backward_compatible(self):
+        self.sample_softmax = -1
+
+    def _create_params(self):
+        if self.attn_type == 0:
+            self.pos_emb = PositionalEmbedding(self.d_model)
+            self.r_w_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
+            self.r_r_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
+        elif self.attn_type == 1:
+            self.r_emb = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head, self.d_head))
+            self.r_w_bias = nn.Parameter(torch.empty(self.n_layer, self.n_head, self.d_head))
+            self.r_bias = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head))
+        elif self.attn_type == 2:
+            self.pos_emb = PositionalEmbedding(self.d_model)
+        elif self.attn_type == 3:
+            self.r_emb = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head, self.d_head))
+
+    def reset_length(self, tgt_len, ext_len, mem_len):
+        self.tgt_len = tgt_len
+        self.mem_len = mem_len
+        self.ext_len = ext_len
+
+    def init_mems(self, x=None):
+        """One empty memory per hidden state (embeddings + each layer), or None without memory."""
+        if self.mem_len <= 0:
+            return None
+        param = next(self.parameters())
+        return [torch.empty(0, dtype=param.dtype, device=param.device)
+                for _ in range(self.n_layer + 1)]
+
+    def _update_mems(self, hids, mems, qlen, mlen):
+        """Keep the last mem_len states before the ext_len tokens reused as extended context.
+
+        (The original passed qlen and mlen swapped here, harmless only for ext_len = 0.)
+        """
+        if mems is None:
+            return None
+        assert len(hids) == len(mems), 'len(hids) != len(mems)'
+        with torch.no_grad():
+            end_idx = mlen + max(0, qlen - self.ext_len)
+            beg_idx = max(0, end_idx - self.mem_len)
+            return [(h if mlen == 0 else torch.cat([m, h], 0))[beg_idx:end_idx].detach()
+                    for h, m in zip(hids, mems)]
+
+    def _attn_mask(self, qlen, mlen, device):
+        """[qlen, klen] bool, True where query i may not see key j: keys after it and,
+        with same_length, keys more than mem_len back, so every query sees as many keys."""
+        klen = mlen + qlen
+        dist = torch.arange(klen, device=device)[None, :] - torch.arange(qlen, device=device)[:, None]
+        mask = dist > mlen
+        if self.same_length:
+            mask_len = klen - self.mem_len
+            mask_shift_len = qlen - mask_len if mask_len > 0 else qlen
+            mask = mask | (dist <= -mask_shift_len)
+        return mask
+
+    def _position_sequence(self, klen, like):
+        """Distances klen-1 ... 0 (the original's decreasing order), clamped to clamp_len."""
+        pos_seq = torch.arange(klen - 1, -1, -1.0, device=like.device, dtype=like.dtype)
+        if self.clamp_len > 0:
+            pos_seq = pos_seq.clamp(max=self.clamp_len)
+        return pos_seq
+
+    def _forward(self, dec_inp, mems=None):
+        qlen, bsz = dec_inp.size()
+        word_emb = self.word_emb(dec_inp)
+        mlen = mems[0].size(0) if mems is not None else 0
+        klen = mlen + qlen
+        dec_attn_mask = self._attn_mask(qlen, mlen, word_emb.device)
+        # Memories as the layers see them; types 2 and 3 add position embeddings
+        # to them, and the original did so in place, so its stored memory keeps
+        # those additions: we reproduce that without mutating the caller's tensors.
+        layer_mems = list(mems) if mems is not None else None
+
+        def mem(i):
+            return layer_mems[i] if mlen > 0 else None
+
+        hids = []
+        if self.attn_type == 0:
+            pos_emb = self.pos_emb(self._position_sequence(klen, word_emb))
+            core_out = self.drop(word_emb)
+            pos_emb = self.drop(pos_emb)
+            hids.append(core_out)
+            for i, layer in enumerate(self.layers):
+                core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias,
+                                 dec_attn_mask=dec_attn_mask, mems=mem(i))
+                hids.append(core_out)
+        elif self.attn_type == 1:
+            core_out = self.drop(word_emb)
+            hids.append(core_out)
+            for i, layer in enumerate(self.layers):
+                r_emb, r_bias = self.r_emb[i], self.r_bias[i]
+                if self.clamp_len > 0:
+                    r_emb, r_bias = r_emb[-self.clamp_len:], r_bias[-self.clamp_len:]
+                core_out = layer(core_out, r_emb, self.r_w_bias[i], r_bias,
+                                 dec_attn_mask=dec_attn_mask, mems=mem(i))
+                hids.append(core_out)
+        elif self.attn_type == 2:
+            pos_emb = self.pos_emb(self._position_sequence(klen, word_emb))
+            core_out = self.drop(word_emb + pos_emb[-qlen:])
+            hids.append(core_out)
+            if mlen > 0:
+                layer_mems[0] = layer_mems[0] + pos_emb[:mlen]
+            for i, layer in enumerate(self.layers):
+                core_out = layer(core_out, dec_attn_mask=dec_attn_mask, mems=mem(i))
+                hids.append(core_out)
+        elif self.attn_type == 3:
+            core_out = self.drop(word_emb)
+            hids.append(core_out)
+            for i, layer in enumerate(self.layers):
+                if mlen > 0:
+                    cur_emb = pad_or_trim_front(self.r_emb[i][:-qlen], mlen)
+                    layer_mems[i] = layer_mems[i] + cur_emb.view(mlen, 1, -1)
+                core_out = core_out + self.r_emb[i][-qlen:].view(qlen, 1, -1)
+                hids[-1] = core_out
+                core_out = layer(core_out, dec_attn_mask=dec_attn_mask, mems=mem(i))
+                hids.append(core_out)
+
+        core_out = self.drop(core_out)
+        new_mems = self._update_mems(hids, layer_mems, qlen, mlen)
+        return core_out, new_mems
+
+    def forward(self, data, target, *mems):
+        """data [len, bsz], target [tgt_len, bsz] -> [loss [tgt_len, bsz]] + new_mems.
+
+        loss is the per-token negative log-likelihood in nats.
+        """
+        if not mems:
+            mems = self.init_mems(data)
+        tgt_len = target.size(0)
+        hidden, new_mems = self._forward(data, mems=mems)
+        pred_hid = hidden[-tgt_len:]
+        if self.sample_softmax > 0 and self.training:
+            logit = sample_logits(self.out_layer.weight, self.out_layer.bias,
+                                  target, pred_hid, self.sampler)
+            loss = -F.log_softmax(logit.float(), -1)[:, :, 0]
+        elif self.sample_softmax > 0:
+            loss = -self.log_prob(pred_hid).gather(-1, target[..., None]).squeeze(-1)
+        else:
+            loss = self.crit(pred_hid.reshape(-1, pred_hid.size(-1)), target.reshape(-1))
+            loss = loss.view(tgt_len, -1)
+        return [loss] if new_mems is None else [loss] + new_mems
+
+    def log_prob(self, hidden):
+        """Log-probabilities of the next token over the vocabulary: [..., d_model] -> [..., n_token]."""
+        flat = hidden.reshape(-1, hidden.size(-1))
+        if self.sample_softmax > 0:
+            out = F.log_softmax(self.out_layer(flat).float(), dim=-1)
+        else:
+            out = self.crit.log_prob(flat)
+        return out.view(*hidden.shape[:-1], -1)
+
+    # Mixture-of-Experts bookkeeping for the training loop.
+    def moe_layers(self):
+        return [layer.pos_ff for layer in self.layers if isinstance(layer.pos_ff, MoEPositionwiseFF)]
+
+    def aux_loss(self):
+        """Balance and router z-losses of the last forward, weighted by their coefficients."""
+        total = torch.zeros((), device=next(self.parameters()).device)
+        for ff in self.moe_layers():
+            total = total + self.moe_balance_coef * ff.balance_loss + self.moe_zloss_coef * ff.z_loss
+        return total
+
+    def moe_load(self):
+        """Tokens routed to each expert in the last forward, [n_moe_layers, num_expert] (None if dense)."""
+        layers = self.moe_layers()
+        return torch.stack([ff.last_load for ff in layers]) if layers else None
+
+    def moe_balance_loss(self):
+        """Raw balance loss of each MoE layer in the last forward (None if dense)."""
+        layers = self.moe_layers()
+        return torch.stack([ff.balance_loss.detach().float() for ff in layers]) if layers else None
+
+
+def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_std=0.01):
+    """The original training script's initialization, experts and gates included.
+
+    Dispatches on class names as the original did (so FastMoE's expert linears,
+    whose class names contain 'Linear', are covered), in the same module order,
+    then re-initializes the embedding so that tied output layers do not override it.
+    """
+    def init_weight(weight):
+        if init == 'uniform':
+            nn.init.uniform_(weight, -init_range, init_range)
+        elif init == 'normal':
+            nn.init.normal_(weight, 0.0, init_std)
+
+    def init_bias(bias):
+        nn.init.constant_(bias, 0.0)
+
+    def init_projs(projs):
+        for proj in projs:
+            if proj is not None:
+                nn.init.normal_(proj, 0.0, proj_init_std)
+
+    def weights_init(m):
+        classname = m.__class__.__name__
+        if 'Linear' in classname:
+            if getattr(m, 'weight', None) is not None:
+                init_weight(m.weight)
+            if getattr(m, 'bias', None) is not None:
+                init_bias(m.bias)
+        elif 'AdaptiveEmbedding' in classname:
+            init_projs(m.emb_projs)
+        elif 'Embedding' in classname:
+            if hasattr(m, 'weight'):
+                init_weight(m.weight)
+        elif 'ProjectedAdaptiveLogSoftmax' in classname:
+            if hasattr(m, 'cluster_weight'):
+                init_weight(m.cluster_weight)
+                init_bias(m.cluster_bias)
+            init_projs(m.out_projs)
+        elif 'LayerNorm' in classname:
+            nn.init.normal_(m.weight, 1.0, init_std)
+            if m.bias is not None:
+                init_bias(m.bias)
+        elif 'TransformerLM' in classname:
+            for name in ('r_emb', 'r_w_bias', 'r_r_bias'):
+                if hasattr(m, name):
+                    init_weight(getattr(m, name))
+            if hasattr(m, 'r_bias'):
+                init_bias(m.r_bias)
+
+    with torch.no_grad():
+        model.apply(weights_init)
+        model.word_emb.apply(weights_init)
+    return model

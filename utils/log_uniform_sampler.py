@@ -1,0 +1,47 @@
+"""Log-uniform (Zipfian) negative sampling for the sampled softmax (used for lm1b).
+
+Class k is drawn with probability (log(k + 2) - log(k + 1)) / log(range_max + 1),
+which matches a vocabulary sorted by decreasing frequency. As in TensorFlow's
+candidate sampler, the log expected count of each class under `2 * n_sample`
+draws, log(1 - (1 - p)^(2 n)), corrects the logits.
+"""
+import torch
+
+
+class LogUniformSampler:
+    def __init__(self, range_max, n_sample):
+        with torch.no_grad():
+            self.range_max = range_max
+            log_indices = torch.arange(1., range_max + 2., 1.).log_()
+            self.dist = (log_indices[1:] - log_indices[:-1]) / log_indices[-1]
+            # -expm1(n * log1p(-p)) is 1 - (1 - p)^n computed stably.
+            self.log_q = (-(-self.dist.double().log1p_() * 2 * n_sample).expm1_()).log_().float()
+        self.n_sample = n_sample
+
+    def sample(self, labels):
+        """labels [b1, b2] -> (true_log_probs [b1, b2], samp_log_probs [S], neg_samples [S]).
+
+        The number of distinct negatives S varies: 2 * n_sample draws, duplicates removed.
+        """
+        with torch.no_grad():
+            draws = torch.multinomial(self.dist, 2 * self.n_sample, replacement=True)
+            neg_samples = draws.unique().to(labels.device)
+            log_q = self.log_q.to(labels.device)
+            return log_q[labels], log_q[neg_samples], neg_samples
+
+
+def sample_logits(weight, bias, labels, inputs, sampler):
+    """Logits of the true class (column 0) and of the sampled negatives.
+
+    weight [n_vocab, d], bias [n_vocab], labels [b1, b2], inputs [b1, b2, d]
+    -> logits [b1, b2, 1 + S]; a negative equal to the true label is masked out.
+    """
+    true_log_probs, samp_log_probs, neg_samples = sampler.sample(labels)
+    true_w, true_b = weight[labels], bias[labels]
+    sample_w, sample_b = weight[neg_samples], bias[neg_samples]
+
+    true_logits = (true_w * inputs).sum(-1) + true_b - true_log_probs
+    neg_logits = torch.einsum('sd,ijd->ijs', sample_w, inputs) + sample_b - samp_log_probs
+    hit = labels[:, :, None] == neg_samples
+    neg_logits = neg_logits.masked_fill(hit, torch.finfo(neg_logits.dtype).min)
+    return torch.cat([true_logits[:, :, None], neg_logits], dim=-1)
