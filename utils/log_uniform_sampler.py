@@ -1,9 +1,10 @@
 """Log-uniform (Zipfian) negative sampling for the sampled softmax (used for lm1b).
 
 Class k is drawn with probability (log(k + 2) - log(k + 1)) / log(range_max + 1),
-which matches a vocabulary sorted by decreasing frequency. As in TensorFlow's
-candidate sampler, the log expected count of each class under `2 * n_sample`
-draws, log(1 - (1 - p)^(2 n)), corrects the logits.
+which matches a vocabulary sorted by decreasing frequency. The logits are
+corrected by the log expected count of each class under `2 * n_sample` draws;
+like the original we compute it as 1 - (1 + p)^(-2n), which agrees with the
+exact 1 - (1 - p)^(2n) to first order in p.
 """
 import torch
 
@@ -14,7 +15,7 @@ class LogUniformSampler:
             self.range_max = range_max
             log_indices = torch.arange(1., range_max + 2., 1.).log_()
             self.dist = (log_indices[1:] - log_indices[:-1]) / log_indices[-1]
-            # -expm1(n * log1p(-p)) is 1 - (1 - p)^n computed stably.
+            # -expm1(-2n * log1p(p)) = 1 - (1 + p)^(-2n), the original's formula.
             self.log_q = (-(-self.dist.double().log1p_() * 2 * n_sample).expm1_()).log_().float()
         self.n_sample = n_sample
 

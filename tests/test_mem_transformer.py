@@ -1,0 +1,340 @@
+import math
+
+import pytest
+import torch
+
+import mem_transformer as mt
+from mem_transformer import MemTransformerLM, init_weights, rel_shift
+
+
+def make_model(n_token=40, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=24, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault('tgt_len', 6)
+    kw.setdefault('ext_len', 0)
+    kw.setdefault('mem_len', 6)
+    model = MemTransformerLM(n_token, n_layer, n_head, d_model, d_head, d_inner, 0.0, 0.0, **kw)
+    init_weights(model, init_std=0.2, proj_init_std=0.2)
+    return model.eval()
+
+
+def run_segments(model, data, tgt_len):
+    """Per-token losses of consecutive segments of data [len, bsz], carrying memory."""
+    mems, losses = (), []
+    with torch.no_grad():
+        for i in range(0, data.size(0) - 1, tgt_len):
+            inp, tgt = data[i:i + tgt_len], data[i + 1:i + 1 + tgt_len]
+            inp = inp[:tgt.size(0)]
+            out = model(inp, tgt, *mems)
+            losses.append(out[0])
+            mems = out[1:]
+    return losses, mems
+
+
+# ---------------------------------------------------------------- state dict
+
+def test_state_dict_keys_and_shapes_match_the_original_layout():
+    model = make_model(n_token=30, n_layer=1, d_model=16, d_embed=8, n_head=2, d_head=4, d_inner=20,
+                       div_val=1, cutoffs=[10, 20], tie_projs=[False, True, True])
+    expected = {
+        'r_w_bias': (2, 4), 'r_r_bias': (2, 4),
+        'word_emb.emb_layers.0.weight': (30, 8), 'word_emb.emb_projs.0': (16, 8),
+        'layers.0.dec_attn.qkv_net.weight': (24, 16), 'layers.0.dec_attn.o_net.weight': (16, 8),
+        'layers.0.dec_attn.layer_norm.weight': (16,), 'layers.0.dec_attn.layer_norm.bias': (16,),
+        'layers.0.dec_attn.r_net.weight': (8, 16),
+        'layers.0.pos_ff.CoreNet.0.weight': (20, 16), 'layers.0.pos_ff.CoreNet.0.bias': (20,),
+        'layers.0.pos_ff.CoreNet.3.weight': (16, 20), 'layers.0.pos_ff.CoreNet.3.bias': (16,),
+        'layers.0.pos_ff.layer_norm.weight': (16,), 'layers.0.pos_ff.layer_norm.bias': (16,),
+        'crit.cluster_weight': (2, 8), 'crit.cluster_bias': (2,),
+        'crit.out_layers.0.weight': (30, 8), 'crit.out_layers.0.bias': (30,),
+        'crit.out_projs.0': (16, 8), 'crit.out_projs.1': (16, 8), 'crit.out_projs.2': (16, 8),
+        'pos_emb.inv_freq': (8,),
+    }
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+    # The original's order: own parameters, then submodules in construction order.
+    assert list(model.state_dict())[:3] == ['r_w_bias', 'r_r_bias', 'word_emb.emb_layers.0.weight']
+
+
+def test_adaptive_div_val_layout_and_tying():
+    model = make_model(n_token=50, d_model=16, d_embed=16, div_val=2, cutoffs=[10, 30],
+                       tie_projs=[False, True, True])
+    sd = model.state_dict()
+    assert sd['word_emb.emb_layers.1.weight'].shape == (20, 8)
+    assert sd['word_emb.emb_layers.2.weight'].shape == (20, 4)
+    assert sd['crit.out_layers.2.weight'].shape == (20, 4)
+    assert sd['crit.out_projs.2'].shape == (16, 4)
+    for i in range(3):
+        assert model.crit.out_layers[i].weight is model.word_emb.emb_layers[i].weight
+    assert model.crit.out_projs[0] is not model.word_emb.emb_projs[0]
+    assert model.crit.out_projs[1] is model.word_emb.emb_projs[1]
+    assert model.crit.out_projs[2] is model.word_emb.emb_projs[2]
+
+
+@pytest.mark.parametrize('attn_type,keys', [
+    (1, {'r_emb': (2, 12, 2, 8), 'r_w_bias': (2, 2, 8), 'r_bias': (2, 12, 2),
+         'layers.0.dec_attn.qkv_net.weight': (48, 16)}),
+    (2, {'pos_emb.inv_freq': (8,), 'layers.0.dec_attn.q_net.weight': (16, 16),
+         'layers.0.dec_attn.kv_net.weight': (32, 16)}),
+    (3, {'r_emb': (2, 12, 2, 8), 'layers.1.dec_attn.q_net.weight': (16, 16)}),
+])
+def test_attention_type_parameters(attn_type, keys):
+    model = make_model(attn_type=attn_type)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in keys.items():
+        assert shapes[key] == shape
+    assert ('layers.0.dec_attn.r_net.weight' in shapes) == (attn_type == 0)
+
+
+def test_fastmoe_projection_spelling_loads_strict():
+    model = make_model(n_token=50, d_embed=16, div_val=2, cutoffs=[10, 30])
+    sd = model.state_dict()
+    renamed = {}
+    for k, v in sd.items():
+        if '_projs.' in k:
+            k = k + '.weight'
+        renamed[k] = v.clone() + 1
+    fresh = make_model(n_token=50, d_embed=16, div_val=2, cutoffs=[10, 30], seed=1)
+    fresh.load_state_dict(renamed, strict=True)
+    assert torch.equal(fresh.word_emb.emb_projs[2], sd['word_emb.emb_projs.2'] + 1)
+    assert torch.equal(fresh.crit.out_projs[0], sd['crit.out_projs.0'] + 1)
+
+
+def test_config_rebuilds_the_same_model():
+    model = make_model(cutoffs=[10, 20], div_val=2, d_embed=16, same_length=True, clamp_len=4)
+    rebuilt = MemTransformerLM(**model.config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+           {k: v.shape for k, v in model.state_dict().items()}
+    assert rebuilt.same_length and rebuilt.clamp_len == 4
+
+
+# ------------------------------------------------------- attention internals
+
+def test_rel_shift_indexes_by_key_position():
+    qlen, mlen = 4, 3
+    klen = qlen + mlen
+    x = torch.randn(qlen, klen, 2, 3)
+    y = rel_shift(x)
+    for i in range(qlen):
+        for j in range(i + mlen + 1):  # the visible (unmasked) part
+            assert torch.equal(y[i, j], x[i, j + qlen - 1 - i])
+
+
+def test_causal_and_same_length_masks():
+    model = make_model(mem_len=5)
+    mask = model._attn_mask(4, 3, 'cpu')
+    for i in range(4):
+        assert not mask[i, :i + 4].any() and mask[i, i + 4:].all()
+    model.same_length = True
+    mask = model._attn_mask(4, 5, 'cpu')  # a full memory
+    for i in range(4):  # every query sees the same number (mem_len) of most recent keys
+        assert torch.equal(torch.nonzero(~mask[i]).flatten(), torch.arange(i + 1, i + 6))
+
+
+def slow_relative_attention(attn, w, mems, r_w_bias, r_r_bias, clamp_len=-1):
+    """The paper's formula (Dai et al., eq. in section 3.3), one score at a time, post-LN."""
+    qlen, bsz, _ = w.shape
+    cat = torch.cat([mems, w], 0)
+    klen = cat.size(0)
+    mlen = klen - qlen
+    n, d = attn.n_head, attn.d_head
+    q, k, v = attn.qkv_net(cat).view(klen, bsz, 3, n, d).unbind(2)
+    q = q[-qlen:]
+    out = torch.zeros(qlen, bsz, n, d)
+    for b in range(bsz):
+        for h in range(n):
+            for i in range(qlen):
+                scores = []
+                for j in range(i + mlen + 1):
+                    dist = float(i + mlen - j)
+                    if clamp_len > 0:
+                        dist = min(dist, clamp_len)
+                    inv_freq = 1 / (10000 ** (torch.arange(0.0, attn.d_model, 2.0) / attn.d_model))
+                    r = torch.cat([torch.sin(dist * inv_freq), torch.cos(dist * inv_freq)])
+                    rk = attn.r_net(r).view(n, d)[h]
+                    s = (q[i, b, h] + r_w_bias[h]) @ k[j, b, h] + (q[i, b, h] + r_r_bias[h]) @ rk
+                    scores.append(s / math.sqrt(d))
+                p = torch.softmax(torch.stack(scores), 0)
+                out[i, b, h] = (p[:, None] * v[:i + mlen + 1, b, h]).sum(0)
+    return attn.layer_norm(w + attn.o_net(out.view(qlen, bsz, n * d)))
+
+
+@pytest.mark.parametrize('clamp_len', [-1, 2])
+def test_relative_attention_matches_the_papers_formula(clamp_len):
+    model = make_model(clamp_len=clamp_len)
+    layer = model.layers[0].dec_attn
+    qlen, mlen, bsz = 3, 4, 2
+    w, mems = torch.randn(qlen, bsz, 16), torch.randn(mlen, bsz, 16)
+    pos_emb = model.pos_emb(model._position_sequence(qlen + mlen, w))
+    with torch.no_grad():
+        fast = layer(w, pos_emb, model.r_w_bias, model.r_r_bias,
+                     attn_mask=model._attn_mask(qlen, mlen, 'cpu'), mems=mems)
+        slow = slow_relative_attention(layer, w, mems, model.r_w_bias, model.r_r_bias, clamp_len)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ memory
+
+@pytest.mark.parametrize('attn_type', [0, 1])
+@pytest.mark.parametrize('pre_lnorm', [False, True])
+def test_memory_equals_running_the_concatenated_sequence(attn_type, pre_lnorm):
+    """Relative attention with enough memory: segment 2 with segment 1 as memory
+    sees exactly what the last positions of one long segment see."""
+    tgt = 5
+    model = make_model(attn_type=attn_type, pre_lnorm=pre_lnorm, tgt_len=2 * tgt, mem_len=2 * tgt)
+    data = torch.randint(0, 40, (2 * tgt + 1, 3))
+    with torch.no_grad():
+        seg_losses, _ = run_segments(model, data, tgt)
+        whole = model(data[:2 * tgt], data[1:2 * tgt + 1])[0]
+    torch.testing.assert_close(torch.cat(seg_losses), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_is_detached_and_has_the_right_length():
+    model = make_model(mem_len=4).train()
+    data = torch.randint(0, 40, (7, 2))
+    out = model(data[:6], data[1:7])
+    mems = out[1:]
+    assert len(mems) == model.n_layer + 1
+    assert all(m.shape == (4, 2, 16) and not m.requires_grad for m in mems)
+
+
+def test_update_mems_keeps_the_states_before_the_extended_context():
+    model = make_model(mem_len=4, ext_len=2)
+    qlen, mlen = 6, 3
+    hids = [torch.arange(qlen, dtype=torch.float).view(qlen, 1, 1) + 100 * i for i in range(3)]
+    mems = [torch.arange(-mlen, 0, dtype=torch.float).view(mlen, 1, 1) + 100 * i for i in range(3)]
+    new = model._update_mems(hids, mems, qlen, mlen)
+    # Positions -3..5; the last ext_len=2 (4, 5) are re-fed next time; keep the 4 before them.
+    assert new[1].flatten().tolist() == [100.0, 101.0, 102.0, 103.0]
+
+
+def test_no_memory_when_mem_len_is_zero():
+    model = make_model(mem_len=0)
+    data = torch.randint(0, 40, (7, 2))
+    out = model(data[:6], data[1:7])
+    assert len(out) == 1 and out[0].shape == (6, 2)
+
+
+def test_reset_length_changes_the_memory_size():
+    model = make_model(mem_len=6)
+    model.reset_length(tgt_len=3, ext_len=0, mem_len=2)
+    data = torch.randint(0, 40, (4, 2))
+    out = model(data[:3], data[1:4])
+    assert out[1].shape[0] == 2
+
+
+def test_forward_does_not_modify_the_callers_memory():
+    """The original added position embeddings to the memory in place (attn_type 2, 3)."""
+    for attn_type in (2, 3):
+        model = make_model(attn_type=attn_type, d_head=8, n_head=2)
+        data = torch.randint(0, 40, (13, 2))
+        mems = model(data[:6], data[1:7])[1:]
+        before = [m.clone() for m in mems]
+        model(data[6:12], data[7:13], *mems)
+        assert all(torch.equal(a, b) for a, b in zip(before, mems))
+
+
+# ------------------------------------------------------- outputs and losses
+
+@pytest.mark.parametrize('kw', [
+    dict(), dict(cutoffs=[10, 25]), dict(cutoffs=[10, 25], div_val=2, d_embed=16),
+    dict(d_embed=8, cutoffs=[10])])
+def test_loss_is_the_negative_log_probability_of_the_target(kw):
+    model = make_model(**kw)
+    data = torch.randint(0, 40, (7, 3))
+    with torch.no_grad():
+        loss = model(data[:6], data[1:7])[0]
+        hidden, _ = model._forward(data[:6], mems=model.init_mems())
+        log_prob = model.log_prob(hidden)
+    assert loss.shape == (6, 3)
+    torch.testing.assert_close(log_prob.logsumexp(-1), torch.zeros(6, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, -log_prob.gather(-1, data[1:7, :, None]).squeeze(-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_original_cluster_grouped_loss_order_is_available():
+    model = make_model(cutoffs=[10, 25])
+    data = torch.randint(0, 40, (7, 3))
+    with torch.no_grad():
+        ordered = model(data[:6], data[1:7])[0].flatten()
+        model.crit.keep_order = False
+        grouped = model(data[:6], data[1:7])[0].flatten()
+    target = data[1:7].flatten()
+    cluster = (target >= 10).long() + (target >= 25).long()
+    expected = torch.cat([ordered[cluster == c] for c in range(3)])
+    assert torch.equal(grouped, expected)
+
+
+def test_sampled_softmax_trains_and_evaluates():
+    model = make_model(n_token=200, sample_softmax=20).train()
+    assert model.out_layer.weight is model.word_emb.emb_layers[0].weight
+    data = torch.randint(0, 200, (7, 3))
+    loss = model(data[:6], data[1:7])[0]
+    assert loss.shape == (6, 3) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert model.word_emb.emb_layers[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        eval_loss = model(data[:6], data[1:7])[0]
+        hidden, _ = model._forward(data[:6], mems=model.init_mems())
+        full = torch.log_softmax(model.out_layer(hidden), -1)
+    torch.testing.assert_close(eval_loss, -full.gather(-1, data[1:7, :, None]).squeeze(-1))
+
+
+def test_training_reduces_the_loss_on_a_repeated_pattern():
+    torch.manual_seed(0)
+    model = make_model(n_token=10, mem_len=4).train()
+    data = torch.arange(10).repeat(4)[:, None].expand(-1, 2).contiguous()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = model(data[:30], data[1:31])[0].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.3 * first
+
+
+# ------------------------------------------------------------ initialization
+
+def test_init_weights_follows_the_original_scheme():
+    torch.manual_seed(0)
+    model = MemTransformerLM(300, 2, 4, 64, 16, 128, 0.1, 0.0, d_embed=32, div_val=2,
+                             cutoffs=[100, 200], tgt_len=8, mem_len=8, ext_len=0,
+                             tie_projs=[False, True, True])
+    init_weights(model, init='normal', init_std=0.02, proj_init_std=0.01)
+    ln = model.layers[0].pos_ff.layer_norm
+    assert abs(ln.weight.mean().item() - 1) < 0.01 and 0.01 < ln.weight.std().item() < 0.03
+    assert torch.count_nonzero(ln.bias) == 0
+    assert abs(model.layers[0].dec_attn.qkv_net.weight.std().item() - 0.02) < 0.002
+    assert abs(model.word_emb.emb_projs[0].std().item() - 0.01) < 0.002
+    assert torch.count_nonzero(model.crit.cluster_bias) == 0
+    assert torch.count_nonzero(model.layers[1].pos_ff.CoreNet[0].bias) == 0
+    init_weights(model, init='uniform', init_range=0.05)
+    w = model.layers[0].pos_ff.CoreNet[3].weight
+    assert w.abs().max() <= 0.05 and w.abs().max() > 0.04
+
+
+def test_same_seed_same_model():
+    a, b = make_model(seed=3), make_model(seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize('kw,name', [
+    (dict(cutoffs=[20, 10]), 'cutoffs'),
+    (dict(cutoffs=[10, 40]), 'cutoffs'),
+    (dict(cutoffs=[0]), 'cutoffs'),
+    (dict(div_val=0), 'div_val'),
+    (dict(mem_len=-1), 'mem_len'),
+    (dict(attn_type=4), 'attn_type'),
+    (dict(moe=True, moe_num_expert=4, moe_top_k=5), 'moe_top_k'),
+    (dict(moe=True, moe_num_expert=4, moe_top_k=0), 'moe_top_k'),
+    (dict(moe=True, moe_gate='nope'), 'moe_gate'),
+    (dict(sample_softmax=10, d_embed=8), 'sample_softmax'),
+    (dict(attn_type=3, d_head=4), 'd_head'),
+])
+def test_bad_configuration_names_the_argument(kw, name):
+    with pytest.raises(ValueError, match=rf'^{name}='):
+        make_model(**kw)
