@@ -1,0 +1,412 @@
+"""Mixture-of-Experts feed-forward with FastMoE's interface, in plain PyTorch.
+
+FastMoE's ``FMoETransformerMLP`` needs a CUDA build; this layer reproduces its
+parameters (the fused ``[num_expert, out, in]`` layout), its gates (naive,
+GShard, Switch) and their balance losses, and runs on CPU and GPU alike.
+
+One forward is four small steps, kept separate so that expert parallelism can
+later put an all-to-all exchange between ``dispatch`` and the expert compute:
+
+    route     gate logits -> top-k experts and scores per token (-1 = dropped)
+    dispatch  stable sort of the token copies by expert; gather their rows
+    experts   each expert's FFN on its contiguous slice of rows
+              (one ``torch._grouped_mm`` where supported, else per-expert slices)
+    combine   put the rows back in token order, weighted sum over the k copies
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATES = ('naive', 'gshard', 'switch')
+EXPERT_BACKENDS = ('auto', 'grouped_mm', 'slices')
+
+
+# ----------------------------------------------------------------------------- gates
+
+class Routing(NamedTuple):
+    expert: torch.Tensor   # [N, k] long, -1 where the copy is dropped
+    score: torch.Tensor    # [N, k] weight of each copy in the output
+    logits: torch.Tensor   # [N, E] raw gate logits (before any noise), for the z-loss
+    dropped: torch.Tensor  # 0-d long: copies dropped by the capacity limit
+    may_drop: bool         # False when no copy can ever be -1 (lets dispatch skip a host sync)
+
+
+def rank_within_expert(expert, num_expert):
+    """For each entry of the flat `expert` (-1 = none), how many earlier entries chose the same expert."""
+    key = torch.where(expert < 0, num_expert, expert)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_expert + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[sorted_key]
+    return rank
+
+
+def limit_by_capacity(expert, capacity, num_expert):
+    """Drop (set to -1) the copies beyond `capacity` per expert, earlier copies first.
+
+    FastMoE prunes in whatever order its CUDA threads race; here the order is
+    fixed: token-major over the flattened [N, k] assignment, so earlier tokens
+    (and, within a token, its better expert) win. Returns (expert, n_dropped).
+    """
+    flat = expert.reshape(-1)
+    routed = flat >= 0
+    keep = routed & (rank_within_expert(flat, num_expert) < capacity)
+    dropped = (routed & ~keep).sum()
+    return torch.where(keep, flat, -1).view_as(expert), dropped
+
+
+class NaiveGate(nn.Module):
+    """FastMoE's NaiveGate: top-k of a linear layer's logits, softmax over the k selected."""
+
+    def __init__(self, d_model, num_expert, top_k, gate_bias=True):
+        super().__init__()
+        self.gate = nn.Linear(d_model, num_expert, bias=gate_bias)
+        self.num_expert = self.tot_expert = num_expert
+        self.world_size = 1
+        self.top_k = top_k
+        self.loss = None
+
+    def compute_logits(self, x):
+        # The router runs in its weights' precision even under autocast: the logits
+        # are tiny to compute and bf16 ties/rounding would flip expert choices.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.gate(x.to(self.gate.weight.dtype))
+
+    def forward(self, x):
+        logits = self.compute_logits(x)
+        top_logits, expert = torch.topk(logits, self.top_k, dim=-1)
+        self.set_loss(logits.new_zeros(()))
+        return Routing(expert, F.softmax(top_logits, dim=-1), logits,
+                       expert.new_zeros(()), may_drop=False)
+
+    # FastMoE's loss accessors, for code written against fmoe.gates.
+    def set_loss(self, loss):
+        self.loss = loss
+
+    def get_loss(self, clear=True):
+        loss = self.loss
+        if clear:
+            self.loss = None
+        return loss
+
+    @property
+    def has_loss(self):
+        return self.loss is not None
+
+
+class GShardGate(NaiveGate):
+    """FastMoE's GShardGate: top-2, capacity limit, optional random routing of the 2nd expert."""
+
+    def __init__(self, d_model, num_expert, top_k=2, capacity=(1.2, 2.4),
+                 random_routing=True, gate_bias=True):
+        super().__init__(d_model, num_expert, top_k, gate_bias)
+        self.capacity = capacity
+        self.random_routing = random_routing
+
+    def forward(self, x):
+        naive = super().forward(x)
+        n_tok, n_exp = x.shape[0], self.num_expert
+        # c_e: fraction of tokens whose first choice is e (no gradient); m_e: mean router probability.
+        c_e = torch.bincount(naive.expert[:, 0], minlength=n_exp).to(naive.logits.dtype) / n_tok
+        m_e = F.softmax(naive.logits, dim=-1).mean(0)
+        self.set_loss((c_e * m_e).mean() * n_exp ** 2)
+
+        cap_rate = self.capacity[0 if self.training else 1]
+        capacity = math.ceil(cap_rate * n_tok) * self.top_k // n_exp
+        expert, dropped = limit_by_capacity(naive.expert, capacity, n_exp)
+        if self.random_routing and self.training:
+            # keep the 2nd expert with probability 2 * its score (GShard's random routing)
+            unlucky = 2 * naive.score[:, 1] < torch.rand(n_tok, device=x.device)
+            expert = torch.cat([expert[:, :1], expert[:, 1:].masked_fill(unlucky[:, None], -1)], 1)
+        return Routing(expert, naive.score, naive.logits, dropped, may_drop=True)
+
+
+class SwitchGate(NaiveGate):
+    """FastMoE's SwitchGate: top-1 of the softmax (with jitter in training), capacity limit."""
+
+    def __init__(self, d_model, num_expert, top_k=1, switch_eps=0.1, capacity=(1.2, 2.4),
+                 gate_bias=True):
+        super().__init__(d_model, num_expert, top_k, gate_bias)
+        self.switch_eps = switch_eps
+        self.capacity = capacity
+
+    def forward(self, x):
+        logits = self.compute_logits(x)
+        noisy = logits
+        if self.training:
+            # FastMoE *adds* uniform noise from [1-eps, 1+eps] to the logits; kept as is.
+            noise = torch.rand_like(logits) * (2 * self.switch_eps) + (1.0 - self.switch_eps)
+            noisy = logits + noise
+        prob = F.softmax(noisy.float(), dim=-1)
+        top1_prob, expert = torch.topk(prob, 1, dim=-1)
+
+        n_tok, n_exp = x.shape[0], self.num_expert
+        capacity = math.ceil(self.capacity[0 if self.training else 1] * n_tok / n_exp)
+        expert, dropped = limit_by_capacity(expert, capacity, n_exp)
+
+        kept_per_expert = torch.bincount(torch.where(expert < 0, n_exp, expert).view(-1),
+                                         minlength=n_exp + 1)[:n_exp].to(prob.dtype)
+        n_kept = kept_per_expert.sum().clamp(min=1)   # a tensor: no host sync
+        fraction = kept_per_expert / n_kept
+        prob_mass = prob.sum(0) / n_kept
+        self.set_loss((fraction * prob_mass).sum() * n_exp)
+        return Routing(expert, top1_prob.to(logits.dtype), logits, dropped, may_drop=True)
+
+
+# ----------------------------------------------------------------------------- dispatch / combine
+
+class Dispatch(NamedTuple):
+    order: torch.Tensor         # [M] flat copy index (token * k + slot) of each row, expert-major
+    token: torch.Tensor         # [M] token each row was gathered from
+    expert: torch.Tensor        # [M] expert of each row (non-decreasing)
+    counts: torch.Tensor        # [E] rows per expert
+    counts_host: Optional[list]  # the same on the host, when some step needs it
+    num_rows: int               # M = copies kept
+    num_copies: int             # N * k
+
+
+def dispatch(routing, num_expert, need_host_counts):
+    """Stable-sort the token copies by expert (dropped ones last, then cut off)."""
+    n_tok, top_k = routing.expert.shape
+    flat = routing.expert.reshape(-1)
+    key = torch.where(flat < 0, num_expert, flat)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_expert + 1)[:num_expert]
+
+    counts_host = counts.tolist() if need_host_counts else None   # the one host sync
+    if counts_host is not None:
+        num_rows = sum(counts_host)
+    elif routing.may_drop:
+        num_rows = int(counts.sum())
+    else:
+        num_rows = flat.numel()
+    order = order[:num_rows]
+    return Dispatch(order, torch.div(order, top_k, rounding_mode='floor'), sorted_key[:num_rows],
+                    counts, counts_host, num_rows, flat.numel())
+
+
+def combine(rows_out, score, plan):
+    """Rows back to token order; output[n] = sum_j score[n, j] * copy (n, j). Dropped copies give 0."""
+    n_tok, top_k = score.shape
+    d_out = rows_out.shape[-1]
+    if plan.num_rows < plan.num_copies:
+        rows_out = F.pad(rows_out, (0, 0, 0, 1))   # a zero row for every dropped copy to point at
+    row_of_copy = torch.full((plan.num_copies,), plan.num_rows, dtype=torch.long,
+                             device=score.device)
+    row_of_copy[plan.order] = torch.arange(plan.num_rows, device=score.device)
+    copies = rows_out.index_select(0, row_of_copy).view(n_tok, top_k, d_out)
+    return torch.bmm(score.to(copies.dtype).unsqueeze(1), copies).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- expert compute
+
+_GROUPED_MM_PROBES = {}
+
+
+def grouped_mm_available(device, dtype):
+    """Whether torch._grouped_mm runs forward and backward for this device type and dtype (probed once)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _GROUPED_MM_PROBES:
+        ok = hasattr(torch, '_grouped_mm')
+        if ok:
+            try:
+                x = torch.ones(3, 8, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([0, 3], device=device, dtype=torch.int32)  # includes an empty group
+                y = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+                torch.autograd.grad(y, (x, w), torch.ones_like(y))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_PROBES[key] = ok
+    return _GROUPED_MM_PROBES[key]
+
+
+def grouped_mm_fits(device, dtype, widths):
+    """Whether _grouped_mm can run the experts: it must exist for this device/dtype and every
+    feature width must give rows whose stride is a multiple of 16 bytes."""
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return all(w % align == 0 for w in widths) and grouped_mm_available(device, dtype)
+
+
+class FusedExpertLinear(nn.Module):
+    """num_expert linear maps in one tensor, as FastMoE's FMoELinear: weight [E, out, in], bias [E, out]."""
+
+    def __init__(self, num_expert, in_feat, out_feat, bias=True):
+        super().__init__()
+        self.num_expert, self.in_feat, self.out_feat = num_expert, in_feat, out_feat
+        self.weight = nn.Parameter(torch.empty(num_expert, out_feat, in_feat))
+        self.bias = nn.Parameter(torch.zeros(num_expert, out_feat)) if bias else None
+        # As FMoELinear: kaiming_uniform_ on the 3-D tensor (so its fan-in is out*in), bias zero.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, rows, plan, use_grouped_mm):
+        weight = self.weight.to(rows.dtype)
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
+        if use_grouped_mm:
+            offs = torch.cumsum(plan.counts, 0).to(torch.int32)
+            out = torch._grouped_mm(rows.contiguous(), weight.transpose(1, 2), offs=offs)
+            return out if bias is None else out + bias.index_select(0, plan.expert)
+        # unbind/split have cheap backwards (stack/cat), unlike indexing weight[e] per expert
+        biases = [None] * self.num_expert if bias is None else bias.unbind(0)
+        outs = [F.linear(x_e, w_e, b_e)
+                for x_e, w_e, b_e in zip(rows.split(plan.counts_host), weight.unbind(0), biases)]
+        return torch.cat(outs)
+
+    def extra_repr(self):
+        return (f'num_expert={self.num_expert}, in_features={self.in_feat}, '
+                f'out_features={self.out_feat}, bias={self.bias is not None}')
+
+
+class ExpertFFN(nn.Module):
+    """The experts' two-layer FFN, htoh4 -> activation -> h4toh, on rows grouped by expert."""
+
+    def __init__(self, num_expert, d_model, d_hidden, activation):
+        super().__init__()
+        self.htoh4 = FusedExpertLinear(num_expert, d_model, d_hidden)
+        self.h4toh = FusedExpertLinear(num_expert, d_hidden, d_model)
+        self.activation = activation
+
+    def forward(self, rows, plan, use_grouped_mm):
+        hidden = self.activation(self.htoh4(rows, plan, use_grouped_mm))
+        return self.h4toh(hidden, plan, use_grouped_mm)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps):
+    if not isinstance(num_expert, int) or num_expert < 1:
+        raise ValueError(f'num_expert must be an integer >= 1, got {num_expert!r}')
+    for name, value in (('d_model', d_model), ('d_hidden', d_hidden)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_expert:
+        raise ValueError(f'top_k must be an integer in [1, num_expert={num_expert}], got {top_k!r}')
+    if gate not in GATES:
+        raise ValueError(f'unknown gate {gate!r}; known gates: {", ".join(GATES)}')
+    if gate == 'gshard' and top_k != 2:
+        raise ValueError(f"gate 'gshard' routes to exactly 2 experts: top_k must be 2, got {top_k!r}")
+    if gate == 'switch' and top_k != 1:
+        raise ValueError(f"gate 'switch' routes to exactly 1 expert: top_k must be 1, got {top_k!r}")
+    try:
+        pair = tuple(float(c) for c in capacity_factor)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not all(math.isfinite(c) and c > 0 for c in pair):
+        raise ValueError('capacity_factor must be two positive numbers (training, eval), '
+                         f'got {capacity_factor!r}')
+    if not switch_eps >= 0:
+        raise ValueError(f'switch_eps must be >= 0, got {switch_eps!r}')
+
+
+def _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias, switch_eps,
+               random_routing):
+    if gate == 'gshard':
+        return GShardGate(d_model, num_expert, top_k, tuple(capacity_factor), random_routing,
+                          gate_bias)
+    if gate == 'switch':
+        return SwitchGate(d_model, num_expert, top_k, switch_eps, tuple(capacity_factor), gate_bias)
+    return NaiveGate(d_model, num_expert, top_k, gate_bias)
+
+
+class FMoETransformerMLP(nn.Module):
+    """MoE branch of a Transformer FFN block: [..., d_model] -> [..., d_model] (no residual, no norm).
+
+    After each forward: ``balance_loss`` and ``z_loss`` (0-d tensors in the graph), ``last_load``
+    ([E] copies each expert computed) and ``last_dropped`` (copies dropped by capacity), detached.
+    ``expert_backend`` picks the expert compute: 'auto' (grouped_mm where it runs), 'grouped_mm'
+    or 'slices'.
+    """
+
+    def __init__(self, num_expert, d_model, d_hidden, activation=nn.GELU(), top_k=2, gate='naive',
+                 capacity_factor=(1.2, 2.4), gate_bias=True, switch_eps=0.1, random_routing=True):
+        super().__init__()
+        _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps)
+        self.num_expert, self.d_model, self.d_hidden, self.top_k = num_expert, d_model, d_hidden, top_k
+        self.gate_type = gate
+        self.gate = _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias,
+                               switch_eps, random_routing)
+        self.experts = ExpertFFN(num_expert, d_model, d_hidden, activation)
+        self.expert_backend = 'auto'
+        self.balance_loss = self.z_loss = None
+        self.last_load = self.last_dropped = None
+        self.register_load_state_dict_pre_hook(_fuse_per_expert_layout)
+
+    def forward(self, inp):
+        if inp.shape[-1] != self.d_model:
+            raise ValueError(f'MoE input must end in d_model={self.d_model}, got shape {tuple(inp.shape)}')
+        x = inp.reshape(-1, self.d_model)
+        compute_dtype = (torch.get_autocast_dtype(x.device.type)
+                         if torch.is_autocast_enabled(x.device.type) else x.dtype)
+
+        if x.shape[0] == 0:
+            return self._empty_forward(inp)
+
+        routing = self.gate(x)
+        use_grouped_mm = self._use_grouped_mm(x.device, compute_dtype)
+        plan = dispatch(routing, self.num_expert, need_host_counts=not use_grouped_mm)
+        rows = x.index_select(0, plan.token).to(compute_dtype)
+        rows_out = self.experts(rows, plan, use_grouped_mm)
+        out = combine(rows_out, routing.score, plan)
+
+        self._record(routing, plan)
+        return out.to(inp.dtype).reshape(inp.shape)
+
+    def _use_grouped_mm(self, device, dtype):
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(f'expert_backend must be one of {EXPERT_BACKENDS}, '
+                             f'got {self.expert_backend!r}')
+        if self.expert_backend == 'slices':
+            return False
+        fits = grouped_mm_fits(device, dtype, (self.d_model, self.d_hidden))
+        if self.expert_backend == 'grouped_mm' and not fits:
+            raise ValueError(f'expert_backend grouped_mm does not run for {dtype} on {device.type} '
+                             f'with d_model={self.d_model}, d_hidden={self.d_hidden}; '
+                             'use "auto" or "slices"')
+        return fits
+
+    def _record(self, routing, plan):
+        # router z-loss (ST-MoE): keeps the logits small; on the raw logits, before switch jitter
+        self.z_loss = (torch.logsumexp(routing.logits.float(), dim=-1) ** 2).mean()
+        self.balance_loss = self.gate.loss
+        self.last_load = plan.counts.detach()
+        self.last_dropped = routing.dropped.detach()
+
+    def _empty_forward(self, inp):
+        zero = inp.new_zeros((), dtype=torch.float32)
+        self.gate.set_loss(zero)
+        self.balance_loss = self.z_loss = zero
+        self.last_load = torch.zeros(self.num_expert, dtype=torch.long, device=inp.device)
+        self.last_dropped = torch.zeros((), dtype=torch.long, device=inp.device)
+        return torch.zeros_like(inp)
+
+
+def _fuse_per_expert_layout(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                            unexpected_keys, error_msgs):
+    """Load-state-dict pre-hook: FastMoE >= 1.0.1 saves `experts.{i}.htoh4.weight` [1, out, in]
+    per expert; stack those into this layer's fused `experts.htoh4.weight` [E, out, in]."""
+    for lin_name in ('htoh4', 'h4toh'):
+        lin = getattr(module.experts, lin_name)
+        for param_name in ('weight', 'bias'):
+            param = getattr(lin, param_name)
+            per_expert = [f'{prefix}experts.{i}.{lin_name}.{param_name}' for i in range(module.num_expert)]
+            present = [k for k in per_expert if k in state_dict]
+            if not present:
+                continue
+            fused = f'{prefix}experts.{lin_name}.{param_name}'
+            if len(present) != len(per_expert) or fused in state_dict or param is None:
+                error_msgs.append(
+                    f'{fused}: per-expert layout has {len(present)} of {len(per_expert)} experts'
+                    + (' and the fused key too' if fused in state_dict else '')
+                    + ('; this layer has no such parameter' if param is None else '')
+                    + '; save the state dict from a layer with the same num_expert')
+                continue
+            slices = [state_dict.pop(k) for k in per_expert]
+            if any(s.numel() != param[0].numel() for s in slices):
+                error_msgs.append(f'{fused}: per-expert tensors of shape {tuple(slices[0].shape)} '
+                                  f'do not match this layer\'s {tuple(param.shape[1:])} per expert')
+                continue
+            state_dict[fused] = torch.stack([s.reshape(param.shape[1:]) for s in slices])
