@@ -1,0 +1,652 @@
+# coding: utf-8
+"""Train a Transformer-XL language model whose feed-forwards can be Mixtures of Experts (--moe).
+
+The original train.py's command line (same flags, defaults and meaning) on today's PyTorch, plus FastMoE's
+--moe flags. What changed underneath (see the README): --work_dir is the run directory itself; mixed precision
+is torch.autocast with a gradient scaler instead of apex; WORK_DIR/checkpoint.pt holds the whole training state,
+so --restart continues a killed run exactly; checkpoints are plain data; metrics.jsonl sits next to log.txt.
+
+Exit codes: 0 done, 1 the loss stayed non-finite, 2 bad input (one line on stderr, nothing written),
+143 stopped by SIGTERM after saving checkpoint.pt.
+"""
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data_utils
+import mem_transformer
+from eval import evaluate
+from utils import checkpoint as ckpt
+from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
+                             peak_memory_mb, pick_device, progress_bar)
+from utils.schedules import SCHEDULERS, PlateauDecay, learning_rate
+
+# The run stops when the loss itself (not just the scaled gradients) is non-finite this many steps in a row.
+NONFINITE_LIMIT = 10
+# Flags that must not change on --restart: they fix the data order, the tensor shapes or the optimizer state.
+RESUME_KEYS = ('dataset', 'batch_size', 'batch_chunk', 'tgt_len', 'ext_len', 'mem_len', 'varlen', 'optim', 'amp')
+# Settings that may differ when starting from another run's weights (--restart_dir): they shape no tensor.
+RUNTIME_KEYS = ('dropout', 'dropatt', 'tgt_len', 'ext_len', 'mem_len', 'same_length', 'clamp_len',
+                'moe_capacity_factor', 'moe_eval_capacity_factor', 'moe_balance_coef', 'moe_zloss_coef')
+# The original's adaptive-softmax clusters and whether the tail clusters tie their projections.
+ADAPTIVE_CUTOFFS = {'wt103': ([20000, 40000, 200000], True), 'lm1b': ([60000, 100000, 640000], False)}
+
+
+def build_parser():
+    p = OneLineArgumentParser(description='PyTorch Transformer Language Model')
+    add = p.add_argument
+    # Data and model: the original's flags, names and defaults.
+    add('--data', type=str, default='../data/wikitext-103', help='location of the data corpus')
+    add('--dataset', type=str, default='wt103', choices=data_utils.DATASETS, help='dataset name')
+    add('--n_layer', type=int, default=12, help='number of layers')
+    add('--n_head', type=int, default=10, help='number of attention heads')
+    add('--d_head', type=int, default=50, help='dimension of each head')
+    add('--d_embed', type=int, default=-1, help='embedding dimension (-1: d_model)')
+    add('--d_model', type=int, default=500, help='model dimension')
+    add('--d_inner', type=int, default=1000, help='inner dimension of the feed-forward (of each expert)')
+    add('--dropout', type=float, default=0.0, help='global dropout rate')
+    add('--dropatt', type=float, default=0.0, help='attention probability dropout rate')
+    add('--init', default='normal', type=str, choices=['normal', 'uniform'], help='parameter initializer')
+    add('--emb_init', default='normal', type=str,
+        help='kept for compatibility: the original parsed it but initialized embeddings with --init')
+    add('--init_range', type=float, default=0.1, help='uniform init: U(-init_range, init_range)')
+    add('--emb_init_range', type=float, default=0.01,
+        help='kept for compatibility: parsed but unused, as in the original')
+    add('--init_std', type=float, default=0.02, help='normal init: N(0, init_std)')
+    add('--proj_init_std', type=float, default=0.01, help='projections: N(0, proj_init_std)')
+    # Optimization.
+    add('--optim', default='adam', type=str, choices=['adam', 'sgd', 'adagrad'], help='optimizer')
+    add('--lr', type=float, default=0.00025, help='initial learning rate (0.00025|5 for adam|sgd)')
+    add('--mom', type=float, default=0.0, help='momentum for sgd')
+    add('--scheduler', default='cosine', type=str, choices=SCHEDULERS, help='learning-rate schedule')
+    add('--warmup_step', type=int, default=0, help='steps of linear warmup')
+    add('--decay_rate', type=float, default=0.5, help='decay factor of dev_perf (reduce on plateau)')
+    add('--lr_min', type=float, default=0.0, help='minimum learning rate of dev_perf')
+    add('--clip', type=float, default=0.25, help='gradient clipping (max global norm)')
+    add('--clip_nonemb', action='store_true',
+        help='clip only the gradient of non-embedding parameters (the original parsed this but ignored it)')
+    add('--max_step', type=int, default=100000, help='number of training steps')
+    add('--batch_size', type=int, default=60, help='batch size')
+    add('--batch_chunk', type=int, default=1, help='split each batch into chunks to save memory')
+    add('--tgt_len', type=int, default=70, help='number of tokens to predict')
+    add('--eval_tgt_len', type=int, default=50, help='number of tokens to predict for evaluation')
+    add('--ext_len', type=int, default=0, help='length of the extended context')
+    add('--mem_len', type=int, default=0, help='length of the retained previous heads')
+    add('--not_tied', action='store_true', help='do not tie the word embedding and softmax weights')
+    add('--seed', type=int, default=1111, help='random seed')
+    add('--cuda', action='store_true', help='use CUDA (without a GPU the run stays on the CPU)')
+    add('--adaptive', action='store_true', help='use adaptive softmax (wt103, lm1b)')
+    add('--div_val', type=int, default=1, help='divident value for adaptive input and softmax')
+    add('--pre_lnorm', action='store_true', help='apply LayerNorm to the input instead of the output')
+    add('--varlen', action='store_true', help='use variable length')
+    add('--multi_gpu', action='store_true', help='multi-device training: launch with torchrun instead')
+    add('--log-interval', type=int, default=200, help='report interval')
+    add('--eval-interval', type=int, default=4000, help='evaluation interval')
+    add('--work_dir', default='LM-TFM', type=str, help='the run directory (created if needed)')
+    add('--restart', action='store_true', help='resume exactly from WORK_DIR/checkpoint.pt')
+    add('--restart_dir', type=str, default='', help="start from another run's model.pt (and optimizer.pt)")
+    add('--debug', action='store_true', help='run in debug mode (write nothing)')
+    add('--same_length', action='store_true', help='use the same attn length for all tokens')
+    add('--attn_type', type=int, default=0,
+        help='attention type. 0 for ours, 1 for Shaw et al, 2 for Vaswani et al, 3 for Al Rfou et al.')
+    add('--clamp_len', type=int, default=-1, help='use the same pos embeddings after clamp_len')
+    add('--eta_min', type=float, default=0.0, help='min learning rate for cosine scheduler')
+    add('--gpu0_bsz', type=int, default=-1, help='batch size on gpu 0 (multi-device: see --multi_gpu)')
+    add('--max_eval_steps', type=int, default=-1, help='max eval steps')
+    add('--sample_softmax', type=int, default=-1, help='number of samples in sampled softmax')
+    add('--patience', type=int, default=0, help='patience of dev_perf')
+    add('--finetune_v2', action='store_true', help='kept for compatibility (unused, as in the original)')
+    add('--finetune_v3', action='store_true', help='kept for compatibility (unused, as in the original)')
+    add('--fp16', action='store_true', help='mixed precision: same as --amp fp16')
+    add('--static-loss-scale', type=float, default=None,
+        help='fixed loss scale for fp16 (default: dynamic scaling)')
+    add('--dynamic-loss-scale', action='store_true',
+        help='dynamic loss scaling for fp16 (the default; supersedes --static-loss-scale)')
+    # New in this port.
+    add('--amp', default='none', choices=['none', 'fp16', 'bf16'],
+        help='autocast precision; bf16 also runs on CPUs, fp16 uses a gradient scaler')
+    add('--save-interval', type=int, default=1000,
+        help='write WORK_DIR/checkpoint.pt every N steps (also at each evaluation, at the end, on a signal)')
+    # FastMoE's flags and the MoE options of the model.
+    add('--moe', action='store_true', help='replace the position-wise FFN with a Mixture of Experts')
+    add('--moe-num-expert', type=int, default=64, help='number of experts in MoE')
+    add('--moe-top-k', type=int, default=2, help='top_k experts in hard gate of moe')
+    add('--moe-gate', default='naive', choices=['naive', 'gshard', 'switch'], help="FastMoE's gate")
+    add('--moe-capacity-factor', type=float, default=1.2, help='expert capacity factor in training (gshard/switch)')
+    add('--moe-eval-capacity-factor', type=float, default=2.4, help='expert capacity factor in evaluation')
+    add('--moe-balance-coef', type=float, default=0.01, help='weight of the load-balance loss')
+    add('--moe-zloss-coef', type=float, default=0.0, help='weight of the router z-loss')
+    return p
+
+
+def flag(parser, dest):
+    return next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+
+
+def check_args(args, parser):
+    """Resolve derived settings; raise ValueError (one line) for an impossible or contradictory command line."""
+    def fail(message):
+        raise ValueError(message)
+
+    for dest in ('n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'max_step', 'batch_size', 'batch_chunk',
+                 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'moe_num_expert', 'div_val'):
+        if getattr(args, dest) < 1:
+            fail(f'{flag(parser, dest)} {getattr(args, dest)} must be at least 1')
+    for dest in ('ext_len', 'mem_len', 'warmup_step', 'save_interval', 'patience'):
+        if getattr(args, dest) < 0:
+            fail(f'{flag(parser, dest)} {getattr(args, dest)} must be non-negative')
+    if args.lr <= 0:
+        fail(f'--lr {args.lr} must be positive')
+    if args.batch_size % args.batch_chunk:
+        fail(f'--batch_chunk {args.batch_chunk} must divide --batch_size {args.batch_size}')
+    if not 1 <= args.moe_top_k <= args.moe_num_expert:
+        fail(f'--moe-top-k {args.moe_top_k} must be between 1 and --moe-num-expert {args.moe_num_expert}')
+    if args.adaptive and args.dataset not in ADAPTIVE_CUTOFFS:
+        fail(f'--adaptive is for the large word-level vocabularies ({", ".join(ADAPTIVE_CUTOFFS)}), '
+             f'not --dataset {args.dataset}')
+    if args.varlen and args.dataset == 'lm1b':
+        fail('--varlen needs an ordered corpus; lm1b is read as shuffled sentences')
+    if args.fp16:
+        if args.amp == 'bf16':
+            fail('--fp16 means --amp fp16 and contradicts --amp bf16')
+        args.amp = 'fp16'
+    if args.amp != 'fp16' and (args.dynamic_loss_scale or args.static_loss_scale is not None):
+        fail('--static-loss-scale/--dynamic-loss-scale need --fp16 (or --amp fp16): bf16 and fp32 need no scaling')
+    if args.static_loss_scale is not None and args.static_loss_scale <= 0:
+        fail(f'--static-loss-scale {args.static_loss_scale} must be positive')
+    if args.restart and not args.restart_dir and args.debug:
+        fail('--restart reads WORK_DIR/checkpoint.pt, which --debug runs never write')
+    if args.d_embed < 0:
+        args.d_embed = args.d_model
+    args.tied = not args.not_tied
+
+
+def check_work_dir(args):
+    """Refuse to mix a new run into a directory that holds another one; --restart needs a checkpoint."""
+    checkpoint_path = os.path.join(args.work_dir, 'checkpoint.pt')
+    if args.restart_dir:
+        if not os.path.isfile(os.path.join(args.restart_dir, 'model.pt')):
+            raise ValueError(f'--restart_dir {args.restart_dir} holds no model.pt to start from')
+        if os.path.abspath(args.restart_dir) == os.path.abspath(args.work_dir):
+            raise ValueError('--restart_dir is another run to start from; to resume this run use --restart')
+    elif args.restart:
+        if not os.path.isfile(checkpoint_path):
+            raise ValueError(f'--restart: {checkpoint_path} does not exist (nothing to resume; drop --restart '
+                             'to start a new run)')
+        return
+    if not args.debug:
+        for name in ('checkpoint.pt', 'model.pt'):
+            if os.path.exists(os.path.join(args.work_dir, name)):
+                raise ValueError(f'--work_dir {args.work_dir} already holds a run ({name}): pass --restart to '
+                                 'resume it or choose another --work_dir')
+
+
+def model_config(args, n_token):
+    cutoffs, tie_projs = [], [False]
+    if args.adaptive:
+        cutoffs, tie_tail = ADAPTIVE_CUTOFFS[args.dataset]
+        tie_projs = [False] + [tie_tail] * len(cutoffs)
+    return dict(n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                d_head=args.d_head, d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt,
+                tie_weight=args.tied, d_embed=args.d_embed, div_val=args.div_val, tie_projs=tie_projs,
+                pre_lnorm=args.pre_lnorm, tgt_len=args.tgt_len, ext_len=args.ext_len, mem_len=args.mem_len,
+                cutoffs=cutoffs, same_length=args.same_length, attn_type=args.attn_type,
+                clamp_len=args.clamp_len, sample_softmax=args.sample_softmax, moe=args.moe,
+                moe_num_expert=args.moe_num_expert, moe_top_k=args.moe_top_k, moe_gate=args.moe_gate,
+                moe_capacity_factor=args.moe_capacity_factor,
+                moe_eval_capacity_factor=args.moe_eval_capacity_factor,
+                moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef)
+
+
+def build_model(args, n_token):
+    """A freshly initialized model (the original's init), or another run's weights with --restart_dir."""
+    model = mem_transformer.MemTransformerLM(**model_config(args, n_token))
+    mem_transformer.init_weights(model, init=args.init, init_range=args.init_range, init_std=args.init_std,
+                                 proj_init_std=args.proj_init_std)
+    if args.restart_dir:
+        path = os.path.join(args.restart_dir, 'model.pt')
+        saved = ckpt.load(path, 'model')
+        arch = [k for k in model.config if k not in RUNTIME_KEYS]
+        ckpt.check_config(saved['config'], model.config, path, keys=arch,
+                          hint=' (the architecture flags must match the run it comes from)')
+        ckpt.load_weights(model, saved['model_state'], path)
+    return model
+
+
+def build_optimizer(args, model):
+    # The original gave the sampled softmax's embedding a sparse optimizer; this model's embedding gradients
+    # are dense, so one optimizer covers every parameter.
+    if args.optim == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.mom)
+    if args.optim == 'adagrad':
+        return torch.optim.Adagrad(model.parameters(), lr=args.lr)
+    return torch.optim.Adam(model.parameters(), lr=args.lr)
+
+
+def non_embedding_parameters(model):
+    embedding = {id(p) for name in ('word_emb', 'crit', 'out_layer') if hasattr(model, name)
+                 for p in getattr(model, name).parameters()}
+    return [p for p in model.parameters() if id(p) not in embedding]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Window:
+    """Sums since the last log line; they go into checkpoints so a resumed run logs the same averages."""
+
+    saved = ('loss_sum', 'n_losses', 'n_nonfinite', 'n_skipped', 'n_steps', 'aux_sum', 'moe_load', 'moe_balance')
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss_sum, self.aux_sum = 0., 0.
+        self.n_losses = self.n_nonfinite = self.n_skipped = self.n_steps = 0
+        self.moe_load = self.moe_balance = None
+        self.restart_clock()
+
+    def restart_clock(self):
+        # Speed is measured over the steps this process ran, so a resumed window still reports true figures.
+        self.start, self.timed_steps, self.timed_tokens = time.time(), 0, 0
+
+    def add_moe(self, load, balance, weight):
+        if load is None:
+            return
+        self.moe_load = load.detach().clone() if self.moe_load is None else self.moe_load + load.detach()
+        balance = balance.detach().float() * weight
+        self.moe_balance = balance if self.moe_balance is None else self.moe_balance + balance
+
+    def state_dict(self):
+        return {k: (v.cpu() if torch.is_tensor(v) else v) for k in self.saved for v in [getattr(self, k)]}
+
+    def load_state_dict(self, state, device):
+        for k in self.saved:
+            v = state[k]
+            setattr(self, k, v.to(device) if torch.is_tensor(v) else v)
+        self.restart_clock()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM end the run after the current step with a checkpoint; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def uninstall(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """The model, its optimizer and loss scaler, and every counter a checkpoint needs to continue exactly."""
+
+    def __init__(self, args, model, device, log, metrics):
+        self.args, self.model, self.device, self.log, self.metrics = args, model.to(device), device, log, metrics
+        self.optimizer = build_optimizer(args, model)
+        self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+        dynamic = args.dynamic_loss_scale or args.static_loss_scale is None
+        self.static_scale = None if dynamic else args.static_loss_scale
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 16 if dynamic else args.static_loss_scale,
+                                           enabled=args.amp == 'fp16')
+        self.plateau = PlateauDecay(args.decay_rate, args.patience)
+        self.clip_params = non_embedding_parameters(model) if args.clip_nonemb else list(model.parameters())
+        self.step, self.epoch, self.batch, self.position = 0, 1, 0, None
+        self.best_val_loss, self.last_eval_step, self.nonfinite_run = None, None, 0
+        self.mems = self.fresh_mems()
+        self.window = Window()
+        self.data_state = None
+
+    def fresh_mems(self):
+        return [[] for _ in range(self.args.batch_chunk)]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def lr(self):
+        a = self.args
+        return learning_rate(self.step, a.lr, a.scheduler, a.warmup_step, a.max_step, a.eta_min,
+                             self.plateau.scale, a.lr_min)
+
+    # ---------------------------------------------------------------- one optimizer step
+    def train_step(self, data, target):
+        """Forward and backward over the batch chunks (each with its own memory), then one optimizer step.
+
+        Returns the step's mean loss in nats. A step whose gradients are not finite (fp16 overflow, or a
+        non-finite loss) is skipped and counted; a loss non-finite NONFINITE_LIMIT times in a row stops the run.
+        """
+        args, model, window = self.args, self.model, self.window
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_chunk = args.batch_chunk
+        step_loss = 0.
+        for i, (data_i, target_i) in enumerate(zip(data.chunk(n_chunk, 1), target.chunk(n_chunk, 1))):
+            with self.autocast():
+                ret = model(data_i.contiguous(), target_i.contiguous(), *self.mems[i])
+                loss = ret[0].float().mean()
+                aux = model.aux_loss()
+            self.mems[i] = ret[1:]
+            self.scaler.scale((loss + aux) / n_chunk).backward()
+            step_loss = step_loss + loss.detach() / n_chunk
+            window.aux_sum = window.aux_sum + aux.detach().float() / n_chunk
+            window.add_moe(model.moe_load(), model.moe_balance_loss(), 1. / n_chunk)
+
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.clip_params, args.clip)
+        finite = torch.isfinite(grad_norm)
+        if args.clip_nonemb:  # the unclipped embedding gradients must be finite too
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if bool(finite):
+            self.scaler.step(self.optimizer)
+        else:
+            window.n_skipped += 1
+        self.scaler.update(self.static_scale)
+        self.step += 1
+
+        step_loss = float(step_loss)
+        window.n_steps += 1
+        window.timed_steps += 1
+        window.timed_tokens += target.numel()
+        if math.isfinite(step_loss):
+            window.loss_sum += step_loss
+            window.n_losses += 1
+            self.nonfinite_run = 0
+        else:
+            window.n_nonfinite += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= NONFINITE_LIMIT:
+                raise NonFiniteLoss(f'the loss was non-finite for {self.nonfinite_run} steps in a row '
+                                    f'(up to step {self.step})')
+        return step_loss
+
+    # ---------------------------------------------------------------- logging and evaluation
+    def log_train(self, lr):
+        args, w = self.args, self.window
+        elapsed = time.time() - w.start
+        loss = w.loss_sum / w.n_losses if w.n_losses else math.nan
+        line = (f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
+                f'| ms/batch {elapsed * 1000 / max(w.timed_steps, 1):5.2f} | loss {loss:5.2f}')
+        line += (f' | bpc {loss / math.log(2):9.5f}' if char_level(args.dataset)
+                 else f' | ppl {loss_fields(args.dataset, loss)["ppl"]:9.3f}')
+        record = dict(step=self.step, split='train', epoch=self.epoch, batch=self.batch, loss=loss,
+                      **loss_fields(args.dataset, loss), lr=lr, ms_per_batch=elapsed * 1000 / max(w.timed_steps, 1),
+                      tokens_per_s=w.timed_tokens / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device),
+                      skipped_steps=w.n_skipped, nonfinite_losses=w.n_nonfinite)
+        if w.n_skipped or w.n_nonfinite:
+            line += f' | skipped {w.n_skipped} steps ({w.n_nonfinite} non-finite losses)'
+        if self.scaler.is_enabled():
+            record['loss_scale'] = self.scaler.get_scale()
+        if w.moe_load is not None:
+            record['moe_aux_loss'] = float(w.aux_sum) / w.n_steps
+            record['moe_balance_loss'] = (w.moe_balance / w.n_steps).tolist()
+            record['moe_load'] = w.moe_load.tolist()
+            line += f' | aux loss {record["moe_aux_loss"]:.4f}'
+        self.log(line)
+        self.metrics.write(**record)
+        w.reset()
+
+    def validation_loss(self, eval_iter):
+        """The original's evaluation during training: eval_tgt_len segments, the lost context moved to
+        the memory (or to the extended context without memory), then back to the training lengths."""
+        args, model = self.args, self.model
+        if args.mem_len == 0:
+            model.reset_length(args.eval_tgt_len, args.ext_len + args.tgt_len - args.eval_tgt_len, args.mem_len)
+        else:
+            model.reset_length(args.eval_tgt_len, args.ext_len, args.mem_len + args.tgt_len - args.eval_tgt_len)
+        try:
+            loss, _ = evaluate(model, eval_iter, args.max_eval_steps, self.autocast)
+        finally:
+            model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
+            model.train()
+        return loss
+
+    def validate(self, va_iter, run_dir):
+        start = time.time()
+        val_loss = self.validation_loss(va_iter)
+        args = self.args
+        line = (f'| Eval {self.step // args.eval_interval:3d} at step {self.step:>8d} | time: '
+                f'{time.time() - start:5.2f}s | valid loss {val_loss:5.2f}')
+        line += (f' | bpc {val_loss / math.log(2):9.5f}' if char_level(args.dataset)
+                 else f' | valid ppl {loss_fields(args.dataset, val_loss)["ppl"]:9.3f}')
+        self.log('-' * 100)
+        self.log(line)
+        self.log('-' * 100)
+        self.metrics.write(step=self.step, split='valid', loss=val_loss, **loss_fields(args.dataset, val_loss),
+                           time_s=time.time() - start)
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            if run_dir:
+                self.save_best(run_dir)
+        if args.scheduler == 'dev_perf':
+            self.plateau.update(val_loss)
+        self.last_eval_step = self.step
+        self.window.restart_clock()  # evaluation time is not training speed
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_best(self, run_dir):
+        ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': self.model.config,
+                          'model_state': self.model.state_dict(), 'args': vars(self.args), 'step': self.step,
+                          'val_loss': self.best_val_loss}, os.path.join(run_dir, 'model.pt'))
+        ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
+                          'optimizer_state': self.optimizer.state_dict()}, os.path.join(run_dir, 'optimizer.pt'))
+
+    def state_dict(self):
+        return {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config, 'args': vars(self.args),
+                'model_state': self.model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
+                'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
+                'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'position': self.position,
+                'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
+                'nonfinite_run': self.nonfinite_run, 'window': self.window.state_dict(),
+                'mems': [[m.cpu() for m in mems] for mems in self.mems], 'rng': ckpt.rng_state()}
+
+    def load_state_dict(self, state):
+        ckpt.load_weights(self.model, state['model_state'], 'checkpoint.pt')
+        self.optimizer.load_state_dict(state['optimizer_state'])
+        self.scaler.load_state_dict(state['scaler_state'])
+        self.plateau.load_state_dict(state['plateau'])
+        for key in ('step', 'epoch', 'batch', 'position', 'best_val_loss', 'last_eval_step', 'nonfinite_run'):
+            setattr(self, key, state[key])
+        self.window.load_state_dict(state['window'], self.device)
+        self.mems = [[m.to(self.device) for m in mems] for mems in state['mems']]
+        ckpt.set_rng_state(state['rng'])
+
+    def save_checkpoint(self, run_dir):
+        if run_dir:
+            ckpt.atomic_save(self.state_dict(), os.path.join(run_dir, 'checkpoint.pt'))
+
+    # ---------------------------------------------------------------- the loop
+    def epoch_batches(self, tr_iter):
+        """This epoch's remaining batches. Ordered corpora resume from a token offset (the varlen lengths
+        come from numpy's RNG, restored with the checkpoint); shuffled ones from their own saved state."""
+        if hasattr(tr_iter, 'get_fixlen_iter'):
+            start = self.position or 0
+            return tr_iter.get_varlen_iter(start) if self.args.varlen else tr_iter.get_fixlen_iter(start)
+        if self.position is not None:
+            tr_iter.load_state_dict(self.position)
+        return iter(tr_iter)
+
+    def epoch_over(self, tr_iter):
+        # Where the original's ordered generators stop; known from the position alone, so a checkpoint
+        # written after an epoch's last batch starts the next epoch on resume.
+        if not hasattr(tr_iter, 'get_fixlen_iter') or self.position is None:
+            return False
+        return self.position >= tr_iter.data.size(0) - (2 if self.args.varlen else 1)
+
+    def next_epoch(self):
+        self.epoch += 1
+        self.batch, self.position = 0, None
+        self.mems = self.fresh_mems()
+
+    def train(self, tr_iter, va_iter, run_dir, stop):
+        """Train until max_step or a stop signal; checkpoints every save_interval steps and at each eval."""
+        args = self.args
+        bar = progress_bar(args.max_step, self.step)
+        self.log.bar = bar
+        self.model.train()
+        try:
+            while self.step < args.max_step and stop.signum is None:
+                if self.epoch_over(tr_iter):
+                    self.next_epoch()
+                exhausted = True
+                for data, target, seq_len in self.epoch_batches(tr_iter):
+                    lr = self.lr()
+                    loss = self.train_step(data, target)
+                    self.batch += 1
+                    self.position = (self.position or 0) + seq_len if hasattr(tr_iter, 'get_fixlen_iter') \
+                        else tr_iter.state_dict()
+                    self.after_step(lr, loss, va_iter, run_dir, stop, bar)
+                    if self.step >= args.max_step or stop.signum is not None or self.epoch_over(tr_iter):
+                        exhausted = False
+                        break
+                if exhausted and not self.epoch_over(tr_iter):
+                    self.next_epoch()  # a shuffled corpus ran out of sentences
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.bar = None
+
+    def after_step(self, lr, loss, va_iter, run_dir, stop, bar):
+        args = self.args
+        if bar is not None:
+            elapsed = max(time.time() - self.window.start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss:.3f}', tok_s=f'{self.window.timed_tokens / elapsed:.0f}')
+        if self.step % args.log_interval == 0:
+            self.log_train(lr)
+        evaluated = self.step % args.eval_interval == 0
+        if evaluated:
+            self.validate(va_iter, run_dir)
+        if (evaluated or stop.signum is not None or self.step == args.max_step
+                or (args.save_interval and self.step % args.save_interval == 0)):
+            self.save_checkpoint(run_dir)
+
+    def test(self, te_iter, run_dir):
+        """The original's end of training: the best model (model.pt) on the test split."""
+        if run_dir and os.path.exists(os.path.join(run_dir, 'model.pt')):
+            ckpt.load_weights(self.model, ckpt.load(os.path.join(run_dir, 'model.pt'), 'model')['model_state'],
+                              'model.pt')
+        test_loss = self.validation_loss(te_iter)
+        self.log('=' * 100)
+        self.log('| End of training ' + format_loss(self.args.dataset, 'test', test_loss))
+        self.log('=' * 100)
+        self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.args.dataset, test_loss))
+        return test_loss
+
+
+def seed_everything(seed, device):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == 'cuda':
+        torch.cuda.manual_seed_all(seed)
+
+
+def prepare(args, parser, notes):
+    """Everything that can fail on bad input, before anything is written: flags, data, model, checkpoint."""
+    check_args(args, parser)
+    check_work_dir(args)
+    device = pick_device(args.cuda, notes.append)
+    if args.multi_gpu or args.gpu0_bsz >= 0:
+        notes.append('NOTE: --multi_gpu/--gpu0_bsz are not used: nn.DataParallel is gone and multi-device '
+                     'training is launched with torchrun (see the README); this process trains on one device '
+                     'with the whole batch')
+    if args.amp == 'fp16' and device.type == 'cpu':
+        notes.append('NOTE: fp16 autocast on the CPU works but is slow; --amp bf16 is the CPU fast path')
+    seed_everything(args.seed, device)
+    corpus = data_utils.get_lm_corpus(args.data, args.dataset)
+    iters = [corpus.get_iterator('train', args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len)]
+    iters += [corpus.get_iterator(split, 10, args.eval_tgt_len, device=device, ext_len=args.ext_len)
+              for split in ('valid', 'test')]
+    model = build_model(args, len(corpus.vocab))
+    state = None
+    if args.restart and not args.restart_dir:
+        path = os.path.join(args.work_dir, 'checkpoint.pt')
+        state = ckpt.load(path)
+        hint = ' (resume with the flags of that run, or start a new run in another --work_dir)'
+        ckpt.check_config(state['config'], model.config, path, hint=hint)
+        ckpt.check_config(state['args'], vars(args), path, keys=RESUME_KEYS, hint=hint)
+    return device, iters, model, state
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    notes = []
+    try:
+        device, (tr_iter, va_iter, te_iter), model, state = prepare(args, parser, notes)
+        trainer = Trainer(args, model, device, None, None)
+        if state is not None:
+            trainer.load_state_dict(state)
+        elif args.restart_dir and os.path.exists(os.path.join(args.restart_dir, 'optimizer.pt')):
+            path = os.path.join(args.restart_dir, 'optimizer.pt')
+            trainer.optimizer.load_state_dict(ckpt.load(path, 'optimizer')['optimizer_state'])
+    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 2
+
+    run_dir = None if args.debug else args.work_dir
+    if run_dir:
+        os.makedirs(run_dir, exist_ok=True)
+    log = trainer.log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
+    trainer.metrics = MetricsWriter(os.path.join(run_dir, 'metrics.jsonl') if run_dir else None)
+    if run_dir:
+        log(f'Run directory : {os.path.abspath(run_dir)} (log.txt, metrics.jsonl, model.pt = best model, '
+            f'checkpoint.pt = last state every {args.save_interval} steps)')
+    else:
+        log('Debug mode: nothing is written')
+    for note in notes:
+        log(note)
+    if state is not None:
+        trainer.metrics.truncate_after(trainer.step)
+        log(f'Resuming from {run_dir}/checkpoint.pt at step {trainer.step} (epoch {trainer.epoch}, '
+            f'batch {trainer.batch})')
+    elif args.restart_dir:
+        log(f'Starting from the weights of {args.restart_dir}/model.pt')
+    log('=' * 100)
+    for k, v in vars(args).items():
+        log(f'    - {k} : {v}')
+    log('=' * 100)
+    log(f'#params = {sum(p.numel() for p in model.parameters())}')
+    log(f'#non emb params = {sum(p.numel() for p in model.layers.parameters())}')
+
+    stop = StopRequest()
+    stop.install()
+    try:
+        trainer.train(tr_iter, va_iter, run_dir, stop)
+    except NonFiniteLoss as e:
+        kept = f'; the last good checkpoint is {run_dir}/checkpoint.pt' if run_dir else ''
+        log(f'Stopping: {e}{kept}. Lower --lr, use --amp bf16 or a loss scale, or check the data.')
+        return 1
+    finally:
+        stop.uninstall()
+    log('-' * 100)
+    if stop.signum == signal.SIGTERM:
+        log(f'Exiting from training early (SIGTERM) at step {trainer.step}: checkpoint saved, resume with --restart')
+        return 128 + signal.SIGTERM
+    log('Exiting from training early' if stop.signum is not None else 'End of training')
+    if trainer.last_eval_step != trainer.step:
+        trainer.validate(va_iter, run_dir)
+    trainer.test(te_iter, run_dir)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Checkpoints as plain data: atomic writes, safe loads, configuration checks, RNG states.
+
+Everything saved here is tensors, numbers, strings, lists, tuples and dicts, so files load with
+torch.load(..., weights_only=True): opening a checkpoint never runs code. A file is written under a temporary
+name, fsynced and renamed over the old one, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+FORMAT = 'txl-moe-checkpoint-1'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the run; the message is one line."""
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file next to `path`, fsync it, then rename it over `path`."""
+    path = os.fspath(path)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(dirname):
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(dirname, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path, what='checkpoint'):
+    """Load a plain-data checkpoint onto the CPU, or raise CheckpointError naming the file and the fix."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{what} {path} does not exist')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'weights only' in str(e).lower() or 'weights_only' in str(e).lower():
+            raise CheckpointError(
+                f'{what} {path} holds pickled Python objects, not plain data (a checkpoint of the original '
+                f'Transformer-XL?); it is not opened because unpickling runs code: convert it first') from None
+        raise CheckpointError(f'{what} {path} is unreadable ({reason}): it is truncated or not a checkpoint') \
+            from None
+    if not isinstance(obj, dict) or obj.get('format') != FORMAT:
+        raise CheckpointError(f'{what} {path} is not a checkpoint written by this project '
+                              f'(expected format {FORMAT!r})')
+    return obj
+
+
+def config_diff(saved, current, keys=None):
+    """Human-readable differences 'key: X in the checkpoint, Y now' between two flat dicts."""
+    keys = sorted(set(saved) | set(current)) if keys is None else keys
+    diffs = []
+    for key in keys:
+        old, new = saved.get(key, '<absent>'), current.get(key, '<absent>')
+        if _normalise(old) != _normalise(new):
+            diffs.append(f'{key}: {old!r} in the checkpoint, {new!r} now')
+    return diffs
+
+
+def _normalise(value):
+    # Tuples come back from a checkpoint as they went in, but lists and tuples mean the same in a config.
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def check_config(saved, current, path, keys=None, hint=''):
+    diffs = config_diff(saved, current, keys)
+    if diffs:
+        shown = '; '.join(diffs[:4]) + ('; ...' if len(diffs) > 4 else '')
+        raise CheckpointError(f'{path} does not match this run: {shown}{hint}')
+
+
+def rng_state():
+    """RNG states of python, numpy and torch (CPU and every CUDA device), as plain data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_as_tuples(state['python']))
+    np_state = state['numpy']
+    np.random.set_state((np_state['kind'], np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                         np_state['has_gauss'], np_state['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _as_tuples(value):
+    # random.setstate needs tuples all the way down.
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def load_weights(model, state_dict, path):
+    """load_state_dict(strict=True), with a one-line CheckpointError saying which keys or shapes differ."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        detail = ' '.join(lines)
+        detail = detail if len(detail) < 300 else detail[:300] + '...'
+        raise CheckpointError(f'the weights in {path} do not fit the model: {detail}') from None
