@@ -73,10 +73,17 @@ def config_diff(saved, current, keys=None):
     keys = sorted(set(saved) | set(current)) if keys is None else keys
     diffs = []
     for key in keys:
-        old, new = saved.get(key, '<absent>'), current.get(key, '<absent>')
+        old, new = saved.get(key, _ABSENT), current.get(key, _ABSENT)
         if _normalise(old) != _normalise(new):
-            diffs.append(f'{key}: {old!r} in the checkpoint, {new!r} now')
+            diffs.append(f'{key}: {_show(old)} in the checkpoint, {_show(new)} now')
     return diffs
+
+
+_ABSENT = object()
+
+
+def _show(value):
+    return 'absent' if value is _ABSENT else repr(value)
 
 
 def _normalise(value):

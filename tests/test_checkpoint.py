@@ -1,0 +1,130 @@
+"""Plain-data checkpoints: atomic writes that survive SIGKILL, loads that never run code, clear errors."""
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from utils import checkpoint as ckpt
+
+
+def test_round_trip_of_plain_data(tmp_path):
+    state = {'format': ckpt.FORMAT, 'weights': torch.arange(6.).view(2, 3), 'step': 7, 'name': 'x',
+             'nested': {'list': [1, 2.5, None], 'tuple': (1, 'a')}}
+    path = tmp_path / 'c.pt'
+    ckpt.atomic_save(state, path)
+    loaded = ckpt.load(path)
+    assert torch.equal(loaded['weights'], state['weights'])
+    assert loaded['nested'] == state['nested'] and loaded['step'] == 7
+    assert os.listdir(tmp_path) == ['c.pt']  # no temporary file left behind
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / 'c.pt'
+    ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 1}, path)
+
+    def save_half_then_fail(obj, f):
+        f.write(b'PK\x03\x04 partial')
+        raise OSError('disk full')
+    monkeypatch.setattr(ckpt.torch, 'save', save_half_then_fail)
+    with pytest.raises(OSError):
+        ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 2}, path)
+    assert ckpt.load(path)['step'] == 1
+    assert os.listdir(tmp_path) == ['c.pt']
+
+
+def test_sigkill_during_saves_leaves_a_complete_checkpoint(tmp_path):
+    """A process saving 8 MB checkpoints in a loop is killed at several moments; the file always loads whole."""
+    path = tmp_path / 'c.pt'
+    script = textwrap.dedent(f"""
+        import torch
+        from utils import checkpoint as ckpt
+        for i in range(10 ** 6):
+            ckpt.atomic_save({{'format': ckpt.FORMAT, 'i': i, 'blob': torch.full((2 ** 21,), float(i))}}, {str(path)!r})
+            print(i, flush=True)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for delay in (0.05, 0.13, 0.31):
+        proc = subprocess.Popen([sys.executable, '-c', script], cwd=root, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline()  # at least one save finished
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        loaded = ckpt.load(path)
+        assert torch.equal(loaded['blob'], torch.full((2 ** 21,), float(loaded['i'])))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ('touch pwned',))
+
+
+def test_pickled_objects_are_refused_without_running_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({'format': ckpt.FORMAT, 'model': Exploit()}, 'evil.pt')
+    with pytest.raises(ckpt.CheckpointError, match='pickled Python objects'):
+        ckpt.load('evil.pt')
+    assert not os.path.exists('pwned')
+    torch.save(torch.nn.Linear(2, 2), 'module.pt')  # the original's whole-model checkpoints
+    with pytest.raises(ckpt.CheckpointError, match='not plain data'):
+        ckpt.load('module.pt')
+
+
+def test_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match='does not exist'):
+        ckpt.load(tmp_path / 'missing.pt')
+    good = tmp_path / 'good.pt'
+    ckpt.atomic_save({'format': ckpt.FORMAT, 'w': torch.zeros(1000)}, good)
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ckpt.CheckpointError, match='truncated.pt is unreadable'):
+        ckpt.load(truncated)
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'state_dict': {}}, foreign)
+    with pytest.raises(ckpt.CheckpointError, match='not a checkpoint written by this project'):
+        ckpt.load(foreign)
+    for error in (ckpt.CheckpointError('x'),):
+        assert isinstance(error, ValueError)  # the drivers turn ValueErrors into exit code 2
+
+
+def test_config_check_says_what_differs():
+    saved = {'n_layer': 12, 'd_model': 512, 'cutoffs': (1, 2), 'moe': True}
+    now = {'n_layer': 2, 'd_model': 512, 'cutoffs': [1, 2], 'moe': True}
+    assert ckpt.config_diff(saved, now) == ["n_layer: 12 in the checkpoint, 2 now"]
+    assert ckpt.config_diff(saved, now, keys=['d_model']) == []
+    with pytest.raises(ckpt.CheckpointError, match=r"c.pt does not match this run: moe: True in the checkpoint, "
+                                                    r"absent now; n_layer: 12 in the checkpoint, 2 now"):
+        ckpt.check_config(saved, {'n_layer': 2, 'd_model': 512, 'cutoffs': [1, 2]}, 'c.pt')
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    ckpt.atomic_save({'format': ckpt.FORMAT, 'rng': ckpt.rng_state()}, tmp_path / 'r.pt')
+    expected = (random.random(), np.random.normal(), np.random.random(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.set_rng_state(ckpt.load(tmp_path / 'r.pt')['rng'])
+    got = (random.random(), np.random.normal(), np.random.random(), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_load_weights_reports_mismatches():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    state = {'0.weight': torch.zeros(4, 2), '0.bias': torch.zeros(3), 'extra': torch.zeros(1)}
+    with pytest.raises(ckpt.CheckpointError, match=r'm.pt do not fit the model: .*extra.*size mismatch'):
+        ckpt.load_weights(model, state, 'm.pt')
+
+
+def test_exploit_class_would_run_if_unpickled(tmp_path, monkeypatch):
+    # Guards the test above: the payload really executes under a plain pickle load.
+    monkeypatch.chdir(tmp_path)
+    pickle.loads(pickle.dumps(Exploit()))
+    assert os.path.exists('pwned')
