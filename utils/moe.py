@@ -26,6 +26,11 @@ EXPERT_BACKENDS = ('auto', 'grouped_mm', 'slices')
 
 # ----------------------------------------------------------------------------- gates
 
+def at_least_fp32(t):
+    """Upcast half precisions for softmax/logsumexp; leave float32/float64 alone."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class Routing(NamedTuple):
     expert: torch.Tensor   # [N, k] long, -1 where the copy is dropped
     score: torch.Tensor    # [N, k] weight of each copy in the output
@@ -141,7 +146,7 @@ class SwitchGate(NaiveGate):
             # FastMoE *adds* uniform noise from [1-eps, 1+eps] to the logits; kept as is.
             noise = torch.rand_like(logits) * (2 * self.switch_eps) + (1.0 - self.switch_eps)
             noisy = logits + noise
-        prob = F.softmax(noisy.float(), dim=-1)
+        prob = F.softmax(at_least_fp32(noisy), dim=-1)   # fp32 softmax for stability, as FastMoE
         top1_prob, expert = torch.topk(prob, 1, dim=-1)
 
         n_tok, n_exp = x.shape[0], self.num_expert
@@ -370,7 +375,7 @@ class FMoETransformerMLP(nn.Module):
 
     def _record(self, routing, plan):
         # router z-loss (ST-MoE): keeps the logits small; on the raw logits, before switch jitter
-        self.z_loss = (torch.logsumexp(routing.logits.float(), dim=-1) ** 2).mean()
+        self.z_loss = (torch.logsumexp(at_least_fp32(routing.logits), dim=-1) ** 2).mean()
         self.balance_loss = self.gate.loss
         self.last_load = plan.counts.detach()
         self.last_dropped = routing.dropped.detach()

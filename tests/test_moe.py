@@ -1,0 +1,381 @@
+"""The MoE layer against a slow per-token reference, hand-computed losses and finite differences."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.moe import GATES, FMoETransformerMLP, grouped_mm_available
+
+TOP_K = {'naive': 2, 'gshard': 2, 'switch': 1}
+HAS_GROUPED_MM = grouped_mm_available('cpu', torch.float32)
+BACKENDS = ['slices'] + (['grouped_mm'] if HAS_GROUPED_MM else [])
+
+
+def make_layer(gate='naive', num_expert=6, d_model=16, d_hidden=24, top_k=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = FMoETransformerMLP(num_expert, d_model, d_hidden, activation=nn.ReLU(),
+                               top_k=TOP_K[gate] if top_k is None else top_k, gate=gate, **kw)
+    with torch.no_grad():   # give biases non-zero values so that they are tested too
+        for p in layer.parameters():
+            if p.dim() <= 2 and p is not layer.gate.gate.weight:
+                p.normal_(0, 0.3)
+    return layer
+
+
+# ----------------------------------------------------------------------------- slow reference
+
+def reference_routes(layer, x, seed):
+    """Per-token routing by the documented rules, in plain Python. Returns [(expert, score)] per token
+    (dropped copies omitted) and the number of capacity drops. Replays the layer's random draws:
+    switch draws its jitter first, gshard its routing coin after the capacity limit."""
+    gate, n_tok, n_exp = layer.gate, x.shape[0], layer.num_expert
+    torch.manual_seed(seed)
+    logits = [[float(x[n] @ gate.gate.weight[e] + gate.gate.bias[e]) for e in range(n_exp)]
+              for n in range(n_tok)]
+    training = layer.training
+    if layer.gate_type == 'switch':
+        if training:
+            noise = torch.rand(n_tok, n_exp) * (2 * gate.switch_eps) + (1 - gate.switch_eps)
+            logits = [[v + float(noise[n, e]) for e, v in enumerate(row)] for n, row in enumerate(logits)]
+        choices = []
+        for row in logits:
+            z = sum(math.exp(v) for v in row)
+            best = max(range(n_exp), key=lambda e: row[e])
+            choices.append([(best, math.exp(row[best]) / z)])
+        capacity = math.ceil(gate.capacity[0 if training else 1] * n_tok / n_exp)
+    else:
+        choices = []
+        for row in logits:
+            top = sorted(range(n_exp), key=lambda e: -row[e])[:layer.top_k]
+            z = sum(math.exp(row[e]) for e in top)
+            choices.append([(e, math.exp(row[e]) / z) for e in top])
+        capacity = (math.ceil(gate.capacity[0 if training else 1] * n_tok) * 2 // n_exp
+                    if layer.gate_type == 'gshard' else None)
+
+    used, dropped, routes = [0] * n_exp, 0, []
+    for copies in choices:                      # token-major: earlier tokens win
+        kept = []
+        for e, s in copies:
+            if capacity is not None and used[e] >= capacity:
+                dropped += 1
+                kept.append(None)
+            else:
+                used[e] += 1
+                kept.append((e, s))
+        routes.append(kept)
+    if layer.gate_type == 'gshard' and training and gate.random_routing:
+        coin = torch.rand(n_tok)
+        for n, kept in enumerate(routes):
+            if 2 * choices[n][1][1] < float(coin[n]):
+                if kept[1] is not None:
+                    used[kept[1][0]] -= 1
+                kept[1] = None
+    routes = [[c for c in kept if c is not None] for kept in routes]
+    return routes, dropped, used
+
+
+def reference_expert(layer, e, v):
+    ex = layer.experts
+    h = torch.relu(ex.htoh4.weight[e] @ v + ex.htoh4.bias[e])
+    return ex.h4toh.weight[e] @ h + ex.h4toh.bias[e]
+
+
+def reference_output(layer, x, seed):
+    routes, dropped, load = reference_routes(layer, x, seed)
+    out = torch.zeros_like(x)
+    for n, copies in enumerate(routes):
+        for e, s in copies:
+            out[n] += s * reference_expert(layer, e, x[n])
+    return out, routes, dropped, load
+
+
+def run_layer(layer, x, seed):
+    torch.manual_seed(seed)
+    return layer(x)
+
+
+# ----------------------------------------------------------------------------- output and routing
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize('gate', GATES)
+def test_output_matches_slow_reference(gate, training, backend):
+    layer = make_layer(gate).train(training)
+    layer.expert_backend = backend
+    x = torch.randn(40, 16)
+    out = run_layer(layer, x, seed=7)
+    with torch.no_grad():
+        ref, routes, dropped, load = reference_output(layer, x, seed=7)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert layer.last_load.tolist() == load
+    assert layer.last_dropped.item() == dropped
+    if gate == 'naive':
+        assert dropped == 0 and sum(load) == 40 * 2
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('gate', ['gshard', 'switch'])
+def test_capacity_drops_contribute_exactly_zero(gate, backend):
+    # a gate bias that sends every token to expert 0 first overflows its capacity
+    layer = make_layer(gate, random_routing=False).eval()
+    layer.expert_backend = backend
+    with torch.no_grad():
+        layer.gate.gate.bias.copy_(torch.tensor([9., 5., 0., 0., 0., 0.]))
+    x = torch.randn(30, 16, requires_grad=True)
+    out = layer(x)
+    with torch.no_grad():
+        ref, routes, dropped, _ = reference_output(layer, x, seed=0)
+    assert dropped > 0 and layer.last_dropped.item() == dropped
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    fully_dropped = [n for n, copies in enumerate(routes) if not copies]
+    assert fully_dropped, 'the example must drop whole tokens'
+    assert out[fully_dropped].eq(0).all()
+    out.sum().backward()
+    assert x.grad[fully_dropped].eq(0).all()   # no gradient through a dropped copy
+
+
+def test_top_k_equal_num_expert_with_identical_experts_is_a_dense_ffn():
+    layer = make_layer('naive', num_expert=4, top_k=4)
+    ex = layer.experts
+    with torch.no_grad():
+        for p in (ex.htoh4.weight, ex.htoh4.bias, ex.h4toh.weight, ex.h4toh.bias):
+            p.copy_(p[:1].expand_as(p))
+    x = torch.randn(3, 5, 16)
+    dense = F.linear(torch.relu(F.linear(x, ex.htoh4.weight[0], ex.htoh4.bias[0])),
+                     ex.h4toh.weight[0], ex.h4toh.bias[0])
+    for backend in BACKENDS:
+        layer.expert_backend = backend
+        torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('gate,training', [('naive', True), ('gshard', False), ('switch', False)])
+def test_gradcheck_float64(gate, training):
+    layer = make_layer(gate, num_expert=4, d_model=6, d_hidden=8).double().train(training)
+    if gate == 'gshard':   # eval capacity ceil(0.6 * 7) * 2 // 4 = 2: copies get dropped
+        layer.gate.capacity = (1.2, 0.6)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *params):
+        out = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+        return out, layer.balance_loss, layer.z_loss
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+    if gate == 'gshard':
+        assert layer.last_dropped.item() > 0
+
+
+# ----------------------------------------------------------------------------- losses
+
+def tiny_layer(gate, logits, capacity_factor=(1.2, 2.4)):
+    """A layer whose gate logits equal its input (identity gate weight, zero bias)."""
+    n_exp = len(logits[0])
+    layer = FMoETransformerMLP(n_exp, n_exp, 8, top_k=TOP_K[gate], gate=gate,
+                               capacity_factor=capacity_factor).eval()
+    with torch.no_grad():
+        layer.gate.gate.weight.copy_(torch.eye(n_exp))
+        layer.gate.gate.bias.zero_()
+    return layer, torch.tensor(logits)
+
+
+def softmax_row(row):
+    z = sum(math.exp(v) for v in row)
+    return [math.exp(v) / z for v in row]
+
+
+LOGITS = [[2., 1., 0.], [0., 3., 1.], [1., 0., -1.], [0., .5, 2.]]
+
+
+def test_gshard_balance_loss_by_hand():
+    layer, x = tiny_layer('gshard', LOGITS)
+    layer(x)
+    c = [2 / 4, 1 / 4, 1 / 4]                   # top-1 experts: 0, 1, 0, 2
+    m = [sum(softmax_row(r)[e] for r in LOGITS) / 4 for e in range(3)]
+    expected = sum(ci * mi for ci, mi in zip(c, m)) / 3 * 3 ** 2
+    assert layer.balance_loss.item() == pytest.approx(expected, rel=1e-6)
+    assert layer.gate.get_loss() is layer.balance_loss and not layer.gate.has_loss
+
+
+def test_switch_balance_loss_by_hand_with_a_drop():
+    # eval capacity ceil(0.75 * 4 / 3) = 1: token 2 (top-1 expert 0, like token 0) is dropped;
+    # kept fractions are 1/3 each and the prob mass per expert is its column sum / 3, so
+    # loss = 3 * sum_e (1/3) * colsum_e / 3 = (total prob mass) / 3 = 4 / 3.
+    layer, x = tiny_layer('switch', LOGITS, capacity_factor=(1.2, 0.75))
+    out = layer(x)
+    assert layer.balance_loss.item() == pytest.approx(4 / 3, rel=1e-6)
+    assert layer.last_dropped.item() == 1 and layer.last_load.tolist() == [1, 1, 1]
+    assert out[2].eq(0).all() and out[[0, 1, 3]].ne(0).any(dim=1).all()
+
+
+def test_naive_balance_loss_is_zero_and_z_loss_by_hand():
+    layer, x = tiny_layer('naive', LOGITS)
+    layer.top_k = layer.gate.top_k = 2
+    layer(x)
+    assert layer.balance_loss.item() == 0
+    z = [math.log(sum(math.exp(v) for v in r)) ** 2 for r in LOGITS]
+    assert layer.z_loss.item() == pytest.approx(sum(z) / 4, rel=1e-6)
+
+
+def test_losses_are_in_the_graph():
+    layer = make_layer('gshard').train()
+    layer(torch.randn(20, 16))
+    (layer.balance_loss + layer.z_loss).backward()
+    assert layer.gate.gate.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- backends
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch._grouped_mm does not run here')
+@pytest.mark.parametrize('gate', GATES)
+def test_grouped_mm_equals_slices_fp32(gate):
+    layer = make_layer(gate, num_expert=8, d_model=32, d_hidden=64).train()
+    x = torch.randn(64, 32)
+    results = {}
+    for backend in ('grouped_mm', 'slices'):
+        layer.expert_backend = backend
+        layer.zero_grad()
+        xb = x.clone().requires_grad_()
+        out = run_layer(layer, xb, seed=3)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        results[backend] = [out, xb.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(results['grouped_mm'], results['slices']):
+        assert (a - b).abs().max() < 1e-5
+
+
+# bf16 tolerance: both paths round inputs and hidden activations to bf16 but accumulate and round
+# in different orders. Measured max |grouped - slices| / max|out|: 0.4-0.6% (about one bf16 ulp,
+# 2^-8) at 8-64 experts; bf16 vs fp32 0.6-0.7%. The bound below leaves 3x headroom.
+BF16_RTOL = 2e-2
+
+
+@pytest.mark.skipif(not grouped_mm_available('cpu', torch.bfloat16),
+                    reason='torch._grouped_mm does not run bf16 here')
+def test_grouped_mm_equals_slices_bf16_autocast():
+    layer = make_layer('naive', num_expert=8, d_model=32, d_hidden=64)
+    x = torch.randn(64, 32)
+    outs = {}
+    for backend in ('grouped_mm', 'slices'):
+        layer.expert_backend = backend
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            outs[backend] = layer(x)
+        assert outs[backend].dtype == torch.float32   # combine returns the input's dtype
+    scale = outs['slices'].abs().max()
+    assert (outs['grouped_mm'] - outs['slices']).abs().max() <= BF16_RTOL * scale
+    fp32 = layer(x)
+    assert (outs['slices'] - fp32).abs().max() <= 4 * BF16_RTOL * scale
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_experts_without_tokens_forward_and_backward(backend):
+    layer = make_layer('naive', num_expert=8)
+    layer.expert_backend = backend
+    with torch.no_grad():
+        layer.gate.gate.bias.copy_(torch.tensor([20., 20., 0, 0, 0, 0, 0, 0]))
+    x = torch.randn(10, 16, requires_grad=True)
+    out = layer(x)
+    assert layer.last_load.tolist() == [10, 10, 0, 0, 0, 0, 0, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference_output(layer, x, seed=0)[0], atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    w = layer.experts.htoh4.weight.grad
+    assert w[2:].eq(0).all() and w[:2].abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_all_copies_dropped_and_empty_input():
+    layer = make_layer('gshard', num_expert=6).eval()   # 1 token: capacity ceil(2.4) * 2 // 6 = 1
+    layer.gate.capacity = (1.2, 0.4)                    # ceil(0.4) * 2 // 6 = 0: all dropped
+    x = torch.randn(1, 16, requires_grad=True)
+    out = layer(x)
+    assert out.eq(0).all() and layer.last_dropped.item() == 2
+    out.sum().backward()
+    empty = layer(torch.randn(0, 4, 16))
+    assert empty.shape == (0, 4, 16) and layer.last_load.sum().item() == 0
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def test_fused_parameter_layout_and_init():
+    layer = FMoETransformerMLP(5, 16, 24)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {'gate.gate.weight': (5, 16), 'gate.gate.bias': (5,),
+                      'experts.htoh4.weight': (5, 24, 16), 'experts.htoh4.bias': (5, 24),
+                      'experts.h4toh.weight': (5, 16, 24), 'experts.h4toh.bias': (5, 16)}
+    for lin, fan_in in ((layer.experts.htoh4, 24 * 16), (layer.experts.h4toh, 16 * 24)):
+        assert 'Linear' in type(lin).__name__
+        bound = 1 / math.sqrt(fan_in)   # kaiming_uniform(a=sqrt 5) on the 3-D tensor, as FastMoE
+        assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
+        assert lin.bias.eq(0).all()
+
+
+class Block(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.pos_ff = layer
+
+
+def nested(layer):
+    model = nn.Module()
+    model.layers = nn.ModuleList([Block(make_layer(seed=99)), Block(layer)])
+    return model
+
+
+def per_expert_state(model):
+    """Rewrite a fused state dict the way FastMoE >= 1.0.1 saves it: experts.{i}.*[1, ...]."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if '.experts.' in key:
+            head, tail = key.split('.experts.')
+            for i in range(value.shape[0]):
+                state[f'{head}.experts.{i}.{tail}'] = value[i:i + 1].clone()
+        else:
+            state[key] = value.clone()
+    return state
+
+
+def test_per_expert_state_dict_converts_and_loads_strict():
+    source = nested(make_layer(seed=1))
+    state = per_expert_state(source)
+    assert 'layers.1.pos_ff.experts.5.h4toh.bias' in state
+    assert state['layers.1.pos_ff.experts.0.htoh4.weight'].shape == (1, 24, 16)
+    target = nested(make_layer(seed=2))
+    target.load_state_dict(state, strict=True)
+    for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_incomplete_per_expert_state_dict_is_an_error():
+    state = per_expert_state(nested(make_layer(seed=1)))
+    del state['layers.1.pos_ff.experts.3.htoh4.weight']
+    with pytest.raises(RuntimeError, match=r'layers\.1\.pos_ff\.experts\.htoh4\.weight.*5 of 6'):
+        nested(make_layer(seed=2)).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- configuration errors
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(top_k=0), r'top_k.*0'),
+    (dict(top_k=7), r'top_k.*num_expert=6.*7'),
+    (dict(gate='noisy'), r"gate 'noisy'.*naive, gshard, switch"),
+    (dict(gate='gshard', top_k=1), r'gshard.*top_k.*1'),
+    (dict(gate='switch', top_k=2), r'switch.*top_k.*2'),
+    (dict(num_expert=0, top_k=1), r'num_expert.*0'),
+    (dict(capacity_factor=(1.2,)), r'capacity_factor.*\(1\.2,\)'),
+    (dict(capacity_factor=(1.2, -1)), r'capacity_factor'),
+    (dict(capacity_factor=1.2), r'capacity_factor.*1\.2'),
+])
+def test_bad_configuration_raises_value_error(kwargs, match):
+    args = dict(num_expert=6, d_model=8, d_hidden=8, top_k=2) | kwargs
+    with pytest.raises(ValueError, match=match):
+        FMoETransformerMLP(**args)
+
+
+def test_wrong_input_width_and_backend_are_value_errors():
+    layer = make_layer()
+    with pytest.raises(ValueError, match='d_model=16'):
+        layer(torch.randn(3, 8))
+    layer.expert_backend = 'fast'
+    with pytest.raises(ValueError, match="expert_backend.*'fast'"):
+        layer(torch.randn(3, 16))
