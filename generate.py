@@ -1,0 +1,149 @@
+# coding: utf-8
+"""Sample text from a trained model (WORK_DIR/model.pt or a checkpoint file), continuing a prompt.
+
+The prompt is fed in segments of --tgt_len tokens, then every new token is fed alone with the segment memory of
+everything before it (--mem_len hidden states per layer), so the context reaches far beyond the training segment.
+The text (prompt as the model saw it, then the continuation) goes to stdout or --output; progress and the
+speed in tokens/s go to stderr.
+
+    python generate.py --work_dir runs/enwik8 --prompt "<title>Anarchism</title>" --max_tokens 300 --top_p 0.9
+"""
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+from utils.exp_utils import OneLineArgumentParser, pick_device
+from utils.generation import TextCodec, check_sampling, generate, load_trained_model, open_corpus
+
+
+def build_parser():
+    parser = OneLineArgumentParser(description='Sample text from a trained Transformer-XL')
+    parser.add_argument('--work_dir', type=str, required=True,
+                        help='run directory (its model.pt is used) or a checkpoint file of this project')
+    parser.add_argument('--data', type=str, default=None,
+                        help='location of the data corpus, for the vocabulary (default: the one the model was '
+                             'trained on)')
+    parser.add_argument('--dataset', type=str, default=None,
+                        help='dataset name (default: the one the model was trained on)')
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument('--prompt', type=str, default='', help='text to continue')
+    prompt.add_argument('--prompt_file', type=str, default=None, help='file (UTF-8) holding the text to continue')
+    parser.add_argument('--max_tokens', type=int, default=200, help='number of tokens to generate')
+    parser.add_argument('--temperature', type=float, default=1.0,
+                        help='divides the log-probabilities; 0 = always the most likely token')
+    parser.add_argument('--top_k', type=int, default=0, help='sample among the k most likely tokens (0 = all)')
+    parser.add_argument('--top_p', type=float, default=1.0,
+                        help='sample among the most likely tokens that hold this much probability (1 = all)')
+    parser.add_argument('--seed', type=int, default=1111, help='random seed: the same seed gives the same text')
+    parser.add_argument('--num_samples', type=int, default=1, help='independent continuations, run as a batch')
+    parser.add_argument('--tgt_len', type=int, default=None,
+                        help='segment length for feeding the prompt (default: the training tgt_len)')
+    parser.add_argument('--mem_len', type=int, default=None,
+                        help='hidden states kept per layer (default: the training mem_len); 0 re-runs the last '
+                             'tgt_len tokens at every step instead')
+    parser.add_argument('--clamp_len', type=int, default=-1, help='max positional embedding index')
+    parser.add_argument('--same_length', action='store_true', help='set same length attention with masking')
+    parser.add_argument('--cuda', action='store_true', help='use CUDA')
+    parser.add_argument('--output', type=str, default=None, help='write the text to this file instead of stdout')
+    return parser
+
+
+def check_args(args):
+    for name in ('max_tokens', 'num_samples'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name} {getattr(args, name)} must be at least 1')
+    for name, low in (('tgt_len', 1), ('mem_len', 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f'--{name} {value} must be at least {low}')
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    if not os.path.exists(args.work_dir):
+        raise ValueError(f'--work_dir {args.work_dir} does not exist')
+    if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
+        raise ValueError(f'--prompt_file {args.prompt_file} does not exist')
+    if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ValueError(f'--output {args.output}: its directory does not exist')
+
+
+def read_prompt(args):
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        with open(args.prompt_file, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f'--prompt_file {args.prompt_file} is not UTF-8 text') from None
+
+
+def set_lengths(model, args):
+    """Generation lengths: the training ones unless the flags say otherwise (as eval.py)."""
+    config = model.config
+    tgt_len = args.tgt_len or config['tgt_len'] or 128
+    mem_len = (config['mem_len'] or 0) if args.mem_len is None else args.mem_len
+    model.reset_length(tgt_len, 0, mem_len)
+    if args.clamp_len > 0:
+        model.clamp_len = args.clamp_len
+    if args.same_length:
+        model.same_length = True
+    return tgt_len, mem_len
+
+
+def write_text(text, output):
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    tmp = f'{output}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, output)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - stdout is for the text
+    try:
+        check_args(args)
+        prompt_text = read_prompt(args)
+        device = pick_device(args.cuda, log)
+        model, saved, path = load_trained_model(args.work_dir, device)
+        with contextlib.redirect_stdout(sys.stderr):  # the corpus loader reports on stdout
+            corpus, dataset, _ = open_corpus(saved, path, model.n_token, args.data, args.dataset)
+        codec = TextCodec(corpus.vocab, dataset)
+        prompt_ids = codec.encode(prompt_text)
+    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+        print(f'generate.py: error: {e}', file=sys.stderr)
+        return 2
+
+    tgt_len, mem_len = set_lengths(model, args)
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)[:, None].repeat(1, args.num_samples)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    memory = (f'memory of {mem_len} states per layer' if mem_len > 0
+              else f'no memory: every step re-runs the last {tgt_len} tokens')
+    log(f'Generating {args.max_tokens} tokens x {args.num_samples} after a prompt of {len(prompt_ids)} tokens '
+        f'({memory}; temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, seed {args.seed})')
+
+    start = time.perf_counter()
+    tokens = generate(model, prompt, args.max_tokens, generator, tgt_len,
+                      args.temperature, args.top_k, args.top_p)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+
+    samples = [codec.decode(prompt_ids + tokens[:, i].tolist()) for i in range(args.num_samples)]
+    if args.num_samples == 1:
+        text = samples[0] + '\n'
+    else:
+        text = ''.join(f'=== sample {i + 1} ===\n{s}\n' for i, s in enumerate(samples))
+    write_text(text, args.output)
+    n_new = args.max_tokens * args.num_samples
+    log(f'| {n_new} tokens in {elapsed:.2f}s | {n_new / elapsed:.1f} tokens/s (prompt included in the time) |'
+        + (f' wrote {args.output}' if args.output else ''))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
