@@ -1,0 +1,546 @@
+# coding: utf-8
+"""Import a checkpoint of the original Transformer-XL or of FastMoE's example into this project's format.
+
+Accepted sources:
+  * a plain state dict (torch.save(model.state_dict())) of the original PyTorch Transformer-XL or of FastMoE's
+    examples/transformer-xl, in either FastMoE expert layout: fused (`experts.htoh4.weight` [E, H, D]) or
+    per-expert (FastMoE >= 1.0.1: `experts.{i}.htoh4.weight` [1, H, D]), projections spelt `emb_projs.0` or
+    `emb_projs.0.weight`. It is read with torch.load(weights_only=True).
+  * the original's model.pt, a pickled whole MemTransformerLM (torch.save(model)), only with --trust-pickle.
+    It is read by a restricted unpickler: it builds tensors, torch.nn containers and the original's (and
+    FastMoE's) classes as inert stand-ins that only hold their attributes, and refuses anything else, so no code
+    of the file runs. Nothing of the original code is needed.
+
+The architecture is inferred from the tensor shapes (n_layer, d_model, n_head/d_head, d_inner, attention type,
+vocabulary size, adaptive cutoffs and div_val, weight and projection tying, MoE experts); what shapes cannot tell
+(dropout, lengths, pre_lnorm, top_k, ...) comes from the pickled model's attributes, else from the flags, whose
+defaults are the original's. The weights are loaded into this project's MemTransformerLM with strict=True and
+written as WORK_DIR/model.pt (plain data, as train.py writes it); the inferred configuration is printed.
+
+    python convert_checkpoint.py original/model.pt --work_dir runs/imported --trust-pickle --dataset enwik8 \
+        --data ../data/enwik8
+"""
+import os
+import pickle
+import sys
+import types
+import zipfile
+
+import torch
+
+from mem_transformer import ATTN_TYPES, MemTransformerLM
+from utils import checkpoint as ckpt
+from utils.exp_utils import OneLineArgumentParser
+from utils.moe import GATES
+from utils.proj_adaptive_softmax import rename_projection_keys
+
+# The original train.py's defaults for what the weights do not determine.
+ORIGINAL_DEFAULTS = dict(n_head=10, dropout=0.0, dropatt=0.0, tgt_len=70, ext_len=0, mem_len=0, pre_lnorm=False,
+                         same_length=False, clamp_len=-1, sample_softmax=-1, moe_top_k=2, moe_gate='naive')
+# The original train.py's --adaptive cutoffs per dataset (only div_val > 1 shows them in the shapes).
+ADAPTIVE_CUTOFFS = {'wt103': [20000, 40000, 200000], 'lm1b': [60000, 100000, 640000]}
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted; the message is one line and says what to do."""
+
+
+# ----------------------------------------------------------------------------- the restricted unpickler
+
+# Classes of the original code and of FastMoE that a pickled model may contain, by module.
+ORIGINAL_CLASSES = {
+    'mem_transformer': {'MemTransformerLM', 'RelPartialLearnableDecoderLayer', 'RelPartialLearnableMultiHeadAttn',
+                        'RelLearnableDecoderLayer', 'RelLearnableMultiHeadAttn', 'DecoderLayer', 'MultiHeadAttn',
+                        'RelMultiHeadAttn', 'PositionwiseFF', 'PositionalEmbedding', 'AdaptiveEmbedding',
+                        'CustomizedMoEPositionwiseFF'},
+    'proj_adaptive_softmax': {'ProjectedAdaptiveLogSoftmax', 'Projection'},
+    'log_uniform_sampler': {'LogUniformSampler'},
+}
+FASTMOE_PACKAGE = 'fmoe'
+
+
+class Stand_in:  # noqa: N801 - the name shows in error messages next to the class it replaces
+    """An object of a pickled class: holds the attributes the pickle gives it and runs no code of that class."""
+    qualified_name = '?'
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ values)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f'{self.qualified_name} has a state of type {type(state).__name__}')
+        self.__dict__.update(state)
+
+
+_STAND_INS = {}
+
+
+def stand_in(module, name):
+    key = f'{module}.{name}'
+    if key not in _STAND_INS:
+        _STAND_INS[key] = type(name, (Stand_in,), {'qualified_name': key})
+    return _STAND_INS[key]
+
+
+def _reconstructor(cls, base, state):
+    """copyreg._reconstructor (pickle protocols 0 and 1), for stand-ins only."""
+    if not (isinstance(cls, type) and issubclass(cls, Stand_in)) or base is not object or state is not None:
+        raise pickle.UnpicklingError('copyreg._reconstructor is only allowed for model classes')
+    return object.__new__(cls)
+
+
+_ALLOWED = {
+    ('torch._utils', '_rebuild_tensor'): torch._utils._rebuild_tensor,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
+    ('torch.nn.parameter', 'Parameter'): torch.nn.Parameter,
+    ('torch', 'Size'): torch.Size,
+    ('torch', 'device'): torch.device,
+    ('collections', 'OrderedDict'): __import__('collections').OrderedDict,
+    ('builtins', 'set'): set, ('__builtin__', 'set'): set,
+    ('builtins', 'frozenset'): frozenset, ('__builtin__', 'frozenset'): frozenset,
+    ('copyreg', '_reconstructor'): _reconstructor, ('copy_reg', '_reconstructor'): _reconstructor,
+    # torch < 1.1 pickled every module's `_backend`; the module it names is gone.
+    ('torch.nn.backends.thnn', '_get_thnn_function_backend'): lambda: None,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith('torch.nn.modules.'):
+            cls = getattr(torch.nn, name, None)
+            if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+                return stand_in(module, name)
+        # The original imported these modules from utils/ put on sys.path; a copy may name them utils.X.
+        plain_module = module[len('utils.'):] if module.startswith('utils.') else module
+        if name in ORIGINAL_CLASSES.get(plain_module, ()):
+            return stand_in(module, name)
+        if (module == FASTMOE_PACKAGE or module.startswith(FASTMOE_PACKAGE + '.')) and name.isidentifier():
+            return stand_in(module, name)
+        raise pickle.UnpicklingError(f'{module}.{name} is not part of a Transformer-XL or FastMoE model')
+
+
+RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__='restricted_pickle', Unpickler=RestrictedUnpickler,
+    load=lambda f, **kwargs: RestrictedUnpickler(f, **kwargs).load())
+
+
+def load_pickled_model(path):
+    """The root object of a pickled torch.save(model), built by the restricted unpickler."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith('constants.pkl') or '/code/' in n for n in z.namelist()):
+                raise ConversionError(f'{path} is a TorchScript archive, not a pickled model: it is not loaded')
+    try:
+        return torch.load(path, map_location='cpu', pickle_module=RESTRICTED_PICKLE, weights_only=False)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(f'{path} was not unpickled: it contains {e}; only tensors, torch.nn modules and '
+                              'the original classes are allowed') from None
+
+
+def tree_state_dict(root):
+    """What model.state_dict() would give, read off the stand-in tree (_parameters, _buffers, _modules)."""
+    out = {}
+
+    def visit(obj, prefix):
+        attrs = vars(obj)
+        skip = attrs.get('_non_persistent_buffers_set') or set()
+        for name, p in (attrs.get('_parameters') or {}).items():
+            if p is not None:
+                out[prefix + name] = p.detach()
+        for name, b in (attrs.get('_buffers') or {}).items():
+            if b is not None and name not in skip:
+                out[prefix + name] = b
+        for name, m in (attrs.get('_modules') or {}).items():
+            if isinstance(m, Stand_in):
+                visit(m, prefix + name + '.')
+
+    visit(root, '')
+    bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(f'the pickled model holds non-tensor parameters: {", ".join(bad[:3])}')
+    return out
+
+
+def _child(obj, *path):
+    """obj._modules[a]._modules[b]..., or None."""
+    for name in path:
+        obj = (vars(obj).get('_modules') or {}).get(name) if isinstance(obj, Stand_in) else None
+    return obj
+
+
+def _attr(obj, name, kind):
+    value = vars(obj).get(name) if isinstance(obj, Stand_in) else None
+    return value if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) else None
+
+
+GATE_CLASSES = {'NaiveGate': 'naive', 'GShardGate': 'gshard', 'SwitchGate': 'switch'}
+
+
+def pickled_hints(root):
+    """Settings the weights do not show, read off the pickled model's attributes (what is there)."""
+    hints = {}
+    for name in ('n_head', 'tgt_len', 'ext_len', 'mem_len', 'clamp_len', 'sample_softmax'):
+        hints[name] = _attr(root, name, int)
+    hints['same_length'] = _attr(root, 'same_length', bool)
+    cutoffs = _attr(_child(root, 'word_emb'), 'cutoffs', list)
+    hints['cutoffs'] = cutoffs[:-1] if cutoffs and all(isinstance(c, int) for c in cutoffs) else None
+    hints['dropout'] = _attr(_child(root, 'drop'), 'p', float)
+    attn = _child(root, 'layers', '0', 'dec_attn')
+    hints['pre_lnorm'] = _attr(attn, 'pre_lnorm', bool)
+    hints['dropatt'] = _attr(_child(attn, 'dropatt'), 'p', float)
+    pos_ff = _child(root, 'layers', '0', 'pos_ff')
+    hints['moe_top_k'] = _attr(pos_ff, 'top_k', int)
+    gate = _child(pos_ff, 'gate')
+    if gate is not None:
+        gate_name = type(gate).__name__
+        if gate_name not in GATE_CLASSES:
+            raise ConversionError(f'the MoE layers use FastMoE\'s {type(gate).qualified_name}, which this project '
+                                  f'does not have (it has {", ".join(GATE_CLASSES)})')
+        hints['moe_gate'] = GATE_CLASSES[gate_name]
+    return {k: v for k, v in hints.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- reading a source file
+
+def read_source(path, trust_pickle):
+    """(state dict, hints from a pickled model, description of the source)."""
+    if not os.path.isfile(path):
+        raise ConversionError(f'{path} does not exist')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        if 'weights_only' not in str(e) and 'weights only' not in str(e).lower():
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConversionError(f'{path} is not a torch checkpoint ({reason})') from None
+        if not trust_pickle:
+            raise ConversionError(
+                f'{path} holds pickled Python objects (the original\'s torch.save(model)); unpickling can run code, '
+                'so it is only done with --trust-pickle (a restricted unpickler that builds tensors and inert '
+                'stand-ins of the original classes)') from None
+        root = load_pickled_model(path)
+        if not isinstance(root, Stand_in):
+            raise ConversionError(f'{path} holds a pickled {type(root).__name__}, not a model')
+        return tree_state_dict(root), pickled_hints(root), f'pickled {type(root).qualified_name}'
+    if isinstance(obj, dict) and obj.get('format') == ckpt.FORMAT:
+        raise ConversionError(f'{path} is already a checkpoint of this project: use it as it is')
+    return find_state_dict(obj, path), {}, 'state dict'
+
+
+def find_state_dict(obj, path):
+    """A flat {name: tensor} mapping, possibly under one of the usual keys."""
+    def is_state_dict(d):
+        return isinstance(d, dict) and d and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in d.items())
+    if is_state_dict(obj):
+        state = dict(obj)
+    else:
+        nested = [obj[k] for k in ('model_state', 'model_state_dict', 'state_dict', 'model')
+                  if isinstance(obj, dict) and is_state_dict(obj.get(k))]
+        if not nested:
+            raise ConversionError(f'{path} holds a {type(obj).__name__} that is not a state dict '
+                                  '(a mapping from parameter names to tensors)')
+        state = dict(nested[0])
+    if all(k.startswith('module.') for k in state):  # saved from a DataParallel wrapper
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return state
+
+
+# ----------------------------------------------------------------------------- inferring the configuration
+
+class Inferred:
+    """The configuration being inferred, with where each value came from."""
+
+    def __init__(self, state, hints, flags):
+        self.state, self.hints, self.flags = state, hints, flags
+        self.config, self.source = {}, {}
+
+    def set(self, key, value, source='shapes'):
+        self.config[key], self.source[key] = value, source
+
+    def setting(self, key):
+        """A value the weights do not show: the flag, else the pickled model's, else the original default."""
+        if self.flags.get(key) is not None:
+            self.set(key, self.flags[key], 'flag')
+        elif key in self.hints:
+            self.set(key, self.hints[key], 'pickled model')
+        else:
+            self.set(key, ORIGINAL_DEFAULTS[key], 'original default')
+        return self.config[key]
+
+    def shape(self, key):
+        if key not in self.state:
+            raise ConversionError(f'the weights have no {key}: they are not a Transformer-XL model')
+        return tuple(self.state[key].shape)
+
+
+def infer_config(state, hints, flags, dataset=None):
+    """Our MemTransformerLM configuration for the weights; (config, {key: source})."""
+    inf = Inferred(state, hints, flags)
+    layers = sorted({int(k.split('.')[1]) for k in state if k.startswith('layers.') and k.split('.')[1].isdigit()})
+    if not layers or layers != list(range(len(layers))):
+        raise ConversionError('the weights have no layers.0, layers.1, ...: they are not a Transformer-XL model')
+    inf.set('n_layer', len(layers))
+    d_model = inf.shape('layers.0.dec_attn.layer_norm.weight')[0]
+    inf.set('d_model', d_model)
+    _infer_attention(inf)
+    _infer_feed_forward(inf)
+    _infer_vocabulary(inf, dataset)
+    for key in ('dropout', 'dropatt', 'pre_lnorm', 'same_length', 'clamp_len'):
+        inf.setting(key)
+    _infer_lengths(inf)
+    return inf.config, inf.source
+
+
+def _infer_attention(inf):
+    state, n_layer = inf.state, inf.config['n_layer']
+    if 'layers.0.dec_attn.r_net.weight' in state:
+        attn_type, (n_head, d_head) = 0, inf.shape('r_w_bias')
+    elif 'r_bias' in state:
+        attn_type, (_, n_head, d_head) = 1, inf.shape('r_w_bias')
+    elif 'r_emb' in state:
+        attn_type, (_, _, n_head, d_head) = 3, inf.shape('r_emb')
+    elif 'pos_emb.inv_freq' in state:
+        attn_type = 2
+        n_head = inf.setting('n_head')
+        rows = inf.shape('layers.0.dec_attn.q_net.weight')[0]
+        if n_head < 1 or rows % n_head:
+            raise ConversionError(f'attn_type 2 weights have {rows} query rows, which --n_head {n_head} does not '
+                                  'divide: pass the --n_head the model was trained with')
+        d_head = rows // n_head
+    else:
+        raise ConversionError('the weights have none of r_w_bias, r_emb, pos_emb.inv_freq: unknown attention type')
+    inf.set('attn_type', attn_type)
+    if attn_type != 2:
+        inf.set('n_head', n_head)
+    inf.set('d_head', d_head)
+    qkv = 'layers.0.dec_attn.qkv_net.weight' if attn_type in (0, 1) else 'layers.0.dec_attn.q_net.weight'
+    expected = (3 if attn_type in (0, 1) else 1) * n_head * d_head
+    if inf.shape(qkv)[0] != expected:
+        raise ConversionError(f'{qkv} has {inf.shape(qkv)[0]} rows, not {expected} for {n_head} heads of {d_head}')
+    if attn_type in (1, 3) and inf.shape('r_emb')[0] != n_layer:
+        raise ConversionError(f'r_emb has {inf.shape("r_emb")[0]} layers but the weights have {n_layer}')
+
+
+def _infer_feed_forward(inf):
+    state, n_layer = inf.state, inf.config['n_layer']
+    gates = [f'layers.{i}.pos_ff.gate.gate.weight' for i in range(n_layer)]
+    n_moe = sum(k in state for k in gates)
+    if n_moe not in (0, n_layer):
+        raise ConversionError(f'{n_moe} of {n_layer} layers are MoE layers; this model has all or none')
+    inf.set('moe', n_moe > 0)
+    if not n_moe:
+        inf.set('d_inner', inf.shape('layers.0.pos_ff.CoreNet.0.weight')[0])
+        return
+    num_expert = inf.shape(gates[0])[0]
+    inf.set('moe_num_expert', num_expert)
+    fused = 'layers.0.pos_ff.experts.htoh4.weight'
+    if fused in state:
+        inf.set('d_inner', inf.shape(fused)[1], 'shapes (fused experts)')
+    else:
+        per_expert = 'layers.0.pos_ff.experts.0.htoh4.weight'
+        inf.set('d_inner', inf.shape(per_expert)[1], 'shapes (per-expert layout, FastMoE >= 1.0.1)')
+    top_k = inf.setting('moe_top_k')
+    inf.setting('moe_gate')
+    if not 1 <= top_k <= num_expert:
+        raise ConversionError(f'--moe-top-k {top_k} must be between 1 and the {num_expert} experts of the weights')
+
+
+def _infer_vocabulary(inf, dataset):
+    state, d_model = inf.state, inf.config['d_model']
+    sizes = []
+    while f'word_emb.emb_layers.{len(sizes)}.weight' in state:
+        sizes.append(inf.shape(f'word_emb.emb_layers.{len(sizes)}.weight'))
+    if not sizes:
+        raise ConversionError('the weights have no word_emb.emb_layers.0.weight: not a Transformer-XL model')
+    d_embed = sizes[0][1]
+    inf.set('n_token', sum(rows for rows, _ in sizes))
+    inf.set('d_embed', d_embed)
+    if len(sizes) > 1:
+        div_val = d_embed // sizes[1][1]
+        if any(d_embed // div_val ** i != cols for i, (_, cols) in enumerate(sizes)):
+            raise ConversionError(f'the embedding widths {[c for _, c in sizes]} do not follow d_embed // div_val**i')
+        inf.set('div_val', div_val)
+        bounds = [sum(rows for rows, _ in sizes[:i + 1]) for i in range(len(sizes) - 1)]
+        inf.set('cutoffs', bounds)
+    else:
+        inf.set('div_val', 1)
+        n_clusters = inf.shape('crit.cluster_weight')[0] if 'crit.cluster_weight' in state else 0
+        if n_clusters:
+            _cutoffs_without_shapes(inf, n_clusters, dataset)
+        else:
+            inf.set('cutoffs', [])
+    _infer_softmax_and_tying(inf, d_model)
+
+
+def _cutoffs_without_shapes(inf, n_clusters, dataset):
+    """With div_val 1 only the number of tail clusters shows; the boundaries come from elsewhere."""
+    n_token = inf.config['n_token']
+    if inf.flags.get('cutoffs') is not None:
+        inf.set('cutoffs', inf.flags['cutoffs'], 'flag')
+    elif 'cutoffs' in inf.hints:
+        inf.set('cutoffs', inf.hints['cutoffs'], 'pickled model')
+    elif dataset in ADAPTIVE_CUTOFFS:
+        inf.set('cutoffs', ADAPTIVE_CUTOFFS[dataset], f'original train.py for {dataset}')
+    else:
+        raise ConversionError(f'the adaptive softmax has {n_clusters} tail clusters whose boundaries the shapes do '
+                              f'not show: pass --cutoffs (or --dataset wt103/lm1b for the original\'s)')
+    cutoffs = inf.config['cutoffs']
+    if len(cutoffs) != n_clusters or not all(0 < c < n_token for c in cutoffs) or cutoffs != sorted(set(cutoffs)):
+        raise ConversionError(f'cutoffs {cutoffs} ({inf.source["cutoffs"]}) do not fit the weights: they need '
+                              f'{n_clusters} increasing values below n_token={n_token}')
+
+
+def _same(state, a, b):
+    return a in state and b in state and state[a].shape == state[b].shape and torch.equal(state[a], state[b])
+
+
+def _infer_softmax_and_tying(inf, d_model):
+    state, div_val = inf.state, inf.config['div_val']
+    if 'out_layer.weight' in state:  # the sampled softmax's output layer
+        sample_softmax = inf.setting('sample_softmax')
+        if sample_softmax <= 0:
+            raise ConversionError('the weights have the sampled softmax\'s out_layer: pass the --sample_softmax '
+                                  'N they were trained with (the original lm1b scripts use 8192)')
+        inf.set('tie_weight', _same(state, 'out_layer.weight', 'word_emb.emb_layers.0.weight'))
+        inf.set('tie_projs', [False])
+        return
+    if (inf.flags.get('sample_softmax') or 0) > 0:
+        raise ConversionError('--sample_softmax was given but the weights have an adaptive softmax (crit.*)')
+    inf.set('sample_softmax', -1)
+    n_out = 1 if div_val == 1 else len(inf.config['cutoffs']) + 1
+    tied = [_same(state, f'crit.out_layers.{i}.weight', f'word_emb.emb_layers.{i}.weight') for i in range(n_out)]
+    if any(tied) and not all(tied):
+        raise ConversionError(f'only some output layers are tied to the embeddings ({tied}); this model ties all '
+                              'or none')
+    inf.set('tie_weight', all(tied))
+    emb_proj = (lambda i: 'word_emb.emb_projs.0') if div_val == 1 else (lambda i: f'word_emb.emb_projs.{i}')
+    inf.set('tie_projs', [_same(state, f'crit.out_projs.{i}', emb_proj(i))
+                          for i in range(len(inf.config['cutoffs']) + 1)])
+
+
+def _infer_lengths(inf):
+    """tgt/ext/mem lengths do not change the weights except for attn_type 1 and 3, whose position tables
+    hold tgt_len + ext_len + mem_len rows."""
+    mem_len, ext_len = inf.setting('mem_len'), inf.setting('ext_len')
+    if inf.config['attn_type'] not in (1, 3):
+        inf.setting('tgt_len')
+        return
+    max_klen = inf.shape('r_emb')[1]
+    if inf.flags.get('tgt_len') is None and 'tgt_len' not in inf.hints:
+        inf.set('tgt_len', max_klen - mem_len - ext_len, 'shapes (r_emb rows - mem_len - ext_len)')
+    else:
+        inf.setting('tgt_len')
+    total = inf.config['tgt_len'] + ext_len + mem_len
+    if total != max_klen or inf.config['tgt_len'] < 1:
+        raise ConversionError(f'r_emb has {max_klen} positions but tgt_len + ext_len + mem_len = {total}: pass '
+                              'the --tgt_len/--ext_len/--mem_len the model was trained with')
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def normalised_state(state):
+    """The projections spelt as the original (`emb_projs.0`, not FastMoE's `emb_projs.0.weight`)."""
+    state = dict(state)
+    rename_projection_keys(state, 'word_emb.', 'emb_projs')
+    rename_projection_keys(state, 'crit.', 'out_projs')
+    return state
+
+
+def convert(src, trust_pickle=False, flags=None, dataset=None):
+    """(model with the source's weights, inferred config sources, description of the source)."""
+    raw, hints, kind = read_source(src, trust_pickle)
+    state = normalised_state(raw)
+    config, sources = infer_config(state, hints, flags or {}, dataset)
+    try:
+        model = MemTransformerLM(**config)
+    except ValueError as e:
+        raise ConversionError(f'the inferred configuration is rejected: {e}') from None
+    try:
+        ckpt.load_weights(model, state, src)
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    return model.eval(), sources, kind
+
+
+def checkpoint_dict(model, sources, src, kind, dataset, data):
+    """model.pt as train.py writes it, plus where it came from."""
+    return {'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config, 'model_state': model.state_dict(),
+            'args': {'dataset': dataset, 'data': data}, 'step': None, 'val_loss': None,
+            'converted_from': {'path': os.path.abspath(src), 'kind': kind, 'sources': sources}}
+
+
+def describe(config, sources):
+    width = max(len(k) for k in sources)
+    return '\n'.join(f'  {k:<{width}}  {config[k]!r:<24} {sources[k]}' for k in sources)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    parser = OneLineArgumentParser(
+        description='Import a checkpoint of the original Transformer-XL or of FastMoE\'s example (a state dict, '
+                    'or with --trust-pickle a pickled model.pt) into WORK_DIR/model.pt of this project.')
+    parser.add_argument('src', help='the checkpoint to import')
+    parser.add_argument('--work_dir', required=True, help='directory to write model.pt into (created if needed)')
+    parser.add_argument('--trust-pickle', dest='trust_pickle', action='store_true',
+                        help='allow a pickled whole model (the original\'s torch.save(model)): it is read with a '
+                             'restricted unpickler that only builds tensors, torch.nn containers and inert '
+                             'stand-ins of the original and FastMoE classes; other content is refused')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing WORK_DIR/model.pt')
+    parser.add_argument('--dataset', default=None, help='dataset the model was trained on (stored for eval.py and '
+                                                         'generate.py; wt103/lm1b also give the original cutoffs)')
+    parser.add_argument('--data', default=None, help='location of that data corpus (stored with the model)')
+    given = parser.add_argument_group('settings the weights do not show (default: the pickled model\'s, else '
+                                      'the original train.py\'s)')
+    given.add_argument('--n_head', type=int, help='number of heads (read from the shapes except for attn_type 2)')
+    given.add_argument('--tgt_len', type=int)
+    given.add_argument('--ext_len', type=int)
+    given.add_argument('--mem_len', type=int)
+    given.add_argument('--dropout', type=float)
+    given.add_argument('--dropatt', type=float)
+    given.add_argument('--pre_lnorm', action='store_const', const=True, help='LayerNorm before each sub-layer')
+    given.add_argument('--same_length', action='store_const', const=True)
+    given.add_argument('--clamp_len', type=int)
+    given.add_argument('--cutoffs', type=lambda s: [int(c) for c in s.split(',')],
+                       help='adaptive softmax cutoffs, e.g. 20000,40000,200000 (shown by the shapes if div_val>1)')
+    given.add_argument('--sample_softmax', type=int, help='samples of the sampled softmax (if it has out_layer)')
+    given.add_argument('--moe-top-k', dest='moe_top_k', type=int, help='experts per token')
+    given.add_argument('--moe-gate', dest='moe_gate', choices=GATES, help="the gate's type")
+    return parser
+
+
+FLAG_KEYS = ('n_head', 'tgt_len', 'ext_len', 'mem_len', 'dropout', 'dropatt', 'pre_lnorm', 'same_length',
+             'clamp_len', 'cutoffs', 'sample_softmax', 'moe_top_k', 'moe_gate')
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = os.path.join(args.work_dir, 'model.pt')
+    try:
+        if os.path.exists(out) and not args.overwrite:
+            raise ConversionError(f'{out} exists: pass --overwrite to replace it or choose another --work_dir')
+        if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+            raise ConversionError(f'--work_dir {args.work_dir} is a file, not a directory')
+        model, sources, kind = convert(args.src, args.trust_pickle, {k: getattr(args, k) for k in FLAG_KEYS},
+                                       args.dataset)
+    except ValueError as e:  # ConversionError and CheckpointError
+        print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
+        return 2
+
+    print(f'Read {args.src}: {kind}, {len(model.state_dict())} tensors, '
+          f'{sum(p.numel() for p in model.parameters()):,} parameters')
+    print('Inferred configuration (value, from):')
+    print(describe(model.config, sources))
+    os.makedirs(args.work_dir, exist_ok=True)
+    ckpt.atomic_save(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data), out)
+    print(f'Wrote {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
