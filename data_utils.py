@@ -1,0 +1,663 @@
+"""Corpora and batch iterators, as the original Transformer-XL's data_utils.py.
+
+`get_lm_corpus(datadir, dataset)` returns a Corpus whose `get_iterator(split,
+bsz, bptt, device=..., ext_len=...)` yields the original's batches, in the
+original's order for the same numpy seed. What differs:
+
+* the corpus cache is plain data (.npy ids + a JSON vocabulary, keyed on the
+  source files, written atomically) instead of a pickled `cache.pt`;
+* token ids are kept in the smallest integer type that holds the vocabulary
+  (int16 or int32: `corpus.train.long()` is the original's LongTensor); the
+  batches the iterators yield are int64, as the original's;
+* every iterator can save and restore its position (`state_dict()` /
+  `load_state_dict()`), so a training run resumes exactly mid-epoch;
+* bad input raises DataError with a one-line message naming the file.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+from utils.prep import current_umask
+from utils.vocabulary import DataError, Vocab, ids_dtype
+
+__all__ = ['DataError', 'Corpus', 'get_lm_corpus', 'LMOrderedIterator',
+           'LMShuffledIterator', 'LMMultiFileIterator', 'DATASETS']
+
+# dataset -> (directory getdata.sh creates under the data root, Vocab options)
+DATASETS = {
+    'enwik8': ('enwik8', {}),
+    'text8': ('text8', {}),
+    'wt103': ('wikitext-103', dict(special=['<eos>'], lower_case=False)),
+    'wt2': ('wikitext-2', dict(special=['<eos>'], lower_case=False)),
+    'ptb': ('penn', dict(special=['<eos>'], lower_case=True)),
+    'lm1b': ('one-billion-words', dict(special=[], lower_case=False,
+                                       vocab_file='1b_word_vocab.txt')),
+}
+ORDERED = ('enwik8', 'text8', 'wt103', 'wt2', 'ptb')
+CHAR_LEVEL = ('enwik8', 'text8')
+SPLITS = ('train', 'valid', 'test')
+LM1B_TRAIN = os.path.join('1-billion-word-language-modeling-benchmark-r13output',
+                          'training-monolingual.tokenized.shuffled', 'news.en-*')
+
+
+def _as_ids(x):
+    """A batch as the model takes it: contiguous int64."""
+    return x.to(torch.int64, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------
+# Iterators
+# ---------------------------------------------------------------------------
+
+class LMOrderedIterator(object):
+    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None):
+        """data: 1-D tensor of ids, strictly ordered (any integer type)."""
+        self.bsz = bsz
+        self.bptt = bptt
+        self.ext_len = ext_len if ext_len is not None else 0
+        self.device = device
+
+        # bsz parallel streams, each a contiguous run of the data; the rest is trimmed.
+        self.n_step = data.size(0) // bsz
+        data = data.narrow(0, 0, self.n_step * bsz)
+        # [n_step, bsz] as the original, but a transposed view instead of a
+        # copy: the corpus is not duplicated in memory (batches are copied).
+        self.data = data.view(bsz, -1).t().to(device)
+        self.n_batch = (self.n_step + self.bptt - 1) // self.bptt
+
+        self._next = 0      # row where the batch after the last one yielded starts
+        self._resume = None
+
+    def get_batch(self, i, bptt=None):
+        if bptt is None:
+            bptt = self.bptt
+        seq_len = min(bptt, self.data.size(0) - 1 - i)
+        end_idx = i + seq_len
+        beg_idx = max(0, i - self.ext_len)
+        data = _as_ids(self.data[beg_idx:end_idx])
+        target = _as_ids(self.data[i + 1:i + 1 + seq_len])
+        return data, target, seq_len
+
+    def _start(self, start):
+        """start=None continues from load_state_dict's position, else 0."""
+        if start is None:
+            start, self._resume = (self._resume or 0), None
+        return start
+
+    def get_fixlen_iter(self, start=None):
+        start = self._start(start)
+        for i in range(start, self.data.size(0) - 1, self.bptt):
+            self._next = i + self.bptt
+            yield self.get_batch(i)
+
+    def get_varlen_iter(self, start=None, std=5, min_len=5, max_deviation=3):
+        """Batches of random length; the same lengths for the same numpy RNG
+        state, so (position, RNG state) resumes the sequence exactly."""
+        i = self._start(start)
+        max_len = self.bptt + max_deviation * std
+        # the original stops after the batch that reaches the end; a resumed
+        # position already there must yield nothing, and draw nothing
+        while i < self.data.size(0) - 2:
+            bptt = self.bptt if np.random.random() < 0.95 else self.bptt / 2.
+            bptt = min(max_len, max(min_len, int(np.random.normal(bptt, std))))
+            data, target, seq_len = self.get_batch(i, bptt)
+            i += seq_len
+            self._next = i
+            yield data, target, seq_len
+
+    def __iter__(self):
+        return self.get_fixlen_iter()
+
+    def state_dict(self):
+        """Where the next batch starts (a row of self.data, i.e. the original's
+        `start`). Restore the numpy RNG state along with it for --varlen."""
+        return {'position': int(self._next)}
+
+    def load_state_dict(self, state):
+        """The next get_fixlen_iter()/get_varlen_iter()/iter() without an
+        explicit start continues from the saved position."""
+        position = state.get('position') if isinstance(state, dict) else None
+        if not isinstance(position, int) or position < 0:
+            raise DataError('data iterator state {!r} is not a saved position'.format(state))
+        self._resume = self._next = position
+
+
+def _plain_rng_state():
+    """numpy's global RNG state as plain data (lists and numbers)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _rng_from(plain):
+    rng = np.random.RandomState()
+    rng.set_state((plain[0], np.asarray(plain[1], dtype=np.uint32),
+                   int(plain[2]), int(plain[3]), float(plain[4])))
+    return rng
+
+
+class _Sentences(object):
+    """Sentences as one flat array of ids plus the start and length of each."""
+
+    def __init__(self, flat, lengths):
+        self.flat = np.ascontiguousarray(flat)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+
+    @classmethod
+    def from_list(cls, sents):
+        lengths = [len(s) for s in sents]
+        flat = torch.cat([torch.as_tensor(s).view(-1) for s in sents]).numpy() if sents \
+            else np.zeros(0, np.int64)
+        return cls(flat, lengths)
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+class _StreamPosition(object):
+    """Where the sentence streams stand: the next sentence to hand out
+    (`cursor`, an index into the epoch's order), the sentence and offset each
+    batch column is reading, and the rows kept for ext_len."""
+
+    def __init__(self, bsz, state=None):
+        state = state or {}
+        self.cursor = int(state.get('cursor', 0))
+        self.sent = np.array(state.get('sent', [-1] * bsz), dtype=np.int64)
+        self.offset = np.array(state.get('offset', [0] * bsz), dtype=np.int64)
+        retained = state.get('retained')
+        self.retained = None if retained is None else np.array(retained, dtype=np.int64)
+        if len(self.sent) != bsz or len(self.offset) != bsz:
+            raise DataError('saved data position is for batch size {}, not {}'.format(
+                len(self.sent), bsz))
+
+    def state(self):
+        return {'cursor': self.cursor, 'sent': self.sent.tolist(),
+                'offset': self.offset.tolist(),
+                'retained': None if self.retained is None else self.retained.tolist()}
+
+
+class LMShuffledIterator(object):
+    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, shuffle=False):
+        """data: list of 1-D tensors (sentences), with no order among them."""
+        self.data = data
+        self.bsz = bsz
+        self.bptt = bptt
+        self.ext_len = ext_len if ext_len is not None else 0
+        self.device = device
+        self.shuffle = shuffle
+        self._sents = None
+        self._live = None    # the position of the epoch in progress (a dict)
+        self._resume = None
+
+    def _sentences(self):
+        if self._sents is None:
+            self._sents = _Sentences.from_list(self.data)
+        return self._sents
+
+    def _epoch_order(self, n, rng_state):
+        """The original's np.random.permutation (on the global RNG), or the
+        same permutation replayed from a saved RNG state."""
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random if rng_state is None else _rng_from(rng_state)
+        order = np.arange(n)
+        rng.shuffle(order)
+        return order
+
+    def stream_iterator(self, sents, order, pos):
+        """The original's stream_iterator: each of the bsz columns reads
+        sentences one after another from the shared order, a sentence's last
+        token serving only as a target; the first incomplete batch ends it."""
+        bsz, bptt = self.bsz, self.bptt
+        flat, starts, lengths = sents.flat, sents.starts, sents.lengths
+        while True:
+            n_retain = 0 if pos.retained is None else len(pos.retained)
+            data = np.empty((n_retain + bptt, bsz), dtype=np.int64)
+            target = np.empty((bptt, bsz), dtype=np.int64)
+            if n_retain:
+                data[:n_retain] = pos.retained
+            for col in range(bsz):
+                n_filled = 0
+                while n_filled < bptt:
+                    s = pos.sent[col]
+                    left = lengths[order[s]] - pos.offset[col] if s >= 0 else 0
+                    if left <= 1:   # exhausted: take the next sentence
+                        if pos.cursor >= len(order):
+                            return
+                        pos.sent[col], pos.offset[col] = pos.cursor, 0
+                        pos.cursor += 1
+                        continue
+                    n_new = min(left - 1, bptt - n_filled)
+                    beg = starts[order[s]] + pos.offset[col]
+                    row = n_retain + n_filled
+                    data[row:row + n_new, col] = flat[beg:beg + n_new]
+                    target[n_filled:n_filled + n_new, col] = flat[beg + 1:beg + 1 + n_new]
+                    pos.offset[col] += n_new
+                    n_filled += n_new
+            n_keep = min(data.shape[0], self.ext_len)
+            pos.retained = data[-n_keep:].copy() if n_keep > 0 else None
+            yield (torch.from_numpy(data).to(self.device),
+                   torch.from_numpy(target).to(self.device), bptt)
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        sents = self._sentences()
+        if resume is None:
+            rng_state = _plain_rng_state() if self.shuffle else None
+            order = self._epoch_order(len(sents), None)
+            pos = _StreamPosition(self.bsz)
+        else:
+            rng_state = resume['rng']
+            order = self._epoch_order(len(sents), rng_state)
+            pos = _StreamPosition(self.bsz, resume)
+        self._live = lambda: dict(pos.state(), rng=rng_state)
+        for batch in self.stream_iterator(sents, order, pos):
+            yield batch
+        self._live = None
+
+    def state_dict(self):
+        """Plain data: the position after the last batch yielded (None between
+        epochs). It stores the numpy RNG state the epoch's shuffle came from,
+        so restoring it draws nothing from the global RNG."""
+        return {'position': self._live() if self._live else None}
+
+    def load_state_dict(self, state):
+        """The next iteration continues the saved epoch where it stopped."""
+        self._resume = _checked_position(state)
+
+
+def _checked_position(state):
+    if not isinstance(state, dict) or 'position' not in state:
+        raise DataError('data iterator state {!r} is not a saved position'.format(state))
+    return state['position']
+
+
+class LMMultiFileIterator(LMShuffledIterator):
+    def __init__(self, paths, vocab, bsz, bptt, device='cpu', ext_len=None,
+                 shuffle=False):
+        super(LMMultiFileIterator, self).__init__(
+            None, bsz, bptt, device=device, ext_len=ext_len, shuffle=shuffle)
+        # the original shuffles this list in place every epoch, so epoch k's
+        # file order starts from epoch k-1's: a copy keeps that, per iterator
+        self.paths = list(paths)
+        self.vocab = vocab
+
+    def file_sentences(self, path):
+        """A training file's lines, each '<S> words <S>'."""
+        ids, lengths = self.vocab.encode_file_ids(path, add_double_eos=True, by_line=True)
+        return _Sentences(ids, lengths)
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        first = 0
+        if resume is None:
+            if self.shuffle:
+                np.random.shuffle(self.paths)
+        else:
+            if sorted(resume['paths']) != sorted(self.paths):
+                raise DataError('the saved data position is for other training files')
+            self.paths, first = list(resume['paths']), resume['file']
+        for k in range(first, len(self.paths)):
+            sents = self.file_sentences(self.paths[k])
+            resuming = resume is not None and k == first
+            if resuming:
+                rng_state = resume['rng']
+            else:
+                rng_state = _plain_rng_state() if self.shuffle else None
+            # a fresh file shuffles with the global RNG, as the original
+            order = self._epoch_order(len(sents), rng_state if resuming else None)
+            pos = _StreamPosition(self.bsz, resume if resuming else None)
+            self._live = (lambda pos=pos, rng=rng_state, k=k: dict(
+                pos.state(), rng=rng, file=k, paths=list(self.paths)))
+            for batch in self.stream_iterator(sents, order, pos):
+                yield batch
+        self._live = None
+
+
+# ---------------------------------------------------------------------------
+# Corpus
+# ---------------------------------------------------------------------------
+
+def _check_source_files(path, dataset):
+    """Raise DataError for a missing directory or split file, or an empty one;
+    return the files the corpus is built from."""
+    dirname = DATASETS[dataset][0]
+    fix = '`bash getdata.sh {}` creates it ({}/ under the data root)'.format(dataset, dirname)
+    if not os.path.isdir(path):
+        raise DataError('data directory {} does not exist: {}'.format(path, fix))
+    files = {split: os.path.join(path, split + '.txt') for split in SPLITS}
+    if dataset == 'lm1b':  # training text is in the shards, found by _lm1b_train_paths
+        files['vocab'] = os.path.join(path, DATASETS['lm1b'][1]['vocab_file'])
+        del files['train']
+    for f in files.values():
+        if not os.path.isfile(f):
+            raise DataError('{} is missing: {}'.format(f, fix))
+        if os.path.getsize(f) == 0:
+            raise DataError('{} is empty: delete {} and run `bash getdata.sh {}` again'.format(
+                f, path, dataset))
+    return files
+
+
+def _lm1b_train_paths(path):
+    paths = sorted(glob.glob(os.path.join(path, LM1B_TRAIN)))
+    if not paths:
+        raise DataError('no lm1b training shards {} in {}: `bash getdata.sh lm1b` creates '
+                        'them'.format(os.path.basename(LM1B_TRAIN), path))
+    return paths
+
+
+def _check_char_symbols(dataset, vocab, files):
+    """enwik8 files hold decimal byte ids, text8 files single characters:
+    anything else is the wrong file. Name the first line that shows it."""
+    if dataset == 'enwik8':
+        def ok(s):
+            return s.isascii() and s.isdigit() and str(int(s)) == s and int(s) < 256
+        what = 'is not a byte id (an integer 0-255, as prep_enwik8.py writes them)'
+    else:
+        def ok(s):
+            return len(s) == 1
+        what = 'is not a single character (as prep_text8.py writes them)'
+    bad = [s for s in vocab.idx2sym if not ok(s)]
+    if not bad:
+        return
+    bad = set(bad)
+    for split in SPLITS:
+        with open(files[split], encoding='utf-8') as f:
+            for line_no, line in enumerate(f, 1):
+                for sym in vocab.tokenize(line):
+                    if sym in bad:
+                        raise DataError('{} line {}: {!r} {}; is this a {} file?'.format(
+                            files[split], line_no, sym, what, dataset))
+
+
+class Corpus(object):
+    def __init__(self, path, dataset, *args, **kwargs):
+        """Build the corpus from the text files (get_lm_corpus adds the cache)."""
+        if dataset not in DATASETS:
+            raise DataError(_unknown_dataset(dataset))
+        files = _check_source_files(path, dataset)
+        self.dataset = dataset
+        self.vocab = Vocab(*args, **kwargs)
+
+        if dataset in ('ptb', 'wt2', 'enwik8', 'text8'):
+            for split in SPLITS:
+                self.vocab.count_file(files[split])
+        elif dataset == 'wt103':
+            self.vocab.count_file(files['train'])
+        elif dataset == 'lm1b':
+            train_paths = _lm1b_train_paths(path)
+            # the vocabulary comes from the vocab file in build_vocab()
+        self.vocab.build_vocab()
+
+        if dataset in CHAR_LEVEL:
+            _check_char_symbols(dataset, self.vocab, files)
+        if dataset in ORDERED:
+            add_eos = dataset not in CHAR_LEVEL
+            for split in SPLITS:
+                ids = self.vocab.encode_file_ids(files[split], add_eos=add_eos)
+                setattr(self, split, torch.from_numpy(ids))
+        else:
+            self.train = train_paths
+            for split in ('valid', 'test'):
+                setattr(self, split, self.vocab.encode_file(
+                    files[split], ordered=False, add_double_eos=True))
+
+    def get_iterator(self, split, *args, **kwargs):
+        if split not in SPLITS:
+            raise DataError('unknown split {!r}: choose one of {}'.format(split, ', '.join(SPLITS)))
+        if split == 'train':
+            if self.dataset in ORDERED:
+                return LMOrderedIterator(self.train, *args, **kwargs)
+            kwargs['shuffle'] = True
+            return LMMultiFileIterator(self.train, self.vocab, *args, **kwargs)
+        data = self.valid if split == 'valid' else self.test
+        if self.dataset in ORDERED:
+            return LMOrderedIterator(data, *args, **kwargs)
+        return LMShuffledIterator(data, *args, **kwargs)
+
+
+def _unknown_dataset(dataset):
+    return 'unknown dataset {!r}: choose one of {}'.format(dataset, ', '.join(DATASETS))
+
+
+# ---------------------------------------------------------------------------
+# The cache: plain arrays + JSON, keyed on the sources, written atomically
+# ---------------------------------------------------------------------------
+
+CACHE_FORMAT = 1
+_KEY_HEX = 16
+
+
+def _vocab_options(datadir, dataset):
+    options = dict(DATASETS[dataset][1])
+    if 'vocab_file' in options:
+        options['vocab_file'] = os.path.join(datadir, options['vocab_file'])
+    return options
+
+
+def _cache_key(dataset, files):
+    """Changes when the dataset, the vocabulary rules, the cache format or
+    any source file (size or modification time) changes."""
+    described = {
+        'format': CACHE_FORMAT, 'dataset': dataset, 'vocab': DATASETS[dataset][1],
+        'files': sorted([role, os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+                        for role, f in files.items()),
+    }
+    blob = json.dumps(described, sort_keys=True).encode('utf-8')
+    return hashlib.sha256(blob).hexdigest()[:_KEY_HEX]
+
+
+def _user_cache_root(datadir):
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    absdir = os.path.abspath(datadir)
+    tag = hashlib.sha256(absdir.encode('utf-8')).hexdigest()[:12]
+    return os.path.join(base, 'transformer-xl-moe', '{}-{}'.format(
+        os.path.basename(absdir.rstrip(os.sep)) or 'data', tag))
+
+
+def _cache_roots(datadir):
+    """Inside the corpus directory as the original, else a user cache dir."""
+    return [datadir, _user_cache_root(datadir)]
+
+
+def _disk_dtype(vocab_size):
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return dtype
+    raise DataError('vocabulary of {} symbols is too large'.format(vocab_size))
+
+
+def _corpus_arrays(corpus):
+    """The corpus as named 1-D arrays: ordered splits, or lm1b's sentences
+    as flat ids plus lengths."""
+    if corpus.dataset in ORDERED:
+        return {split: getattr(corpus, split).numpy() for split in SPLITS}
+    arrays = {}
+    for split in ('valid', 'test'):
+        sents = _Sentences.from_list(getattr(corpus, split))
+        arrays[split] = sents.flat
+        arrays[split + '.lengths'] = sents.lengths
+    return arrays
+
+
+def _write_npy(path, array):
+    with open(path, 'wb') as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path, obj):
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_cache(corpus, root, key):
+    """Write into a temporary directory, then rename it into place: a killed
+    build leaves only a `.tmp` directory, which is never loaded."""
+    dataset = corpus.dataset
+    final = os.path.join(root, 'cache-{}-{}'.format(dataset, key))
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='cache-{}-{}.tmp{}-'.format(dataset, key, os.getpid()),
+                           dir=root)
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private
+        disk = _disk_dtype(len(corpus.vocab))
+        shapes = {}
+        for name, array in _corpus_arrays(corpus).items():
+            if not name.endswith('.lengths'):
+                array = array.astype(disk)
+            _write_npy(os.path.join(tmp, name + '.npy'), array)
+            shapes[name] = len(array)
+        _write_json(os.path.join(tmp, 'vocab.json'), corpus.vocab.idx2sym)
+        _write_json(os.path.join(tmp, 'meta.json'), {
+            'format': CACHE_FORMAT, 'dataset': dataset, 'key': key,
+            'vocab_size': len(corpus.vocab), 'arrays': shapes})
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):  # else another process just finished the same cache
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale_caches(root, dataset, key)
+    return final
+
+
+def _remove_stale_caches(root, dataset, key):
+    """Caches of older sources, and temporary directories of dead builds."""
+    pattern = re.compile(r'cache-{}-([0-9a-f]{{{}}})(?:\.tmp(\d+)-.*)?$'.format(
+        re.escape(dataset), _KEY_HEX))
+    for name in os.listdir(root):
+        m = pattern.match(name)
+        if not m:
+            continue
+        if m.group(2) is None:
+            stale = m.group(1) != key
+        else:
+            stale = not _pid_alive(int(m.group(2)))
+        if stale:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _load_cache(root, datadir, dataset, key):
+    """The cached corpus, or None if there is none; a damaged cache is
+    reported and ignored (it is rebuilt)."""
+    where = os.path.join(root, 'cache-{}-{}'.format(dataset, key))
+    if not os.path.isfile(os.path.join(where, 'meta.json')):
+        return None
+    try:
+        with open(os.path.join(where, 'meta.json'), encoding='utf-8') as f:
+            meta = json.load(f)
+        with open(os.path.join(where, 'vocab.json'), encoding='utf-8') as f:
+            idx2sym = json.load(f)
+        if (meta.get('format'), meta.get('dataset'), meta.get('key')) != \
+                (CACHE_FORMAT, dataset, key):
+            raise ValueError('written for other sources')
+        if not isinstance(idx2sym, list) or len(idx2sym) != meta['vocab_size']:
+            raise ValueError('vocab.json does not match meta.json')
+        vocab = Vocab(**_vocab_options(datadir, dataset))
+        vocab.set_symbols(idx2sym)
+        arrays = {}
+        for name, length in meta['arrays'].items():
+            array = np.load(os.path.join(where, name + '.npy'), allow_pickle=False)
+            if array.shape != (length,):
+                raise ValueError('{}.npy has {} ids, meta.json says {}'.format(
+                    name, array.size, length))
+            if not name.endswith('.lengths'):
+                if length and int(array.max()) >= len(vocab):
+                    raise ValueError('{}.npy has ids beyond the vocabulary'.format(name))
+                memory = ids_dtype(len(vocab))
+                array = array.view(memory) if array.dtype.itemsize == memory.itemsize \
+                    else array.astype(memory)
+            arrays[name] = array
+        return _corpus_from_arrays(datadir, dataset, vocab, arrays)
+    except (OSError, ValueError, KeyError, TypeError, DataError) as err:
+        print('Ignoring damaged cache {} ({}); rebuilding it'.format(where, err))
+        return None
+
+
+def _corpus_from_arrays(datadir, dataset, vocab, arrays):
+    corpus = Corpus.__new__(Corpus)
+    corpus.dataset = dataset
+    corpus.vocab = vocab
+    if dataset in ORDERED:
+        for split in SPLITS:
+            setattr(corpus, split, torch.from_numpy(arrays[split]))
+    else:
+        corpus.train = _lm1b_train_paths(datadir)
+        for split in ('valid', 'test'):
+            lengths = arrays[split + '.lengths']
+            if int(lengths.sum()) != len(arrays[split]):
+                raise ValueError('{}.lengths.npy does not add up'.format(split))
+            ids = torch.from_numpy(arrays[split].astype(np.int64))
+            setattr(corpus, split, list(ids.split(lengths.tolist())))
+    return corpus
+
+
+def get_lm_corpus(datadir, dataset):
+    if dataset not in DATASETS:
+        raise DataError(_unknown_dataset(dataset))
+    files = _check_source_files(datadir, dataset)
+    key = _cache_key(dataset, files)
+    if os.path.exists(os.path.join(datadir, 'cache.pt')):
+        print('Not loading {}: pickles can run code; using the plain-data cache'.format(
+            os.path.join(datadir, 'cache.pt')))
+    for root in _cache_roots(datadir):
+        corpus = _load_cache(root, datadir, dataset, key)
+        if corpus is not None:
+            print('Loading cached dataset from {}'.format(
+                os.path.join(root, 'cache-{}-{}'.format(dataset, key))))
+            return corpus
+
+    print('Producing dataset {}...'.format(dataset))
+    corpus = Corpus(datadir, dataset, **_vocab_options(datadir, dataset))
+    errors = []
+    for root in _cache_roots(datadir):
+        try:
+            where = _save_cache(corpus, root, key)
+        except OSError as err:  # read-only corpus directory: try the next place
+            errors.append('{}: {}'.format(root, err.strerror or err))
+            continue
+        print('Cached dataset in {}'.format(where))
+        break
+    else:
+        print('Could not cache the dataset ({})'.format('; '.join(errors)))
+    return corpus
+
+
+if __name__ == '__main__':
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description='build (or load) a corpus and its cache')
+    parser.add_argument('--datadir', type=str, default='../data/text8',
+                        help='location of the data corpus')
+    parser.add_argument('--dataset', type=str, default='text8', choices=list(DATASETS),
+                        help='dataset name')
+    args = parser.parse_args()
+    try:
+        corpus = get_lm_corpus(args.datadir, args.dataset)
+    except DataError as err:
+        print('error: {}'.format(err), file=sys.stderr)
+        sys.exit(2)
+    print('Vocab size : {}'.format(len(corpus.vocab.idx2sym)))
