@@ -20,7 +20,7 @@ from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fie
 
 
 def build_parser():
-    parser = OneLineArgumentParser(description='PyTorch Transformer Language Model (evaluation)')
+    parser = OneLineArgumentParser(prog='eval.py', description='PyTorch Transformer Language Model (evaluation)')
     parser.add_argument('--data', type=str, default=None,
                         help='location of the data corpus (default: the one the model was trained on)')
     parser.add_argument('--dataset', type=str, default=None, choices=data_utils.DATASETS,

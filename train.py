@@ -39,7 +39,7 @@ ADAPTIVE_CUTOFFS = {'wt103': ([20000, 40000, 200000], True), 'lm1b': ([60000, 10
 
 
 def build_parser():
-    p = OneLineArgumentParser(description='PyTorch Transformer Language Model')
+    p = OneLineArgumentParser(prog='train.py', description='PyTorch Transformer Language Model')
     add = p.add_argument
     # Data and model: the original's flags, names and defaults.
     add('--data', type=str, default='../data/wikitext-103', help='location of the data corpus')
@@ -105,9 +105,9 @@ def build_parser():
     add('--finetune_v3', action='store_true', help='kept for compatibility (unused, as in the original)')
     add('--fp16', action='store_true', help='mixed precision: same as --amp fp16')
     add('--static-loss-scale', type=float, default=None,
-        help='fixed loss scale for fp16 (default: dynamic scaling)')
+        help='fixed loss scale for fp16 (default 1 with --fp16, as the original; --amp fp16 scales dynamically)')
     add('--dynamic-loss-scale', action='store_true',
-        help='dynamic loss scaling for fp16 (the default; supersedes --static-loss-scale)')
+        help='dynamic loss scaling for fp16 (supersedes --static-loss-scale)')
     # New in this port.
     add('--amp', default='none', choices=['none', 'fp16', 'bf16'],
         help='autocast precision; bf16 also runs on CPUs, fp16 uses a gradient scaler')
@@ -160,6 +160,12 @@ def check_args(args, parser):
         fail('--static-loss-scale/--dynamic-loss-scale need --fp16 (or --amp fp16): bf16 and fp32 need no scaling')
     if args.static_loss_scale is not None and args.static_loss_scale <= 0:
         fail(f'--static-loss-scale {args.static_loss_scale} must be positive')
+    if args.amp == 'fp16' and not args.dynamic_loss_scale and args.static_loss_scale is None:
+        # --fp16 keeps the original's default (a static scale of 1); the new --amp fp16 scales dynamically.
+        if args.fp16:
+            args.static_loss_scale = 1.
+        else:
+            args.dynamic_loss_scale = True
     if args.restart and not args.restart_dir and args.debug:
         fail('--restart reads WORK_DIR/checkpoint.pt, which --debug runs never write')
     if args.d_embed < 0:
@@ -302,7 +308,7 @@ class Trainer:
         self.optimizer = build_optimizer(args, model)
         self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
         dynamic = args.dynamic_loss_scale or args.static_loss_scale is None
-        self.static_scale = None if dynamic else args.static_loss_scale
+        self.static_scale = None if dynamic else args.static_loss_scale  # apex's dynamic scale started at 2^16
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 16 if dynamic else args.static_loss_scale,
                                            enabled=args.amp == 'fp16')
         self.plateau = PlateauDecay(args.decay_rate, args.patience)

@@ -1,0 +1,449 @@
+"""train.py end to end on tiny configurations: flags, run directory, resume after SIGKILL, batch_chunk,
+mixed precision on the CPU, non-finite steps and every bad-input case."""
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mem_transformer
+import train
+from utils import checkpoint as ckpt
+from utils.schedules import learning_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ('the of and in to a was is for as on by with he that at from his it an were are which this be or '
+         'first new also after has had not two their its been one who but they her all she other time').split()
+# 2 layers of d_model 32, one or two MoE experts per token: each step takes milliseconds on a CPU.
+TINY = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
+        '--d_inner', '64', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
+        '--log-interval', '1', '--eval-interval', '10', '--max_eval_steps', '5', '--lr', '0.002']
+MOE = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']
+
+
+def write_corpus(directory, sizes=(40000, 4000, 4000), seed=0):
+    """A character corpus in the prepared enwik8 format: byte ids separated by spaces, one text line a line."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, size in zip(('train', 'valid', 'test'), sizes):
+        text = ''
+        while len(text) < size:
+            text += ' '.join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + '.\n'
+        lines = text[:size].encode().split(b'\n')
+        (directory / f'{split}.txt').write_text('\n'.join(' '.join(map(str, line)) for line in lines))
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy 2-core machine two threads spin-wait each other.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp('enwik8'))
+
+
+def run(work_dir, corpus_dir, *flags):
+    """train.main in this process; returns the exit code (argparse's SystemExit included)."""
+    try:
+        return train.main(['--data', str(corpus_dir), '--work_dir', str(work_dir), *TINY, *flags])
+    except SystemExit as e:
+        return e.code
+
+
+def corpus_symbols(corpus_dir):
+    return [tok for split in ('train', 'valid', 'test') for tok in (corpus_dir / f'{split}.txt').read_text().split()]
+
+
+def records(work_dir, split=None):
+    lines = (work_dir / 'metrics.jsonl').read_text().splitlines()
+    return [r for r in map(json.loads, lines) if split is None or r['split'] == split]
+
+
+def train_losses(work_dir):
+    return [(r['step'], r['loss']) for r in records(work_dir, 'train')]
+
+
+# ----------------------------------------------------------------------------- flags
+
+ORIGINAL_DEFAULTS = {  # transcribed from the original train.py and FastMoE's additions
+    'data': '../data/wikitext-103', 'dataset': 'wt103', 'n_layer': 12, 'n_head': 10, 'd_head': 50,
+    'd_embed': -1, 'd_model': 500, 'd_inner': 1000, 'dropout': 0.0, 'dropatt': 0.0, 'init': 'normal',
+    'emb_init': 'normal', 'init_range': 0.1, 'emb_init_range': 0.01, 'init_std': 0.02, 'proj_init_std': 0.01,
+    'optim': 'adam', 'lr': 0.00025, 'mom': 0.0, 'scheduler': 'cosine', 'warmup_step': 0, 'decay_rate': 0.5,
+    'lr_min': 0.0, 'clip': 0.25, 'clip_nonemb': False, 'max_step': 100000, 'batch_size': 60, 'batch_chunk': 1,
+    'tgt_len': 70, 'eval_tgt_len': 50, 'ext_len': 0, 'mem_len': 0, 'not_tied': False, 'seed': 1111,
+    'cuda': False, 'adaptive': False, 'div_val': 1, 'pre_lnorm': False, 'varlen': False, 'multi_gpu': False,
+    'log_interval': 200, 'eval_interval': 4000, 'work_dir': 'LM-TFM', 'restart': False, 'restart_dir': '',
+    'debug': False, 'same_length': False, 'attn_type': 0, 'clamp_len': -1, 'eta_min': 0.0, 'gpu0_bsz': -1,
+    'max_eval_steps': -1, 'sample_softmax': -1, 'patience': 0, 'finetune_v2': False, 'finetune_v3': False,
+    'fp16': False, 'dynamic_loss_scale': False, 'moe': False, 'moe_num_expert': 64, 'moe_top_k': 2,
+}
+
+
+def test_every_original_flag_parses_with_its_default():
+    args = train.build_parser().parse_args([])
+    for dest, default in ORIGINAL_DEFAULTS.items():
+        assert getattr(args, dest) == default, dest
+    # The original's static scale defaulted to 1; here None stands for "1 with --fp16, dynamic with --amp fp16".
+    assert args.static_loss_scale is None
+
+
+def test_every_original_flag_parses_when_given():
+    argv = ('--data d --dataset text8 --n_layer 3 --n_head 4 --d_head 5 --d_embed 6 --d_model 7 --d_inner 8 '
+            '--dropout 0.1 --dropatt 0.2 --init uniform --emb_init uniform --init_range 0.3 --emb_init_range 0.4 '
+            '--init_std 0.5 --proj_init_std 0.6 --optim sgd --lr 0.7 --mom 0.8 --scheduler dev_perf '
+            '--warmup_step 9 --decay_rate 0.11 --lr_min 0.12 --clip 0.13 --clip_nonemb --max_step 14 '
+            '--batch_size 15 --batch_chunk 16 --tgt_len 17 --eval_tgt_len 18 --ext_len 19 --mem_len 20 --not_tied '
+            '--seed 21 --cuda --adaptive --div_val 22 --pre_lnorm --varlen --multi_gpu --log-interval 23 '
+            '--eval-interval 24 --work_dir w --restart --restart_dir r --debug --same_length --attn_type 2 '
+            '--clamp_len 25 --eta_min 0.26 --gpu0_bsz 27 --max_eval_steps 28 --sample_softmax 29 --patience 30 '
+            '--finetune_v2 --finetune_v3 --fp16 --static-loss-scale 31 --dynamic-loss-scale --moe '
+            '--moe-num-expert 32 --moe-top-k 33 --moe-gate gshard --moe-capacity-factor 1.5 '
+            '--moe-eval-capacity-factor 3.5 --moe-balance-coef 0.34 --moe-zloss-coef 0.35 --amp fp16 '
+            '--save-interval 36').split()
+    args = train.build_parser().parse_args(argv)
+    given = {a.lstrip('-').replace('-', '_') for a in argv if a.startswith('--')}
+    assert set(ORIGINAL_DEFAULTS) <= given  # the command line above names every original flag
+    assert (args.dataset, args.n_layer, args.d_embed, args.init, args.optim, args.scheduler) == \
+        ('text8', 3, 6, 'uniform', 'sgd', 'dev_perf')
+    assert (args.warmup_step, args.lr_min, args.clip_nonemb, args.batch_chunk, args.not_tied) == \
+        (9, 0.12, True, 16, True)
+    assert (args.log_interval, args.eval_interval, args.restart_dir, args.attn_type, args.gpu0_bsz) == \
+        (23, 24, 'r', 2, 27)
+    assert (args.static_loss_scale, args.dynamic_loss_scale, args.moe_num_expert, args.moe_top_k) == \
+        (31., True, 32, 33)
+    assert (args.moe_gate, args.moe_capacity_factor, args.moe_balance_coef, args.save_interval) == \
+        ('gshard', 1.5, 0.34, 36)
+
+
+def test_non_embedding_parameters_leave_out_embeddings_and_softmax():
+    model = mem_transformer.MemTransformerLM(50, 2, 2, 8, 4, 16, 0., 0., d_embed=6, mem_len=4, tgt_len=4)
+    chosen = {id(p) for p in train.non_embedding_parameters(model)}
+    embedding = {id(p) for m in (model.word_emb, model.crit) for p in m.parameters()}
+    assert chosen and not chosen & embedding
+    assert chosen | embedding == {id(p) for p in model.parameters()}
+    assert id(model.r_w_bias) in chosen
+
+
+# ----------------------------------------------------------------------------- a run end to end
+
+def test_train_writes_the_run_directory(tmp_path, corpus, capsys):
+    work = tmp_path / 'run'
+    assert run(work, corpus, *MOE, '--max_step', '30', '--save-interval', '7', '--warmup_step', '5') == 0
+    out = capsys.readouterr().out
+    assert f'Run directory : {work}' in out
+    assert sorted(os.listdir(work)) == ['checkpoint.pt', 'log.txt', 'metrics.jsonl', 'model.pt', 'optimizer.pt']
+
+    log = (work / 'log.txt').read_text()
+    assert re.search(r'\| epoch +1 step +30 \| +30 batches \| lr \S+ \| ms/batch +[\d.]+ \| loss +[\d.]+ '
+                     r'\| bpc +[\d.]+ \| aux loss [\d.]+', log)
+    assert re.search(r'\| Eval +3 at step +30 \| time: +[\d.]+s \| valid loss +[\d.]+ \| bpc +[\d.]+', log)
+    assert re.search(r'\| End of training \| test loss +[\d.]+ \| test bpc +[\d.]+', log)
+
+    train_records = records(work, 'train')
+    assert [r['step'] for r in train_records] == list(range(1, 31))
+    first, last = train_records[0], train_records[-1]
+    assert first['loss'] == pytest.approx(math.log(len(set(corpus_symbols(corpus)))), abs=0.05)  # uniform at first
+    assert last['loss'] < first['loss'] - 0.3  # and it learns
+    assert last['bpc'] == pytest.approx(last['loss'] / math.log(2))
+    for r in train_records:  # the rate each step used is the closed-form schedule's
+        assert r['lr'] == pytest.approx(learning_rate(r['step'] - 1, 0.002, 'cosine', 5, 30))
+    assert last['tokens_per_s'] > 0 and last['peak_mem_mb'] > 0 and last['skipped_steps'] == 0
+    load = torch.tensor(last['moe_load'])
+    assert load.shape == (2, 4) and (load.sum(1) == 16 * 4 * 2).all()  # every token goes to top_k=2 experts
+    assert len(last['moe_balance_loss']) == 2
+    assert [r['step'] for r in records(work, 'valid')] == [10, 20, 30]
+    test = records(work, 'test')
+    assert len(test) == 1 and test[0]['step'] == 30
+
+    best = ckpt.load(work / 'model.pt', 'model')
+    valid = records(work, 'valid')
+    assert best['val_loss'] == min(r['loss'] for r in valid)
+    assert best['step'] == min(valid, key=lambda r: r['loss'])['step']
+    rebuilt = mem_transformer.MemTransformerLM(**best['config'])
+    rebuilt.load_state_dict(best['model_state'])
+
+    state = ckpt.load(work / 'checkpoint.pt')
+    for key in ('model_state', 'optimizer_state', 'scaler_state', 'plateau', 'step', 'epoch', 'best_val_loss',
+                'rng', 'position', 'mems', 'config', 'args'):
+        assert key in state, key
+    assert state['step'] == 30 and state['position'] == 30 * 16
+    assert len(state['mems']) == 1 and len(state['mems'][0]) == 3  # one memory per hidden state
+    assert state['mems'][0][0].shape == (16, 4, 32)
+
+
+def test_debug_writes_nothing(tmp_path, corpus):
+    assert run(tmp_path / 'run', corpus, '--max_step', '3', '--debug') == 0
+    assert not (tmp_path / 'run').exists()
+
+
+def test_multi_gpu_flags_explain_torchrun_and_train(tmp_path, corpus, capsys):
+    assert run(tmp_path / 'run', corpus, '--max_step', '2', '--multi_gpu', '--gpu0_bsz', '4') == 0
+    assert 'torchrun' in capsys.readouterr().out
+
+
+def test_epochs_wrap_around_with_fresh_memory(tmp_path, tmp_path_factory):
+    small = write_corpus(tmp_path_factory.mktemp('small'), sizes=(700, 400, 400))
+    work = tmp_path / 'run'
+    # 700 tokens / batch 4 = 175 rows -> 174 targets -> 11 segments of 16 per epoch.
+    assert run(work, small, '--max_step', '25', '--eval-interval', '100') == 0
+    steps = records(work, 'train')
+    assert [r['epoch'] for r in steps] == [1] * 11 + [2] * 11 + [3] * 3
+    assert [r['batch'] for r in steps][9:13] == [10, 11, 1, 2]
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def train_subprocess(work_dir, corpus_dir, *flags):
+    cmd = [sys.executable, str(ROOT / 'train.py'), '--data', str(corpus_dir), '--work_dir', str(work_dir),
+           *TINY, *flags]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))  # as the in-process reference runs
+
+
+def wait_for_train_lines(work_dir, n, proc, timeout=60):
+    deadline = time.time() + timeout
+    path = work_dir / 'metrics.jsonl'
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count('"split": "train"') >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f'the run did not reach {n} logged steps: {proc.stderr.read() if proc.stderr else ""}')
+
+
+RESUME_FLAGS = [*MOE, '--max_step', '24', '--save-interval', '5', '--dropout', '0.1', '--varlen',
+                '--moe-gate', 'switch', '--moe-top-k', '1', '--eval-interval', '8']
+
+
+def test_sigkill_then_restart_reproduces_every_loss(tmp_path, corpus):
+    """Dropout, switch-gate jitter and varlen lengths all draw random numbers: the resumed run must draw the same."""
+    reference = tmp_path / 'reference'
+    assert run(reference, corpus, *RESUME_FLAGS) == 0
+
+    work = tmp_path / 'killed'
+    proc = train_subprocess(work, corpus, *RESUME_FLAGS)
+    wait_for_train_lines(work, 13, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    killed_at = len(records(work, 'train'))
+    saved_at = ckpt.load(work / 'checkpoint.pt')['step']
+    assert saved_at < killed_at < 24  # killed mid-run, some steps after the last checkpoint
+
+    assert run(work, corpus, *RESUME_FLAGS, '--restart') == 0
+
+    def figures(work_dir):  # everything but timings, compared exactly
+        return [(r['step'], r['split'], r['loss'], r.get('lr'), r.get('moe_load')) for r in records(work_dir)]
+    assert figures(work) == figures(reference)
+    assert 'Resuming from' in (work / 'log.txt').read_text()
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tmp_path, corpus):
+    flags = [*MOE, '--max_step', '16', '--save-interval', '1000', '--dropout', '0.1', '--batch_chunk', '2']
+    reference = tmp_path / 'reference'
+    assert run(reference, corpus, *flags) == 0
+
+    work = tmp_path / 'stopped'
+    proc = train_subprocess(work, corpus, *flags)
+    wait_for_train_lines(work, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    proc.stderr.close()
+    state = ckpt.load(work / 'checkpoint.pt')
+    assert state['step'] == len(records(work, 'train')) < 16  # saved at the step it stopped, not at an interval
+    assert 'SIGTERM' in (work / 'log.txt').read_text()
+    assert run(work, corpus, *flags, '--restart') == 0
+    assert train_losses(work) == train_losses(reference)
+
+
+def test_restart_dir_starts_from_another_runs_weights(tmp_path, corpus, capsys):
+    first = tmp_path / 'first'
+    assert run(first, corpus, '--max_step', '10') == 0
+    second = tmp_path / 'second'
+    assert run(second, corpus, '--max_step', '10', '--restart_dir', str(first), '--dropout', '0.2') == 0
+    assert 'Starting from the weights of' in capsys.readouterr().out
+    # Starting from trained weights (and their optimizer state), the first loss is the first run's latest level.
+    first_losses = [l for _, l in train_losses(first)]
+    assert records(second, 'train')[0]['loss'] < first_losses[0] - 0.1
+    assert records(second, 'train')[0]['loss'] == pytest.approx(first_losses[-1], abs=0.05)
+    code = run(tmp_path / 'third', corpus, '--max_step', '10', '--restart_dir', str(first), '--n_layer', '3')
+    assert code == 2
+    assert 'n_layer: 2 in the checkpoint, 3 now' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- batch_chunk and precision
+
+def test_batch_chunk_equals_the_unchunked_step(tmp_path, corpus):
+    """Each chunk carries its own memory; gradients accumulate to the full batch's mean gradient."""
+    flags = [*MOE, '--max_step', '12', '--save-interval', '12']
+    assert run(tmp_path / 'whole', corpus, *flags) == 0
+    assert run(tmp_path / 'chunked', corpus, *flags, '--batch_chunk', '2') == 0
+    whole, chunked = train_losses(tmp_path / 'whole'), train_losses(tmp_path / 'chunked')
+    assert [s for s, _ in whole] == [s for s, _ in chunked]
+    assert [l for _, l in chunked] == pytest.approx([l for _, l in whole], abs=2e-5)
+    a = ckpt.load(tmp_path / 'whole' / 'checkpoint.pt')['model_state']
+    b = ckpt.load(tmp_path / 'chunked' / 'checkpoint.pt')['model_state']
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=2e-5, rtol=1e-4, msg=key)
+    # Four chunks: memories of 4 chunks x (n_layer + 1) states of batch 1.
+    assert run(tmp_path / 'four', corpus, *flags, '--batch_chunk', '4') == 0
+    mems = ckpt.load(tmp_path / 'four' / 'checkpoint.pt')['mems']
+    assert len(mems) == 4 and mems[3][0].shape == (16, 1, 32)
+
+
+def test_bf16_autocast_trains_like_fp32(tmp_path, corpus):
+    flags = [*MOE, '--max_step', '20']
+    assert run(tmp_path / 'fp32', corpus, *flags) == 0
+    assert run(tmp_path / 'bf16', corpus, *flags, '--amp', 'bf16') == 0
+    fp32, bf16 = train_losses(tmp_path / 'fp32'), train_losses(tmp_path / 'bf16')
+    assert bf16 != fp32  # really ran in another precision
+    assert [l for _, l in bf16] == pytest.approx([l for _, l in fp32], rel=0.02)
+    assert 'loss_scale' not in records(tmp_path / 'bf16', 'train')[-1]
+
+
+def test_fp16_loss_scaling_on_the_cpu(tmp_path, corpus):
+    assert run(tmp_path / 'dynamic', corpus, '--max_step', '6', '--fp16', '--dynamic-loss-scale') == 0
+    dynamic = records(tmp_path / 'dynamic', 'train')
+    assert all(math.isfinite(r['loss']) for r in dynamic)
+    assert dynamic[0]['loss_scale'] <= 2. ** 16  # starts at apex's 2^16 and may back off on overflow
+    assert run(tmp_path / 'static', corpus, '--max_step', '6', '--fp16', '--static-loss-scale', '128') == 0
+    assert {r['loss_scale'] for r in records(tmp_path / 'static', 'train')} == {128.}
+    assert run(tmp_path / 'default', corpus, '--max_step', '2', '--fp16') == 0  # the original's static scale 1
+    assert {r['loss_scale'] for r in records(tmp_path / 'default', 'train')} == {1.}
+    fp32 = tmp_path / 'fp32'
+    assert run(fp32, corpus, '--max_step', '6') == 0
+    assert [r['loss'] for r in dynamic] == pytest.approx([l for _, l in train_losses(fp32)], rel=0.01)
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+@pytest.fixture
+def poisoned_steps(monkeypatch):
+    """Make the model's loss NaN on the forward passes whose (1-based) numbers are in the returned set."""
+    bad, calls = set(), [0]
+    forward = mem_transformer.MemTransformerLM.forward
+
+    def poisoned(self, data, target, *mems):
+        ret = forward(self, data, target, *mems)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad:
+                ret[0] = ret[0] * float('nan')
+        return ret
+    monkeypatch.setattr(mem_transformer.MemTransformerLM, 'forward', poisoned)
+    return bad
+
+
+def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, corpus, poisoned_steps):
+    poisoned_steps.add(3)
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '6', '--log-interval', '3') == 0
+    first, second = records(work, 'train')
+    assert (first['skipped_steps'], first['nonfinite_losses'], second['skipped_steps']) == (1, 1, 0)
+    assert math.isfinite(first['loss'])  # the mean of the finite steps
+    assert 'skipped 1 steps (1 non-finite losses)' in (work / 'log.txt').read_text()
+    weights = ckpt.load(work / 'checkpoint.pt')['model_state']
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path, corpus, poisoned_steps, monkeypatch):
+    monkeypatch.setattr(train, 'NONFINITE_LIMIT', 4)
+    poisoned_steps.update(range(7, 100))
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '30', '--save-interval', '5') == 1
+    log = (work / 'log.txt').read_text()
+    assert 'non-finite for 4 steps in a row (up to step 10)' in log and 'checkpoint.pt' in log
+    state = ckpt.load(work / 'checkpoint.pt')
+    assert state['step'] == 10 - 5  # the last checkpoint before the bad steps is kept
+    assert all(torch.isfinite(w).all() for w in state['model_state'].values())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD_INPUT = {
+    'top_k above num_expert': (['--moe', '--moe-num-expert', '4', '--moe-top-k', '5'],
+                               '--moe-top-k 5 must be between 1 and --moe-num-expert 4'),
+    'adaptive on characters': (['--adaptive'], '--adaptive is for the large word-level vocabularies'),
+    'batch_chunk not dividing': (['--batch_chunk', '3'], '--batch_chunk 3 must divide --batch_size 4'),
+    'fp16 and bf16': (['--fp16', '--amp', 'bf16'], '--fp16 means --amp fp16 and contradicts --amp bf16'),
+    'loss scale without fp16': (['--static-loss-scale', '8'], 'need --fp16'),
+    'negative mem_len': (['--mem_len', '-1'], '--mem_len -1 must be non-negative'),
+    'unknown flag': (['--n_layers', '3'], 'unrecognized arguments: --n_layers 3'),
+    'unknown gate': (['--moe-gate', 'hash'], "invalid choice: 'hash'"),
+    'model rejects': (['--attn_type', '7'], 'attn_type=7'),
+    'restart without checkpoint': (['--restart'], 'checkpoint.pt does not exist'),
+    'missing restart_dir model': (['--restart_dir', '/nonexistent/run'], 'holds no model.pt'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, corpus, capsys):
+    flags, message = BAD_INPUT[case]
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '2', *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('train.py: error: ') and message in err, err
+    assert not work.exists()
+
+
+def test_missing_data_directory(tmp_path, capsys):
+    assert run(tmp_path / 'run', tmp_path / 'no-such-corpus', '--max_step', '2') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'no-such-corpus' in err
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, corpus):
+    work = tmp_path_factory.mktemp('finished') / 'run'
+    assert run(work, corpus, '--max_step', '4') == 0
+    return work
+
+
+def unchanged_after(work, corpus, capsys, *flags):
+    before = {name: (work / name).read_bytes() for name in os.listdir(work)}
+    code = run(work, corpus, '--max_step', '4', *flags)
+    after = {name: (work / name).read_bytes() for name in os.listdir(work)}
+    assert after == before
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1, err
+    return code, err
+
+
+def test_a_second_run_in_the_same_directory_is_refused(finished_run, corpus, capsys):
+    code, err = unchanged_after(finished_run, corpus, capsys)
+    assert code == 2 and 'already holds a run (checkpoint.pt): pass --restart' in err
+
+
+def test_restart_with_other_model_flags_says_what_differs(finished_run, corpus, capsys):
+    code, err = unchanged_after(finished_run, corpus, capsys, '--restart', '--d_inner', '128')
+    assert code == 2 and 'd_inner: 64 in the checkpoint, 128 now' in err
+    code, err = unchanged_after(finished_run, corpus, capsys, '--restart', '--batch_size', '8')
+    assert code == 2 and 'batch_size: 4 in the checkpoint, 8 now' in err
+
+
+def test_restart_from_a_corrupt_checkpoint(tmp_path, finished_run, corpus, capsys):
+    work = tmp_path / 'copy'
+    work.mkdir()
+    for name in os.listdir(finished_run):
+        (work / name).write_bytes((finished_run / name).read_bytes())
+    (work / 'checkpoint.pt').write_bytes((finished_run / 'checkpoint.pt').read_bytes()[:1000])
+    code, err = unchanged_after(work, corpus, capsys, '--restart')
+    assert code == 2 and 'checkpoint.pt is unreadable' in err
+    torch.save({'model': torch.nn.Linear(1, 1)}, work / 'checkpoint.pt')
+    code, err = unchanged_after(work, corpus, capsys, '--restart')
+    assert code == 2 and 'pickled Python objects' in err
