@@ -285,6 +285,42 @@ def test_restart_dir_starts_from_another_runs_weights(tmp_path, corpus, capsys):
     assert 'n_layer: 2 in the checkpoint, 3 now' in capsys.readouterr().err
 
 
+def write_lm1b(directory, seed=0):
+    """One Billion Word's layout in miniature: shuffled training shards, held-out valid/test, a vocab file."""
+    rng = random.Random(seed)
+
+    def sentences(n):
+        return ''.join(' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + ' .\n' for _ in range(n))
+    shards = directory / '1-billion-word-language-modeling-benchmark-r13output' / \
+        'training-monolingual.tokenized.shuffled'
+    shards.mkdir(parents=True)
+    for k in (1, 2):
+        (shards / f'news.en-0000{k}-of-00100').write_text(sentences(40))
+    (directory / 'valid.txt').write_text(sentences(30))
+    (directory / 'test.txt').write_text(sentences(30))
+    (directory / '1b_word_vocab.txt').write_text(''.join(f'{w} 1\n' for w in ['<S>', '<UNK>', '.', *WORDS]))
+    return directory
+
+
+def test_shuffled_multi_file_corpus_resumes_exactly(tmp_path):
+    """lm1b's iterator shuffles files and sentences every epoch: a stopped run that is extended with --restart
+    continues mid-epoch (and across epochs) with the same batches as a run that never stopped."""
+    lm1b = write_lm1b(tmp_path / 'lm1b')
+    flags = ['--dataset', 'lm1b', '--scheduler', 'constant', '--tgt_len', '8', '--mem_len', '8',
+             '--eval_tgt_len', '8', '--eval-interval', '7']
+    assert run(tmp_path / 'reference', lm1b, *flags, '--max_step', '40') == 0
+    assert run(tmp_path / 'resumed', lm1b, *flags, '--max_step', '13') == 0
+    assert run(tmp_path / 'resumed', lm1b, *flags, '--max_step', '40', '--restart') == 0
+    reference = records(tmp_path / 'reference', 'train')
+    assert reference[-1]['epoch'] >= 2  # the run crossed an epoch boundary
+    assert train_losses(tmp_path / 'resumed') == train_losses(tmp_path / 'reference')
+
+
+def test_clip_nonemb_trains(tmp_path, corpus):
+    assert run(tmp_path / 'run', corpus, '--max_step', '3', '--clip_nonemb', '--clip', '0.01') == 0
+    assert all(math.isfinite(l) for _, l in train_losses(tmp_path / 'run'))
+
+
 # ----------------------------------------------------------------------------- batch_chunk and precision
 
 def test_batch_chunk_equals_the_unchunked_step(tmp_path, corpus):

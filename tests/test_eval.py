@@ -1,0 +1,137 @@
+"""eval.py against a token-level reference computed here, its output formats and its bad-input cases."""
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+import data_utils
+import eval as evaluation
+import mem_transformer
+import train
+from tests.test_train import TINY, MOE, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from utils import checkpoint as ckpt
+from utils.exp_utils import format_loss
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny MoE model trained for a few steps, and its corpus."""
+    root = tmp_path_factory.mktemp('eval')
+    corpus = write_corpus(root / 'enwik8', sizes=(20000, 3000, 2500))
+    work = root / 'run'
+    torch.set_num_threads(1)
+    assert train.main(['--data', str(corpus), '--work_dir', str(work), *TINY, *MOE, '--max_step', '20']) == 0
+    return work, corpus
+
+
+def eval_main(work, *flags):
+    try:
+        return evaluation.main(['--work_dir', str(work), *flags])
+    except SystemExit as e:
+        return e.code
+
+
+def reference_loss(work, corpus, split, batch_size, tgt_len, mem_len, clamp_len=-1, same_length=False):
+    """Mean per-token NLL over the split, read in bsz parallel streams of consecutive tgt_len segments,
+    each segment attending to the memory of the previous ones: the token-level definition of the metric."""
+    saved = ckpt.load(work / 'model.pt', 'model')
+    model = mem_transformer.MemTransformerLM(**saved['config'])
+    model.load_state_dict(saved['model_state'])
+    model.eval()
+    model.reset_length(tgt_len, 0, mem_len)
+    if clamp_len > 0:
+        model.clamp_len = clamp_len
+    model.same_length = model.same_length or same_length
+    vocab = data_utils.get_lm_corpus(str(corpus), 'enwik8').vocab  # only the symbol -> id mapping
+    ids = torch.tensor([vocab.get_idx(tok) for tok in (corpus / f'{split}.txt').read_text().split()])
+    n_rows = len(ids) // batch_size
+    streams = ids[:n_rows * batch_size].view(batch_size, n_rows).t()
+    token_losses, mems = [], []
+    with torch.no_grad():
+        for start in range(0, n_rows - 1, tgt_len):
+            end = min(start + tgt_len, n_rows - 1)
+            ret = model(streams[start:end], streams[start + 1:end + 1], *mems)
+            token_losses.append(ret[0].reshape(-1))
+            mems = ret[1:]
+    return torch.cat(token_losses).double().mean().item()
+
+
+@pytest.mark.parametrize('settings', [
+    dict(batch_size=10, tgt_len=5, mem_len=0),
+    dict(batch_size=3, tgt_len=16, mem_len=24, clamp_len=10, same_length=True),
+])
+def test_loss_equals_the_token_level_reference(trained, settings, capsys):
+    work, corpus = trained
+    flags = ['--split', 'test'] + [f'--{k}' if v is True else f'--{k} {v}' for k, v in settings.items()]
+    assert eval_main(work, *' '.join(flags).split()) == 0
+    result = json.loads((work / 'eval.json').read_text())
+    assert result['test']['loss'] == pytest.approx(reference_loss(work, corpus, 'test', **settings), rel=1e-6)
+    assert result['test']['bpc'] == pytest.approx(result['test']['loss'] / math.log(2))
+    assert 'valid' not in result and result['settings']['tgt_len'] == settings['tgt_len']
+    out = capsys.readouterr().out
+    assert re.search(r'^\| test loss +[\d.]+ \| test bpc +[\d.]+$', out, re.M)
+    assert f"Evaluating with bsz {settings['batch_size']} tgt_len {settings['tgt_len']}" in out
+
+
+def test_memory_and_both_splits(trained, capsys):
+    work, _ = trained
+    assert eval_main(work, '--tgt_len', '8') == 0  # --split all; data and dataset come from the checkpoint
+    without = json.loads((work / 'eval.json').read_text())
+    assert eval_main(work, '--tgt_len', '8', '--mem_len', '32') == 0
+    with_memory = json.loads((work / 'eval.json').read_text())
+    assert set(without) >= {'valid', 'test'}
+    assert with_memory['test']['loss'] != without['test']['loss']
+    out = capsys.readouterr().out
+    assert re.search(r'^\| valid loss +[\d.]+ \| valid bpc +[\d.]+ \| test loss +[\d.]+ \| test bpc +[\d.]+$',
+                     out, re.M)
+    log = (work / 'log.txt').read_text()
+    assert 'Evaluating with bsz 10 tgt_len 8 ext_len 0 mem_len 32 clamp_len -1' in log
+    assert re.search(r'Time : [\d.]+s, [\d.]+ms/segment', log)
+
+
+def test_no_log_writes_nothing(trained):
+    work, _ = trained
+    before = {name: (work / name).read_bytes() for name in os.listdir(work)}
+    assert eval_main(work, '--split', 'valid', '--no_log') == 0
+    assert {name: (work / name).read_bytes() for name in os.listdir(work)} == before
+
+
+def test_word_level_datasets_report_perplexity():
+    assert format_loss('wt103', 'test', 3.0) == f'| test loss  3.00 | test ppl {math.exp(3):9.3f}'
+    assert format_loss('text8', 'valid', 1.0) == f'| valid loss  1.00 | valid bpc {1 / math.log(2):9.5f}'
+
+
+def expect_error(capsys, work, message, *flags):
+    before = {name: (work / name).read_bytes() for name in os.listdir(work)} if work.is_dir() else None
+    assert eval_main(work, *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('eval.py: error: ') and message in err, err
+    if before is not None:
+        assert {name: (work / name).read_bytes() for name in os.listdir(work)} == before
+
+
+def test_bad_input(trained, tmp_path, capsys):
+    work, corpus = trained
+    expect_error(capsys, tmp_path / 'nowhere', 'nowhere does not exist')
+    expect_error(capsys, work, '--tgt_len 0 must be at least 1', '--tgt_len', '0')
+    expect_error(capsys, work, 'data directory', '--data', str(tmp_path / 'missing'))
+    expect_error(capsys, work, "invalid choice: 'enwik9'", '--dataset', 'enwik9')
+    other = write_corpus(tmp_path / 'digits', sizes=(3000, 1000, 1000), seed=1)
+    (other / 'test.txt').write_text('48 49 50 51 52 53 54 55 56 57 ' * 50)  # more symbols than the model knows
+    expect_error(capsys, work, 'tokens but the model in', '--data', str(other))
+
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    expect_error(capsys, broken, 'model.pt does not exist')
+    (broken / 'model.pt').write_bytes((work / 'model.pt').read_bytes()[:500])
+    expect_error(capsys, broken, 'model.pt is unreadable')
+    saved = ckpt.load(work / 'model.pt', 'model')
+    saved['config']['n_layer'] = 3
+    ckpt.atomic_save(saved, broken / 'model.pt')
+    expect_error(capsys, broken, 'do not fit the model: Missing key(s)')
+    saved['config']['moe_top_k'] = 9
+    ckpt.atomic_save(saved, broken / 'model.pt')
+    expect_error(capsys, broken, 'holds a model configuration this code rejects: moe_top_k=9')
