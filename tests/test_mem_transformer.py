@@ -284,9 +284,9 @@ def test_training_reduces_the_loss_on_a_repeated_pattern():
     torch.manual_seed(0)
     model = make_model(n_token=10, mem_len=4).train()
     data = torch.arange(10).repeat(4)[:, None].expand(-1, 2).contiguous()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
-    for _ in range(60):
+    for _ in range(25):
         loss = model(data[:30], data[1:31])[0].mean()
         opt.zero_grad()
         loss.backward()
@@ -338,3 +338,70 @@ def test_same_seed_same_model():
 def test_bad_configuration_names_the_argument(kw, name):
     with pytest.raises(ValueError, match=rf'^{name}='):
         make_model(**kw)
+
+
+# ------------------------------------------------------- mixture of experts
+
+def test_moe_model_has_fastmoe_keys_and_trains():
+    model = make_model(moe=True, moe_num_expert=4, moe_top_k=2).train()
+    sd = model.state_dict()
+    assert sd['layers.0.pos_ff.gate.gate.weight'].shape == (4, 16)
+    assert sd['layers.0.pos_ff.gate.gate.bias'].shape == (4,)
+    assert sd['layers.1.pos_ff.experts.htoh4.weight'].shape == (4, 24, 16)
+    assert sd['layers.1.pos_ff.experts.htoh4.bias'].shape == (4, 24)
+    assert sd['layers.1.pos_ff.experts.h4toh.weight'].shape == (4, 16, 24)
+    assert sd['layers.1.pos_ff.experts.h4toh.bias'].shape == (4, 16)
+    assert sd['layers.0.pos_ff.layer_norm.weight'].shape == (16,)
+    assert not any('CoreNet' in k for k in sd)
+    ff = model.layers[0].pos_ff
+    assert hasattr(ff, 'pre_lnorm') and hasattr(ff, 'layer_norm')
+    data = torch.randint(0, 40, (7, 3))
+    loss = model(data[:6], data[1:7])[0]
+    load = model.moe_load()
+    assert load.shape == (2, 4) and load.sum(1).tolist() == [6 * 3 * 2] * 2
+    (loss.mean() + model.aux_loss()).backward()
+    assert model.layers[0].pos_ff.experts.htoh4.weight.grad.abs().sum() > 0
+    assert model.layers[0].pos_ff.gate.gate.weight.grad.abs().sum() > 0
+
+
+def test_moe_with_identical_experts_equals_the_dense_model():
+    """All experts equal to the dense FFN and top_k = num_expert: the scores sum to 1,
+    so the mixture is the dense feed-forward and the whole model agrees."""
+    dense = make_model()
+    moe = make_model(moe=True, moe_num_expert=3, moe_top_k=3)
+    sd = {k: v for k, v in dense.state_dict().items() if 'CoreNet' not in k}
+    for i in range(2):
+        core = dense.layers[i].pos_ff.CoreNet
+        for name, lin in (('htoh4', core[0]), ('h4toh', core[3])):
+            sd[f'layers.{i}.pos_ff.experts.{name}.weight'] = lin.weight.detach().expand(3, -1, -1).clone()
+            sd[f'layers.{i}.pos_ff.experts.{name}.bias'] = lin.bias.detach().expand(3, -1).clone()
+        sd[f'layers.{i}.pos_ff.gate.gate.weight'] = torch.randn(3, 16)
+        sd[f'layers.{i}.pos_ff.gate.gate.bias'] = torch.randn(3)
+    moe.load_state_dict(sd, strict=True)
+    data = torch.randint(0, 40, (13, 2))
+    dense_losses, _ = run_segments(dense, data, 6)
+    moe_losses, _ = run_segments(moe, data, 6)
+    torch.testing.assert_close(torch.cat(moe_losses), torch.cat(dense_losses), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_aux_loss_uses_the_coefficients():
+    model = make_model(moe=True, moe_num_expert=4, moe_top_k=2, moe_gate='gshard',
+                       moe_balance_coef=0.5, moe_zloss_coef=0.25).train()
+    data = torch.randint(0, 40, (7, 3))
+    model(data[:6], data[1:7])
+    layers = model.moe_layers()
+    expected = sum(0.5 * ff.balance_loss + 0.25 * ff.z_loss for ff in layers)
+    torch.testing.assert_close(model.aux_loss(), expected)
+    assert model.moe_balance_loss().shape == (2,) and (model.moe_balance_loss() > 0).all()
+    assert make_model().aux_loss().item() == 0 and make_model().moe_load() is None
+
+
+def test_init_weights_covers_the_experts_and_gate():
+    torch.manual_seed(0)
+    model = MemTransformerLM(30, 1, 2, 32, 16, 64, 0.1, 0.0, tgt_len=4, mem_len=4, ext_len=0,
+                             moe=True, moe_num_expert=8, moe_top_k=2)
+    init_weights(model, init_std=0.02)
+    ff = model.layers[0].pos_ff
+    assert abs(ff.experts.htoh4.weight.std().item() - 0.02) < 0.002
+    assert abs(ff.gate.gate.weight.std().item() - 0.02) < 0.004
+    assert torch.count_nonzero(ff.experts.h4toh.bias) == 0 and torch.count_nonzero(ff.gate.gate.bias) == 0
