@@ -1,0 +1,294 @@
+# coding: utf-8
+"""What the router learned: per MoE layer and expert, over a data split.
+
+Runs the model over the split as eval.py does (memory carried across segments) and records every token's routing
+with a forward hook on each layer's gate (utils.moe gates return the chosen experts, -1 where a capacity limit
+dropped the copy, and their scores). Reports, per layer:
+  share       fraction of the routed token copies (a token counts top_k times) that went to each expert
+  confidence  mean gate score of the copies an expert received (the weight of its output in the mixture)
+  imbalance   max/mean and coefficient of variation (std/mean) of the experts' copy counts
+  dropped     copies dropped by the capacity limit of the gshard/switch gates (and their fraction)
+  classes     for enwik8/text8: which byte classes (letters, digits, whitespace, markup, punctuation, non-ASCII)
+              an expert's tokens are, its most frequent class, and the class most over-represented (lift)
+as a table on stdout, JSON (moe_report.json) and a PNG heat map (moe_report.png) next to the model.
+
+    python moe_report.py --work_dir runs/enwik8-moe --split valid
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+from eval import evaluate
+from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
+from utils.generation import CHAR_DATASETS, TextCodec, checkpoint_path, load_trained_model, open_corpus
+
+BYTE_CLASSES = ('letters', 'digits', 'whitespace', 'markup', 'punctuation', 'non-ASCII')
+MARKUP = set('<>[]{}|=&;#*/')  # XML tags and entities, wiki links, templates, tables, lists
+
+
+def byte_class(char):
+    """Index in BYTE_CLASSES of one character (a byte value below 256 as chr for enwik8)."""
+    if ord(char) >= 128:
+        return 5
+    if char.isalpha():
+        return 0
+    if char.isdigit():
+        return 1
+    if char.isspace():
+        return 2
+    return 3 if char in MARKUP else 4
+
+
+def token_classes(codec):
+    """[n_token] long: the byte class of every token of a character-level vocabulary."""
+    return torch.tensor([byte_class(codec.token_text(i)) for i in range(len(codec.vocab))], dtype=torch.long)
+
+
+class LayerRouting:
+    """Running counts of one MoE layer's routing decisions."""
+
+    def __init__(self, num_expert, top_k, n_classes):
+        self.num_expert, self.top_k, self.n_classes = num_expert, top_k, n_classes
+        self.tokens = 0
+        self.dropped = 0
+        self.copies = torch.zeros(num_expert, dtype=torch.float64)
+        self.score_sum = torch.zeros(num_expert, dtype=torch.float64)
+        self.class_copies = torch.zeros(num_expert, max(n_classes, 1), dtype=torch.float64)
+
+    def add(self, expert, score, token_class=None):
+        """expert, score [N, k] (expert -1 = dropped); token_class [N] or None."""
+        expert, score = expert.detach().cpu(), score.detach().cpu().double()
+        kept = expert >= 0
+        chosen = expert[kept]
+        self.tokens += expert.size(0)
+        self.dropped += int((~kept).sum())
+        self.copies += torch.bincount(chosen, minlength=self.num_expert).double()
+        self.score_sum += torch.bincount(chosen, weights=score[kept], minlength=self.num_expert)
+        if token_class is not None:
+            cls = token_class.cpu()[:, None].expand_as(expert)[kept]
+            pair = torch.bincount(chosen * self.n_classes + cls, minlength=self.num_expert * self.n_classes)
+            self.class_copies += pair.view(self.num_expert, self.n_classes).double()
+
+    def summary(self, class_names=()):
+        copies = self.copies
+        total = float(copies.sum())
+        mean = total / self.num_expert
+        std = float(((copies - mean) ** 2).mean().sqrt())
+        conf = [float(s / c) if c > 0 else None for s, c in zip(self.score_sum, copies)]
+        out = {
+            'num_expert': self.num_expert, 'top_k': self.top_k, 'tokens': self.tokens, 'copies': int(total),
+            'share': [float(c / total) if total else 0.0 for c in copies],
+            'confidence': conf,
+            'mean_confidence': float(self.score_sum.sum() / total) if total else None,
+            'max_over_mean': float(copies.max() / mean) if mean else None,
+            'cv': std / mean if mean else None,
+            'dropped': self.dropped,
+            'dropped_fraction': self.dropped / (self.tokens * self.top_k) if self.tokens else 0.0,
+        }
+        if class_names:
+            out.update(self._classes(class_names))
+        return out
+
+    def _classes(self, names):
+        per_expert = self.class_copies
+        overall = per_expert.sum(0) / per_expert.sum().clamp(min=1)
+        share = per_expert / per_expert.sum(1, keepdim=True).clamp(min=1)
+        lift = torch.where(overall > 0, share / overall.clamp(min=1e-12), torch.zeros_like(share))
+        empty = per_expert.sum(1) == 0
+        return {
+            'classes': list(names),
+            'class_share': share.tolist(),
+            'top_class': [None if e else names[int(i)] for e, i in zip(empty, share.argmax(1))],
+            'most_over_represented': [None if e else names[int(i)] for e, i in zip(empty, lift.argmax(1))],
+            'class_lift': lift.tolist(),
+        }
+
+
+class RoutingRecorder:
+    """Forward hooks that feed every MoE layer's routing into a LayerRouting, with the tokens' classes."""
+
+    def __init__(self, model, classes_of_token=None):
+        self.layers = model.moe_layers()
+        if not self.layers:
+            raise ValueError('the model has no MoE layers (it was trained without --moe): nothing to report')
+        self.classes_of_token = classes_of_token
+        n_classes = len(BYTE_CLASSES) if classes_of_token is not None else 0
+        self.routing = [LayerRouting(ff.num_expert, ff.top_k, n_classes) for ff in self.layers]
+        self.token_class = None
+        self.handles = [model.register_forward_pre_hook(self._see_tokens)]
+        for ff, stats in zip(self.layers, self.routing):
+            self.handles.append(ff.gate.register_forward_hook(self._gate_hook(stats)))
+
+    def _see_tokens(self, module, args):
+        # A gate sees the layer input flattened as [qlen * bsz, d_model]: the order of data.reshape(-1).
+        data = args[0]
+        if self.classes_of_token is not None:
+            self.token_class = self.classes_of_token.to(data.device)[data.reshape(-1)]
+
+    def _gate_hook(self, stats):
+        def hook(gate, inputs, routing):
+            expert, score = routing[0], routing[1]
+            stats.add(expert, score, self.token_class)
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def summary(self):
+        names = BYTE_CLASSES if self.classes_of_token is not None else ()
+        return [dict(layer=i, gate=ff.gate_type, **stats.summary(names))
+                for i, (ff, stats) in enumerate(zip(self.layers, self.routing))]
+
+
+# ----------------------------------------------------------------------------- output
+
+def _fmt(value, spec):
+    return '-' if value is None else format(value, spec)
+
+
+def format_table(layers):
+    lines = []
+    for layer in layers:
+        lines.append(f'layer {layer["layer"]}: {layer["num_expert"]} experts, top-{layer["top_k"]} {layer["gate"]} '
+                     f'gate, {layer["tokens"]} tokens | imbalance max/mean {_fmt(layer["max_over_mean"], ".2f")}, '
+                     f'CV {_fmt(layer["cv"], ".2f")} | mean confidence {_fmt(layer["mean_confidence"], ".3f")} | '
+                     f'dropped {layer["dropped"]} ({100 * layer["dropped_fraction"]:.2f}%)')
+        classes = 'classes' in layer
+        header = '  expert   share   confidence' + ('   top class (share)        most over-represented (lift)'
+                                                    if classes else '')
+        lines.append(header)
+        for e in range(layer['num_expert']):
+            row = f'  {e:>6} {100 * layer["share"][e]:6.2f}%   {_fmt(layer["confidence"][e], ".3f"):>10}'
+            if classes and layer['top_class'][e] is not None:
+                top, over = layer['classes'].index(layer['top_class'][e]), \
+                    layer['classes'].index(layer['most_over_represented'][e])
+                row += (f'   {layer["top_class"][e]:<11} ({100 * layer["class_share"][e][top]:5.1f}%)'
+                        f'      {layer["most_over_represented"][e]:<11} (x{layer["class_lift"][e][over]:.2f})')
+            lines.append(row)
+    return '\n'.join(lines)
+
+
+def write_json(report, path):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_heatmap(layers, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    share = [[100 * s for s in layer['share']] for layer in layers]
+    conf = [[math.nan if c is None else c for c in layer['confidence']] for layer in layers]
+    n_expert = max(layer['num_expert'] for layer in layers)
+    fig, axes = plt.subplots(1, 2, figsize=(min(4 + 0.35 * n_expert, 24) * 2 / 1.5, 1.5 + 0.45 * len(layers)),
+                             squeeze=False)
+    for ax, values, label, cmap in ((axes[0, 0], share, 'share of routed tokens (%)', 'viridis'),
+                                    (axes[0, 1], conf, 'mean gate score', 'magma')):
+        image = ax.imshow(values, aspect='auto', cmap=cmap, interpolation='nearest')
+        ax.set_xlabel('expert')
+        ax.set_ylabel('layer')
+        ax.set_yticks(range(len(layers)))
+        ax.set_title(label)
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = f'{path}.tmp{os.getpid()}'
+    fig.savefig(tmp, format='png', dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    parser = OneLineArgumentParser(description='Expert-routing report of a Mixture-of-Experts Transformer-XL')
+    parser.add_argument('--work_dir', type=str, required=True,
+                        help='run directory (its model.pt is used) or a checkpoint file of this project')
+    parser.add_argument('--data', type=str, default=None,
+                        help='location of the data corpus (default: the one the model was trained on)')
+    parser.add_argument('--dataset', type=str, default=None,
+                        help='dataset name (default: the one the model was trained on)')
+    parser.add_argument('--split', type=str, default='valid', choices=['train', 'valid', 'test'])
+    parser.add_argument('--batch_size', type=int, default=10, help='batch size')
+    parser.add_argument('--tgt_len', type=int, default=None, help='segment length (default: the training one)')
+    parser.add_argument('--mem_len', type=int, default=None, help='memory length (default: the training one)')
+    parser.add_argument('--max_segments', type=int, default=0, help='stop after this many segments (0 = all)')
+    parser.add_argument('--cuda', action='store_true', help='use CUDA')
+    parser.add_argument('--json', type=str, default=None, help='JSON output (default: moe_report.json next to '
+                                                               'the model)')
+    parser.add_argument('--png', type=str, default=None, help='heat map (default: moe_report.png next to the '
+                                                              'model)')
+    return parser
+
+
+def check_args(args):
+    for name in ('batch_size', 'tgt_len'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f'--{name} {value} must be at least 1')
+    for name in ('mem_len', 'max_segments'):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f'--{name} {value} must be non-negative')
+    if not os.path.exists(args.work_dir):
+        raise ValueError(f'--work_dir {args.work_dir} does not exist')
+    for name in ('json', 'png'):
+        path = getattr(args, name)
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f'--{name} {path}: its directory does not exist')
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        device = pick_device(args.cuda)
+        model, saved, path = load_trained_model(args.work_dir, device)
+        if not model.moe_layers():
+            raise ValueError(f'the model in {path} has no MoE layers (trained without --moe): nothing to report')
+        with contextlib.redirect_stdout(sys.stderr):  # the corpus loader reports on stdout
+            corpus, dataset, data = open_corpus(saved, path, model.n_token, args.data, args.dataset)
+        tgt_len = args.tgt_len or model.config['tgt_len']
+        mem_len = (model.config['mem_len'] or 0) if args.mem_len is None else args.mem_len
+        split_iter = corpus.get_iterator(args.split, args.batch_size, tgt_len, device=device, ext_len=0)
+    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+        print(f'moe_report.py: error: {e}', file=sys.stderr)
+        return 2
+
+    model.reset_length(tgt_len, 0, mem_len)
+    classes = token_classes(TextCodec(corpus.vocab, dataset)) if dataset in CHAR_DATASETS else None
+    recorder = RoutingRecorder(model, classes)
+    try:
+        loss, n_segments = evaluate(model, split_iter, max_steps=args.max_segments)
+    except ValueError as e:
+        print(f'moe_report.py: error: {args.split} split of {data}: {e}', file=sys.stderr)
+        return 2
+    finally:
+        recorder.remove()
+
+    layers = recorder.summary()
+    report = {'checkpoint': os.path.abspath(path), 'dataset': dataset, 'data': data, 'split': args.split,
+              'segments': n_segments, 'batch_size': args.batch_size, 'tgt_len': tgt_len, 'mem_len': mem_len,
+              'loss': loss, 'layers': layers}
+    print(format_table(layers))
+    print(format_loss(dataset, args.split, loss) + f' | {n_segments} segments of {args.batch_size}x{tgt_len}')
+
+    out_dir = os.path.dirname(os.path.abspath(checkpoint_path(args.work_dir)))
+    json_path = args.json or os.path.join(out_dir, 'moe_report.json')
+    png_path = args.png or os.path.join(out_dir, 'moe_report.png')
+    write_json(report, json_path)
+    write_heatmap(layers, png_path, f'Expert routing on {dataset} {args.split} ({layers[0]["tokens"]} tokens)')
+    print(f'Wrote {json_path} and {png_path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
