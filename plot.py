@@ -1,0 +1,124 @@
+"""Plots of a run from WORK_DIR/metrics.jsonl (it can run while training goes on).
+
+    python plot.py --work_dir DIR [--out DIR]
+
+writes curves.png (training and validation loss, in bits per character for enwik8/text8 and nats otherwise,
+the learning rate and, for MoE runs, the balance loss) and, for MoE runs, moe_load.png: for every layer, the load
+of each expert over training as a multiple of an even share (1 = every expert gets the same number of tokens).
+"""
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from utils.exp_utils import OneLineArgumentParser, read_metrics  # noqa: E402
+
+
+def series(records, split, key):
+    """(steps, values) of one field over the records of a split."""
+    chosen = [r for r in records if r.get('split') == split and key in r]
+    return np.array([r['step'] for r in chosen]), np.array([float(r[key]) for r in chosen])
+
+
+def expert_load(records):
+    """Steps of the MoE log lines and the load of each expert relative to an even share,
+    as an array [n_layer, n_expert, n_lines]: tokens routed to the expert / (tokens routed in the layer / E)."""
+    chosen = [r for r in records if r.get('split') == 'train' and 'moe_load' in r]
+    if not chosen:
+        return None, None
+    load = np.array([r['moe_load'] for r in chosen], dtype=np.float64)  # [n_lines, n_layer, n_expert]
+    even = load.sum(axis=2, keepdims=True) / load.shape[2]
+    return np.array([r['step'] for r in chosen]), (load / np.maximum(even, 1e-12)).transpose(1, 2, 0)
+
+
+def save(fig, path):
+    tmp = path + '.tmp'
+    fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_curves(records, path):
+    key, unit = ('bpc', 'bits per character') if any('bpc' in r for r in records) else ('loss', 'loss (nats)')
+    moe = any('moe_balance_loss' in r for r in records)
+    fig, axes = plt.subplots(3 if moe else 2, 1, figsize=(8, 8 if moe else 6), sharex=True,
+                             gridspec_kw={'height_ratios': [3, 1, 1] if moe else [3, 1]})
+    ax = axes[0]
+    for split, style in (('train', '-'), ('valid', 'o-'), ('test', '*')):
+        steps, values = series(records, split, key)
+        if len(steps):
+            ax.plot(steps, values, style, label=split, markersize=8 if split == 'test' else 4)
+    ax.set_ylabel(unit)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    steps, lr = series(records, 'train', 'lr')
+    axes[1].plot(steps, lr)
+    axes[1].set_ylabel('learning rate')
+    axes[1].grid(alpha=0.3)
+    if moe:
+        chosen = [r for r in records if r.get('split') == 'train' and 'moe_balance_loss' in r]
+        balance = np.array([r['moe_balance_loss'] for r in chosen])
+        axes[2].plot([r['step'] for r in chosen], balance.mean(axis=1), label='balance loss (mean of layers)')
+        axes[2].legend()
+        axes[2].grid(alpha=0.3)
+    axes[-1].set_xlabel('step')
+    save(fig, path)
+
+
+def plot_expert_load(records, path):
+    steps, load = expert_load(records)
+    n_layer, n_expert, _ = load.shape
+    fig, axes = plt.subplots(n_layer, 1, figsize=(8, 1.0 + 0.15 * n_expert * n_layer ** 0.5 + 0.9 * n_layer),
+                             sharex=True, squeeze=False)
+    vmax = max(2.0, float(load.max()))
+    extent = [steps[0], steps[-1], n_expert - 0.5, -0.5] if len(steps) > 1 else None
+    for layer in range(n_layer):
+        ax = axes[layer, 0]
+        image = ax.imshow(load[layer], aspect='auto', interpolation='nearest', cmap='magma', vmin=0, vmax=vmax,
+                          extent=extent)
+        ax.set_ylabel(f'layer {layer}\nexpert')
+    axes[-1, 0].set_xlabel('step')
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label='load / even share')
+    fig.suptitle('tokens routed to each expert over training (1 = even load)')
+    save(fig, path)
+
+
+def make_plots(work_dir, out_dir=None):
+    """Write the PNGs for the run in work_dir; returns their paths."""
+    path = os.path.join(work_dir, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        raise ValueError(f'{path} does not exist: is {work_dir} a run directory of train.py?')
+    records = read_metrics(path)
+    if not any(r.get('split') == 'train' for r in records):
+        raise ValueError(f'{path} has no training line yet (one is written every --log-interval steps)')
+    out_dir = out_dir or work_dir
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, 'curves.png')]
+    plot_curves(records, written[0])
+    if expert_load(records)[0] is not None:
+        written.append(os.path.join(out_dir, 'moe_load.png'))
+        plot_expert_load(records, written[1])
+    return written
+
+
+def main(argv=None):
+    parser = OneLineArgumentParser(prog='plot.py', description='Plot the curves of a training run')
+    parser.add_argument('--work_dir', required=True, help='the run directory (holds metrics.jsonl)')
+    parser.add_argument('--out', default=None, help='where to write the PNG files (default: work_dir)')
+    args = parser.parse_args(argv)
+    try:
+        written = make_plots(args.work_dir, args.out)
+    except ValueError as e:
+        print(f'plot.py: error: {e}', file=sys.stderr)
+        return 2
+    for path in written:
+        print(f'Wrote {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""plot.py: the load matrix by hand, PNG files from synthetic and real metrics, errors."""
+import json
+
+import numpy as np
+import pytest
+
+import plot
+import train
+from tests.test_train import MOE, TINY, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def write_metrics(path, records):
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+def moe_records():
+    return [
+        {'step': 10, 'split': 'train', 'loss': 3.0, 'bpc': 4.3, 'lr': 1e-3, 'moe_balance_loss': [1.0, 1.2],
+         'moe_load': [[30, 10], [20, 20]]},
+        {'step': 20, 'split': 'train', 'loss': 2.5, 'bpc': 3.6, 'lr': 5e-4, 'moe_balance_loss': [1.0, 1.1],
+         'moe_load': [[0, 40], [10, 30]]},
+        {'step': 20, 'split': 'valid', 'loss': 2.6, 'bpc': 3.75},
+    ]
+
+
+def test_expert_load_is_relative_to_an_even_share():
+    steps, load = plot.expert_load(moe_records())
+    assert steps.tolist() == [10, 20]
+    # layer 0: 30 and 10 of 40 copies over 2 experts (even share 20) -> 1.5, 0.5; then 0 and 40 -> 0, 2.
+    expected = np.array([[[1.5, 0.0], [0.5, 2.0]],
+                         [[1.0, 0.5], [1.0, 1.5]]])
+    np.testing.assert_allclose(load, expected)
+    assert plot.expert_load([{'step': 1, 'split': 'train', 'loss': 1.0}]) == (None, None)
+
+
+def test_pngs_for_moe_and_dense_runs(tmp_path, capsys):
+    moe_dir, dense_dir = tmp_path / 'moe', tmp_path / 'dense'
+    moe_dir.mkdir(), dense_dir.mkdir()
+    write_metrics(moe_dir / 'metrics.jsonl', moe_records())
+    assert plot.main(['--work_dir', str(moe_dir)]) == 0
+    for name in ('curves.png', 'moe_load.png'):
+        assert (moe_dir / name).read_bytes().startswith(PNG)
+    assert f'Wrote {moe_dir / "moe_load.png"}' in capsys.readouterr().out
+    dense = [{k: v for k, v in r.items() if not k.startswith('moe')} for r in moe_records()]
+    write_metrics(dense_dir / 'metrics.jsonl', dense)
+    assert plot.main(['--work_dir', str(dense_dir), '--out', str(tmp_path / 'out')]) == 0
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['curves.png']
+
+
+def test_plots_a_real_run(tmp_path):
+    corpus = write_corpus(tmp_path / 'enwik8', sizes=(6000, 2000, 2000))
+    work = tmp_path / 'run'
+    assert train.main(['--data', str(corpus), '--work_dir', str(work), *TINY, *MOE, '--max_step', '4',
+                       '--eval-interval', '2']) == 0
+    assert [p.split('/')[-1] for p in plot.make_plots(str(work))] == ['curves.png', 'moe_load.png']
+    assert (work / 'moe_load.png').stat().st_size > 1000
+
+
+def test_errors(tmp_path, capsys):
+    assert plot.main(['--work_dir', str(tmp_path)]) == 2
+    assert 'metrics.jsonl does not exist' in capsys.readouterr().err
+    write_metrics(tmp_path / 'metrics.jsonl', [{'step': 0, 'split': 'valid', 'loss': 1.0}])
+    with (tmp_path / 'metrics.jsonl').open('a') as f:
+        f.write('{"step": 1, "spl')  # a line cut by a kill is skipped
+    assert plot.main(['--work_dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'no training line yet' in err
+
+
+@pytest.mark.parametrize('n_layer,n_expert', [(1, 2), (12, 64)])
+def test_heat_map_sizes(tmp_path, n_layer, n_expert):
+    rng = np.random.default_rng(0)
+    records = [{'step': s, 'split': 'train', 'loss': 1.0, 'lr': 1e-3,
+                'moe_load': rng.integers(0, 100, (n_layer, n_expert)).tolist(),
+                'moe_balance_loss': [1.0] * n_layer} for s in (5, 10, 15)]
+    write_metrics(tmp_path / 'metrics.jsonl', records)
+    assert len(plot.make_plots(str(tmp_path))) == 2
