@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as evaluation
 import mem_transformer
 import train
 from utils import checkpoint as ckpt
@@ -483,3 +484,82 @@ def test_restart_from_a_corrupt_checkpoint(tmp_path, finished_run, corpus, capsy
     torch.save({'model': torch.nn.Linear(1, 1)}, work / 'checkpoint.pt')
     code, err = unchanged_after(work, corpus, capsys, '--restart')
     assert code == 2 and 'pickled Python objects' in err
+
+
+# ----------------------------------------------------------------------------- run scripts
+
+# (script, mode) -> flags the original run script sets, transcribed from kimiyoung/transformer-xl (and FastMoE).
+SCRIPT_FLAGS = {
+    ('run_enwik8_base.sh', 'train'): dict(dataset='enwik8', n_layer=12, d_model=512, d_inner=2048, dropout=0.1,
+                                          tgt_len=512, mem_len=512, batch_size=22, max_step=400000, gpu0_bsz=4),
+    ('run_enwik8_base.sh', 'eval'): dict(tgt_len=80, mem_len=2100, clamp_len=820, same_length=True, split='test'),
+    ('run_enwik8_large.sh', 'train'): dict(n_layer=24, d_model=1024, d_head=128, d_inner=3072, dropatt=0.15,
+                                           warmup_step=4000, tgt_len=768, batch_size=64),
+    ('run_enwik8_large.sh', 'eval'): dict(tgt_len=128, mem_len=3800, clamp_len=1000),
+    ('run_enwik8_base_moe.sh', 'train'): dict(d_inner=1024, moe=True, moe_num_expert=64, moe_top_k=2,
+                                              n_layer=12, d_model=512, batch_size=22),
+    ('run_enwik8_base_moe.sh', 'eval'): dict(tgt_len=80, mem_len=2100, clamp_len=820),
+    ('run_text8_base.sh', 'train'): dict(dataset='text8', n_layer=12, d_inner=2048, batch_size=22),
+    ('run_text8_base.sh', 'eval'): dict(dataset='text8', tgt_len=80, mem_len=2100),
+    ('run_text8_large.sh', 'train'): dict(dataset='text8', n_layer=24, dropout=0.15, max_step=400000,
+                                          multi_gpu=False, warmup_step=0),
+    ('run_text8_large.sh', 'eval'): dict(tgt_len=128, mem_len=3800, clamp_len=1000),
+    ('run_wt103_base.sh', 'train'): dict(dataset='wt103', adaptive=True, n_layer=16, d_model=410, n_head=10,
+                                         d_head=41, d_inner=2100, tgt_len=150, mem_len=150, eval_tgt_len=150,
+                                         max_step=200000, batch_size=60),
+    ('run_wt103_base.sh', 'eval'): dict(dataset='wt103', tgt_len=64, mem_len=640, clamp_len=400),
+    ('run_wt103_large.sh', 'train'): dict(div_val=4, n_layer=18, d_model=1024, n_head=16, d_inner=4096,
+                                          dropout=0.2, warmup_step=16000, max_step=4000000, tgt_len=384,
+                                          batch_size=128),
+    ('run_wt103_large.sh', 'eval'): dict(tgt_len=128, mem_len=1600, clamp_len=1000),
+    ('run_lm1b_base.sh', 'train'): dict(dataset='lm1b', adaptive=True, div_val=4, n_layer=18, d_inner=4096,
+                                        warmup_step=20000, max_step=500000, tgt_len=32, batch_size=224,
+                                        gpu0_bsz=32),
+    ('run_lm1b_base.sh', 'eval'): dict(batch_size=64, tgt_len=32, mem_len=128, same_length=True),
+    ('run_lm1b_large.sh', 'train'): dict(n_layer=24, d_model=1280, n_head=16, d_head=80, d_inner=8192,
+                                         dropout=0.05, max_step=1200000, batch_size=512),
+    ('run_lm1b_large.sh', 'eval'): dict(batch_size=8, mem_len=128),
+}
+DATA_DIRS = {'enwik8': 'enwik8', 'text8': 'text8', 'wt103': 'wikitext-103', 'lm1b': 'one-billion-words'}
+
+
+@pytest.mark.parametrize('script,mode', sorted(SCRIPT_FLAGS))
+def test_run_scripts_pass_the_original_flags(script, mode, tmp_path):
+    fake_python = tmp_path / 'python'  # prints the command line instead of running it
+    fake_python.write_text('#!/bin/sh\nshift\nfor a in "$@"; do echo "$a"; done\n')
+    fake_python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_python), DATA_ROOT=str(tmp_path / 'data'))
+    out = subprocess.run(['bash', str(ROOT / script), mode, '--work_dir', 'W'], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0] == ('Run training...' if mode == 'train' else 'Run evaluation...')
+    parser = train.build_parser() if mode == 'train' else evaluation.build_parser()
+    args = parser.parse_args(out[1:])
+    for dest, value in SCRIPT_FLAGS[script, mode].items():
+        assert getattr(args, dest) == value, dest
+    assert args.cuda and args.work_dir == 'W'
+    assert args.data == f'{tmp_path}/data/{DATA_DIRS[args.dataset]}/'
+
+
+def test_run_script_trains_and_evaluates_a_tiny_moe(tmp_path, corpus):
+    """run_enwik8_base_moe.sh end to end on the CPU, its sizes overridden by flags given after the mode."""
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'enwik8').symlink_to(corpus)
+    env = dict(os.environ, DATA_ROOT=str(tmp_path / 'data'), OMP_NUM_THREADS='1', PYTHON=sys.executable)
+    work = tmp_path / 'run'
+    tiny = ['--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16', '--d_inner', '32',
+            '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
+            '--moe-num-expert', '4', '--max_step', '4', '--eval-interval', '2', '--max_eval_steps', '2']
+    done = subprocess.run(['bash', str(ROOT / 'run_enwik8_base_moe.sh'), 'train', '--work_dir', str(work), *tiny],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert 'torchrun' in done.stdout and 'End of training' in done.stdout
+    done = subprocess.run(['bash', str(ROOT / 'run_enwik8_base_moe.sh'), 'eval', '--work_dir', str(work)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r'\| test loss +[\d.]+ \| test bpc +[\d.]+', done.stdout)
+    result = json.loads((work / 'eval.json').read_text())
+    assert result['settings'] == dict(batch_size=10, tgt_len=80, ext_len=0, mem_len=2100, clamp_len=820,
+                                      same_length=True)
+    bad = subprocess.run(['bash', str(ROOT / 'run_enwik8_base_moe.sh'), 'tran'], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and 'usage: bash run_enwik8_base_moe.sh train|eval' in bad.stderr
