@@ -1,7 +1,9 @@
 """What prep_enwik8.py and prep_text8.py share: read the corpus (a zip as
 downloaded, or the bare file), cut the last `valid + test` units off for the
 valid and test splits as the original prep scripts do, and write
-train/valid/test.txt (plus the untokenized .raw files) atomically.
+train/valid/test.txt (plus the untokenized .raw files) atomically. Also the
+small file helpers the data loader uses (no torch here: the prep scripts
+start fast).
 """
 
 import argparse
@@ -10,10 +12,20 @@ import sys
 import tempfile
 import zipfile
 
-from utils.vocabulary import progress_bar
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are a nicety, never a requirement
+    tqdm = None
 
 SPLITS = ('train', 'valid', 'test')
 BLOCK = 1 << 22
+
+
+def progress_bar(total, desc):
+    """A tqdm bar on an interactive terminal; None in logs, CI and pipes."""
+    if tqdm is None or not sys.stderr.isatty():
+        return None
+    return tqdm(total=total, desc=desc, unit='B', unit_scale=True, leave=False)
 
 
 class PrepError(ValueError):

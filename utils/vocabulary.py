@@ -8,17 +8,13 @@ seconds instead of minutes. The per-line methods (`tokenize`, `encode_sents`,
 """
 
 import os
-import sys
 from collections import Counter, OrderedDict
 from itertools import repeat
 
 import numpy as np
 import torch
 
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are a nicety, never a requirement
-    tqdm = None
+from utils.prep import progress_bar
 
 
 class DataError(ValueError):
@@ -32,13 +28,6 @@ BLOCK_BYTES = 1 << 23
 # A lone surrogate cannot come out of a strict UTF-8 decode, so it can never
 # be a token of a real file: it marks line ends in the lm1b sentence encoder.
 _LINE_END = '\ud800'
-
-
-def progress_bar(total, desc):
-    """A tqdm bar on an interactive terminal; None in logs, CI and pipes."""
-    if tqdm is None or not sys.stderr.isatty():
-        return None
-    return tqdm(total=total, desc=desc, unit='B', unit_scale=True, leave=False)
 
 
 def read_line_blocks(path, desc=None):
