@@ -1,0 +1,262 @@
+"""generate.py and utils/generation.py: the next-token filters against hand-computed distributions, the memory
+carried between steps against recomputing the whole context, seeded determinism, every dataset's decoding, and
+the command line's errors."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import generate
+from mem_transformer import MemTransformerLM, init_weights
+from utils import checkpoint as ckpt
+from utils.generation import Decoder, TextCodec, generate as generate_tokens, next_token_probs, sample_next
+from utils.vocabulary import Vocab
+
+P = [0.5, 0.3, 0.15, 0.05]
+
+
+def make_model(n_token=30, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = dict(n_token=n_token, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=24, dropout=0.0,
+                  dropatt=0.0, tgt_len=8, ext_len=0, mem_len=32)
+    config.update(kw)
+    model = MemTransformerLM(**config)
+    init_weights(model, init_std=0.3, proj_init_std=0.3)
+    for ff in model.moe_layers():  # routing that varies from token to token
+        nn.init.normal_(ff.gate.gate.bias, 0.0, 1.0)
+    return model.eval()
+
+
+def full_context_log_probs(model, tokens):
+    """Next-token log-probabilities after every position, from one pass over the whole sequence, no memory."""
+    with torch.no_grad():
+        hidden, _ = model._forward(tokens, mems=None)
+        return model.log_prob(hidden)
+
+
+# ------------------------------------------------------------------ choosing the next token
+
+def probs(p=P, **kw):
+    return next_token_probs(torch.tensor([p]).log(), **kw)[0]
+
+
+@pytest.mark.parametrize('kw,expected', [
+    (dict(), P),
+    (dict(top_k=2), [0.625, 0.375, 0, 0]),
+    (dict(top_p=0.7), [0.625, 0.375, 0, 0]),         # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    (dict(top_p=0.5), [1, 0, 0, 0]),                 # the most likely token alone holds 0.5
+    (dict(top_p=0.81), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+    (dict(top_k=3, top_p=0.7), [0.625, 0.375, 0, 0]),
+    (dict(temperature=0.5), [0.25 / 0.365, 0.09 / 0.365, 0.0225 / 0.365, 0.0025 / 0.365]),  # p**2, renormalised
+    (dict(temperature=0), [1, 0, 0, 0]),
+])
+def test_next_token_distribution_by_hand(kw, expected):
+    torch.testing.assert_close(probs(**kw), torch.tensor(expected, dtype=torch.float), atol=1e-6, rtol=1e-6)
+
+
+def test_filters_do_not_depend_on_the_token_order():
+    order = [2, 0, 3, 1]
+    shuffled = probs([P[i] for i in order], top_k=3, top_p=0.9)
+    torch.testing.assert_close(shuffled, probs(top_k=3, top_p=0.9)[order])
+
+
+def test_samples_follow_the_filtered_distribution():
+    log_probs = torch.tensor([P]).log().expand(40000, -1)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sample_next(log_probs, g), minlength=4).double() / 40000
+    torch.testing.assert_close(freq, torch.tensor(P, dtype=torch.float64), atol=0.01, rtol=0)
+    freq = torch.bincount(sample_next(log_probs, g, top_p=0.7), minlength=4).double() / 40000
+    torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0, 0], dtype=torch.float64), atol=0.01, rtol=0)
+
+
+# ------------------------------------------------------------------ memory between steps
+
+@pytest.mark.parametrize('kw', [dict(), dict(pre_lnorm=True), dict(attn_type=1),
+                                dict(moe=True, moe_num_expert=4, moe_top_k=2)],
+                         ids=['attn0', 'pre-lnorm', 'attn1', 'moe'])
+def test_cached_steps_equal_recomputing_the_full_context(kw):
+    model = make_model(**kw)
+    tokens = torch.randint(0, 30, (30, 2), generator=torch.Generator().manual_seed(1))
+    decoder = Decoder(model, chunk_len=4)
+    stepped = [decoder.feed(tokens[:10])]  # the prompt, in segments of 4, 4 and 2
+    stepped += [decoder.feed(tokens[t:t + 1]) for t in range(10, 30)]
+    assert decoder.mems[0].shape[0] == 30  # memory long enough: nothing forgotten
+    torch.testing.assert_close(torch.stack(stepped), full_context_log_probs(model, tokens)[9:],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_memory_reaches_beyond_the_segment_length():
+    """With mem_len 32 the prediction at step 20 depends on the first token, 20 > tgt_len = 8 tokens back."""
+    model = make_model()
+    a = torch.randint(0, 30, (20, 1), generator=torch.Generator().manual_seed(2))
+    b = a.clone()
+    b[0] = (a[0] + 1) % 30
+    last = [Decoder(model, 8).feed(x) for x in (a, b)]
+    assert (last[0] - last[1]).abs().max() > 1e-4
+
+
+def test_without_memory_every_step_reruns_the_last_segment():
+    model = make_model(mem_len=0)
+    tokens = torch.randint(0, 30, (12, 1), generator=torch.Generator().manual_seed(3))
+    decoder = Decoder(model, chunk_len=5)
+    decoder.feed(tokens[:9])
+    got = decoder.feed(tokens[9:10])
+    torch.testing.assert_close(got, full_context_log_probs(model, tokens[5:10])[-1])
+
+
+def test_generation_equals_sampling_from_the_full_context_each_step():
+    model = make_model()
+    prompt = torch.randint(0, 30, (6, 2), generator=torch.Generator().manual_seed(4))
+    out = generate_tokens(model, prompt, 15, torch.Generator().manual_seed(7), chunk_len=8, top_p=0.9)
+    g, seq = torch.Generator().manual_seed(7), prompt
+    for _ in range(15):
+        token = sample_next(full_context_log_probs(model, seq)[-1], g, top_p=0.9)
+        seq = torch.cat([seq, token[None]])
+    assert torch.equal(out, seq[6:])
+
+
+def test_same_seed_same_tokens():
+    model = make_model()
+    prompt = torch.tensor([[1], [2], [3]])
+    runs = [generate_tokens(model, prompt, 20, torch.Generator().manual_seed(s), 8) for s in (5, 5, 6)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+# ------------------------------------------------------------------ text <-> tokens
+
+def vocab(symbols, **kw):
+    v = Vocab(**kw)
+    v.set_symbols(symbols)
+    return v
+
+
+def test_enwik8_bytes():
+    text = 'caf\u00e9 <b>\n'
+    syms = sorted({str(b) for b in text.encode()} - {'10'})
+    codec = TextCodec(vocab(syms, special=[], lower_case=False), 'enwik8')
+    ids = codec.encode(text)
+    assert [syms[i] for i in ids] == [str(b) for b in 'caf\u00e9 <b>'.encode()]  # the newline is not a token
+    assert codec.decode(ids) == 'caf\u00e9 <b>'
+    assert codec.decode(ids[:4]) == 'caf\ufffd'  # half of a UTF-8 character
+    with pytest.raises(ValueError, match=r"not in the enwik8 vocabulary, which has no <unk>: byte 122 \(b'z'\)"):
+        codec.encode('cz')
+
+
+def test_text8_characters():
+    codec = TextCodec(vocab(list('_abcdefghijklmnopqrstuvwxyz'), special=[], lower_case=False), 'text8')
+    ids = codec.encode('the cat')
+    assert ids == [20, 8, 5, 0, 3, 1, 20]
+    assert codec.decode(ids) == 'the cat'
+    with pytest.raises(ValueError, match=r"2 token\(s\) .* text8 vocabulary, which has no <unk>: 'T', '!'"):
+        codec.encode('The cat!')
+
+
+def test_word_level_eos_and_unk():
+    codec = TextCodec(vocab(['<eos>', 'the', 'cat', '<unk>', 'sat'], special=['<eos>'], lower_case=False), 'wt103')
+    ids = codec.encode('the cat\nthe dog sat')
+    assert ids == [1, 2, 0, 1, 3, 4]
+    assert codec.decode(ids) == 'the cat\nthe <unk> sat'
+    assert codec.encode('') == [0]  # an empty prompt starts a line
+    assert codec.decode([1, 0, 0, 2]) == 'the\n\ncat'
+
+
+def test_ptb_lower_cases_and_word_level_without_unk_names_the_words():
+    codec = TextCodec(vocab(['<eos>', 'the', 'cat'], special=['<eos>'], lower_case=True), 'ptb')
+    assert codec.encode('The CAT') == [1, 2]
+    with pytest.raises(ValueError, match="'dog'"):
+        codec.encode('the dog')
+
+
+def test_lm1b_sentences():
+    codec = TextCodec(vocab(['<S>', '</S>', '<UNK>', 'A', 'cat', 'sat'], special=[], lower_case=False), 'lm1b')
+    ids = codec.encode('A cat sat\nA dog')
+    assert ids == [0, 3, 4, 5, 0, 0, 3, 2]  # <S> A cat sat <S> <S> A <UNK>
+    assert codec.decode(ids + [5, 0, 0, 4]) == 'A cat sat\nA <UNK> sat\ncat'
+
+
+# ------------------------------------------------------------------ the command line
+
+TEXT = ("<page>\n  <title>Anarchism</title>\n  <text>'''Anarchism''' is a [[political philosophy]] "
+        "&amp; movement of 1840.</text>\n</page>\n")
+
+
+def make_enwik8_dir(path, text=TEXT):
+    """A corpus in prep_enwik8's format: every byte as its decimal id, lines kept."""
+    os.makedirs(path, exist_ok=True)
+    for split, copies in (('train', 8), ('valid', 3), ('test', 2)):
+        with open(os.path.join(path, f'{split}.txt'), 'w') as f:
+            for line in (text * copies).splitlines():
+                f.write(' '.join(str(b) for b in line.encode()) + '\n')
+    return str(path)
+
+
+def make_run(tmp_path, **kw):
+    """A run directory whose model.pt (untrained weights) points at a tiny enwik8-format corpus."""
+    import data_utils
+    data = make_enwik8_dir(tmp_path / 'data')
+    n_token = len(data_utils.get_lm_corpus(data, 'enwik8').vocab)
+    model = make_model(n_token=n_token, **kw)
+    run = tmp_path / 'run'
+    run.mkdir()
+    ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config,
+                      'model_state': model.state_dict(), 'args': {'dataset': 'enwik8', 'data': data}},
+                     str(run / 'model.pt'))
+    return str(run), data, model
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()  # drop what building the corpus printed
+    code = generate.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_same_seed_same_text(tmp_path, capsys):
+    run, _, _ = make_run(tmp_path, moe=True, moe_num_expert=3, moe_top_k=2)
+    args = ['--work_dir', run, '--prompt', '<title>An', '--max_tokens', '30', '--top_k', '10']
+    code, first, err = run_cli(capsys, *args, '--seed', '3')
+    assert code == 0 and first.startswith('<title>An') and 'tokens/s' in err
+    assert run_cli(capsys, *args, '--seed', '3')[1] == first
+    assert run_cli(capsys, *args, '--seed', '4')[1] != first
+
+
+def test_cli_samples_output_file_and_checkpoint_path(tmp_path, capsys):
+    run, _, _ = make_run(tmp_path)
+    out = tmp_path / 'out.txt'
+    code, stdout, _ = run_cli(capsys, '--work_dir', os.path.join(run, 'model.pt'), '--prompt_file',
+                              str(_write(tmp_path / 'p.txt', 'Anarchism')), '--max_tokens', '5',
+                              '--num_samples', '2', '--temperature', '0', '--output', str(out))
+    assert code == 0 and stdout == ''
+    text = out.read_text(encoding='utf-8')
+    samples = text.split('=== sample 2 ===\n')
+    assert text.startswith('=== sample 1 ===\nAnarchism') and len(samples) == 2
+    assert samples[0][len('=== sample 1 ===\n'):] == samples[1]  # greedy: both samples are the same
+
+
+def _write(path, text):
+    path.write_text(text, encoding='utf-8')
+    return path
+
+
+def test_cli_errors(tmp_path, capsys):
+    run, data, _ = make_run(tmp_path)
+
+    def error(*argv):
+        code, out, err = run_cli(capsys, *argv)
+        last = err.strip().splitlines()[-1]  # after what loading the corpus reported
+        assert code == 2 and out == '' and last.startswith('generate.py: error: ')
+        return last
+
+    assert 'does not exist' in error('--work_dir', str(tmp_path / 'nope'))
+    assert '--temperature -1.0 must be >= 0' in error('--work_dir', run, '--temperature', '-1')
+    assert '--top_p 0.0 must be in (0, 1]' in error('--work_dir', run, '--top_p', '0')
+    assert '--max_tokens 0 must be at least 1' in error('--work_dir', run, '--max_tokens', '0')
+    assert "byte 90 (b'Z')" in error('--work_dir', run, '--prompt', 'Zebra')
+    assert 'the prompt is empty' in error('--work_dir', run, '--prompt', '')
+    other = make_enwik8_dir(tmp_path / 'other', 'xyz 0\n')
+    assert 'pass the --data/--dataset it was trained on' in error('--work_dir', run, '--data', other)
+    torch.save(nn.Linear(2, 2), tmp_path / 'pickled.pt')  # a pickled module, as the original saved its model
+    assert 'convert it first' in error('--work_dir', str(tmp_path / 'pickled.pt'), '--prompt', 'a')
+    assert not os.path.exists(tmp_path / 'out.txt')
