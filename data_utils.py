@@ -70,7 +70,7 @@ class LMOrderedIterator(object):
         data = data.narrow(0, 0, self.n_step * bsz)
         # [n_step, bsz] as the original, but a transposed view instead of a
         # copy: the corpus is not duplicated in memory (batches are copied).
-        self.data = data.view(bsz, -1).t().to(device)
+        self.data = data.view(bsz, self.n_step).t().to(device)
         self.n_batch = (self.n_step + self.bptt - 1) // self.bptt
 
         self._next = 0      # row where the batch after the last one yielded starts
@@ -403,6 +403,8 @@ class Corpus(object):
             add_eos = dataset not in CHAR_LEVEL
             for split in SPLITS:
                 ids = self.vocab.encode_file_ids(files[split], add_eos=add_eos)
+                if len(ids) < 2:
+                    raise DataError('{} holds no {} text'.format(files[split], dataset))
                 setattr(self, split, torch.from_numpy(ids))
         else:
             self.train = train_paths
@@ -580,7 +582,10 @@ def _load_cache(root, datadir, dataset, key):
         vocab.set_symbols(idx2sym)
         arrays = {}
         for name, length in meta['arrays'].items():
-            array = np.load(os.path.join(where, name + '.npy'), allow_pickle=False)
+            # memory-mapped copy-on-write: loads at once, and processes on one
+            # machine (torchrun) share the pages
+            array = np.load(os.path.join(where, name + '.npy'), allow_pickle=False,
+                            mmap_mode='c' if length else None)
             if array.shape != (length,):
                 raise ValueError('{}.npy has {} ids, meta.json says {}'.format(
                     name, array.size, length))

@@ -442,6 +442,8 @@ BAD_INPUT = [
      r"enwik8/valid.txt is missing: `bash getdata.sh enwik8` creates it"),
     ('enwik8', lambda r: (r / 'test.txt').write_text(''),
      r'enwik8/test.txt is empty'),
+    ('enwik8', lambda r: (r / 'valid.txt').write_text('\n \n\n'),
+     r'enwik8/valid.txt holds no enwik8 text'),
     ('enwik8', insert_line('valid.txt', 3, '60 61 abc 62'),
      r"enwik8/valid.txt line 3: 'abc' is not a byte id"),
     ('enwik8', insert_line('train.txt', 2, '60 300'),
