@@ -192,12 +192,16 @@ def make_enwik8_dir(path, text=TEXT):
     return str(path)
 
 
-def make_run(tmp_path, **kw):
-    """A run directory whose model.pt (untrained weights) points at a tiny enwik8-format corpus."""
+def make_run(tmp_path, prepare=None, **kw):
+    """A run directory whose model.pt (untrained weights, changed by `prepare`) points at a tiny enwik8-format
+    corpus."""
     import data_utils
     data = make_enwik8_dir(tmp_path / 'data')
     n_token = len(data_utils.get_lm_corpus(data, 'enwik8').vocab)
     model = make_model(n_token=n_token, **kw)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(model)
     run = tmp_path / 'run'
     run.mkdir()
     ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config,
