@@ -8,6 +8,8 @@ and FastMoE checkpoints load with `strict=True`.
 Shapes follow the original: sequences are time-major, [len, bsz, d_model].
 Attention scores are [qlen, klen, bsz, n_head].
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,13 @@ import torch.nn.functional as F
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
 from utils.moe import GATES, FMoETransformerMLP
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
+
+# Fast paths. Each computes the same function as the plain code it replaces;
+# switching one off restores the original's computation, which
+# tests/test_fast_paths.py compares against. bench/README.md has the timings.
+FAST_ATTENTION = True  # scores as [bsz, n_head, qlen, klen]: batched matmuls, softmax over contiguous keys
+USE_SDPA = True        # F.scaled_dot_product_attention when no score needs a gradient (see use_sdpa)
+FAST_DROPOUT = True    # CPU dropout from one uniform draw per element: same law, other random stream
 
 ATTN_TYPES = {
     0: 'relative positions, global biases (Transformer-XL)',
@@ -39,6 +48,20 @@ class PositionalEmbedding(nn.Module):
         return pos_emb[:, None, :]
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, with a faster CPU training path (FAST_DROPOUT): one fp32
+    uniform draw per element, kept where it is >= p, instead of bernoulli_,
+    which is about twice as slow on CPUs (bench/README.md). Same law and the
+    same 1 / (1 - p) scaling, drawn from the same generator, but a different
+    random stream: FAST_DROPOUT = False gives nn.Dropout's masks for a seed."""
+
+    def forward(self, x):
+        if not (FAST_DROPOUT and self.training and 0 < self.p < 1 and x.device.type == 'cpu'):
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep * (1 / (1 - self.p))
+
+
 def residual_norm(inp, core, layer_norm, pre_lnorm):
     """Residual around `core`, with LayerNorm before it (pre-LN) or after the sum (post-LN)."""
     if pre_lnorm:
@@ -54,9 +77,9 @@ class PositionwiseFF(nn.Module):
         self.dropout = dropout
         self.CoreNet = nn.Sequential(
             nn.Linear(d_model, d_inner), nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(d_inner, d_model),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
         self.layer_norm = nn.LayerNorm(d_model)
         self.pre_lnorm = pre_lnorm
@@ -71,12 +94,12 @@ class MoEPositionwiseFF(FMoETransformerMLP):
 
     def __init__(self, d_model, d_inner, dropout, pre_lnorm=False,
                  moe_num_expert=64, moe_top_k=2, **moe_options):
-        activation = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        activation = nn.Sequential(nn.ReLU(), Dropout(dropout))
         super().__init__(num_expert=moe_num_expert, d_model=d_model, d_hidden=d_inner,
                          activation=activation, top_k=moe_top_k, **moe_options)
         self.pre_lnorm = pre_lnorm
         self.layer_norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, inp):
         mixture = super().forward
@@ -100,6 +123,24 @@ def rel_shift(x):
     return x_padded[1:].view_as(x)
 
 
+def rel_shift_heads_first(x):
+    """rel_shift for scores laid out [..., qlen, klen] (FAST_ATTENTION's layout).
+
+    Without a gradient it is one strided view: row i of the result starts
+    qlen - 1 - i elements into row i of x (and, like the padded version, runs
+    into the next row in the masked part). With a gradient we pad as above,
+    because autograd's backward of an overlapping strided view is slower than
+    the pad's (bench/README.md).
+    """
+    qlen, klen = x.shape[-2:]
+    if x.requires_grad and torch.is_grad_enabled():
+        zero_pad = x.new_zeros(x.shape[:-1] + (1,))
+        x_padded = torch.cat([zero_pad, x], dim=-1).view(*x.shape[:-2], klen + 1, qlen)
+        return x_padded[..., 1:, :].view_as(x)
+    x = x.contiguous()
+    return x.as_strided(x.shape, x.stride()[:-2] + (klen - 1, 1), x.storage_offset() + qlen - 1)
+
+
 def pad_or_trim_front(t, length):
     """The last `length` rows of t; when t is shorter, its first row repeated in front."""
     if length > t.size(0):
@@ -108,9 +149,64 @@ def pad_or_trim_front(t, length):
     return t[t.size(0) - length:]
 
 
+def attention_seq_first(q, k, v, attn_mask, pos_score, scale, dropatt):
+    """The original's computation. q [qlen, bsz, n, d]; k, v [klen, bsz, n, d];
+    pos_score [qlen, klen, bsz|1, n] -> [qlen, bsz, n, d]."""
+    score = torch.einsum('ibnd,jbnd->ijbn', q, k)
+    if pos_score is not None:
+        score = score + pos_score
+    score = score * scale
+    if attn_mask is not None:
+        score = score.masked_fill(attn_mask[:, :, None, None], -float('inf'))
+    prob = dropatt(F.softmax(score, dim=1))
+    return torch.einsum('ijbn,jbnd->ibnd', prob, v)
+
+
+def use_sdpa(q, pos_score, dropatt):
+    """Whether F.scaled_dot_product_attention can stand in for the explicit softmax.
+
+    Its dropout draws its own random stream, so not while dropatt is active. On
+    the CPU its fused kernel has no gradient for an additive bias (it falls back
+    to the explicit computation), so there only when the position scores need
+    no gradient: evaluation, and the absolute attention types.
+    """
+    if not USE_SDPA or (dropatt.training and dropatt.p > 0):
+        return False
+    bias_needs_grad = pos_score is not None and pos_score.requires_grad and torch.is_grad_enabled()
+    return q.device.type != 'cpu' or not bias_needs_grad
+
+
+def attention_heads_first(q, k, v, attn_mask, pos_score, scale, dropatt):
+    """The same function in FAST_ATTENTION's layout. q [bsz, n, qlen, d];
+    k, v [bsz, n, klen, d]; pos_score [bsz|1, n, qlen, klen] -> [bsz, n, qlen, d]."""
+    if use_sdpa(q, pos_score, dropatt):
+        if pos_score is None:  # SDPA's boolean mask marks the keys that may be attended
+            bias = None if attn_mask is None else ~attn_mask
+        else:  # SDPA adds the bias after scaling q·k, so the bias is scaled here
+            bias = pos_score * scale
+            if attn_mask is not None:
+                bias = bias.masked_fill(attn_mask, -float('inf'))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    score = torch.matmul(q, k.transpose(-1, -2))
+    if pos_score is not None:
+        score = score + pos_score
+    score = score * scale
+    if attn_mask is not None:
+        score = score.masked_fill(attn_mask, -float('inf'))
+    prob = dropatt(F.softmax(score, dim=-1))
+    return torch.matmul(prob, v)
+
+
 class Attention(nn.Module):
     """What the four attention types share: heads, output projection, masked
-    softmax over keys, dropout, residual and LayerNorm."""
+    softmax over keys, dropout, residual and LayerNorm.
+
+    Heads come in one of two layouts: the original's, [len, bsz, n_head, d_head]
+    with scores [qlen, klen, bsz, n_head], or, with FAST_ATTENTION,
+    [bsz, n_head, len, d_head] with scores [bsz, n_head, qlen, klen], where the
+    products are plain batched matmuls and the softmax runs over contiguous keys.
+    The helpers below hide the difference from the attention types.
+    """
 
     def __init__(self, n_head, d_model, d_head, dropout, dropatt=0, pre_lnorm=False,
                  **unused_lengths):
@@ -122,8 +218,8 @@ class Attention(nn.Module):
         # Input projections are made before o_net, as in the original, so that
         # a seeded construction consumes the random stream in the same order.
         self._make_input_nets()
-        self.drop = nn.Dropout(dropout)
-        self.dropatt = nn.Dropout(dropatt)
+        self.drop = Dropout(dropout)
+        self.dropatt = Dropout(dropatt)
         self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
         self.layer_norm = nn.LayerNorm(d_model)
         self.scale = 1 / (d_head ** 0.5)
@@ -133,19 +229,34 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def heads(self, x):
-        return x.view(x.size(0), x.size(1), self.n_head, self.d_head)
+        """[len, bsz, n_head * d_head] -> heads in the current layout."""
+        x = x.view(x.size(0), x.size(1), self.n_head, self.d_head)
+        return x.permute(1, 2, 0, 3) if FAST_ATTENTION else x
+
+    @staticmethod
+    def per_head(bias):
+        """A [n_head, d_head] bias, broadcastable against heads in the current layout."""
+        return bias[:, None] if FAST_ATTENTION else bias
+
+    @staticmethod
+    def position_scores(q, r):
+        """q·r for every query and relative distance: r [klen, n_head, d_head] -> scores."""
+        if FAST_ATTENTION:
+            return torch.matmul(q, r.permute(1, 2, 0))
+        return torch.einsum('ibnd,jnd->ijbn', q, r)
+
+    @staticmethod
+    def rel_shift(x):
+        return rel_shift_heads_first(x) if FAST_ATTENTION else rel_shift(x)
 
     def attend(self, h, q, k, v, attn_mask, pos_score=None):
-        """h [qlen, bsz, d_model] residual input; q [qlen, bsz, n, d]; k, v [klen, bsz, n, d];
-        attn_mask [qlen, klen] bool, True = may not attend; pos_score [qlen, klen, bsz|1, n]."""
-        score = torch.einsum('ibnd,jbnd->ijbn', q, k)
-        if pos_score is not None:
-            score = score + pos_score
-        score = score * self.scale
-        if attn_mask is not None:
-            score = score.masked_fill(attn_mask[:, :, None, None], -float('inf'))
-        prob = self.dropatt(F.softmax(score, dim=1))
-        vec = torch.einsum('ijbn,jbnd->ibnd', prob, v)
+        """h [qlen, bsz, d_model] residual input; q, k, v heads and pos_score scores in
+        the current layout; attn_mask [qlen, klen] bool, True = may not attend."""
+        if FAST_ATTENTION:
+            vec = attention_heads_first(q, k, v, attn_mask, pos_score, self.scale, self.dropatt)
+            vec = vec.permute(2, 0, 1, 3)
+        else:
+            vec = attention_seq_first(q, k, v, attn_mask, pos_score, self.scale, self.dropatt)
         out = self.drop(self.o_net(vec.reshape(vec.size(0), vec.size(1), -1)))
         return h + out if self.pre_lnorm else self.layer_norm(h + out)
 
@@ -192,8 +303,8 @@ class RelPartialLearnableMultiHeadAttn(RelMultiHeadAttn):
     def forward(self, w, r, r_w_bias, r_r_bias, attn_mask=None, mems=None):
         q, k, v = self.project(w, mems)
         r_head_k = self.r_net(r).view(r.size(0), self.n_head, self.d_head)
-        BD = rel_shift(torch.einsum('ibnd,jnd->ijbn', q + r_r_bias, r_head_k))
-        return self.attend(w, q + r_w_bias, k, v, attn_mask, BD)
+        BD = self.rel_shift(self.position_scores(q + self.per_head(r_r_bias), r_head_k))
+        return self.attend(w, q + self.per_head(r_w_bias), k, v, attn_mask, BD)
 
 
 class RelLearnableMultiHeadAttn(RelMultiHeadAttn):
@@ -201,11 +312,11 @@ class RelLearnableMultiHeadAttn(RelMultiHeadAttn):
 
     def forward(self, w, r_emb, r_w_bias, r_bias, attn_mask=None, mems=None):
         q, k, v = self.project(w, mems)
-        klen = k.size(0)
+        klen = w.size(0) + (0 if mems is None else mems.size(0))
         r_emb, r_bias = pad_or_trim_front(r_emb, klen), pad_or_trim_front(r_bias, klen)
-        B_ = torch.einsum('ibnd,jnd->ijbn', q, r_emb)
-        D_ = r_bias[None, :, None]
-        return self.attend(w, q + r_w_bias[None], k, v, attn_mask, rel_shift(B_ + D_))
+        B_ = self.position_scores(q, r_emb)
+        D_ = r_bias.t()[:, None] if FAST_ATTENTION else r_bias[None, :, None]  # per distance and head
+        return self.attend(w, q + self.per_head(r_w_bias), k, v, attn_mask, self.rel_shift(B_ + D_))
 
 
 class DecoderLayer(nn.Module):
@@ -267,6 +378,25 @@ class AdaptiveEmbedding(nn.Module):
                 emb_flat.index_copy_(0, indices_i, emb_i.to(emb_flat.dtype))
             embed = emb_flat.view(*inp.size(), self.d_proj)
         return embed * self.emb_scale
+
+
+@functools.lru_cache(maxsize=16)
+def attention_mask(qlen, mlen, mem_len, same_length, device, inference_mode=False):
+    """[qlen, klen] bool, True where query i may not see key j: keys after it and,
+    with same_length, keys more than mem_len back, so every query sees as many keys.
+
+    Built once per shape and cached (the step is then free of mask building):
+    callers must not modify it. inference_mode is part of the key because a
+    tensor made under torch.inference_mode cannot be saved for backward later.
+    """
+    klen = mlen + qlen
+    dist = torch.arange(klen, device=device)[None, :] - torch.arange(qlen, device=device)[:, None]
+    mask = dist > mlen
+    if same_length:
+        mask_len = klen - mem_len
+        mask_shift_len = qlen - mask_len if mask_len > 0 else qlen
+        mask = mask | (dist <= -mask_shift_len)
+    return mask
 
 
 def check_config(n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dropatt,
@@ -340,7 +470,7 @@ class MemTransformerLM(nn.Module):
         self.d_head = d_head
 
         self.word_emb = AdaptiveEmbedding(n_token, d_embed, d_model, cutoffs, div_val=div_val)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.n_layer = n_layer
 
         self.tgt_len = tgt_len
@@ -388,6 +518,7 @@ class MemTransformerLM(nn.Module):
         self.clamp_len = clamp_len
         self.moe_balance_coef = moe_balance_coef
         self.moe_zloss_coef = moe_zloss_coef
+        self._pos_emb_cache = {}
         self._create_params()
 
     def backward_compatible(self):
@@ -435,23 +566,41 @@ class MemTransformerLM(nn.Module):
                     for h, m in zip(hids, mems)]
 
     def _attn_mask(self, qlen, mlen, device):
-        """[qlen, klen] bool, True where query i may not see key j: keys after it and,
-        with same_length, keys more than mem_len back, so every query sees as many keys."""
-        klen = mlen + qlen
-        dist = torch.arange(klen, device=device)[None, :] - torch.arange(qlen, device=device)[:, None]
-        mask = dist > mlen
-        if self.same_length:
-            mask_len = klen - self.mem_len
-            mask_shift_len = qlen - mask_len if mask_len > 0 else qlen
-            mask = mask | (dist <= -mask_shift_len)
-        return mask
+        """[qlen, klen] bool, True where query i may not see key j (see attention_mask)."""
+        args = (qlen, mlen, self.mem_len, self.same_length, torch.device(device))
+        if torch.compiler.is_compiling():  # inside a compiled graph, building it is fused
+            return attention_mask.__wrapped__(*args)
+        return attention_mask(*args, torch.is_inference_mode_enabled())
 
     def _position_sequence(self, klen, like):
-        """Distances klen-1 ... 0 (the original's decreasing order), clamped to clamp_len."""
-        pos_seq = torch.arange(klen - 1, -1, -1.0, device=like.device, dtype=like.dtype)
+        """Distances klen-1 ... 0 (the original's decreasing order), clamped to clamp_len.
+
+        In like's dtype as the original, but never below inv_freq's: under bf16
+        autocast a projected word embedding is bf16, which cannot count past 256.
+        """
+        dtype = torch.promote_types(like.dtype, self.pos_emb.inv_freq.dtype)
+        pos_seq = torch.arange(klen - 1, -1, -1.0, device=like.device, dtype=dtype)
         if self.clamp_len > 0:
             pos_seq = pos_seq.clamp(max=self.clamp_len)
         return pos_seq
+
+    def _position_embedding(self, klen, like):
+        """[klen, 1, d_model] sinusoids of _position_sequence, built once per shape.
+
+        The cache key holds everything the values depend on: inv_freq's storage
+        and version (load_state_dict and .to() change them) and inference mode
+        (an inference tensor cannot be saved for backward by a later step).
+        """
+        inv_freq = self.pos_emb.inv_freq
+        if torch.compiler.is_compiling():
+            return self.pos_emb(self._position_sequence(klen, like))
+        key = (klen, self.clamp_len, like.dtype, like.device, inv_freq.data_ptr(),
+               inv_freq._version, torch.is_inference_mode_enabled())
+        if key not in self._pos_emb_cache:
+            if len(self._pos_emb_cache) >= 16:  # varying lengths: keep the cache small
+                self._pos_emb_cache.clear()
+            self._pos_emb_cache[key] = self.pos_emb(self._position_sequence(klen, like))
+        return self._pos_emb_cache[key]
 
     def _forward(self, dec_inp, mems=None):
         qlen, bsz = dec_inp.size()
@@ -469,7 +618,7 @@ class MemTransformerLM(nn.Module):
 
         hids = []
         if self.attn_type == 0:
-            pos_emb = self.pos_emb(self._position_sequence(klen, word_emb))
+            pos_emb = self._position_embedding(klen, word_emb)
             core_out = self.drop(word_emb)
             pos_emb = self.drop(pos_emb)
             hids.append(core_out)
@@ -488,7 +637,7 @@ class MemTransformerLM(nn.Module):
                                  dec_attn_mask=dec_attn_mask, mems=mem(i))
                 hids.append(core_out)
         elif self.attn_type == 2:
-            pos_emb = self.pos_emb(self._position_sequence(klen, word_emb))
+            pos_emb = self._position_embedding(klen, word_emb)
             core_out = self.drop(word_emb + pos_emb[-qlen:])
             hids.append(core_out)
             if mlen > 0:
