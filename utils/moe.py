@@ -237,6 +237,47 @@ def grouped_mm_fits(device, dtype, widths):
     return all(w % align == 0 for w in widths) and grouped_mm_available(device, dtype)
 
 
+WGRAD_FP32 = True
+
+
+class GroupedLinear(torch.autograd.Function):
+    """rows of expert e (contiguous, group ends `offs`) -> rows @ weight[e].T + bias[e].
+
+    Written out rather than left to autograd so that the weight gradient comes out in one
+    grouped product, contiguous and already in the master weights' dtype: under autocast the
+    default graph would write a bf16 [E, out, in] gradient and then convert it, two extra
+    passes over expert-sized memory per step.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, offs, expert):
+        w = weight.to(rows.dtype)
+        out = torch._grouped_mm(rows.contiguous(), w.transpose(1, 2), offs=offs)
+        if bias is not None:
+            out += bias.to(out.dtype).index_select(0, expert)
+        ctx.save_for_backward(rows, w, offs, expert)
+        ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, w, offs, expert = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_rows = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch._grouped_mm(grad, w, offs=offs)
+        if ctx.needs_input_grad[1]:
+            if WGRAD_FP32:
+                grad_weight = torch._grouped_mm(grad.t().to(ctx.weight_dtype), rows.to(ctx.weight_dtype), offs=offs)
+            else:
+                grad_weight = torch._grouped_mm(grad.t(), rows, offs=offs).to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.new_zeros(w.shape[:2], dtype=ctx.weight_dtype).index_add_(
+                0, expert, grad.to(ctx.weight_dtype))
+        return grad_rows, grad_weight, grad_bias, None, None
+
+
 class FusedExpertLinear(nn.Module):
     """num_expert linear maps in one tensor, as FastMoE's FMoELinear: weight [E, out, in], bias [E, out]."""
 
@@ -249,12 +290,11 @@ class FusedExpertLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, rows, plan, use_grouped_mm):
-        weight = self.weight.to(rows.dtype)
-        bias = None if self.bias is None else self.bias.to(rows.dtype)
         if use_grouped_mm:
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
-            out = torch._grouped_mm(rows.contiguous(), weight.transpose(1, 2), offs=offs)
-            return out if bias is None else out + bias.index_select(0, plan.expert)
+            return GroupedLinear.apply(rows, self.weight, self.bias, offs, plan.expert)
+        weight = self.weight.to(rows.dtype)
+        bias = None if self.bias is None else self.bias.to(rows.dtype)
         # unbind/split have cheap backwards (stack/cat), unlike indexing weight[e] per expert
         biases = [None] * self.num_expert if bias is None else bias.unbind(0)
         outs = [F.linear(x_e, w_e, b_e)

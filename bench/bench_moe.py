@@ -1,0 +1,268 @@
+"""Benchmark of the MoE layer alone (issue 6, item 3): forward + backward at 1024 tokens.
+
+Compares, side by side in one run (variants interleaved in every repeat, so machine load
+affects them alike):
+  moe          utils.moe.FMoETransformerMLP, expert_backend 'auto' (grouped_mm where it runs)
+  moe-slices   the same layer with the per-expert-slice fallback
+  dense        a dense FFN with the same active FLOPs (d_inner = top_k * d_hidden)
+  loop         a straightforward per-expert loop (`for e in range(E): idx = where(...)`)
+in fp32 and under bf16 autocast. Time: median of --repeats runs after --warmup runs.
+Peak memory: resource-based, the growth of the peak resident set size (VmHWM, reset through
+/proc/self/clear_refs) over one forward+backward, measured in a fresh subprocess per row.
+
+    python bench/bench_moe.py [--experts 8 16 64] [--json bench_moe.json]
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from utils.moe import FMoETransformerMLP, grouped_mm_available  # noqa: E402
+
+VARIANTS = ('moe', 'moe-slices', 'dense', 'loop')
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
+
+
+class LoopMoE(nn.Module):
+    """The per-expert loop most MoE code uses, on the MoE layer's own gate and weights."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.gate, self.top_k = moe.gate.gate, moe.top_k
+        self.experts = nn.ModuleList()
+        ex = moe.experts
+        for e in range(moe.num_expert):
+            first, second = nn.Linear(moe.d_model, moe.d_hidden), nn.Linear(moe.d_hidden, moe.d_model)
+            with torch.no_grad():
+                first.weight.copy_(ex.htoh4.weight[e]), first.bias.copy_(ex.htoh4.bias[e])
+                second.weight.copy_(ex.h4toh.weight[e]), second.bias.copy_(ex.h4toh.bias[e])
+            self.experts.append(nn.Sequential(first, nn.ReLU(), second))
+
+    def forward(self, x):
+        top_logits, expert = torch.topk(self.gate(x), self.top_k, dim=-1)
+        score = F.softmax(top_logits, dim=-1)
+        out = torch.zeros_like(x)
+        for e, ffn in enumerate(self.experts):
+            token, slot = torch.where(expert == e)
+            y = ffn(x[token]) * score[token, slot, None]
+            out = out.index_add(0, token, y.to(out.dtype))
+        return out
+
+
+def build(variant, num_expert, args):
+    torch.manual_seed(0)
+    moe = FMoETransformerMLP(num_expert, args.d_model, args.d_hidden, activation=nn.ReLU(),
+                             top_k=args.top_k)
+    if variant == 'dense':
+        d_inner = args.top_k * args.d_hidden
+        return nn.Sequential(nn.Linear(args.d_model, d_inner), nn.ReLU(),
+                             nn.Linear(d_inner, args.d_model))
+    if variant == 'loop':
+        return LoopMoE(moe)
+    moe.expert_backend = 'slices' if variant == 'moe-slices' else 'auto'
+    return moe
+
+
+def step_fn(module, dtype, args):
+    """One forward+backward of `module` on fixed data, grads cleared as zero_grad() does."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.tokens, args.d_model, generator=gen).requires_grad_()
+    grad = torch.randn(args.tokens, args.d_model, generator=gen)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        ctx = torch.autocast('cpu', dtype=dtype) if dtype is not None else nullcontext()
+        with ctx:
+            out = module(x)
+        out.backward(grad.to(out.dtype))
+        return out
+    return step
+
+
+def time_variants(steps, repeats, warmup):
+    times = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def peak_memory_child(variant, num_expert, dtype_name, args):
+    """In a fresh process: MiB the peak RSS grows by during one forward+backward."""
+    step = step_fn(build(variant, num_expert, args), DTYPES[dtype_name], args)
+    step()                       # one-time allocations (thread pools, kernels) are not the layer's
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)   # return freed heap pages, so reuse is not free
+    except OSError:
+        pass
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')             # reset VmHWM to the current RSS
+    base = _status_kib('VmRSS')
+    step()
+    return (_status_kib('VmHWM') - base) / 1024
+
+
+def _status_kib(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise OSError(f'{field} not in /proc/self/status')
+
+
+def peak_memory(variant, num_expert, dtype_name, args):
+    cmd = [sys.executable, str(Path(__file__).resolve()), '--memory-child', variant,
+           str(num_expert), dtype_name] + _shape_flags(args)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _shape_flags(args):
+    return ['--tokens', str(args.tokens), '--d-model', str(args.d_model),
+            '--d-hidden', str(args.d_hidden), '--top-k', str(args.top_k)]
+
+
+def check_same_output(modules, args):
+    """The MoE variants compute the same function; a benchmark of a wrong layer is worthless."""
+    x = torch.randn(args.tokens, args.d_model)
+    with torch.no_grad():
+        ref = modules['loop'](x)
+        return max((modules[v](x) - ref).abs().max().item() for v in ('moe', 'moe-slices'))
+
+
+def run(args):
+    memory_ok = not args.no_memory and Path('/proc/self/clear_refs').exists()
+    rows = []
+    for num_expert in args.experts:
+        modules = {v: build(v, num_expert, args) for v in VARIANTS}
+        max_diff = check_same_output(modules, args)
+        for dtype_name in args.dtypes:
+            steps = {v: step_fn(m, DTYPES[dtype_name], args) for v, m in modules.items()}
+            ms = time_variants(steps, args.repeats, args.warmup)
+            for v in VARIANTS:
+                rows.append(dict(
+                    experts=num_expert, dtype=dtype_name, variant=v, ms=ms[v],
+                    vs_dense=ms[v] / ms['dense'], loop_speedup=ms['loop'] / ms[v],
+                    peak_mib=peak_memory(v, num_expert, dtype_name, args) if memory_ok else None,
+                    max_abs_diff_vs_loop_fp32=max_diff if v.startswith('moe') else None))
+    return rows
+
+
+TARGETS = ((64, 'vs_dense', 1.5, '<='), (64, 'loop_speedup', 10.0, '>='), (8, 'vs_dense', 1.3, '<='))
+
+
+def target_lines(rows):
+    lines = []
+    for row in rows:
+        if row['variant'] != 'moe':
+            continue
+        for experts, key, bound, op in TARGETS:
+            if row['experts'] == experts:
+                ok = row[key] <= bound if op == '<=' else row[key] >= bound
+                what = 'time / dense' if key == 'vs_dense' else 'loop time / moe time'
+                lines.append(f"{experts:>3} experts {row['dtype']}: {what} = {row[key]:.2f} "
+                             f"(target {op} {bound}) {'holds' if ok else 'MISSED'}")
+    return lines
+
+
+def print_table(rows, meta):
+    print(f"MoE layer fwd+bwd: {meta['tokens']} tokens, d_model {meta['d_model']}, d_hidden "
+          f"{meta['d_hidden']}, top-{meta['top_k']}; median of {meta['repeats']} after "
+          f"{meta['warmup']} warm-up; torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}")
+    print(f"grouped_mm available: fp32 {meta['grouped_mm']['fp32']}, bf16 {meta['grouped_mm']['bf16']}")
+    print(f"{'experts':>7} {'dtype':>5} {'variant':>11} {'ms':>8} {'x dense':>8} {'loop/x':>7} {'peak MiB':>9}")
+    for r in rows:
+        mem = f"{r['peak_mib']:.1f}" if r['peak_mib'] is not None else 'n/a'
+        print(f"{r['experts']:>7} {r['dtype']:>5} {r['variant']:>11} {r['ms']:>8.2f} "
+              f"{r['vs_dense']:>8.2f} {r['loop_speedup']:>7.1f} {mem:>9}")
+    print('peak MiB: growth of peak RSS over one fwd+bwd in a fresh process (resource-based)')
+    for line in target_lines(rows):
+        print(line)
+
+
+def write_json(path, payload):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--experts', type=int, nargs='+', default=[8, 16, 64])
+    p.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument('--tokens', type=int, default=1024)
+    p.add_argument('--d-model', type=int, default=256)
+    p.add_argument('--d-hidden', type=int, default=512)
+    p.add_argument('--top-k', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=20)
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch intra-op threads (default: torch default)')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
+    p.add_argument('--json', metavar='PATH', help='also write the rows as JSON here')
+    p.add_argument('--memory-child', nargs=3, metavar=('VARIANT', 'EXPERTS', 'DTYPE'),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f'--threads must be >= 1, got {args.threads}')
+    for name in ('tokens', 'd_model', 'd_hidden', 'top_k', 'repeats'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.warmup < 0:
+        p.error(f'--warmup must be >= 0, got {args.warmup}')
+    bad = [e for e in args.experts if not args.top_k <= e]
+    if bad:
+        p.error(f'--experts {bad} must each be >= --top-k {args.top_k}')
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        p.error(f'--json {args.json}: directory {Path(args.json).resolve().parent} does not exist')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        variant, experts, dtype_name = args.memory_child
+        print(peak_memory_child(variant, int(experts), dtype_name, args))
+        return
+    meta = dict(tokens=args.tokens, d_model=args.d_model, d_hidden=args.d_hidden, top_k=args.top_k,
+                repeats=args.repeats, warmup=args.warmup, torch=torch.__version__,
+                threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                grouped_mm={name: grouped_mm_available('cpu', dt or torch.float32)
+                            for name, dt in DTYPES.items()},
+                memory='peak RSS growth (VmHWM after /proc/self/clear_refs reset) over one '
+                       'fwd+bwd in a fresh process, MiB')
+    rows = run(args)
+    print_table(rows, meta)
+    if args.json:
+        write_json(args.json, dict(meta=meta, rows=rows))
+
+
+if __name__ == '__main__':
+    main()
