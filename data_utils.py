@@ -387,27 +387,21 @@ class Corpus(object):
         self.dataset = dataset
         self.vocab = Vocab(*args, **kwargs)
 
-        if dataset in ('ptb', 'wt2', 'enwik8', 'text8'):
-            for split in SPLITS:
-                self.vocab.count_file(files[split])
-        elif dataset == 'wt103':
-            self.vocab.count_file(files['train'])
-        elif dataset == 'lm1b':
-            train_paths = _lm1b_train_paths(path)
-            # the vocabulary comes from the vocab file in build_vocab()
-        self.vocab.build_vocab()
-
-        if dataset in CHAR_LEVEL:
-            _check_char_symbols(dataset, self.vocab, files)
         if dataset in ORDERED:
-            add_eos = dataset not in CHAR_LEVEL
+            # as the original: count all three splits (wt103: train only), build
+            # the vocabulary, encode all three; fused so each file is read once
+            counted = [files[s] for s in (('train',) if dataset == 'wt103' else SPLITS)]
+            others = [files[s] for s in SPLITS if files[s] not in counted]
+            ids = self.vocab.build_and_encode(counted, others, add_eos=dataset not in CHAR_LEVEL)
+            if dataset in CHAR_LEVEL:
+                _check_char_symbols(dataset, self.vocab, files)
             for split in SPLITS:
-                ids = self.vocab.encode_file_ids(files[split], add_eos=add_eos)
-                if len(ids) < 2:
+                if len(ids[files[split]]) < 2:
                     raise DataError('{} holds no {} text'.format(files[split], dataset))
-                setattr(self, split, torch.from_numpy(ids))
-        else:
-            self.train = train_paths
+                setattr(self, split, torch.from_numpy(ids[files[split]]))
+        else:  # lm1b: the vocabulary file; the training shards are read by the iterator
+            self.train = _lm1b_train_paths(path)
+            self.vocab.build_vocab()
             for split in ('valid', 'test'):
                 setattr(self, split, self.vocab.encode_file(
                     files[split], ordered=False, add_double_eos=True))

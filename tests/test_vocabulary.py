@@ -213,3 +213,26 @@ def test_custom_delimiter_uses_the_per_line_path(tmp_path):
     vocab = built([path], delimiter=',', special=['<eos>'], lower_case=False)
     assert vocab.idx2sym == ['<eos>', 'c', 'ab']
     assert vocab.encode_file(str(path), ordered=True).tolist() == [2, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize('options', [dict(special=['<eos>'], lower_case=False),
+                                     dict(special=['<eos>', 'the'], lower_case=True, max_size=50),
+                                     dict(special=['<eos>'], min_freq=3)])
+def test_build_and_encode_equals_count_build_encode(tmp_path, options):
+    """The one-pass corpus build gives what count_file + build_vocab +
+    encode_file_ids give, including specials that occur in the text, a
+    literal '<eos>', and min_freq/max_size cuts (mapped to <unk>)."""
+    train = tmp_path / 'train.txt'
+    train.write_text(shared('wikitext-2/wiki.valid.tokens').read_text(encoding='utf-8')[:200000]
+                     + 'The the <eos> x\n')
+    valid = tmp_path / 'valid.txt'
+    valid.write_text('the cat <unk>\n')
+    options = dict(options, special=options['special'] + ['<unk>'])
+    slow = Vocab(**options)
+    slow.count_file(str(train))
+    slow.build_vocab()
+    fast = Vocab(**options)
+    got = fast.build_and_encode([str(train)], [str(valid)])
+    assert fast.idx2sym == slow.idx2sym and fast.counter == slow.counter
+    for path in (train, valid):
+        np.testing.assert_array_equal(got[str(path)], slow.encode_file_ids(str(path)))

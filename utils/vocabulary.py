@@ -8,7 +8,7 @@ seconds instead of minutes. The per-line methods (`tokenize`, `encode_sents`,
 """
 
 import os
-from collections import Counter, OrderedDict
+from collections import Counter
 from itertools import repeat
 
 import numpy as np
@@ -79,6 +79,15 @@ def ids_dtype(vocab_size):
     mark line ends while encoding, and never uint8, which torch takes for a
     mask when indexing."""
     return np.dtype(np.int16) if vocab_size < 2 ** 15 else np.dtype(np.int32)
+
+
+class _FirstSeen(dict):
+    """symbol -> order of first occurrence. Lookups of known symbols stay in
+    C (dict.__getitem__); only a new symbol calls __missing__."""
+
+    def __missing__(self, symbol):
+        self[symbol] = n = len(self)
+        return n
 
 
 class Vocab(object):
@@ -198,6 +207,52 @@ class Vocab(object):
             return ids, (np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
         return ids
 
+    def build_and_encode(self, count_paths, encode_paths=(), add_eos=True):
+        """count_file() each of count_paths, build_vocab(), then
+        encode_file_ids(path, add_eos) each of count_paths + encode_paths: the
+        same vocabulary and ids, but count_paths are tokenized only once.
+        Returns {path: ids}.
+
+        While counting, every symbol gets a provisional id in order of first
+        occurrence; the provisional ids give the counts (bincount), the counts
+        give the vocabulary, and a table maps provisional ids to final ones."""
+        first_seen = _FirstSeen()
+        provisional = {}
+        n_lines = 0
+        for path in count_paths:
+            pieces = []
+            for text, _ in self._line_blocks(path, 'reading'):
+                tokens = self._line_tokens(text, add_eos)
+                pieces.append(np.fromiter(map(first_seen.__getitem__, tokens), np.int32,
+                                          len(tokens)))
+                n_lines += text.count('\n') if add_eos else 0
+            provisional[path] = pieces
+        symbols = list(first_seen)
+        counts = np.zeros(len(symbols), np.int64)
+        for pieces in provisional.values():
+            for piece in pieces:
+                counts += np.bincount(piece, minlength=len(symbols))
+        if n_lines:  # the '<eos>' added to every line is encoded, not counted
+            counts[first_seen['<eos>']] -= n_lines
+        seen = counts > 0
+        self.counter.update(dict(zip((s for s, c in zip(symbols, seen) if c), counts[seen].tolist())))
+        self.build_vocab()
+
+        # provisional id -> final id (-1: not in the vocabulary)
+        table = np.array([self.sym2idx.get(s, -1) for s in symbols], dtype=np.int64)
+        if (table < 0).any():
+            missing = symbols[int(np.flatnonzero(table < 0)[0])]
+            if not hasattr(self, 'unk_idx'):
+                raise DataError('{!r} is not in the vocabulary (min_freq/max_size cut it) '
+                                'and there is no <unk> to map it to'.format(missing))
+            table[table < 0] = self.unk_idx
+        table = table.astype(ids_dtype(len(self)))
+        encoded = {path: np.concatenate([table[p] for p in pieces]) if pieces
+                   else np.zeros(0, table.dtype) for path, pieces in provisional.items()}
+        for path in encode_paths:
+            encoded[path] = self.encode_file_ids(path, add_eos)
+        return encoded
+
     def _lookup(self, table, tokens):
         if hasattr(self, 'unk_idx'):
             ids = map(table.get, tokens, repeat(self.unk_idx))
@@ -219,7 +274,7 @@ class Vocab(object):
 
     def _build_from_file(self, vocab_file):
         self.idx2sym = []
-        self.sym2idx = OrderedDict()
+        self.sym2idx = {}  # insertion-ordered, lighter than OrderedDict
         if not os.path.isfile(vocab_file):
             raise DataError('vocabulary file {} is missing'.format(vocab_file))
         with open(vocab_file, 'r', encoding='utf-8') as f:
@@ -243,7 +298,7 @@ class Vocab(object):
             print('building vocab with min_freq={}, max_size={}'.format(
                 self.min_freq, self.max_size))
             self.idx2sym = []
-            self.sym2idx = OrderedDict()
+            self.sym2idx = {}
             for sym in self.special:
                 self.add_special(sym)
             # most_common sorts stably: ties keep first-occurrence order, as the original
@@ -257,7 +312,7 @@ class Vocab(object):
     def set_symbols(self, idx2sym):
         """Restore a built vocabulary from its symbol list (the cache)."""
         self.idx2sym = []
-        self.sym2idx = OrderedDict()
+        self.sym2idx = {}
         for sym in idx2sym:
             if sym in self.special:
                 self.add_special(sym)
