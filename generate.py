@@ -16,7 +16,7 @@ import time
 import torch
 
 from utils.exp_utils import OneLineArgumentParser, pick_device
-from utils.generation import TextCodec, check_sampling, generate, load_trained_model, open_corpus
+from utils.generation import Decoder, TextCodec, check_sampling, load_trained_model, open_corpus, sample_tokens
 
 
 def build_parser():
@@ -126,12 +126,19 @@ def main(argv=None):
     log(f'Generating {args.max_tokens} tokens x {args.num_samples} after a prompt of {len(prompt_ids)} tokens '
         f'({memory}; temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, seed {args.seed})')
 
+    def synchronize():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
     start = time.perf_counter()
-    tokens = generate(model, prompt, args.max_tokens, generator, tgt_len,
-                      args.temperature, args.top_k, args.top_p)
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
+    decoder = Decoder(model, tgt_len)
+    log_probs = decoder.feed(prompt)
+    synchronize()
+    prompt_done = time.perf_counter()
+    tokens = sample_tokens(decoder, log_probs, args.max_tokens, generator, args.temperature, args.top_k,
+                           args.top_p)
+    synchronize()
+    sampling = time.perf_counter() - prompt_done
 
     samples = [codec.decode(prompt_ids + tokens[:, i].tolist()) for i in range(args.num_samples)]
     if args.num_samples == 1:
@@ -140,8 +147,8 @@ def main(argv=None):
         text = ''.join(f'=== sample {i + 1} ===\n{s}\n' for i, s in enumerate(samples))
     write_text(text, args.output)
     n_new = args.max_tokens * args.num_samples
-    log(f'| {n_new} tokens in {elapsed:.2f}s | {n_new / elapsed:.1f} tokens/s (prompt included in the time) |'
-        + (f' wrote {args.output}' if args.output else ''))
+    log(f'| prompt {len(prompt_ids)} tokens in {prompt_done - start:.2f}s | generated {n_new} tokens in '
+        f'{sampling:.2f}s, {n_new / sampling:.1f} tokens/s |' + (f' wrote {args.output}' if args.output else ''))
     return 0
 
 

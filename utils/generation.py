@@ -131,14 +131,18 @@ class Decoder:
 def generate(model, prompt, max_tokens, generator, chunk_len, temperature=1.0, top_k=0, top_p=1.0):
     """Sample max_tokens tokens after prompt [len, bsz] -> [max_tokens, bsz] long."""
     decoder = Decoder(model, chunk_len)
-    log_probs = decoder.feed(prompt)
+    return sample_tokens(decoder, decoder.feed(prompt), max_tokens, generator, temperature, top_k, top_p)
+
+
+def sample_tokens(decoder, log_probs, max_tokens, generator, temperature=1.0, top_k=0, top_p=1.0):
+    """Continue from a decoder that has seen the context and its next-token log_probs -> [max_tokens, bsz]."""
     out = []
     for step in range(max_tokens):
         token = sample_next(log_probs, generator, temperature, top_k, top_p)
         out.append(token)
         if step + 1 < max_tokens:  # the last token needs no prediction after it
             log_probs = decoder.feed(token[None])
-    return torch.stack(out) if out else prompt.new_zeros((0, prompt.size(1)))
+    return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------- text <-> tokens
