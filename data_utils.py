@@ -301,10 +301,13 @@ class LMMultiFileIterator(LMShuffledIterator):
         if resume is None:
             if self.shuffle:
                 np.random.shuffle(self.paths)
-        else:
-            if sorted(resume['paths']) != sorted(self.paths):
-                raise DataError('the saved data position is for other training files')
-            self.paths, first = list(resume['paths']), resume['file']
+        else:  # saved by file name, so the data directory may move
+            by_name = {os.path.basename(p): p for p in self.paths}
+            if sorted(resume['paths']) != sorted(by_name):
+                raise DataError('the saved data position is for other training files than '
+                                'the {} in {}'.format(len(by_name), os.path.dirname(
+                                    self.paths[0]) if self.paths else 'data directory'))
+            self.paths, first = [by_name[name] for name in resume['paths']], resume['file']
         for k in range(first, len(self.paths)):
             sents = self.file_sentences(self.paths[k])
             resuming = resume is not None and k == first
@@ -316,7 +319,7 @@ class LMMultiFileIterator(LMShuffledIterator):
             order = self._epoch_order(len(sents), rng_state if resuming else None)
             pos = _StreamPosition(self.bsz, resume if resuming else None)
             self._live = (lambda pos=pos, rng=rng_state, k=k: dict(
-                pos.state(), rng=rng, file=k, paths=list(self.paths)))
+                pos.state(), rng=rng, file=k, paths=[os.path.basename(p) for p in self.paths]))
             for batch in self.stream_iterator(sents, order, pos):
                 yield batch
         self._live = None

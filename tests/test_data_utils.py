@@ -482,3 +482,26 @@ def test_missing_directory_and_unknown_dataset(tmp_path):
 
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError) and data_utils.DataError is DataError
+
+
+def test_multifile_position_survives_a_moved_data_dir(lm1b, tmp_path):
+    corpus, _ = lm1b
+    np.random.seed(6)
+    it = corpus.get_iterator('train', 4, 9)
+    gen = iter(it)
+    for _ in range(5):
+        next(gen)
+    state, rng = json.loads(json.dumps(it.state_dict())), np.random.get_state()
+    assert all(os.sep not in name for name in state['position']['paths'])
+    rest = as_lists(gen)                  # the uninterrupted run
+    moved = tmp_path / 'moved'
+    shutil.copytree(os.path.dirname(corpus.train[0]), moved)
+    fresh = LMMultiFileIterator(sorted(str(p) for p in moved.iterdir()), corpus.vocab, 4, 9,
+                                shuffle=True)
+    fresh.load_state_dict(state)
+    np.random.set_state(rng)
+    assert as_lists(fresh) == rest
+    other = LMMultiFileIterator(corpus.train[:2], corpus.vocab, 4, 9, shuffle=True)
+    other.load_state_dict(state)
+    with pytest.raises(DataError, match='other training files than the 2 in'):
+        next(iter(other))
