@@ -88,8 +88,9 @@ class LMOrderedIterator(object):
 
     def _start(self, start):
         """start=None continues from load_state_dict's position, else 0."""
+        resume, self._resume = self._resume, None
         if start is None:
-            start, self._resume = (self._resume or 0), None
+            start = resume or 0
         return start
 
     def get_fixlen_iter(self, start=None):
@@ -470,7 +471,7 @@ def _cache_roots(datadir):
 def _disk_dtype(vocab_size):
     for dtype in (np.uint8, np.uint16, np.uint32):
         if vocab_size <= np.iinfo(dtype).max + 1:
-            return dtype
+            return np.dtype(dtype)
     raise DataError('vocabulary of {} symbols is too large'.format(vocab_size))
 
 
@@ -514,8 +515,9 @@ def _save_cache(corpus, root, key):
         disk = _disk_dtype(len(corpus.vocab))
         shapes = {}
         for name, array in _corpus_arrays(corpus).items():
-            if not name.endswith('.lengths'):
-                array = array.astype(disk)
+            if not name.endswith('.lengths'):  # ids are >= 0: same-size types are a view
+                array = array.view(disk) if array.itemsize == disk.itemsize \
+                    else array.astype(disk)
             _write_npy(os.path.join(tmp, name + '.npy'), array)
             shapes[name] = len(array)
         _write_json(os.path.join(tmp, 'vocab.json'), corpus.vocab.idx2sym)
