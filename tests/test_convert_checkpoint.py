@@ -191,7 +191,9 @@ class FakeModules:
         for module, mod in self.modules.items():
             parts = module.split('.')
             for i in range(1, len(parts)):
-                monkeypatch.setitem(sys.modules, '.'.join(parts[:i]), types.ModuleType('.'.join(parts[:i])))
+                parent = '.'.join(parts[:i])
+                if parent not in sys.modules:
+                    monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
             monkeypatch.setitem(sys.modules, module, mod)
 
 
@@ -207,6 +209,8 @@ def as_original(model, fakes, per_expert=False):
             m.__class__ = fakes.cls('mem_transformer', DECODER_LAYER[model.attn_type])
         elif name in OUR_TO_ORIGINAL:
             m.__class__ = fakes.cls(*OUR_TO_ORIGINAL[name])
+        elif not type(m).__module__.startswith('torch.'):  # our subclass of a torch.nn class (e.g. Dropout)
+            m.__class__ = next(c for c in type(m).__mro__ if c.__module__.startswith('torch.nn.'))
         if per_expert and name == 'MoEPositionwiseFF':
             m.experts = nn.ModuleList(single_expert(m.experts, i, fakes) for i in range(m.num_expert))
     return model
@@ -226,9 +230,21 @@ def single_expert(experts, i, fakes):
     return expert
 
 
+class ThnnBackend:
+    """What torch < 1.1 stored in every module's `_backend`: it pickled as a call of a function of a module that
+    no longer exists."""
+
+    def __reduce__(self):
+        return sys.modules['torch.nn.backends.thnn']._get_thnn_function_backend, ()
+
+
 def pickle_original(model, path, monkeypatch, per_expert=False, legacy=False):
     fakes = FakeModules()
     original = as_original(model, fakes, per_expert)
+    if legacy:
+        fakes.cls('torch.nn.backends.thnn', '_get_thnn_function_backend')
+        for m in original.modules():
+            m._backend = ThnnBackend()
     with monkeypatch.context() as m:
         fakes.install(m)
         torch.save(original, path, _use_new_zipfile_serialization=not legacy)
