@@ -5,7 +5,8 @@ Runs the model over the split as eval.py does (memory carried across segments) a
 with a forward hook on each layer's gate (utils.moe gates return the chosen experts, -1 where a capacity limit
 dropped the copy, and their scores). Reports, per layer:
   share       fraction of the routed token copies (a token counts top_k times) that went to each expert
-  confidence  mean gate score of the copies an expert received (the weight of its output in the mixture)
+  confidence  mean gate score of the copies an expert received (the weight of its output in the mixture), and
+              per layer the mean score of each token's best expert
   imbalance   max/mean and coefficient of variation (std/mean) of the experts' copy counts
   dropped     copies dropped by the capacity limit of the gshard/switch gates (and their fraction)
   classes     for enwik8/text8: which byte classes (letters, digits, whitespace, markup, punctuation, non-ASCII)
@@ -55,6 +56,8 @@ class LayerRouting:
         self.num_expert, self.top_k, self.n_classes = num_expert, top_k, n_classes
         self.tokens = 0
         self.dropped = 0
+        self.routed_tokens = 0   # tokens with at least one copy kept
+        self.top_score_sum = 0.0  # their best copy's score
         self.copies = torch.zeros(num_expert, dtype=torch.float64)
         self.score_sum = torch.zeros(num_expert, dtype=torch.float64)
         self.class_copies = torch.zeros(num_expert, max(n_classes, 1), dtype=torch.float64)
@@ -66,6 +69,9 @@ class LayerRouting:
         chosen = expert[kept]
         self.tokens += expert.size(0)
         self.dropped += int((~kept).sum())
+        best = score.masked_fill(~kept, -1.0).max(1).values
+        self.routed_tokens += int((best >= 0).sum())
+        self.top_score_sum += float(best[best >= 0].sum())
         self.copies += torch.bincount(chosen, minlength=self.num_expert).double()
         self.score_sum += torch.bincount(chosen, weights=score[kept], minlength=self.num_expert)
         if token_class is not None:
@@ -83,7 +89,7 @@ class LayerRouting:
             'num_expert': self.num_expert, 'top_k': self.top_k, 'tokens': self.tokens, 'copies': int(total),
             'share': [float(c / total) if total else 0.0 for c in copies],
             'confidence': conf,
-            'mean_confidence': float(self.score_sum.sum() / total) if total else None,
+            'mean_top_score': self.top_score_sum / self.routed_tokens if self.routed_tokens else None,
             'max_over_mean': float(copies.max() / mean) if mean else None,
             'cv': std / mean if mean else None,
             'dropped': self.dropped,
@@ -156,7 +162,7 @@ def format_table(layers):
     for layer in layers:
         lines.append(f'layer {layer["layer"]}: {layer["num_expert"]} experts, top-{layer["top_k"]} {layer["gate"]} '
                      f'gate, {layer["tokens"]} tokens | imbalance max/mean {_fmt(layer["max_over_mean"], ".2f")}, '
-                     f'CV {_fmt(layer["cv"], ".2f")} | mean confidence {_fmt(layer["mean_confidence"], ".3f")} | '
+                     f'CV {_fmt(layer["cv"], ".2f")} | mean top-1 score {_fmt(layer["mean_top_score"], ".3f")} | '
                      f'dropped {layer["dropped"]} ({100 * layer["dropped_fraction"]:.2f}%)')
         classes = 'classes' in layer
         header = '  expert   share   confidence' + ('   top class (share)        most over-represented (lift)'

@@ -26,7 +26,7 @@ def test_statistics_on_a_hand_checked_example():
     assert s['tokens'] == 4 and s['copies'] == 7
     assert s['share'] == pytest.approx([4 / 7, 2 / 7, 1 / 7])
     assert s['confidence'] == pytest.approx([(.6 + .7 + .9 + .5) / 4, (.4 + .5) / 2, .3])
-    assert s['mean_confidence'] == pytest.approx((.6 + .4 + .7 + .3 + .9 + .5 + .5) / 7)
+    assert s['mean_top_score'] == pytest.approx((.6 + .7 + .9 + .5) / 4)  # each token's best expert
     assert s['max_over_mean'] == pytest.approx(4 / (7 / 3))
     std = math.sqrt(((4 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (1 - 7 / 3) ** 2) / 3)
     assert s['cv'] == pytest.approx(std / (7 / 3))
@@ -93,6 +93,7 @@ def test_report_of_a_naive_gate_with_known_routing(tmp_path, capsys):
         assert layer['share'] == [0.5, 0.5, 0.0, 0.0]
         assert layer['confidence'][:2] == pytest.approx(top2) and layer['confidence'][2:] == [None, None]
         assert layer['max_over_mean'] == pytest.approx(2.0) and layer['cv'] == pytest.approx(1.0)
+        assert layer['mean_top_score'] == pytest.approx(top2[0])
         assert layer['dropped'] == 0
         # Both experts see every token, so each sees the split's byte classes; the text is mostly letters.
         assert layer['class_share'][0] == pytest.approx(layer['class_share'][1])
@@ -115,6 +116,7 @@ def test_report_counts_the_copies_a_capacity_limit_drops(tmp_path, capsys):
         assert layer['dropped'] == sum(sizes) - kept
         assert layer['share'] == [1.0, 0.0, 0.0, 0.0] and layer['copies'] == kept
         assert layer['confidence'][0] == pytest.approx(math.exp(3) / (math.exp(3) + 3))
+        assert layer['mean_top_score'] == pytest.approx(layer['confidence'][0])  # over the tokens kept
 
 
 def test_report_errors(tmp_path, capsys):
