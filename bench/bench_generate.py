@@ -10,7 +10,7 @@ eval mode, fp32, on the CPU-sized configuration of the speed suite (4 layers, d_
 d_inner 1024, character vocabulary 204), dense and MoE (16 experts, top-2, d_inner 512 each). The last rows
 time generate() end to end (prompt of 128 tokens, then sampling with top_p 0.9) with mem_len 512.
 
-    python bench/bench_generate.py [--contexts 128 512 2048] [--repeats 7] [--json bench_generate.json]
+    python bench/bench_generate.py [--contexts 128 512 2048] [--repeats 7] [--threads N] [--json bench_generate.json]
 
 bench/run_all.py can call run(...) -> dict (the rows) or main(argv).
 """
@@ -118,8 +118,11 @@ def main(argv=None):
     p.add_argument('--repeats', type=int, default=7)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
     p.add_argument('--json', help='also write the figures to this JSON file')
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = run(tuple(args.contexts), args.repeats, args.warmup, tuple(args.models))
     print(format_results(results))
     if args.json:
