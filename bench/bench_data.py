@@ -12,6 +12,7 @@
    load time, bytes per token of the id arrays, peak memory.
 
     python bench/bench_data.py [--json out.json] [--tokens 103227021] [--speed-tokens 5000000]
+                               [--original-vocab ORIGINAL/pytorch/utils/vocabulary.py]
 
 Needs the shared samples (../shared/data/wikitext-103); writes ~1.3 GB in a
 temporary directory (removed at the end) and peaks around 2 GB of memory.
@@ -133,18 +134,37 @@ def one_pass_build(path):
     return vocab, vocab.build_and_encode([str(path)])[str(path)]
 
 
-BUILDS = (('per-line loop (original)', per_line_build),
+def original_code_build(vocabulary_py):
+    """The original utils/vocabulary.py itself, imported from a path given on
+    the command line (it is not part of this repository)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('original_vocabulary', vocabulary_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def build(path):
+        vocab = module.Vocab(special=['<eos>'], lower_case=False)
+        vocab.count_file(str(path))
+        vocab.build_vocab()
+        return vocab, vocab.encode_file(str(path), ordered=True)
+    return build
+
+
+BUILDS = (('per-line loop, as original', per_line_build),
           ('blocks, two passes', two_pass_build),
           ('blocks, one pass (ours)', one_pass_build))
 
 
-def speed(workdir, n_tokens):
+def speed(workdir, n_tokens, original_vocabulary=None):
     import contextlib
     import io
     path = workdir / 'speed.txt'
     n = write_wikitext(path, n_tokens, target_types=0)
     results, reference = {}, None
-    for name, build in BUILDS:
+    builds = list(BUILDS)
+    if original_vocabulary:
+        builds.insert(1, ('original code itself', original_code_build(original_vocabulary)))
+    for name, build in builds:
         with contextlib.redirect_stdout(io.StringIO()), Timer() as t:
             vocab, ids = build(path)
         results[name] = dict(tokens=len(ids), vocab=len(vocab), wall_s=t.wall, cpu_s=t.cpu,
@@ -215,6 +235,9 @@ def main():
     p.add_argument('--speed-tokens', type=int, default=5000000,
                    help='text for the side-by-side speed test (default: %(default)s)')
     p.add_argument('--workdir', help='where to write the corpora (default: a temporary dir)')
+    p.add_argument('--original-vocab', metavar='PATH',
+                   help="also time the original's utils/vocabulary.py, from a checkout of "
+                        'kimiyoung/transformer-xl (pytorch/utils/vocabulary.py)')
     p.add_argument('--child', choices=['build', 'load'], help=argparse.SUPPRESS)
     p.add_argument('--data', help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -224,7 +247,7 @@ def main():
     pin_to_one_core()
     workdir = Path(tempfile.mkdtemp(prefix='bench_data-', dir=args.workdir))
     try:
-        n_speed, speeds = speed(workdir, args.speed_tokens)
+        n_speed, speeds = speed(workdir, args.speed_tokens, args.original_vocab)
         full = full_size(workdir, args.tokens)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
