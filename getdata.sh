@@ -67,9 +67,12 @@ declare -A SIZE=([text8.zip]=31344016)
 
 die() { echo "getdata.sh: error: $*" >&2; exit 1; }
 
+# a corpus being built lives in NAME.partial/: removed on any exit but success,
+# and rebuilt from scratch by the next run if a SIGKILL left it
 STAGE=""
 cleanup() { if [[ -n $STAGE ]]; then rm -rf "$STAGE"; fi; }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 sha256() { if command -v sha256sum >/dev/null; then sha256sum "$1"; else shasum -a 256 "$1"; fi | cut -d' ' -f1; }
 

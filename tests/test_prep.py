@@ -4,6 +4,7 @@ copies built here, or at an unreachable address to test the failure path."""
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -112,6 +113,11 @@ def test_prep_text8_on_a_text8_sample_from_real_wikipedia(tmp_path):
 
 # ---- getdata.sh ---------------------------------------------------------------------------
 
+needs_tools = pytest.mark.skipif(
+    not all(shutil.which(tool) for tool in ('curl', 'unzip', 'tar', 'gzip')),
+    reason='getdata.sh tests need curl (file:// mirrors), unzip, tar and gzip')
+
+
 def getdata(data_root, *names, **env):
     return run('bash', 'getdata.sh', *names, env=dict(env, DATA_ROOT=str(data_root)))
 
@@ -123,6 +129,7 @@ def test_getdata_unknown_corpus_writes_nothing(tmp_path):
     assert not (tmp_path / 'data').exists()
 
 
+@needs_tools
 def test_getdata_without_network_fails_at_once_naming_the_url(tmp_path):
     start = time.time()
     r = getdata(tmp_path / 'data', 'enwik8', GETDATA_MIRROR='http://127.0.0.1:9/mirror')
@@ -139,6 +146,7 @@ def mirror_with(tmp_path, files):
     return 'file://{}'.format(mirror)
 
 
+@needs_tools
 def test_getdata_rejects_a_wrong_checksum(tmp_path):
     url = mirror_with(tmp_path, {'enwik8.zip': ENWIK8_SAMPLE.read_bytes()})
     r = getdata(tmp_path / 'data', 'enwik8', GETDATA_MIRROR=url)
@@ -148,6 +156,7 @@ def test_getdata_rejects_a_wrong_checksum(tmp_path):
     assert os.listdir(tmp_path / 'data' / 'downloads') == []   # the bad file is not kept
 
 
+@needs_tools
 def test_getdata_enwik8_resumes_prepares_and_skips_when_done(tmp_path):
     data = ENWIK8_SAMPLE.read_bytes()
     url = mirror_with(tmp_path, {'enwik8.zip': data})
@@ -170,6 +179,7 @@ def test_getdata_enwik8_resumes_prepares_and_skips_when_done(tmp_path):
     assert listing(tmp_path / 'data') == before
 
 
+@needs_tools
 def test_getdata_failed_prep_leaves_no_corpus(tmp_path):
     url = mirror_with(tmp_path, {'enwik8.zip': ENWIK8_SAMPLE.read_bytes()})
     r = getdata(tmp_path / 'data', 'enwik8', GETDATA_MIRROR=url, GETDATA_NO_VERIFY='1')
@@ -187,6 +197,7 @@ def tgz(members):
     return buf.getvalue()
 
 
+@needs_tools
 def test_getdata_ptb_and_pennchar_verify_the_ptb_files(tmp_path):
     members = {}
     for split in ('train', 'valid', 'test'):
@@ -212,6 +223,7 @@ def test_getdata_ptb_and_pennchar_verify_the_ptb_files(tmp_path):
     assert not (tmp_path / 'data2' / 'penn').exists()
 
 
+@needs_tools
 def test_getdata_wikitext_layout(tmp_path):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, 'w') as z:
@@ -228,6 +240,7 @@ def test_getdata_wikitext_layout(tmp_path):
     assert len(get_lm_corpus(str(out), 'wt2').vocab) > 10000
 
 
+@needs_tools
 def test_getdata_lm1b_layout(tmp_path):
     tree, symbols = make_lm1b(tmp_path / 'src')
     members = {str(p.relative_to(tree)): p.read_bytes()
