@@ -20,6 +20,7 @@ written as WORK_DIR/model.pt (plain data, as train.py writes it); the inferred c
     python convert_checkpoint.py original/model.pt --work_dir runs/imported --trust-pickle --dataset enwik8 \
         --data ../data/enwik8
 """
+import contextlib
 import os
 import pickle
 import sys
@@ -31,6 +32,7 @@ import torch
 from mem_transformer import ATTN_TYPES, MemTransformerLM
 from utils import checkpoint as ckpt
 from utils.exp_utils import OneLineArgumentParser
+from utils.generation import open_corpus
 from utils.moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 
@@ -528,6 +530,9 @@ def main(argv=None):
             raise ConversionError(f'--work_dir {args.work_dir} is a file, not a directory')
         model, sources, kind = convert(args.src, args.trust_pickle, {k: getattr(args, k) for k in FLAG_KEYS},
                                        args.dataset)
+        if args.data or args.dataset:  # the corpus must exist and its vocabulary fit the weights
+            with contextlib.redirect_stdout(sys.stderr):
+                open_corpus({}, args.src, model.n_token, args.data, args.dataset)
     except ValueError as e:  # ConversionError and CheckpointError
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return 2

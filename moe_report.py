@@ -287,7 +287,7 @@ def main(argv=None):
     print(format_table(layers))
     print(format_loss(dataset, args.split, loss) + f' | {n_segments} segments of {args.batch_size}x{tgt_len}')
 
-    out_dir = os.path.dirname(os.path.abspath(checkpoint_path(args.work_dir)))
+    out_dir = os.path.dirname(checkpoint_path(args.work_dir))
     json_path = args.json or os.path.join(out_dir, 'moe_report.json')
     png_path = args.png or os.path.join(out_dir, 'moe_report.png')
     write_json(report, json_path)

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 import convert_checkpoint as cc
+import data_utils
 from mem_transformer import MemTransformerLM, init_weights
+from test_generate import make_enwik8_dir
 from utils.generation import load_trained_model
 
 ARCH_KEYS = ('n_token', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner', 'div_val', 'cutoffs',
@@ -140,11 +142,20 @@ def test_dataparallel_prefix_and_nested_state_dict(tmp_path):
     assert_same_model(converted, original, tgt_len=70)
 
 
-def test_dataset_and_data_are_stored_for_generate_and_eval(tmp_path):
-    src = save(make_model().state_dict(), tmp_path / 'sd.pt')
-    _, saved = convert(tmp_path, src, '--dataset', 'enwik8', '--data', '/somewhere/enwik8')
-    assert saved['args'] == {'dataset': 'enwik8', 'data': '/somewhere/enwik8'}
+def test_dataset_and_data_are_checked_and_stored_for_generate_and_eval(tmp_path, capsys):
+    data = make_enwik8_dir(tmp_path / 'data')
+    n_token = len(data_utils.get_lm_corpus(data, 'enwik8').vocab)
+    src = save(make_model(n_token=n_token).state_dict(), tmp_path / 'sd.pt')
+    _, saved = convert(tmp_path, src, '--dataset', 'enwik8', '--data', data)
+    assert saved['args'] == {'dataset': 'enwik8', 'data': data}
     assert saved['format'] == cc.ckpt.FORMAT and saved['kind'] == 'model'
+
+    other = save(make_model(n_token=n_token + 1).state_dict(), tmp_path / 'other.pt')
+    err = run_error(tmp_path, capsys, str(other), '--work_dir', str(tmp_path / 'bad'), '--dataset', 'enwik8',
+                    '--data', data)
+    assert f'has {n_token} tokens but the model in' in err and not (tmp_path / 'bad').exists()
+    err = run_error(tmp_path, capsys, str(src), '--work_dir', str(tmp_path / 'bad'), '--dataset', 'enwik8')
+    assert 'pass --data DIR and --dataset NAME' in err
 
 
 def test_original_cutoffs_for_the_dataset_when_div_val_is_1(tmp_path):
@@ -312,9 +323,10 @@ def test_unknown_fastmoe_gate_is_refused(tmp_path, monkeypatch):
 # ------------------------------------------------------------------- errors
 
 def run_error(tmp_path, capsys, *argv):
+    capsys.readouterr()
     assert cc.main(list(argv)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith('convert_checkpoint.py: error: ')
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after what loading a corpus reported
+    assert err.startswith('convert_checkpoint.py: error: ')
     return err
 
 
