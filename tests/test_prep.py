@@ -10,7 +10,6 @@ import sys
 import tarfile
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 
