@@ -2,6 +2,8 @@
 original's per-line loop gives (reference written out below), on real text
 and on the awkward cases (line endings, Unicode whitespace, no final newline)."""
 
+import io
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -236,3 +238,20 @@ def test_build_and_encode_equals_count_build_encode(tmp_path, options):
     assert fast.idx2sym == slow.idx2sym and fast.counter == slow.counter
     for path in (train, valid):
         np.testing.assert_array_equal(got[str(path)], slow.encode_file_ids(str(path)))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    path = tmp_path / 'p.txt'
+    path.write_text('a b c\n' * 1000)
+    monkeypatch.setattr(sys, 'stderr', io.StringIO())          # a log file or CI
+    Vocab().count_file(str(path))
+    assert sys.stderr.getvalue() == ''
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    Vocab().count_file(str(path))
+    assert 'counting p.txt' in terminal.getvalue()
