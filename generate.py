@@ -47,6 +47,9 @@ def build_parser():
     parser.add_argument('--clamp_len', type=int, default=-1, help='max positional embedding index')
     parser.add_argument('--same_length', action='store_true', help='set same length attention with masking')
     parser.add_argument('--cuda', action='store_true', help='use CUDA')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='CPU threads (default: torch\'s choice); one-token steps are small products, and one '
+                             'thread is often fastest, especially on a busy machine')
     parser.add_argument('--output', type=str, default=None, help='write the text to this file instead of stdout')
     return parser
 
@@ -55,6 +58,8 @@ def check_args(args):
     for name in ('max_tokens', 'num_samples'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name} {getattr(args, name)} must be at least 1')
+    if args.threads < 0:
+        raise ValueError(f'--threads {args.threads} must be >= 0 (0 = torch\'s choice)')
     for name, low in (('tgt_len', 1), ('mem_len', 0)):
         value = getattr(args, name)
         if value is not None and value < low:
@@ -119,6 +124,8 @@ def main(argv=None):
         return 2
 
     tgt_len, mem_len = set_lengths(model, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)[:, None].repeat(1, args.num_samples)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     memory = (f'memory of {mem_len} states per layer' if mem_len > 0
