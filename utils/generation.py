@@ -2,10 +2,11 @@
 text <-> token conversion of every dataset.
 
 The loop feeds the prompt in segments of `chunk_len` tokens and then one token per step, handing the model the
-memory of everything it has seen (up to `mem_len` hidden states per layer). A step therefore costs attention over
-mem_len + 1 keys instead of a forward pass over the whole context, and the context reaches back n_layer * mem_len
-tokens, far beyond the training segment. A model with mem_len 0 (a vanilla Transformer) gets the fallback: every
-step re-runs the last `chunk_len` tokens.
+memory of everything it has seen (up to `mem_len` hidden states per layer), so the context reaches back about
+n_layer * mem_len tokens, far beyond the training segment. A step runs the layers for one token only; what it
+still pays per memory position is the attention and, because the memory holds hidden states rather than keys and
+values, their key/value projection (bench/bench_generate.py measures both). A model with mem_len 0 (a vanilla
+Transformer) gets the fallback: every step re-runs the last `chunk_len` tokens.
 """
 import os
 
