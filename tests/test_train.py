@@ -271,6 +271,30 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tmp_path, corpu
     assert train_losses(work) == train_losses(reference)
 
 
+def test_sigint_stops_after_the_step_then_tests_the_best_model(tmp_path, corpus, monkeypatch):
+    """Ctrl-C as in the original: training stops early, then the best model is evaluated on test."""
+    forward, calls = mem_transformer.MemTransformerLM.forward, [0]
+
+    def interrupt_at_third_step(self, *args):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+    monkeypatch.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_at_third_step)
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '20') == 0
+    assert ckpt.load(work / 'checkpoint.pt')['step'] == 3
+    assert 'Exiting from training early' in (work / 'log.txt').read_text()
+    assert [(r['step'], r['split']) for r in records(work) if r['split'] != 'train'] == [(3, 'valid'), (3, 'test')]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_sampled_softmax_trains(tmp_path, corpus):
+    assert run(tmp_path / 'run', corpus, '--max_step', '3', '--sample_softmax', '8') == 0
+    assert all(math.isfinite(l) for _, l in train_losses(tmp_path / 'run'))
+
+
 def test_restart_dir_starts_from_another_runs_weights(tmp_path, corpus, capsys):
     first = tmp_path / 'first'
     assert run(first, corpus, '--max_step', '10') == 0
