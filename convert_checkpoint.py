@@ -29,7 +29,7 @@ import zipfile
 
 import torch
 
-from mem_transformer import ATTN_TYPES, MemTransformerLM
+from mem_transformer import MemTransformerLM
 from utils import checkpoint as ckpt
 from utils.exp_utils import OneLineArgumentParser
 from utils.generation import open_corpus
