@@ -80,19 +80,22 @@ def build(variant, num_expert, args):
 
 
 def step_fn(module, dtype, args):
-    """One forward+backward of `module` on fixed data, grads cleared as zero_grad() does."""
+    """One forward+backward of `module` on fixed data, grads cleared first as zero_grad() does."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.tokens, args.d_model, generator=gen).requires_grad_()
     grad = torch.randn(args.tokens, args.d_model, generator=gen)
 
-    def step():
+    def clear_grads():
         module.zero_grad(set_to_none=True)
         x.grad = None
+
+    def step():
+        clear_grads()
         ctx = torch.autocast('cpu', dtype=dtype) if dtype is not None else nullcontext()
         with ctx:
             out = module(x)
         out.backward(grad.to(out.dtype))
-        return out
+    step.clear_grads = clear_grads
     return step
 
 
@@ -107,10 +110,27 @@ def time_variants(steps, repeats, warmup):
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
+def tune_malloc():
+    """Keep freed large blocks in glibc's heap instead of returning them to the OS.
+
+    By default glibc serves blocks of >= 32 MiB with mmap and unmaps them on free, so every
+    step page-faults its expert-sized tensors (64 experts x 512 x 256 fp32 = 32 MiB per weight
+    gradient) back in; in this VM that costs about 1 ms per MiB. Same as running with
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 (glibc only).
+    """
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 def peak_memory_child(variant, num_expert, dtype_name, args):
     """In a fresh process: MiB the peak RSS grows by during one forward+backward."""
     step = step_fn(build(variant, num_expert, args), DTYPES[dtype_name], args)
     step()                       # one-time allocations (thread pools, kernels) are not the layer's
+    step.clear_grads()           # the baseline holds parameters and inputs, not last step's grads
     gc.collect()
     try:
         ctypes.CDLL('libc.so.6').malloc_trim(0)   # return freed heap pages, so reuse is not free
@@ -138,6 +158,17 @@ def peak_memory(variant, num_expert, dtype_name, args):
     if res.returncode != 0:
         return None
     return float(res.stdout.strip().splitlines()[-1])
+
+
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _shape_flags(args):
@@ -191,7 +222,8 @@ def target_lines(rows):
 def print_table(rows, meta):
     print(f"MoE layer fwd+bwd: {meta['tokens']} tokens, d_model {meta['d_model']}, d_hidden "
           f"{meta['d_hidden']}, top-{meta['top_k']}; median of {meta['repeats']} after "
-          f"{meta['warmup']} warm-up; torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}")
+          f"{meta['warmup']} warm-up; torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, "
+          f"malloc {'tuned' if meta['tune_malloc'] else 'default'}")
     print(f"grouped_mm available: fp32 {meta['grouped_mm']['fp32']}, bf16 {meta['grouped_mm']['bf16']}")
     print(f"{'experts':>7} {'dtype':>5} {'variant':>11} {'ms':>8} {'x dense':>8} {'loop/x':>7} {'peak MiB':>9}")
     for r in rows:
@@ -223,6 +255,8 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--threads', type=int, default=None,
                    help='torch intra-op threads (default: torch default)')
+    p.add_argument('--tune-malloc', action='store_true',
+                   help='keep large freed blocks in the heap (glibc mallopt), see tune_malloc()')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
     p.add_argument('--json', metavar='PATH', help='also write the rows as JSON here')
     p.add_argument('--memory-child', nargs=3, metavar=('VARIANT', 'EXPERTS', 'DTYPE'),
@@ -247,13 +281,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tune_malloc and not tune_malloc():
+        sys.exit('--tune-malloc: glibc mallopt refused the settings; run without the flag')
     if args.memory_child:
         variant, experts, dtype_name = args.memory_child
         print(peak_memory_child(variant, int(experts), dtype_name, args))
         return
     meta = dict(tokens=args.tokens, d_model=args.d_model, d_hidden=args.d_hidden, top_k=args.top_k,
                 repeats=args.repeats, warmup=args.warmup, torch=torch.__version__,
-                threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), tune_malloc=args.tune_malloc, cpu=cpu_name(),
                 grouped_mm={name: grouped_mm_available('cpu', dt or torch.float32)
                             for name, dt in DTYPES.items()},
                 memory='peak RSS growth (VmHWM after /proc/self/clear_refs reset) over one '

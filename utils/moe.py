@@ -237,16 +237,12 @@ def grouped_mm_fits(device, dtype, widths):
     return all(w % align == 0 for w in widths) and grouped_mm_available(device, dtype)
 
 
-WGRAD_FP32 = True
-
-
 class GroupedLinear(torch.autograd.Function):
     """rows of expert e (contiguous, group ends `offs`) -> rows @ weight[e].T + bias[e].
 
-    Written out rather than left to autograd so that the weight gradient comes out in one
-    grouped product, contiguous and already in the master weights' dtype: under autocast the
-    default graph would write a bf16 [E, out, in] gradient and then convert it, two extra
-    passes over expert-sized memory per step.
+    Written out rather than left to autograd because _grouped_mm's own backward rejects
+    incoming gradients with zero strides (e.g. from out.sum()); here the gradient is made
+    contiguous, the bias is added in place and its gradient is a scatter-add per expert.
     """
 
     @staticmethod
@@ -268,10 +264,7 @@ class GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_rows = torch._grouped_mm(grad, w, offs=offs)
         if ctx.needs_input_grad[1]:
-            if WGRAD_FP32:
-                grad_weight = torch._grouped_mm(grad.t().to(ctx.weight_dtype), rows.to(ctx.weight_dtype), offs=offs)
-            else:
-                grad_weight = torch._grouped_mm(grad.t(), rows, offs=offs).to(ctx.weight_dtype)
+            grad_weight = torch._grouped_mm(grad.t(), rows, offs=offs).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.new_zeros(w.shape[:2], dtype=ctx.weight_dtype).index_add_(
                 0, expert, grad.to(ctx.weight_dtype))
