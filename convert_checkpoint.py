@@ -30,6 +30,7 @@ import zipfile
 import torch
 
 from mem_transformer import MemTransformerLM
+from train import ADAPTIVE_CUTOFFS
 from utils import checkpoint as ckpt
 from utils.exp_utils import OneLineArgumentParser
 from utils.generation import open_corpus
@@ -39,8 +40,6 @@ from utils.proj_adaptive_softmax import rename_projection_keys
 # The original train.py's defaults for what the weights do not determine.
 ORIGINAL_DEFAULTS = dict(n_head=10, dropout=0.0, dropatt=0.0, tgt_len=70, ext_len=0, mem_len=0, pre_lnorm=False,
                          same_length=False, clamp_len=-1, sample_softmax=-1, moe_top_k=2, moe_gate='naive')
-# The original train.py's --adaptive cutoffs per dataset (only div_val > 1 shows them in the shapes).
-ADAPTIVE_CUTOFFS = {'wt103': [20000, 40000, 200000], 'lm1b': [60000, 100000, 640000]}
 
 
 class ConversionError(ValueError):
@@ -386,8 +385,8 @@ def _cutoffs_without_shapes(inf, n_clusters, dataset):
         inf.set('cutoffs', inf.flags['cutoffs'], 'flag')
     elif 'cutoffs' in inf.hints:
         inf.set('cutoffs', inf.hints['cutoffs'], 'pickled model')
-    elif dataset in ADAPTIVE_CUTOFFS:
-        inf.set('cutoffs', ADAPTIVE_CUTOFFS[dataset], f'original train.py for {dataset}')
+    elif dataset in ADAPTIVE_CUTOFFS:  # train.py's --adaptive cutoffs, the original's
+        inf.set('cutoffs', list(ADAPTIVE_CUTOFFS[dataset][0]), f'original train.py for {dataset}')
     else:
         raise ConversionError(f'the adaptive softmax has {n_clusters} tail clusters whose boundaries the shapes do '
                               f'not show: pass --cutoffs (or --dataset wt103/lm1b for the original\'s)')
