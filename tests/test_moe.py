@@ -152,12 +152,12 @@ def test_top_k_equal_num_expert_with_identical_experts_is_a_dense_ffn():
 
 @pytest.mark.parametrize('gate,training', [('naive', True), ('gshard', False), ('switch', False)])
 def test_gradcheck_float64(gate, training):
-    layer = make_layer(gate, num_expert=4, d_model=6, d_hidden=8).double().train(training)
+    layer = make_layer(gate, num_expert=4, d_model=4, d_hidden=5).double().train(training)
     if gate == 'gshard':   # eval capacity ceil(0.6 * 7) * 2 // 4 = 2: copies get dropped
         layer.gate.capacity = (1.2, 0.6)
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
-    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
 
     def f(x, *params):
         out = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
