@@ -9,6 +9,7 @@ Shapes follow the original: sequences are time-major, [len, bsz, d_model].
 Attention scores are [qlen, klen, bsz, n_head].
 """
 import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -51,15 +52,15 @@ class PositionalEmbedding(nn.Module):
 class Dropout(nn.Dropout):
     """nn.Dropout, with a faster CPU training path (FAST_DROPOUT): one fp32
     uniform draw per element, kept where it is >= p, instead of bernoulli_,
-    which is about twice as slow on CPUs (bench/README.md). Same law and the
-    same 1 / (1 - p) scaling, drawn from the same generator, but a different
-    random stream: FAST_DROPOUT = False gives nn.Dropout's masks for a seed."""
+    which is slower on CPUs (bench/README.md). The arithmetic is ATen's
+    (x * (keep / (1 - p))), so is the law; the random stream, from the same
+    generator, differs: FAST_DROPOUT = False gives nn.Dropout's masks."""
 
     def forward(self, x):
         if not (FAST_DROPOUT and self.training and 0 < self.p < 1 and x.device.type == 'cpu'):
             return super().forward(x)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep * (1 / (1 - self.p))
+        noise = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).div_(1 - self.p)
+        return x * noise
 
 
 def residual_norm(inp, core, layer_norm, pre_lnorm):
@@ -76,7 +77,7 @@ class PositionwiseFF(nn.Module):
         self.d_inner = d_inner
         self.dropout = dropout
         self.CoreNet = nn.Sequential(
-            nn.Linear(d_model, d_inner), nn.ReLU(inplace=True),
+            nn.Linear(d_model, d_inner), nn.ReLU(),
             Dropout(dropout),
             nn.Linear(d_inner, d_model),
             Dropout(dropout),
@@ -289,8 +290,15 @@ class RelMultiHeadAttn(Attention):
         cat = w if mems is None else torch.cat([mems, w], 0)
         if self.pre_lnorm:
             cat = self.layer_norm(cat)
-        q, k, v = torch.chunk(self.qkv_net(cat), 3, dim=-1)
-        return self.heads(q[-w.size(0):]), self.heads(k), self.heads(v)
+        if FAST_ATTENTION and mems is not None:
+            # Only the segment needs queries: project memory to keys and values alone.
+            inner = self.n_head * self.d_head
+            q = F.linear(cat[-w.size(0):], self.qkv_net.weight[:inner])
+            k, v = torch.chunk(F.linear(cat, self.qkv_net.weight[inner:]), 2, dim=-1)
+        else:
+            q, k, v = torch.chunk(self.qkv_net(cat), 3, dim=-1)
+            q = q[-w.size(0):]
+        return self.heads(q), self.heads(k), self.heads(v)
 
 
 class RelPartialLearnableMultiHeadAttn(RelMultiHeadAttn):
@@ -765,4 +773,37 @@ def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_
     with torch.no_grad():
         model.apply(weights_init)
         model.word_emb.apply(weights_init)
+    return model
+
+
+def maybe_compile(model, **options):
+    """Compile model.forward with torch.compile, in place, and return the model.
+
+    State-dict keys stay as they are (torch.compile(model) would prefix them
+    with `_orig_mod.`). Where torch.compile is missing, or fails to compile at
+    the first call (no C++ compiler, an unsupported platform), this warns once
+    and the model runs eagerly; errors of the model itself still propagate.
+    Compile a model after copying it: a copy would share the compiled forward.
+    """
+    if not hasattr(torch, 'compile'):
+        warnings.warn('torch.compile is not available in this version of torch; running eagerly')
+        return model
+    eager = model.forward
+    try:
+        compiled = torch.compile(eager, **options)
+    except Exception as err:  # e.g. a Python version torch.compile does not support
+        warnings.warn(f'torch.compile unavailable ({type(err).__name__}: {err}); running eagerly')
+        return model
+    from torch._dynamo.exc import TorchDynamoException  # compiler and backend failures
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except TorchDynamoException as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ''
+            warnings.warn(f'torch.compile failed ({type(err).__name__}: {reason}); running eagerly')
+            model.forward = eager
+            return eager(*args, **kwargs)
+
+    model.forward = forward
     return model

@@ -1,0 +1,135 @@
+"""The whole benchmark suite of issue 6 in one command: one table, and the same figures as JSON.
+
+    python bench/run_all.py [--quick] [--json bench_results.json] [--threads N]
+
+1+2  training step (bench_train.py): tokens/s, model FLOPs/token, fraction of the
+     matrix-product peak timed side by side; bf16 vs fp32 loss on real text
+3    the MoE layer alone (bench_moe.py, the MoE layer's own benchmark)
+4    long-memory evaluation (bench_eval.py)
+5    peak resident memory of a training step, --batch_chunk 1 and 2 (bench_memory.py)
+
+Every comparison the targets make is between figures measured side by side in
+one loop (the variants take turns in every repeat), so load from other
+processes on a shared machine slows them alike; each figure is a median.
+--quick shortens every part (a smoke run of a few minutes, not for the README).
+"""
+import argparse
+import time
+
+from timing import add_common_args, check_common_args, describe, machine, matmul_peak, write_json
+import bench_eval
+import bench_memory
+import bench_moe
+import bench_train
+
+QUICK_TRAIN_CONFIGS = ('cpu-dense', 'cpu-moe16')
+
+
+def moe_layer(args):
+    flags = ['--repeats', str(args.repeats), '--warmup', str(args.warmup)]
+    if args.threads:
+        flags += ['--threads', str(args.threads)]
+    if args.quick:
+        flags += ['--experts', '8', '64', '--no-memory']
+    return bench_moe.run(bench_moe.parse_args(flags))
+
+
+def table_rows(peaks, train, moe, evaluation, memory):
+    """Every figure as one Markdown table row: item, workload, dtype, variant, ms, tokens/s,
+    TFLOP/s, % of peak, x reference (the reference's time / this row's time), peak MiB."""
+    rows = [('peak', '2048^3 matrix product', dtype, '', '', '', f'{tflops:.3f}', '100', '', '')
+            for dtype, tflops in peaks.items()]
+    for r in train:
+        ref = 'fp32' if r['dtype'] == 'bf16' else ''
+        rows.append(('1 train step', r['config'], r['dtype'], r['paths'], f"{r['ms']:.0f}",
+                     f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3f}", f"{100 * r['peak_fraction']:.0f}",
+                     f"{r['vs_fp32']:.2f} ({ref})" if ref else '', ''))
+    for r in moe:
+        mem = f"{r['peak_mib']:.1f}" if r.get('peak_mib') is not None else ''
+        rows.append(('3 MoE layer', f"{r['experts']} experts", r['dtype'], r['variant'], f"{r['ms']:.2f}",
+                     '', '', '', f"{1 / r['vs_dense']:.2f} (dense)", mem))
+    for r in evaluation:
+        rows.append(('4 evaluation', 'tgt 80, mem 2100', r['dtype'], r['paths'], f"{r['ms']:.0f}",
+                     f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3f}", '', f"{r['vs_plain']:.2f} (plain)", ''))
+    for r in memory:
+        rows.append(('5 memory', r['config'], r['dtype'], f"batch_chunk {r['batch_chunk']}", '', '', '', '', '',
+                     f"{r['peak_mib']:.0f}"))
+    return rows
+
+
+def markdown(rows):
+    head = ('item', 'workload', 'dtype', 'variant', 'ms', 'tokens/s', 'TFLOP/s', '% of peak', 'x reference',
+            'peak MiB')
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def target_lines(train, check, moe):
+    """The issue's targets, each with its measured figure and whether it holds."""
+    def verdict(ok):
+        return 'holds' if ok else 'MISSED'
+    lines = []
+    by = {(r['config'], r['dtype'], r['paths']): r for r in train}
+    dense_bf16 = by.get(('cpu-dense', 'bf16', 'fast'))
+    if dense_bf16:
+        lines.append(f"train, CPU-sized dense: bf16 step {dense_bf16['vs_fp32']:.2f}x the fp32 step "
+                     f"(target >= 2.5x) {verdict(dense_bf16['vs_fp32'] >= 2.5)}")
+    if check:
+        lines.append(f"train, bf16 loss after {check['steps']} steps on real text: "
+                     f"{100 * check['train_rel_diff']:.2f}% from fp32 (held-out: "
+                     f"{100 * check['heldout_rel_diff']:.2f}%) (target <= 1%) "
+                     f"{verdict(check['train_rel_diff'] <= 0.01)}")
+    base = by.get(('enwik8-base', 'fp32', 'fast'))
+    if base:
+        lines.append(f"train, enwik8-base shape fp32: {100 * base['peak_fraction']:.0f}% of the fp32 "
+                     f"matrix-product peak (target >= 40%) {verdict(base['peak_fraction'] >= 0.4)}")
+    lines += ['MoE layer, ' + line.strip() for line in bench_moe.target_lines(moe)]
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_common_args(p, repeats=10)
+    p.set_defaults(json='bench_results.json')
+    p.add_argument('--loss-steps', type=int, default=200, help='steps of the bf16 loss check (0 skips it)')
+    args = p.parse_args(argv)
+    if args.loss_steps < 0:
+        p.error(f'--loss-steps must be >= 0, got {args.loss_steps}')
+    check_common_args(p, args)
+    if args.quick:
+        args.loss_steps = min(args.loss_steps, 40)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    about = machine()
+    print(describe(about), flush=True)
+    peaks = matmul_peak(repeats=args.repeats)
+    configs = QUICK_TRAIN_CONFIGS if args.quick else tuple(bench_train.CONFIGS)
+    train = bench_train.throughput(configs, list(bench_train.DTYPES), args.repeats, args.warmup)
+    check = bench_train.bf16_loss_check(args.loss_steps) if args.loss_steps else None
+    moe = moe_layer(args)
+    evaluation = bench_eval.throughput(list(bench_train.DTYPES), args.repeats, args.warmup)
+    memory = bench_memory.run(['cpu-dense'] if args.quick else bench_memory.CONFIG_NAMES,
+                              ['fp32', 'bf16'], threads=args.threads)
+
+    print()
+    print(markdown(table_rows(peaks, train, moe, evaluation, memory)))
+    print()
+    if check:
+        bench_train.print_loss_check(check)
+    for line in target_lines(train, check, moe):
+        print(line)
+    print(f'\n{describe(about)}; median of {args.repeats} repeats after {args.warmup} warm-up; '
+          f'suite took {(time.time() - start) / 60:.1f} min')
+    write_json(args.json, dict(machine=about, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
+                               peak_tflops=peaks, train=train, bf16_loss_check=check, moe_layer=moe,
+                               evaluation=evaluation, memory=memory))
+    print(f'figures written to {args.json}')
+
+
+if __name__ == '__main__':
+    main()
