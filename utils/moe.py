@@ -4,8 +4,9 @@ FastMoE's ``FMoETransformerMLP`` needs a CUDA build; this layer reproduces its
 parameters (the fused ``[num_expert, out, in]`` layout), its gates (naive,
 GShard, Switch) and their balance losses, and runs on CPU and GPU alike.
 
-One forward is four small steps, kept separate so that expert parallelism can
-later put an all-to-all exchange between ``dispatch`` and the expert compute:
+One forward is four small steps, kept separate so that expert parallelism
+(utils/distributed.py) can put an all-to-all exchange between ``dispatch`` and
+the expert compute:
 
     route     gate logits -> top-k experts and scores per token (-1 = dropped)
     dispatch  stable sort of the token copies by expert; gather their rows
@@ -373,6 +374,9 @@ class FMoETransformerMLP(nn.Module):
                                switch_eps, random_routing)
         self.experts = ExpertFFN(num_expert, d_model, d_hidden, activation)
         self.expert_backend = 'auto'
+        # Set by utils.distributed.Dist.shard_experts: this layer then holds a slice of the experts and
+        # exchanges rows with the other ranks between dispatch and the expert compute.
+        self.expert_parallel = None
         self.balance_loss = self.z_loss = None
         self.last_load = self.last_dropped = None
         self.register_load_state_dict_pre_hook(_fuse_per_expert_layout)
@@ -390,7 +394,10 @@ class FMoETransformerMLP(nn.Module):
         use_grouped_mm = self._use_grouped_mm(x.device, compute_dtype)
         plan = dispatch(routing, self.num_expert, need_host_counts=not use_grouped_mm)
         rows = x.to(compute_dtype).index_select(0, plan.token)   # cast the N rows, not the N*k
-        rows_out = self.experts(rows, plan, use_grouped_mm)
+        if self.expert_parallel is None:
+            rows_out = self.experts(rows, plan, use_grouped_mm)
+        else:
+            rows_out = self.expert_parallel.run(self.experts, rows, plan, use_grouped_mm)
         out = combine(rows_out, routing.score, plan)
 
         self._record(routing, plan)
