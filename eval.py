@@ -4,6 +4,9 @@
 Segments are read in order with the memory carried across the whole split, and each segment's mean loss is
 weighted by its length. Prints and logs `| test loss X.XX | test bpc Y.YYYYY` (bpc for enwik8/text8, ppl
 otherwise) and writes the figures in full precision to WORK_DIR/eval.json.
+
+Under torchrun each process evaluates its columns of every batch and the loss sums are added up, so the split is
+read once and the figure is the single-process one (to float rounding); rank 0 prints and writes.
 """
 import json
 import os
@@ -16,6 +19,7 @@ import torch
 import data_utils
 from mem_transformer import MemTransformerLM
 from utils import checkpoint as ckpt
+from utils.distributed import Dist, SilentLog
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device
 
 
@@ -40,28 +44,41 @@ def build_parser():
     return parser
 
 
-def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext):
+def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None):
     """Mean per-token loss in nats over a split, and the number of segments read.
 
     The memory of each segment is carried into the next; each segment's mean loss counts in proportion to its
     length (the original's total_loss += seq_len * loss.mean()). Losses are summed on the device, so there is one
     host synchronisation per split instead of one per segment. Leaves the model in eval mode.
+    With several processes (dist), each evaluates its batch columns; the same mean is then the sum of every
+    token's loss over the number of tokens, added up over the ranks.
     """
+    sharded = dist is not None and dist.active
     model.eval()
-    total_loss, total_len, n_segments = 0., 0, 0
+    total_loss, total_len, n_segments, n_tokens = 0., 0, 0, 0
     with torch.no_grad():
         mems = []
         for data, target, seq_len in eval_iter:
             if 0 < max_steps <= n_segments:
                 break
+            if sharded:
+                data, target = dist.local(data), dist.local(target)
             with autocast():
                 ret = model(data, target, *mems)
             loss, mems = ret[0], ret[1:]
-            total_loss = total_loss + seq_len * loss.float().mean().double()
+            if sharded:
+                total_loss = total_loss + loss.float().sum().double()
+                n_tokens += loss.numel()
+            else:
+                total_loss = total_loss + seq_len * loss.float().mean().double()
             total_len += seq_len
             n_segments += 1
     if total_len == 0:
         raise ValueError('the split yields no segment: it is too small for this batch size and length')
+    if sharded:
+        totals = dist.sum(torch.stack([torch.as_tensor(total_loss, dtype=torch.float64, device=loss.device),
+                                       torch.tensor(n_tokens, dtype=torch.float64, device=loss.device)]))
+        return float(totals[0] / totals[1]), n_segments
     return float(total_loss) / total_len, n_segments
 
 
@@ -90,9 +107,12 @@ def check_args(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    dist = Dist()
     try:
         check_args(args)
-        device = pick_device(args.cuda)
+        dist = Dist.from_env(args.cuda)
+        dist.check_eval_batch(args.batch_size, '--batch_size')
+        device = dist.device(pick_device(args.cuda))
         model, saved = load_model(args.work_dir, device)
         train_args = saved.get('args', {})
         dataset = args.dataset or train_args.get('dataset', 'wt103')
@@ -106,10 +126,19 @@ def main(argv=None):
         iters = {split: corpus.get_iterator(split, args.batch_size, args.tgt_len, device=device,
                                             ext_len=args.ext_len) for split in splits}
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
-        print(f'eval.py: error: {e}', file=sys.stderr)
+        if dist.is_main:
+            print(f'eval.py: error: {e}', file=sys.stderr)
+        dist.close()
         return 2
+    try:
+        return evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist)
+    finally:
+        dist.close()
 
-    log = Logger(None if args.no_log else os.path.join(args.work_dir, 'log.txt'))
+
+def evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist):
+    """Evaluate, print and (rank 0) write eval.json; returns the exit code."""
+    log = Logger(None if args.no_log else os.path.join(args.work_dir, 'log.txt')) if dist.is_main else SilentLog()
     log(f'Evaluating with bsz {args.batch_size} tgt_len {args.tgt_len} ext_len {args.ext_len} '
         f'mem_len {args.mem_len} clamp_len {args.clamp_len}')
     model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
@@ -122,9 +151,10 @@ def main(argv=None):
     for split in splits:
         start = time.time()
         try:
-            loss, n_segments = evaluate(model, iters[split])
+            loss, n_segments = evaluate(model, iters[split], dist=dist)
         except ValueError as e:
-            print(f'eval.py: error: {split} split of {data_dir}: {e}', file=sys.stderr)
+            if dist.is_main:
+                print(f'eval.py: error: {split} split of {data_dir}: {e}', file=sys.stderr)
             return 2
         elapsed = time.time() - start
         log(f'Time : {elapsed:.2f}s, {1000 * elapsed / n_segments:.2f}ms/segment')
@@ -134,7 +164,7 @@ def main(argv=None):
     log(' '.join(format_loss(dataset, split, results[split]['loss']) for split in ('valid', 'test')
                  if split in results))
     log('=' * 100)
-    if not args.no_log:
+    if not args.no_log and dist.is_main:
         report = {'dataset': dataset, 'data': data_dir, 'model_step': saved.get('step'),
                   'settings': {k: getattr(args, k) for k in ('batch_size', 'tgt_len', 'ext_len', 'mem_len',
                                                               'clamp_len', 'same_length')},

@@ -6,8 +6,11 @@ The original train.py's command line (same flags, defaults and meaning) on today
 is torch.autocast with a gradient scaler instead of apex; WORK_DIR/checkpoint.pt holds the whole training state,
 so --restart continues a killed run exactly; checkpoints are plain data; metrics.jsonl sits next to log.txt.
 
+Several processes (`torchrun --nproc_per_node N train.py ...`, see utils/distributed.py): --batch_size is the
+global batch, each rank trains on its columns with DDP, rank 0 logs and writes; --expert-parallel splits the experts.
+
 Exit codes: 0 done, 1 the loss stayed non-finite, 2 bad input (one line on stderr, nothing written),
-143 stopped by SIGTERM after saving checkpoint.pt.
+3 another process of a distributed run died or timed out, 143 stopped by SIGTERM after saving checkpoint.pt.
 """
 import math
 import os
@@ -23,6 +26,8 @@ import data_utils
 import mem_transformer
 from eval import evaluate
 from utils import checkpoint as ckpt
+from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
+from utils.distributed import fail as fail_distributed
 from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
                              peak_memory_mb, pick_device, progress_bar)
 from utils.schedules import SCHEDULERS, PlateauDecay, learning_rate
@@ -35,6 +40,8 @@ RESUME_KEYS = ('dataset', 'batch_size', 'batch_chunk', 'tgt_len', 'ext_len', 'me
 RUNTIME_KEYS = ('dropout', 'dropatt', 'tgt_len', 'ext_len', 'mem_len', 'same_length', 'clamp_len',
                 'moe_capacity_factor', 'moe_eval_capacity_factor', 'moe_balance_coef', 'moe_zloss_coef')
 # The original's adaptive-softmax clusters and whether the tail clusters tie their projections.
+# Batch size of the validation and test iterators during training (the original's).
+EVAL_BATCH_SIZE = 10
 ADAPTIVE_CUTOFFS = {'wt103': ([20000, 40000, 200000], True), 'lm1b': ([60000, 100000, 640000], False)}
 
 
@@ -122,6 +129,11 @@ def build_parser():
     add('--moe-eval-capacity-factor', type=float, default=2.4, help='expert capacity factor in evaluation')
     add('--moe-balance-coef', type=float, default=0.01, help='weight of the load-balance loss')
     add('--moe-zloss-coef', type=float, default=0.0, help='weight of the router z-loss')
+    # Several processes (torchrun).
+    add('--expert-parallel', action='store_true',
+        help='under torchrun: split the experts of each MoE layer over the processes (all_to_all exchange)')
+    add('--dist-timeout', type=int, default=DEFAULT_TIMEOUT_S,
+        help='seconds a process waits for the others before giving up (torchrun runs)')
     return p
 
 
@@ -166,6 +178,10 @@ def check_args(args, parser):
             args.static_loss_scale = 1.
         else:
             args.dynamic_loss_scale = True
+    if args.expert_parallel and not args.moe:
+        fail('--expert-parallel splits the experts of --moe layers: add --moe')
+    if args.dist_timeout < 1:
+        fail(f'--dist-timeout {args.dist_timeout} must be at least 1 second')
     if args.restart and not args.restart_dir and args.debug:
         fail('--restart reads WORK_DIR/checkpoint.pt, which --debug runs never write')
     if args.d_embed < 0:
@@ -303,8 +319,12 @@ class StopRequest:
 class Trainer:
     """The model, its optimizer and loss scaler, and every counter a checkpoint needs to continue exactly."""
 
-    def __init__(self, args, model, device, log, metrics):
-        self.args, self.model, self.device, self.log, self.metrics = args, model.to(device), device, log, metrics
+    def __init__(self, args, model, device, log, metrics, dist=None):
+        self.args, self.device, self.log, self.metrics = args, device, log, metrics
+        self.dist = dist or Dist()
+        self.model = self.dist.shard_experts(model.to(device))
+        self.forward_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
+        model = self.model
         self.optimizer = build_optimizer(args, model)
         self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
         dynamic = args.dynamic_loss_scale or args.static_loss_scale is None
@@ -337,29 +357,32 @@ class Trainer:
         Returns the step's mean loss in nats. A step whose gradients are not finite (fp16 overflow, or a
         non-finite loss) is skipped and counted; a loss non-finite NONFINITE_LIMIT times in a row stops the run.
         """
-        args, model, window = self.args, self.model, self.window
+        args, model, window, dist = self.args, self.model, self.window, self.dist
         for group in self.optimizer.param_groups:
             group['lr'] = self.lr()
         self.optimizer.zero_grad(set_to_none=True)
+        n_tokens = target.numel()  # of the global batch
+        data, target = dist.local(data), dist.local(target)  # this rank's columns
         n_chunk = args.batch_chunk
         step_loss = 0.
         for i, (data_i, target_i) in enumerate(zip(data.chunk(n_chunk, 1), target.chunk(n_chunk, 1))):
-            with self.autocast():
-                ret = model(data_i.contiguous(), target_i.contiguous(), *self.mems[i])
-                loss = ret[0].float().mean()
-                aux = model.aux_loss()
-            self.mems[i] = ret[1:]
-            self.scaler.scale((loss + aux) / n_chunk).backward()
+            with dist.sync_context(last_chunk=i == n_chunk - 1):
+                with self.autocast():
+                    ret = self.forward_model(data_i.contiguous(), target_i.contiguous(), *self.mems[i])
+                    loss = ret[0].float().mean()
+                    aux = model.aux_loss()
+                self.mems[i] = ret[1:]
+                self.scaler.scale((loss + aux) / n_chunk).backward()
             step_loss = step_loss + loss.detach() / n_chunk
             window.aux_sum = window.aux_sum + aux.detach().float() / n_chunk
             window.add_moe(model.moe_load(), model.moe_balance_loss(), 1. / n_chunk)
 
+        dist.finish_grads(model)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.clip_params, args.clip)
+        grad_norm = dist.clip_grad_norm_(self.clip_params, args.clip)
         finite = torch.isfinite(grad_norm)
         if args.clip_nonemb:  # the unclipped embedding gradients must be finite too
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
         if bool(finite):
             self.scaler.step(self.optimizer)
         else:
@@ -367,10 +390,10 @@ class Trainer:
         self.scaler.update(self.static_scale)
         self.step += 1
 
-        step_loss = float(step_loss)
+        step_loss = float(dist.mean(step_loss))  # every rank logs the global mean
         window.n_steps += 1
         window.timed_steps += 1
-        window.timed_tokens += target.numel()
+        window.timed_tokens += n_tokens
         if math.isfinite(step_loss):
             window.loss_sum += step_loss
             window.n_losses += 1
@@ -400,10 +423,10 @@ class Trainer:
             line += f' | skipped {w.n_skipped} steps ({w.n_nonfinite} non-finite losses)'
         if self.scaler.is_enabled():
             record['loss_scale'] = self.scaler.get_scale()
-        if w.moe_load is not None:
-            record['moe_aux_loss'] = float(w.aux_sum) / w.n_steps
-            record['moe_balance_loss'] = (w.moe_balance / w.n_steps).tolist()
-            record['moe_load'] = w.moe_load.tolist()
+        if w.moe_load is not None:  # over all ranks: the load adds up, the losses are averaged
+            record['moe_aux_loss'] = float(self.dist.mean(w.aux_sum)) / w.n_steps
+            record['moe_balance_loss'] = (self.dist.mean(w.moe_balance) / w.n_steps).tolist()
+            record['moe_load'] = self.dist.sum(w.moe_load).tolist()
             line += f' | aux loss {record["moe_aux_loss"]:.4f}'
         self.log(line)
         self.metrics.write(**record)
@@ -418,7 +441,7 @@ class Trainer:
         else:
             model.reset_length(args.eval_tgt_len, args.ext_len, args.mem_len + args.tgt_len - args.eval_tgt_len)
         try:
-            loss, _ = evaluate(model, eval_iter, args.max_eval_steps, self.autocast)
+            loss, _ = evaluate(model, eval_iter, args.max_eval_steps, self.autocast, self.dist)
         finally:
             model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
             model.train()
@@ -447,36 +470,47 @@ class Trainer:
         self.window.restart_clock()  # evaluation time is not training speed
 
     # ---------------------------------------------------------------- checkpoints
+    # Under torchrun every rank takes part in gathering the expert shards and memories; rank 0 writes.
     def save_best(self, run_dir):
-        ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': self.model.config,
-                          'model_state': self.model.state_dict(), 'args': vars(self.args), 'step': self.step,
-                          'val_loss': self.best_val_loss}, os.path.join(run_dir, 'model.pt'))
-        ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
-                          'optimizer_state': self.optimizer.state_dict()}, os.path.join(run_dir, 'optimizer.pt'))
+        dist = self.dist
+        model = {'format': ckpt.FORMAT, 'kind': 'model', 'config': self.model.config,
+                 'model_state': dist.full_model_state(self.model), 'args': vars(self.args), 'step': self.step,
+                 'val_loss': self.best_val_loss}
+        optimizer = {'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
+                     'optimizer_state': dist.full_optimizer_state(self.optimizer)}
+        dist.write(lambda: (ckpt.atomic_save(model, os.path.join(run_dir, 'model.pt')),
+                            ckpt.atomic_save(optimizer, os.path.join(run_dir, 'optimizer.pt'))))
 
     def state_dict(self):
-        return {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config, 'args': vars(self.args),
-                'model_state': self.model.state_dict(), 'optimizer_state': self.optimizer.state_dict(),
-                'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
-                'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'position': self.position,
-                'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
-                'nonfinite_run': self.nonfinite_run, 'window': self.window.state_dict(),
-                'mems': [[m.cpu() for m in mems] for mems in self.mems], 'rng': ckpt.rng_state()}
+        dist = self.dist
+        state = {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config, 'args': vars(self.args),
+                 'model_state': dist.full_model_state(self.model),
+                 'optimizer_state': dist.full_optimizer_state(self.optimizer),
+                 'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
+                 'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'position': self.position,
+                 'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
+                 'nonfinite_run': self.nonfinite_run, 'window': self.window.state_dict(),
+                 'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state()}
+        if dist.active:  # each rank's own dropout stream, for an exact resume with the same world size
+            state['rng_per_rank'] = dist.gather_objects(state['rng'])
+        return state
 
     def load_state_dict(self, state):
-        ckpt.load_weights(self.model, state['model_state'], 'checkpoint.pt')
-        self.optimizer.load_state_dict(state['optimizer_state'])
+        dist = self.dist
+        ckpt.load_weights(self.model, dist.local_model_state(state['model_state'], self.model), 'checkpoint.pt')
+        self.optimizer.load_state_dict(dist.local_optimizer_state(state['optimizer_state'], self.optimizer))
         self.scaler.load_state_dict(state['scaler_state'])
         self.plateau.load_state_dict(state['plateau'])
         for key in ('step', 'epoch', 'batch', 'position', 'best_val_loss', 'last_eval_step', 'nonfinite_run'):
             setattr(self, key, state[key])
         self.window.load_state_dict(state['window'], self.device)
-        self.mems = [[m.to(self.device) for m in mems] for mems in state['mems']]
-        ckpt.set_rng_state(state['rng'])
+        self.mems = dist.local_mems(state['mems'], self.device)
+        dist.set_rng_state(state, self.args.seed, self.step)
 
     def save_checkpoint(self, run_dir):
         if run_dir:
-            ckpt.atomic_save(self.state_dict(), os.path.join(run_dir, 'checkpoint.pt'))
+            state = self.state_dict()
+            self.dist.write(lambda: ckpt.atomic_save(state, os.path.join(run_dir, 'checkpoint.pt')))
 
     # ---------------------------------------------------------------- the loop
     def epoch_batches(self, tr_iter):
@@ -515,6 +549,7 @@ class Trainer:
                 for data, target, seq_len in self.epoch_batches(tr_iter):
                     lr = self.lr()
                     loss = self.train_step(data, target)
+                    stop.signum = self.dist.agree(stop.signum)  # all ranks stop after the same step
                     self.batch += 1
                     self.position = (self.position or 0) + seq_len if hasattr(tr_iter, 'get_fixlen_iter') \
                         else tr_iter.state_dict()
@@ -547,8 +582,8 @@ class Trainer:
     def test(self, te_iter, run_dir):
         """The original's end of training: the best model (model.pt) on the test split."""
         if run_dir and os.path.exists(os.path.join(run_dir, 'model.pt')):
-            ckpt.load_weights(self.model, ckpt.load(os.path.join(run_dir, 'model.pt'), 'model')['model_state'],
-                              'model.pt')
+            best = ckpt.load(os.path.join(run_dir, 'model.pt'), 'model')['model_state']
+            ckpt.load_weights(self.model, self.dist.local_model_state(best, self.model), 'model.pt')
         test_loss = self.validation_loss(te_iter)
         self.log('=' * 100)
         self.log('| End of training ' + format_loss(self.args.dataset, 'test', test_loss))
@@ -565,23 +600,34 @@ def seed_everything(seed, device):
         torch.cuda.manual_seed_all(seed)
 
 
-def prepare(args, parser, notes):
+def prepare(args, parser, notes, dist):
     """Everything that can fail on bad input, before anything is written: flags, data, model, checkpoint."""
     check_args(args, parser)
     check_work_dir(args)
-    device = pick_device(args.cuda, notes.append)
-    if args.multi_gpu or args.gpu0_bsz >= 0:
-        notes.append('NOTE: --multi_gpu/--gpu0_bsz are not used: nn.DataParallel is gone and multi-device '
-                     'training is launched with torchrun (see the README); this process trains on one device '
-                     'with the whole batch')
+    dist.check_batch(args.batch_size, args.batch_chunk)
+    dist.check_eval_batch(EVAL_BATCH_SIZE, 'the evaluation batch of train.py')
+    if args.moe:
+        dist.check_experts(args.moe_num_expert)
+    device = dist.device(pick_device(args.cuda, notes.append))
+    if dist.active:
+        notes.append(f'{dist.world_size} processes, {args.batch_size // dist.world_size} batch columns each'
+                     + (', experts split over the processes' if dist.expert_parallel else ''))
+    elif args.multi_gpu or args.gpu0_bsz >= 0:
+        notes.append('NOTE: --multi_gpu/--gpu0_bsz are not used: nn.DataParallel is gone; launch on N devices with '
+                     '`torchrun --nproc_per_node N train.py ...` (same flags; see the README); this process trains '
+                     'on one device with the whole batch')
+    if args.expert_parallel and not dist.active:
+        notes.append('NOTE: --expert-parallel needs several processes (torchrun); this process holds every expert')
     if args.amp == 'fp16' and device.type == 'cpu':
         notes.append('NOTE: fp16 autocast on the CPU works but is slow; --amp bf16 is the CPU fast path')
     seed_everything(args.seed, device)
     corpus = data_utils.get_lm_corpus(args.data, args.dataset)
+    # Every rank reads the same global batches and trains on its own columns of them.
     iters = [corpus.get_iterator('train', args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len)]
-    iters += [corpus.get_iterator(split, 10, args.eval_tgt_len, device=device, ext_len=args.ext_len)
+    iters += [corpus.get_iterator(split, EVAL_BATCH_SIZE, args.eval_tgt_len, device=device, ext_len=args.ext_len)
               for split in ('valid', 'test')]
     model = build_model(args, len(corpus.vocab))
+    dist.seed_rank(args.seed)  # identical weights everywhere, then each rank its own dropout stream
     state = None
     if args.restart and not args.restart_dir:
         path = os.path.join(args.work_dir, 'checkpoint.pt')
@@ -596,23 +642,47 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     notes = []
+    dist = Dist()
     try:
-        device, (tr_iter, va_iter, te_iter), model, state = prepare(args, parser, notes)
-        trainer = Trainer(args, model, device, None, None)
+        check_args(args, parser)
+        dist = Dist.from_env(args.cuda, args.expert_parallel, args.dist_timeout)
+        device, iters, model, state = prepare(args, parser, notes, dist)
+        n_params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters()))
+        trainer = Trainer(args, model, device, None, None, dist)
         if state is not None:
             trainer.load_state_dict(state)
         elif args.restart_dir and os.path.exists(os.path.join(args.restart_dir, 'optimizer.pt')):
             path = os.path.join(args.restart_dir, 'optimizer.pt')
-            trainer.optimizer.load_state_dict(ckpt.load(path, 'optimizer')['optimizer_state'])
+            saved = ckpt.load(path, 'optimizer')['optimizer_state']
+            trainer.optimizer.load_state_dict(dist.local_optimizer_state(saved, trainer.optimizer))
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
-        print(f'train.py: error: {e}', file=sys.stderr)
+        if dist.is_main:  # every rank finds the same fault; one line is enough
+            print(f'train.py: error: {e}', file=sys.stderr)
+        dist.close()
         return 2
+    try:
+        return run(args, trainer, iters, state, notes, n_params)
+    except RuntimeError as e:
+        if not (dist.active and is_peer_failure(e)):
+            raise
+        kept = f'; the last complete checkpoint is {args.work_dir}/checkpoint.pt (relaunch with --restart)' \
+            if not args.debug else ''
+        fail_distributed('train.py', f'rank {dist.rank} lost contact with the other processes at step '
+                                     f'{trainer.step} ({str(e).strip().splitlines()[0][:200]}){kept}')
+    finally:
+        dist.close()
 
+
+def run(args, trainer, iters, state, notes, n_params):
+    """Log the setup, train, evaluate the last and test the best model; returns the exit code."""
+    tr_iter, va_iter, te_iter = iters
+    main_rank = trainer.dist.is_main
     run_dir = None if args.debug else args.work_dir
-    if run_dir:
+    if run_dir and main_rank:
         os.makedirs(run_dir, exist_ok=True)
-    log = trainer.log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None)
-    trainer.metrics = MetricsWriter(os.path.join(run_dir, 'metrics.jsonl') if run_dir else None)
+    writing = run_dir if main_rank else None  # only rank 0 logs and writes metrics
+    log = trainer.log = Logger(os.path.join(run_dir, 'log.txt') if writing else None) if main_rank else SilentLog()
+    trainer.metrics = MetricsWriter(os.path.join(run_dir, 'metrics.jsonl') if writing else None)
     if run_dir:
         log(f'Run directory : {os.path.abspath(run_dir)} (log.txt, metrics.jsonl, model.pt = best model, '
             f'checkpoint.pt = last state every {args.save_interval} steps)')
@@ -630,8 +700,8 @@ def main(argv=None):
     for k, v in vars(args).items():
         log(f'    - {k} : {v}')
     log('=' * 100)
-    log(f'#params = {sum(p.numel() for p in model.parameters())}')
-    log(f'#non emb params = {sum(p.numel() for p in model.layers.parameters())}')
+    log(f'#params = {n_params[0]}')
+    log(f'#non emb params = {n_params[1]}')
 
     stop = StopRequest()
     stop.install()

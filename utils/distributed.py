@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from utils import checkpoint as ckpt
 from utils.moe import Dispatch, FMoETransformerMLP
 
 DEFAULT_TIMEOUT_S = 600
@@ -73,6 +74,8 @@ class Dist:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.expert_parallel = expert_parallel and world_size > 1
         self.ddp = None
+        # NCCL reduces GPU tensors only; gloo reduces CPU tensors
+        self.comm_device = torch.device('cpu')
 
     @property
     def is_main(self):
@@ -103,13 +106,30 @@ class Dist:
                                  'lower --nproc_per_node')
             torch.cuda.set_device(local_rank)
         dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(rank, world_size, local_rank, expert_parallel)
+        joined = cls(rank, world_size, local_rank, expert_parallel)
+        if use_cuda:
+            joined.comm_device = torch.device('cuda', local_rank)
+        return joined
 
-    def device(self, cuda):
-        """The device of this rank: its own GPU (cuda:LOCAL_RANK) or the CPU."""
-        if cuda and torch.cuda.is_available():
-            return torch.device('cuda', self.local_rank if self.active else torch.cuda.current_device())
-        return torch.device('cpu')
+    def device(self, device):
+        """This rank's device: its own GPU (cuda:LOCAL_RANK) where the single-process choice is a GPU."""
+        if self.active and device.type == 'cuda':
+            return torch.device('cuda', self.local_rank)
+        return device
+
+    def seed_rank(self, seed):
+        """After the model is built from the common seed: rank 0 keeps the single-process stream, the others
+        draw their own dropout masks (python and numpy stay common: they choose the batches)."""
+        if self.rank > 0:
+            torch.manual_seed(seed + self.rank)
+
+    def agree(self, signum):
+        """The stop signal any rank received (or None), so that all ranks stop after the same step."""
+        if not self.active:
+            return signum
+        flag = torch.tensor([signum or 0], device=self.comm_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag) or None
 
     def check_batch(self, bsz, n_chunk=1, what='--batch_size'):
         """Training needs equal shares (DDP averages gradients with equal weights), each divisible by n_chunk."""
@@ -148,16 +168,15 @@ class Dist:
         """The mean over ranks of a tensor that every rank holds (a new tensor; the input is untouched)."""
         if not self.active:
             return tensor
-        out = tensor.detach().clone()
-        dist.all_reduce(out)
-        return out / self.world_size
+        return self.sum(tensor) / self.world_size
 
     def sum(self, tensor):
         if not self.active:
             return tensor
-        out = tensor.detach().clone()
+        tensor = torch.as_tensor(tensor)
+        out = tensor.detach().to(self.comm_device, copy=True)
         dist.all_reduce(out)
-        return out
+        return out.to(tensor.device)
 
     def barrier(self):
         if self.active:
@@ -310,6 +329,17 @@ class Dist:
             return [[m.to(device) for m in chunk] for chunk in mems]
         per_layer = [self.local(torch.cat(layer, 1)) for layer in zip(*mems)]
         return [[m.to(device) for m in chunk] for chunk in zip(*(layer.chunk(len(mems), 1) for layer in per_layer))]
+
+    def set_rng_state(self, state, seed, step):
+        """Each rank's saved RNG state when the world size is unchanged (exact resume); otherwise rank 0's
+        for all, with a fresh torch stream per rank > 0."""
+        per_rank = state.get('rng_per_rank')
+        if per_rank is not None and len(per_rank) == self.world_size:
+            ckpt.set_rng_state(per_rank[self.rank])
+            return
+        ckpt.set_rng_state(state['rng'])
+        if self.rank > 0:
+            torch.manual_seed(seed + self.rank + 7919 * step)
 
     def gather_objects(self, obj):
         """[obj of rank 0, obj of rank 1, ...] on every rank (pickled over the process group, not from a file)."""
