@@ -8,6 +8,7 @@ environment variables.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,6 +166,147 @@ def test_all_to_all_exchange_equals_one_process(backend, top_k, empty_rank):
     results = launch([__file__, 'exchange', backend, top_k, empty_rank], timeout=90)
     assert_all_ok(results)
     assert all('exchange ok' in out for _, out, _ in results)
+
+
+
+# ----------------------------------------------------------------------------- train.py and eval.py
+
+WORDS = 'the of and in to a was is for as on by with he that at from his it an were are which this be or'.split()
+TINY = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
+        '--d_inner', '64', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
+        '--log-interval', '1', '--eval-interval', '3', '--max_eval_steps', '3', '--lr', '0.002',
+        '--scheduler', 'constant', '--dropout', '0', '--dropatt', '0']
+MOE = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']   # naive gate: no balance loss to differ by rank
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    """A tiny character corpus in the prepared enwik8 format (byte ids separated by spaces)."""
+    import random
+    rng = random.Random(0)
+    directory = tmp_path_factory.mktemp('enwik8')
+    for split, size in (('train', 20000), ('valid', 3000), ('test', 3000)):
+        text = ''
+        while len(text) < size:
+            text += ' '.join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + '.\n'
+        lines = text[:size].encode().split(b'\n')
+        (directory / f'{split}.txt').write_text('\n'.join(' '.join(map(str, line)) for line in lines))
+    return directory
+
+
+def train_one_process(corpus, work_dir, *flags):
+    """train.py in a subprocess of its own (one thread), as the reference."""
+    done = subprocess.run([sys.executable, 'train.py', '--data', corpus, '--work_dir', work_dir, *TINY, *flags],
+                          env=worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def metrics(work_dir, split):
+    lines = (Path(work_dir) / 'metrics.jsonl').read_text().splitlines()
+    return {r['step']: r for r in map(json.loads, lines) if r['split'] == split}
+
+
+def assert_same_losses(got, want, steps):
+    for step in steps:
+        assert got[step]['loss'] == pytest.approx(want[step]['loss'], rel=1e-5, abs=1e-6), step
+
+
+def test_ddp_under_torchrun_equals_one_process(tmp_path, corpus):
+    """2 ranks x 2 batch chunks of 1 column against one process with the whole batch of 4 in one chunk."""
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    train_one_process(corpus, one, '--max_step', '4')
+    code, out, err = torchrun(['train.py', '--data', corpus, '--work_dir', two, *TINY, '--max_step', '4',
+                               '--batch_chunk', '2'])
+    assert code == 0, err[-3000:]
+    assert_same_losses(metrics(two, 'train'), metrics(one, 'train'), range(1, 5))
+    assert_same_losses(metrics(two, 'valid'), metrics(one, 'valid'), (3, 4))
+    assert_same_losses(metrics(two, 'test'), metrics(one, 'test'), (4,))
+    assert out.count('| End of training |') == 1   # rank 0 alone prints
+    checkpoint = torch.load(two / 'checkpoint.pt', weights_only=True)
+    assert [m.shape[1] for m in checkpoint['mems'][0]] == [2] * 3   # chunk 0 = global columns 0, 1
+    assert len(checkpoint['rng_per_rank']) == 2
+
+
+def test_expert_parallel_equals_one_process_and_resumes_on_any_world_size(tmp_path, corpus):
+    """Steps 1-3 on 2 expert-parallel ranks, then steps 4-6 on 1 process and, separately, on 2 ranks again:
+    every loss equals the uninterrupted one-process run; the checkpoint holds all experts, fused."""
+    ref = tmp_path / 'ref'
+    train_one_process(corpus, ref, *MOE, '--max_step', '6')
+    first = tmp_path / 'first'
+    assert_all_ok(launch(['train.py', '--data', corpus, '--work_dir', first, *TINY, *MOE, '--expert-parallel',
+                          '--max_step', '3']))
+    want = metrics(ref, 'train')
+    assert_same_losses(metrics(first, 'train'), want, (1, 2, 3))
+    assert metrics(first, 'train')[1]['moe_load'] == want[1]['moe_load']   # summed over ranks
+    state = torch.load(first / 'checkpoint.pt', weights_only=True)
+    assert state['model_state']['layers.0.pos_ff.experts.htoh4.weight'].shape == (4, 64, 32)
+    moments = [tuple(s['exp_avg'].shape) for s in state['optimizer_state']['state'].values()]
+    assert moments.count((4, 64, 32)) == 2   # htoh4 of both layers: Adam's moments gathered like the weights
+
+    again = tmp_path / 'again'
+    shutil.copytree(first, again)
+    train_one_process(corpus, first, *MOE, '--max_step', '6', '--restart')      # 2 ranks -> 1 process
+    assert_same_losses(metrics(first, 'train'), want, range(4, 7))
+    assert_all_ok(launch(['train.py', '--data', corpus, '--work_dir', again, *TINY, *MOE, '--expert-parallel',
+                          '--max_step', '6', '--restart']))                     # 2 ranks -> 2 ranks
+    assert_same_losses(metrics(again, 'train'), want, range(4, 7))
+    assert_same_losses(metrics(again, 'test'), metrics(ref, 'test'), (6,))
+
+
+def test_eval_under_torchrun_reads_the_split_once_with_the_same_result(tmp_path, corpus):
+    run_dir = tmp_path / 'run'
+    train_one_process(corpus, run_dir, *MOE, '--max_step', '2')
+    flags = ['eval.py', '--work_dir', run_dir, '--tgt_len', '8', '--mem_len', '16', '--split', 'valid']
+    done = subprocess.run([sys.executable, *map(str, flags)], env=worker_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    one = json.loads((run_dir / 'eval.json').read_text())['valid']['loss']
+    (run_dir / 'eval.json').unlink()
+    results = launch(flags)
+    assert_all_ok(results)
+    two = json.loads((run_dir / 'eval.json').read_text())['valid']['loss']
+    assert two == pytest.approx(one, rel=1e-6)
+    assert 'valid loss' in results[0][1] and 'valid loss' not in results[1][1]   # printed once, by rank 0
+
+
+def test_bad_distributed_flags_fail_in_one_line_before_writing(tmp_path, corpus):
+    work = tmp_path / 'run'
+    results = launch(['train.py', '--data', corpus, '--work_dir', work, *TINY, '--moe', '--moe-num-expert', '3',
+                      '--moe-top-k', '1', '--expert-parallel', '--max_step', '2'], timeout=60)
+    assert [code for code, _, _ in results] == [2, 2]
+    errors = ''.join(err for _, _, err in results).strip().splitlines()
+    assert errors == ['train.py: error: --expert-parallel: --moe-num-expert 3 must be divisible by the number of '
+                      'processes (2), each holding the same number of experts']
+    assert not work.exists()
+
+
+def test_a_rank_that_dies_stops_the_others_and_leaves_a_loadable_checkpoint(tmp_path, corpus):
+    work = tmp_path / 'run'
+    port = free_port()
+    argv = ['train.py', '--data', corpus, '--work_dir', work, *TINY, '--max_step', '100000', '--save-interval', '2',
+            '--eval-interval', '100000', '--dist-timeout', '30']
+    procs = []
+    try:
+        for rank in range(2):
+            env = worker_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+            procs.append(subprocess.Popen([sys.executable, *map(str, argv)], env=env, cwd=ROOT, text=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          start_new_session=True))
+        deadline = time.time() + 90
+        while not (work / 'checkpoint.pt').exists():
+            assert time.time() < deadline and procs[0].poll() is None, 'no checkpoint written'
+            time.sleep(0.2)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        killed = time.time()
+        _, err = procs[0].communicate(timeout=60)
+        assert time.time() - killed < 45
+        assert procs[0].returncode == 3, err[-2000:]
+        assert 'rank 0 lost contact with the other processes' in err and '--restart' in err
+    finally:
+        stop(procs)
+    state = torch.load(work / 'checkpoint.pt', weights_only=True)
+    assert state['step'] >= 2 and state['step'] % 2 == 0
 
 
 if __name__ == '__main__':

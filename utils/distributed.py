@@ -153,7 +153,12 @@ class Dist:
                              f'of processes ({self.world_size}), each holding the same number of experts')
 
     def close(self):
+        """Leave the process group together: gloo can abort a process whose peer tears down mid-exchange."""
         if self.active and dist.is_initialized():
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer is gone already; nothing left to wait for
+                pass
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ data
@@ -216,8 +221,11 @@ class Dist:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         device = next(model.parameters()).device
         # Buffers are constants (positions), so they need no broadcast at every forward.
-        self.ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        options = dict(device_ids=[device.index] if device.type == 'cuda' else None)
+        try:
+            self.ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False, **options)
+        except TypeError:  # torch before forward_sync_buffers
+            self.ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
         return self.ddp
 
     def sync_context(self, last_chunk):
