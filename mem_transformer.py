@@ -370,7 +370,9 @@ class AdaptiveEmbedding(nn.Module):
         if self.div_val == 1:
             embed = self.emb_layers[0](inp)
             if self.d_proj != self.d_embed:
-                embed = F.linear(embed, self.emb_projs[0])
+                # In the parameters' dtype, as the div_val > 1 branch: under autocast the
+                # projection is bf16, and the embedding is the first memory and residual.
+                embed = F.linear(embed, self.emb_projs[0]).to(self.emb_projs[0].dtype)
         else:
             param = self.emb_projs[0]
             inp_flat = inp.reshape(-1)

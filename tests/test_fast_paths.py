@@ -1,0 +1,332 @@
+"""Each fast path of mem_transformer against the plain computation it replaces.
+
+Exact rewrites are compared in fp32 at |diff| < 1e-5 (outputs and gradients);
+bf16 autocast, whose products round to 8 bits of mantissa, is compared with
+fp32 at a tolerance stated where it is used.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mem_transformer as mt
+from mem_transformer import MemTransformerLM, init_weights
+
+FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (and on a busy machine, waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def restore_flags():
+    saved = {name: getattr(mt, name) for name in FLAGS}
+    yield
+    for name, value in saved.items():
+        setattr(mt, name, value)
+
+
+def set_paths(**flags):
+    for name, value in flags.items():
+        setattr(mt, name, value)
+
+
+def make_model(seed=0, n_token=40, dropout=0.0, **kw):
+    torch.manual_seed(seed)
+    kw = dict(dict(tgt_len=5, mem_len=6, ext_len=0), **kw)
+    model = MemTransformerLM(n_token, 2, 2, 16, 8, 24, dropout, 0.0, **kw)
+    return init_weights(model, init_std=0.1, proj_init_std=0.1)
+
+
+def segments_and_grads(model, data, tgt_len=5, train=True):
+    """Per-token losses of three consecutive segments (memory carried) and the parameter gradients."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    mems, losses = (), []
+    with torch.set_grad_enabled(train):
+        for i in range(0, 3 * tgt_len, tgt_len):
+            out = model(data[i:i + tgt_len], data[i + 1:i + 1 + tgt_len], *mems)
+            losses.append(out[0])
+            mems = out[1:]
+        total = torch.stack(losses)
+        if train:
+            total.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total.detach(), grads
+
+
+def assert_close_dicts(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+CONFIGS = [dict(attn_type=t, pre_lnorm=pre, same_length=same, clamp_len=clamp)
+           for t, pre, same, clamp in itertools.product([0, 1, 2, 3], [False, True], [False, True], [-1, 3])
+           if not (pre and same)]
+
+
+# ------------------------------------------------- heads-first attention, SDPA, query-only projection
+
+@pytest.mark.parametrize('kw', CONFIGS, ids=lambda kw: '-'.join(f'{k}{v}' for k, v in kw.items()))
+def test_fast_attention_equals_the_original_layout(kw):
+    """Losses and every gradient over segments with memory: heads-first layout (with the
+    query-only projection, and SDPA where it applies) against the original's einsums."""
+    model = make_model(**kw)
+    data = torch.randint(0, 40, (16, 3))
+    for train in (True, False):
+        set_paths(FAST_ATTENTION=False, USE_SDPA=False)
+        plain_loss, plain_grads = segments_and_grads(model, data, train=train)
+        for sdpa in (False, True):
+            set_paths(FAST_ATTENTION=True, USE_SDPA=sdpa)
+            loss, grads = segments_and_grads(model, data, train=train)
+            torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=0)
+            assert_close_dicts(grads, plain_grads, atol=1e-5)
+
+
+def test_fast_attention_with_adaptive_softmax_and_attention_dropout():
+    """dropatt > 0 in training takes the explicit path (SDPA's dropout is another random stream):
+    with the same seed, heads-first and original layouts then drop different entries but
+    agree once dropatt is off; in evaluation both are exact."""
+    model = make_model(cutoffs=[10, 25], div_val=2, d_embed=16, tie_projs=[False, True, True])
+    for layer in model.layers:
+        layer.dec_attn.dropatt.p = 0.3
+    data = torch.randint(0, 40, (16, 3))
+    set_paths(FAST_ATTENTION=False)
+    plain, _ = segments_and_grads(model, data, train=False)
+    set_paths(FAST_ATTENTION=True)
+    fast, _ = segments_and_grads(model, data, train=False)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    dropped, _ = segments_and_grads(model, data, train=True)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, fast)
+
+
+def test_sdpa_is_used_only_where_exact():
+    q = torch.randn(2, 2, 3, 4)
+    bias = torch.randn(2, 2, 3, 5, requires_grad=True)
+    off, on = nn.Dropout(0.0), nn.Dropout(0.5)
+    assert mt.use_sdpa(q, None, off) and mt.use_sdpa(q, bias.detach(), off)
+    assert not mt.use_sdpa(q, bias, off)  # CPU: SDPA has no gradient for the bias
+    with torch.no_grad():
+        assert mt.use_sdpa(q, bias, off)
+    assert not mt.use_sdpa(q, None, on.train()) and mt.use_sdpa(q, None, on.eval())
+    set_paths(USE_SDPA=False)
+    assert not mt.use_sdpa(q, None, off)
+
+
+# ---------------------------------------------------------------------------- rel_shift
+
+def test_strided_and_padded_rel_shift_agree_on_the_visible_scores():
+    qlen, mlen = 5, 4
+    klen = qlen + mlen
+    x = torch.randn(2, 3, qlen, klen)
+    strided = mt.rel_shift_heads_first(x)                      # no gradient: a strided view
+    padded = mt.rel_shift_heads_first(x.clone().requires_grad_())  # with one: padding
+    assert strided.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    seq_first = mt.rel_shift(x.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)
+    for i in range(qlen):
+        visible = slice(0, i + mlen + 1)
+        expected = x[..., i, qlen - 1 - i:qlen - 1 - i + i + mlen + 1]
+        assert torch.equal(strided[..., i, visible], expected)
+        assert torch.equal(padded[..., i, visible], expected)
+        assert torch.equal(seq_first[..., i, visible], expected)
+
+
+# ------------------------------------------------------------------------------ dropout
+
+def test_fast_dropout_is_the_documented_function_of_the_random_stream():
+    x = torch.randn(64, 32)
+    drop = mt.Dropout(0.25).train()
+    torch.manual_seed(3)
+    out = drop(x)
+    torch.manual_seed(3)
+    keep = torch.rand(64, 32) >= 0.25
+    assert torch.equal(out, x * (keep.float() / 0.75))
+
+
+def test_fast_dropout_law_gradient_and_dtype():
+    drop = mt.Dropout(0.3).train()
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    out = drop(x)
+    kept = out != 0
+    # 400k Bernoulli(0.7) draws: the kept share is 0.7 within 5 standard deviations (0.0036).
+    assert abs(kept.float().mean().item() - 0.7) < 0.0036
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # d(x * noise)/dx = noise = out for x = 1
+    assert drop(torch.ones(8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(mt.Dropout(0.0).train()(x), x)
+
+
+def test_plain_dropout_is_reachable_and_is_nn_dropout():
+    set_paths(FAST_DROPOUT=False)
+    x = torch.randn(50, 20)
+    torch.manual_seed(5)
+    ours = mt.Dropout(0.4).train()(x)
+    torch.manual_seed(5)
+    assert torch.equal(ours, nn.Dropout(0.4).train()(x))
+
+
+# --------------------------------------------------- masks and positions cached, no host syncs
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split('.')[0])
+        return func(*args, **(kwargs or {}))
+
+
+SYNCS = {'_local_scalar_dense', 'is_nonzero', 'nonzero', 'masked_select', 'unique', 'item'}
+
+
+@pytest.mark.parametrize('attn_type', [0, 1, 2, 3])
+def test_a_training_step_has_no_host_sync_and_builds_no_mask(attn_type):
+    """On a character-level model (no adaptive clusters), forward and backward read no value
+    back to the host (.item(), bool(), nonzero: each a device synchronisation on a GPU), and
+    the second step of a shape builds no mask or position table (no arange, sin, cos)."""
+    model = make_model(attn_type=attn_type, dropout=0.1).train()
+    data = torch.randint(0, 40, (6, 3))
+    model(data[:5], data[1:6])[0].sum().backward()  # fills the caches for this shape
+    mems = model(data[:5], data[1:6])[1:]
+    model(data[:5], data[1:6], *mems)[0].sum().backward()
+    log = OpLog()
+    with log:
+        out = model(data[:5], data[1:6], *mems)
+        out[0].sum().backward()
+    assert not SYNCS & set(log.ops)
+    assert not {'arange', 'sin', 'cos'} & set(log.ops)
+
+
+def test_mask_cache_returns_the_mask_of_its_key():
+    mask = mt.attention_mask(4, 3, 5, False, torch.device('cpu'))
+    assert mt.attention_mask(4, 3, 5, False, torch.device('cpu')) is mask
+    same = mt.attention_mask(4, 5, 5, True, torch.device('cpu'))
+    assert same is not mask
+    for i in range(4):  # causal; with same_length, every query sees mem_len keys
+        assert torch.equal(torch.nonzero(~mask[i]).flatten(), torch.arange(i + 4))
+        assert torch.equal(torch.nonzero(~same[i]).flatten(), torch.arange(i + 1, i + 6))
+
+
+def test_position_cache_follows_inv_freq_and_inference_mode():
+    model = make_model().eval()
+    data = torch.randint(0, 40, (6, 2))
+    with torch.inference_mode():
+        before = model(data[:5], data[1:6])[0].clone()
+    # A position table made under inference_mode must not be reused by a training step.
+    model.train()
+    model(data[:5], data[1:6])[0].sum().backward()
+    # load_state_dict changes inv_freq in place: the cached table must follow.
+    state = model.state_dict()
+    state['pos_emb.inv_freq'] = state['pos_emb.inv_freq'] * 2
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        after = model(data[:5], data[1:6])[0]
+        pos = model._position_embedding(11, torch.zeros(1))
+    seq = torch.arange(10, -1, -1.0)
+    expected = torch.cat([torch.outer(seq, state['pos_emb.inv_freq']).sin(),
+                          torch.outer(seq, state['pos_emb.inv_freq']).cos()], -1)
+    torch.testing.assert_close(pos[:, 0], expected)
+    assert not torch.allclose(before, after)
+
+
+# ---------------------------------------------------------------------------- bf16 autocast
+
+@pytest.mark.parametrize('kw', [dict(attn_type=0), dict(attn_type=1, pre_lnorm=True), dict(attn_type=2),
+                                dict(attn_type=3, same_length=True),
+                                dict(cutoffs=[10, 25], div_val=2, d_embed=16, tie_projs=[False, True, True]),
+                                dict(d_embed=8, cutoffs=[10]), dict(sample_softmax=8),
+                                dict(moe=True, moe_num_expert=4, moe_top_k=2),
+                                dict(moe=True, moe_num_expert=4, moe_top_k=1, moe_gate='switch')])
+def test_bf16_autocast_trains_and_stays_near_fp32(kw):
+    """Under CPU bf16 autocast, fast paths on: no dtype error in training or evaluation, memory
+    kept in fp32, and evaluation losses within 0.05 nats of fp32 (bf16 products carry ~3
+    significant digits; over two layers and a softmax of ~3.7 nats this is a loose bound)."""
+    model = make_model(dropout=0.1, **kw)
+    data = torch.randint(0, 40, (11, 3))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model.train()(data[:5], data[1:6])
+        (out[0].float().mean() + model.aux_loss()).backward()
+        out = model(data[5:10], data[6:11], *out[1:])
+        assert all(m.dtype == torch.float32 for m in out[1:])
+    model.eval()
+    with torch.no_grad():
+        fp32 = model(data[:5], data[1:6])[0]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16 = model(data[:5], data[1:6])[0]
+    assert torch.isfinite(bf16).all()
+    torch.testing.assert_close(bf16.float(), fp32, atol=0.05, rtol=0)
+
+
+def test_fast_and_plain_paths_agree_under_bf16():
+    """The same model under bf16 autocast with and without the fast paths: both round
+    products to bf16, in a different order, so they agree to bf16 precision (0.05 nats)."""
+    model = make_model().eval()
+    data = torch.randint(0, 40, (16, 3))
+    results = {}
+    for fast in (False, True):
+        set_paths(FAST_ATTENTION=fast, USE_SDPA=fast)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            results[fast], _ = segments_and_grads(model, data, train=False)
+    torch.testing.assert_close(results[True].float(), results[False].float(), atol=0.05, rtol=0)
+
+
+def test_positions_are_counted_in_fp32_under_autocast():
+    """A projected word embedding is bf16 under autocast; bf16 cannot count past 256."""
+    model = make_model(d_embed=8, tgt_len=300, mem_len=0)
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    seq = model._position_sequence(300, like)
+    assert seq.dtype == torch.float32 and torch.equal(seq, torch.arange(299, -1, -1.0))
+
+
+# ------------------------------------------------------------------------------- compile
+
+def test_maybe_compile_falls_back_to_eager_and_keeps_the_state_dict(monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    def failing_compile(fn, **options):
+        def compiled(*args, **kwargs):
+            raise TorchDynamoException('no C++ compiler found')
+        return compiled
+
+    model = make_model().eval()
+    data = torch.randint(0, 40, (6, 2))
+    with torch.no_grad():
+        expected = model(data[:5], data[1:6])[0]
+    keys = list(model.state_dict())
+    monkeypatch.setattr(torch, 'compile', failing_compile)
+    assert mt.maybe_compile(model) is model
+    with pytest.warns(UserWarning, match='no C.. compiler found.*running eagerly'), torch.no_grad():
+        assert torch.equal(model(data[:5], data[1:6])[0], expected)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():  # later calls go straight to the eager forward, silently
+        assert torch.equal(model(data[:5], data[1:6])[0], expected)
+
+
+def test_maybe_compile_without_torch_compile(monkeypatch):
+    monkeypatch.delattr(torch, 'compile')
+    model = make_model()
+    with pytest.warns(UserWarning, match='not available'):
+        assert mt.maybe_compile(model) is model
+
+
+def test_maybe_compile_lets_model_errors_through(monkeypatch):
+    monkeypatch.setattr(torch, 'compile', lambda fn, **options: fn)  # a "compiler" that changes nothing
+    model = mt.maybe_compile(make_model())
+    data = torch.randint(0, 40, (6, 2))
+    with pytest.raises(RuntimeError, match='same size'):
+        model(data[:5], data[1:6, :1])  # targets for one of the two sequences
