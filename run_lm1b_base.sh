@@ -6,10 +6,16 @@
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DATA=${DATA_ROOT:-../data}
 [[ $DATA == /* ]] || DATA=$HERE/$DATA
+# NPROC=N launches N processes on this machine through torchrun (DDP, --batch_size stays the global batch);
+# TORCHRUN_ARGS adds torchrun flags, e.g. for several machines (README, "Multiple GPUs and machines").
+LAUNCH=(${PYTHON:-python})
+if [[ ${NPROC:-1} != 1 || -n $TORCHRUN_ARGS ]]; then
+    LAUNCH+=(-m torch.distributed.run --nproc_per_node "${NPROC:-1}" $TORCHRUN_ARGS)
+fi
 
 if [[ $1 == 'train' ]]; then
     echo 'Run training...'
-    ${PYTHON:-python} "$HERE/train.py" \
+    "${LAUNCH[@]}" "$HERE/train.py" \
         --cuda \
         --data "$DATA/one-billion-words/" \
         --dataset lm1b \
@@ -35,7 +41,7 @@ if [[ $1 == 'train' ]]; then
         "${@:2}"
 elif [[ $1 == 'eval' ]]; then
     echo 'Run evaluation...'
-    ${PYTHON:-python} "$HERE/eval.py" \
+    "${LAUNCH[@]}" "$HERE/eval.py" \
         --cuda \
         --data "$DATA/one-billion-words/" \
         --dataset lm1b \

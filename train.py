@@ -361,7 +361,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group['lr'] = self.lr()
         self.optimizer.zero_grad(set_to_none=True)
-        n_tokens = target.numel()  # of the global batch
+        n_tokens, weight = target.numel(), dist.loss_weight(target.size(1))  # of the global batch
         data, target = dist.local(data), dist.local(target)  # this rank's columns
         n_chunk = args.batch_chunk
         step_loss = 0.
@@ -369,7 +369,7 @@ class Trainer:
             with dist.sync_context(last_chunk=i == n_chunk - 1):
                 with self.autocast():
                     ret = self.forward_model(data_i.contiguous(), target_i.contiguous(), *self.mems[i])
-                    loss = ret[0].float().mean()
+                    loss = ret[0].float().mean() * weight
                     aux = model.aux_loss()
                 self.mems[i] = ret[1:]
                 self.scaler.scale((loss + aux) / n_chunk).backward()

@@ -213,29 +213,30 @@ def assert_same_losses(got, want, steps):
 
 
 def test_ddp_under_torchrun_equals_one_process(tmp_path, corpus):
-    """2 ranks x 2 batch chunks of 1 column against one process with the whole batch of 4 in one chunk."""
+    """A global batch of 5 split 3 + 2 over two ranks against one process with the whole batch."""
     one, two = tmp_path / 'one', tmp_path / 'two'
-    train_one_process(corpus, one, '--max_step', '4')
+    train_one_process(corpus, one, '--max_step', '4', '--batch_size', '5')
     code, out, err = torchrun(['train.py', '--data', corpus, '--work_dir', two, *TINY, '--max_step', '4',
-                               '--batch_chunk', '2'])
+                               '--batch_size', '5'])
     assert code == 0, err[-3000:]
     assert_same_losses(metrics(two, 'train'), metrics(one, 'train'), range(1, 5))
     assert_same_losses(metrics(two, 'valid'), metrics(one, 'valid'), (3, 4))
     assert_same_losses(metrics(two, 'test'), metrics(one, 'test'), (4,))
     assert out.count('| End of training |') == 1   # rank 0 alone prints
     checkpoint = torch.load(two / 'checkpoint.pt', weights_only=True)
-    assert [m.shape[1] for m in checkpoint['mems'][0]] == [2] * 3   # chunk 0 = global columns 0, 1
+    assert [m.shape[1] for m in checkpoint['mems'][0]] == [5] * 3   # memories of both ranks, gathered
     assert len(checkpoint['rng_per_rank']) == 2
 
 
 def test_expert_parallel_equals_one_process_and_resumes_on_any_world_size(tmp_path, corpus):
     """Steps 1-3 on 2 expert-parallel ranks, then steps 4-6 on 1 process and, separately, on 2 ranks again:
-    every loss equals the uninterrupted one-process run; the checkpoint holds all experts, fused."""
+    every loss equals the uninterrupted one-process run; the checkpoint holds all experts, fused. The batch of 4
+    runs in 2 chunks (of 1 column per rank, of 2 in one process), so the saved memories change layout."""
     ref = tmp_path / 'ref'
     train_one_process(corpus, ref, *MOE, '--max_step', '6')
     first = tmp_path / 'first'
     assert_all_ok(launch(['train.py', '--data', corpus, '--work_dir', first, *TINY, *MOE, '--expert-parallel',
-                          '--max_step', '3']))
+                          '--max_step', '3', '--batch_chunk', '2']))
     want = metrics(ref, 'train')
     assert_same_losses(metrics(first, 'train'), want, (1, 2, 3))
     assert metrics(first, 'train')[1]['moe_load'] == want[1]['moe_load']   # summed over ranks
@@ -246,10 +247,10 @@ def test_expert_parallel_equals_one_process_and_resumes_on_any_world_size(tmp_pa
 
     again = tmp_path / 'again'
     shutil.copytree(first, again)
-    train_one_process(corpus, first, *MOE, '--max_step', '6', '--restart')      # 2 ranks -> 1 process
+    train_one_process(corpus, first, *MOE, '--max_step', '6', '--restart', '--batch_chunk', '2')  # 2 -> 1
     assert_same_losses(metrics(first, 'train'), want, range(4, 7))
     assert_all_ok(launch(['train.py', '--data', corpus, '--work_dir', again, *TINY, *MOE, '--expert-parallel',
-                          '--max_step', '6', '--restart']))                     # 2 ranks -> 2 ranks
+                          '--max_step', '6', '--restart', '--batch_chunk', '2']))  # 2 ranks -> 2 ranks
     assert_same_losses(metrics(again, 'train'), want, range(4, 7))
     assert_same_losses(metrics(again, 'test'), metrics(ref, 'test'), (6,))
 

@@ -131,16 +131,27 @@ class Dist:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag) or None
 
-    def check_batch(self, bsz, n_chunk=1, what='--batch_size'):
-        """Training needs equal shares (DDP averages gradients with equal weights), each divisible by n_chunk."""
+    def shares(self, bsz):
+        return [stop - start for start, stop in (column_range(bsz, r, self.world_size)
+                                                 for r in range(self.world_size))]
+
+    def check_batch(self, bsz, n_chunk=1):
+        """Every rank needs at least one column of the global batch, and a share that n_chunk divides."""
         if not self.active:
             return
-        if bsz % self.world_size:
-            raise ValueError(f'{what} {bsz} must be divisible by the number of processes ({self.world_size}): '
-                             'it is the global batch, split evenly over the ranks')
-        if (bsz // self.world_size) % n_chunk:
-            raise ValueError(f'--batch_chunk {n_chunk} must divide the batch of each rank '
-                             f'({bsz} / {self.world_size} processes = {bsz // self.world_size})')
+        self.check_eval_batch(bsz, '--batch_size')
+        shares = self.shares(bsz)
+        if any(share % n_chunk for share in shares):
+            raise ValueError(f'--batch_chunk {n_chunk} must divide the batch columns of every process '
+                             f'(--batch_size {bsz} over {self.world_size} processes: {shares})')
+
+    def loss_weight(self, bsz):
+        """Factor on this rank's mean loss so that DDP's plain average over ranks is the mean over the global
+        batch even when the shares differ (22 columns over 4 ranks: 6, 6, 5, 5); 1 for equal shares."""
+        if not self.active:
+            return 1.
+        start, stop = column_range(bsz, self.rank, self.world_size)
+        return (stop - start) * self.world_size / bsz
 
     def check_eval_batch(self, bsz, what):
         if self.active and bsz < self.world_size:
@@ -323,12 +334,16 @@ class Dist:
             return [[m.cpu() for m in chunk] for chunk in mems]
         if not mems[0]:
             return [[] for _ in mems]
-        per_layer = [torch.cat(layer, 1) for layer in zip(*mems)]   # [mlen, B/world, d], this rank's columns
+        per_layer = [torch.cat(layer, 1) for layer in zip(*mems)]   # [mlen, share, d], this rank's columns
+        shares = self.gather_objects(per_layer[0].size(1))
         full = []
         for local in per_layer:
-            parts = [torch.empty_like(local) for _ in range(self.world_size)]
-            dist.all_gather(parts, local.contiguous())
-            full.append(torch.cat(parts, 1).cpu())
+            # all_gather needs equal shapes: pad every share to the widest, then cut the padding off
+            padded = local.new_zeros(local.size(0), max(shares), *local.shape[2:])
+            padded[:, :local.size(1)] = local
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(parts, padded)
+            full.append(torch.cat([part[:, :share] for part, share in zip(parts, shares)], 1).cpu())
         return [list(chunk) for chunk in zip(*(layer.chunk(len(mems), 1) for layer in full))]
 
     def local_mems(self, mems, device):
