@@ -271,8 +271,10 @@ class GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = torch._grouped_mm(grad.t(), rows, offs=offs).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.new_zeros(w.shape[:2], dtype=ctx.weight_dtype).index_add_(
-                0, expert, grad.to(ctx.weight_dtype))
+            # per-expert column sums of grad as one more grouped product (against ones; 8 columns
+            # keep _grouped_mm's 16-byte alignment): no full-size cast or scatter of grad
+            ones = grad.new_ones(grad.shape[0], 8)
+            grad_bias = torch._grouped_mm(grad.t(), ones, offs=offs)[:, :, 0].to(ctx.weight_dtype)
         return grad_rows, grad_weight, grad_bias, None, None
 
 
