@@ -230,7 +230,8 @@ def print_table(rows, meta):
         mem = f"{r['peak_mib']:.1f}" if r['peak_mib'] is not None else 'n/a'
         print(f"{r['experts']:>7} {r['dtype']:>5} {r['variant']:>11} {r['ms']:>8.2f} "
               f"{r['vs_dense']:>8.2f} {r['loop_speedup']:>7.1f} {mem:>9}")
-    print('peak MiB: growth of peak RSS over one fwd+bwd in a fresh process (resource-based)')
+    print('peak MiB: growth of peak RSS over one fwd+bwd in a fresh process (resource-based); '
+          f"1-min load average {meta['loadavg_before']:.2f} before, {meta['loadavg_after']:.2f} after")
     for line in target_lines(rows):
         print(line)
 
@@ -294,7 +295,9 @@ def main(argv=None):
                             for name, dt in DTYPES.items()},
                 memory='peak RSS growth (VmHWM after /proc/self/clear_refs reset) over one '
                        'fwd+bwd in a fresh process, MiB')
+    meta['loadavg_before'] = os.getloadavg()[0]
     rows = run(args)
+    meta['loadavg_after'] = os.getloadavg()[0]   # other work on the machine inflates every row
     print_table(rows, meta)
     if args.json:
         write_json(args.json, dict(meta=meta, rows=rows))
