@@ -167,14 +167,17 @@ def use_sdpa(q, pos_score, dropatt):
     """Whether F.scaled_dot_product_attention can stand in for the explicit softmax.
 
     Its dropout draws its own random stream, so not while dropatt is active. On
-    the CPU its fused kernel has no gradient for an additive bias (it falls back
-    to the explicit computation), so there only when the position scores need
-    no gradient: evaluation, and the absolute attention types.
+    the CPU it pays only where it runs its fused kernel and that kernel is the
+    faster (bench/README.md): in fp32 (its bf16 kernel is slower than the
+    explicit path), and when the position scores need no gradient (it has none
+    for an additive bias): evaluation, and the absolute attention types.
     """
     if not USE_SDPA or (dropatt.training and dropatt.p > 0):
         return False
+    if q.device.type != 'cpu':
+        return True
     bias_needs_grad = pos_score is not None and pos_score.requires_grad and torch.is_grad_enabled()
-    return q.device.type != 'cpu' or not bias_needs_grad
+    return q.dtype in (torch.float32, torch.float64) and not bias_needs_grad
 
 
 def attention_heads_first(q, k, v, attn_mask, pos_score, scale, dropatt):

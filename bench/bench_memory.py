@@ -2,9 +2,9 @@
 
 Each row runs in a fresh Python process that builds the model (bench_train.py's
 TrainStep: MemTransformerLM, Adam, a full memory) and takes --steps optimizer
-steps; the figure is that process's peak resident set size, getrusage's
-ru_maxrss (resource-based, not tracemalloc: it sees every allocator, torch's
-included). `before steps` is the same high-water mark after imports and model
+steps; the figure is that process's peak resident set size (resource-based, not
+tracemalloc, so it sees every allocator, torch's included): Linux's VmHWM, or
+getrusage's ru_maxrss elsewhere (see maxrss_mib). `before steps` is the same high-water mark after imports and model
 construction, so the difference is what the steps add: activations, gradients,
 Adam's moments, the memory tensors.
 
@@ -24,6 +24,19 @@ CHUNKS = (1, 2)
 
 
 def maxrss_mib():
+    """This process's peak resident set size: VmHWM where Linux has it, else ru_maxrss.
+
+    A child's ru_maxrss starts at its parent's resident size at fork (Linux keeps
+    it across exec), so a large parent would hide the child's own peak; VmHWM
+    belongs to the address space exec made, and starts afresh.
+    """
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 2 ** 10
+    except OSError:
+        pass
     kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib_or_bytes / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)
 
@@ -59,7 +72,7 @@ def print_rows(rows):
     for r in rows:
         print(f"{r['config']:>12} {r['dtype']:>5} {r['batch_chunk']:>6} {r['peak_mib']:>9.0f} "
               f"{r['before_mib']:>12.0f} {r['step_mib']:>9.0f}")
-    print('peak MiB: ru_maxrss of a fresh process that built the model and took the steps')
+    print('peak MiB: peak RSS (VmHWM) of a fresh process that built the model and took the steps')
 
 
 def main(argv=None):
