@@ -11,6 +11,11 @@ Peak memory: resource-based, the growth of the peak resident set size (VmHWM, re
 /proc/self/clear_refs) over one forward+backward, measured in a fresh subprocess per row.
 
     python bench/bench_moe.py [--experts 8 16 64] [--json bench_moe.json]
+                              [--threads N] [--tune-malloc]
+
+On a shared machine prefer --threads 1: with 2 threads every parallel region waits for a core
+another process holds, which punishes the layers with many small ops (moe, loop) most.
+--tune-malloc keeps freed large blocks in glibc's heap (see tune_malloc()).
 """
 import argparse
 import ctypes
@@ -232,6 +237,8 @@ def print_table(rows, meta):
               f"{r['vs_dense']:>8.2f} {r['loop_speedup']:>7.1f} {mem:>9}")
     print('peak MiB: growth of peak RSS over one fwd+bwd in a fresh process (resource-based); '
           f"1-min load average {meta['loadavg_before']:.2f} before, {meta['loadavg_after']:.2f} after")
+    diffs = {r['experts']: r['max_abs_diff_vs_loop_fp32'] for r in rows if r['variant'] == 'moe'}
+    print('max |moe - loop| output, fp32: ' + ', '.join(f'{e} experts {d:.1e}' for e, d in diffs.items()))
     for line in target_lines(rows):
         print(line)
 
