@@ -3,7 +3,7 @@
     python plot.py --work_dir DIR [--out DIR]
 
 writes curves.png (training and validation loss, in bits per character for enwik8/text8 and nats otherwise,
-the learning rate and, for MoE runs, the balance loss) and, for MoE runs, moe_load.png: for every layer, the load
+the learning rate and, for MoE gates that have one, the balance loss) and, for MoE runs, moe_load.png: for every layer, the load
 of each expert over training as a multiple of an even share (1 = every expert gets the same number of tokens).
 """
 import os
@@ -44,7 +44,8 @@ def save(fig, path):
 
 def plot_curves(records, path):
     key, unit = ('bpc', 'bits per character') if any('bpc' in r for r in records) else ('loss', 'loss (nats)')
-    moe = any('moe_balance_loss' in r for r in records)
+    # The naive gate has no balance loss: a panel of zeros would only take room.
+    moe = any(any(r.get('moe_balance_loss', [])) for r in records)
     fig, axes = plt.subplots(3 if moe else 2, 1, figsize=(8, 8 if moe else 6), sharex=True,
                              gridspec_kw={'height_ratios': [3, 1, 1] if moe else [3, 1]})
     ax = axes[0]
