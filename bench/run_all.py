@@ -14,6 +14,7 @@ processes on a shared machine slows them alike; each figure is a median.
 --quick shortens every part (a smoke run of a few minutes, not for the README).
 """
 import argparse
+import sys
 import time
 
 from timing import add_common_args, check_common_args, describe, machine, matmul_peak, write_json
@@ -107,12 +108,21 @@ def main(argv=None):
     start = time.time()
     about = machine()
     print(describe(about), flush=True)
+    def progress(what):
+        print(f'[{(time.time() - start) / 60:5.1f} min] {what}', file=sys.stderr, flush=True)
+
+    progress('matrix-product peak')
     peaks = matmul_peak(repeats=args.repeats)
     configs = QUICK_TRAIN_CONFIGS if args.quick else tuple(bench_train.CONFIGS)
+    progress(f'training steps: {", ".join(configs)}')
     train = bench_train.throughput(configs, list(bench_train.DTYPES), args.repeats, args.warmup)
+    progress(f'bf16 loss check, {args.loss_steps} steps')
     check = bench_train.bf16_loss_check(args.loss_steps) if args.loss_steps else None
+    progress('MoE layer (bench_moe.py)')
     moe = moe_layer(args)
+    progress('long-memory evaluation')
     evaluation = bench_eval.throughput(list(bench_train.DTYPES), args.repeats, args.warmup)
+    progress('peak memory, one process per row')
     memory = bench_memory.run(['cpu-dense'] if args.quick else bench_memory.CONFIG_NAMES,
                               ['fp32', 'bf16'], threads=args.threads)
 
