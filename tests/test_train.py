@@ -587,3 +587,39 @@ def test_run_script_trains_and_evaluates_a_tiny_moe(tmp_path, corpus):
     bad = subprocess.run(['bash', str(ROOT / 'run_enwik8_base_moe.sh'), 'tran'], env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and 'usage: bash run_enwik8_base_moe.sh train|eval' in bad.stderr
+
+
+# ----------------------------------------------------------------------------- progress
+
+def test_progress_bar_on_a_terminal_only(tmp_path, corpus, capfd):
+    """On a terminal (a pseudo-terminal here) tqdm shows loss and tokens/s; logs stay plain lines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 140, 0, 0))
+    cmd = [sys.executable, str(ROOT / 'train.py'), '--data', str(corpus), '--work_dir', str(tmp_path / 'tty'),
+           *TINY, '--max_step', '40', '--log-interval', '20']
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=slave, stderr=slave, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=60) == 0
+    os.close(master)
+    screen = b''.join(chunks).decode(errors='replace')
+    assert re.search(r'\d+/40 \[.*step/s, loss=[\d.]+, tok_s=\d+\]', screen)
+    assert re.search(r'\| epoch +1 step +40 ', screen)  # log lines still reach the terminal
+    log = (tmp_path / 'tty' / 'log.txt').read_text()
+    assert 'tok_s' not in log and '\r' not in log
+
+    assert run(tmp_path / 'plain', corpus, '--max_step', '3') == 0  # stdout/stderr are not terminals here
+    out, err = capfd.readouterr()
+    assert '| epoch   1 step        3 ' in out and 'tok_s' not in out + err
