@@ -635,6 +635,10 @@ def prepare(args, parser, notes, dist):
         hint = ' (resume with the flags of that run, or start a new run in another --work_dir)'
         ckpt.check_config(state['config'], model.config, path, hint=hint)
         ckpt.check_config(state['args'], vars(args), path, keys=RESUME_KEYS, hint=hint)
+        others = [k for k in vars(args) if k not in RESUME_KEYS and k != 'restart']
+        changed = ckpt.config_diff(state['args'], vars(args), keys=others)
+        if changed:  # allowed (e.g. a longer --max_step), but said
+            notes.append('NOTE: flags changed since the checkpoint: ' + '; '.join(changed))
     return device, iters, model, state
 
 

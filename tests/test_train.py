@@ -336,6 +336,8 @@ def test_shuffled_multi_file_corpus_resumes_exactly(tmp_path):
     assert run(tmp_path / 'reference', lm1b, *flags, '--max_step', '40') == 0
     assert run(tmp_path / 'resumed', lm1b, *flags, '--max_step', '13') == 0
     assert run(tmp_path / 'resumed', lm1b, *flags, '--max_step', '40', '--restart') == 0
+    assert 'flags changed since the checkpoint: max_step: 13 in the checkpoint, 40 now' in \
+        (tmp_path / 'resumed' / 'log.txt').read_text()
     reference = records(tmp_path / 'reference', 'train')
     assert reference[-1]['epoch'] >= 2  # the run crossed an epoch boundary
     assert train_losses(tmp_path / 'resumed') == train_losses(tmp_path / 'reference')
