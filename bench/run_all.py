@@ -1,6 +1,7 @@
 """The whole benchmark suite of issue 6 in one command: one table, and the same figures as JSON.
 
     python bench/run_all.py [--quick] [--json bench_results.json] [--threads N]
+    python bench/run_all.py --from-json bench_results.json   # reprint an earlier run's table
 
 1+2  training step (bench_train.py): tokens/s, model FLOPs/token, fraction of the
      matrix-product peak timed side by side; bf16 vs fp32 loss on real text
@@ -14,8 +15,10 @@ processes on a shared machine slows them alike; each figure is a median.
 --quick shortens every part (a smoke run of a few minutes, not for the README).
 """
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from timing import add_common_args, check_common_args, describe, machine, matmul_peak, write_json
 import bench_eval
@@ -54,7 +57,7 @@ def table_rows(peaks, train, moe, evaluation, memory):
                      f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3f}", '', f"{r['vs_plain']:.2f} (plain)", ''))
     for r in memory:
         rows.append(('5 memory', r['config'], r['dtype'], f"batch_chunk {r['batch_chunk']}", '', '', '', '', '',
-                     f"{r['peak_mib']:.0f}"))
+                     f"{r['peak_mib']:.0f} (steps +{r['step_mib']:.0f})"))
     return rows
 
 
@@ -94,7 +97,10 @@ def parse_args(argv=None):
     add_common_args(p, repeats=10)
     p.set_defaults(json='bench_results.json')
     p.add_argument('--loss-steps', type=int, default=200, help='steps of the bf16 loss check (0 skips it)')
+    p.add_argument('--from-json', metavar='PATH', help='print the table and targets of an earlier run, run nothing')
     args = p.parse_args(argv)
+    if args.from_json and not Path(args.from_json).is_file():
+        p.error(f'--from-json {args.from_json}: no such file')
     if args.loss_steps < 0:
         p.error(f'--loss-steps must be >= 0, got {args.loss_steps}')
     check_common_args(p, args)
@@ -105,6 +111,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            report(json.load(f))
+        return
     start = time.time()
     about = machine()
     print(describe(about), flush=True)
@@ -126,19 +136,24 @@ def main(argv=None):
     memory = bench_memory.run(['cpu-dense'] if args.quick else bench_memory.CONFIG_NAMES,
                               ['fp32', 'bf16'], threads=args.threads)
 
-    print()
-    print(markdown(table_rows(peaks, train, moe, evaluation, memory)))
-    print()
-    if check:
-        bench_train.print_loss_check(check)
-    for line in target_lines(train, check, moe):
-        print(line)
-    print(f'\n{describe(about)}; median of {args.repeats} repeats after {args.warmup} warm-up; '
-          f'suite took {(time.time() - start) / 60:.1f} min')
-    write_json(args.json, dict(machine=about, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
-                               peak_tflops=peaks, train=train, bf16_loss_check=check, moe_layer=moe,
-                               evaluation=evaluation, memory=memory))
+    results = dict(machine=about, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
+                   minutes=(time.time() - start) / 60, peak_tflops=peaks, train=train, bf16_loss_check=check,
+                   moe_layer=moe, evaluation=evaluation, memory=memory)
+    report(results)
+    write_json(args.json, results)
     print(f'figures written to {args.json}')
+
+
+def report(r):
+    print()
+    print(markdown(table_rows(r['peak_tflops'], r['train'], r['moe_layer'], r['evaluation'], r['memory'])))
+    print()
+    if r['bf16_loss_check']:
+        bench_train.print_loss_check(r['bf16_loss_check'])
+    for line in target_lines(r['train'], r['bf16_loss_check'], r['moe_layer']):
+        print(line)
+    print(f"\n{describe(r['machine'])}; median of {r['repeats']} repeats after {r['warmup']} warm-up"
+          + (f"; suite took {r['minutes']:.1f} min" if 'minutes' in r else ''))
 
 
 if __name__ == '__main__':
