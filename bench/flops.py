@@ -31,8 +31,9 @@ def forward_macs(n_token, n_layer, n_head, d_model, d_head, d_inner, tgt_len, me
     score_products = 3 if attn_type in (0, 1) else 2  # q.k, (q.r), prob.v
     per_layer += score_products * tokens * klen * inner
     per_layer += tokens * inner * d_model             # output projection
-    if moe:
-        per_layer += tokens * (d_model * moe_num_expert + moe_top_k * 2 * d_model * d_inner)
+    if moe:  # the gate, top_k experts per token, and the weighted sum of their outputs
+        per_layer += tokens * (d_model * moe_num_expert + moe_top_k * 2 * d_model * d_inner
+                               + moe_top_k * d_model)
     else:
         per_layer += tokens * 2 * d_model * d_inner
 
