@@ -6,7 +6,8 @@ the memory semantics and every parameter name are the original's, so original
 and FastMoE checkpoints load with `strict=True`.
 
 Shapes follow the original: sequences are time-major, [len, bsz, d_model].
-Attention scores are [qlen, klen, bsz, n_head].
+Attention scores are the original's [qlen, klen, bsz, n_head], or, on the
+default fast path, [bsz, n_head, qlen, klen] (see Attention and the flags below).
 """
 import functools
 import warnings
