@@ -169,6 +169,7 @@ def bf16_loss_check(steps, config_name='cpu-dense', last=20):
             break
         for dtype, run in runs.items():
             curves[dtype].append(run(batch))
+    last = min(last, len(curves['fp32']))
     tail = {dtype: statistics.fmean(c[-last:]) for dtype, c in curves.items()}
     heldout = {dtype: heldout_loss(run.model, valid, config) for dtype, run in runs.items()}
     return dict(config=config_name, steps=len(curves['fp32']), last=last, first_loss=curves['fp32'][0],
