@@ -114,6 +114,9 @@ def main(argv=None):
         dist.check_eval_batch(args.batch_size, '--batch_size')
         device = dist.device(pick_device(args.cuda))
         model, saved = load_model(args.work_dir, device)
+        if (args.same_length or model.same_length) and args.mem_len == 0:
+            raise ValueError('same_length attention (--same_length, or the model was trained with it) needs '
+                             '--mem_len > 0: without a memory it masks every key')
         train_args = saved.get('args', {})
         dataset = args.dataset or train_args.get('dataset', 'wt103')
         data_dir = args.data or train_args.get('data', '../data/wikitext-103')

@@ -132,10 +132,11 @@ def rel_shift_heads_first(x):
     qlen - 1 - i elements into row i of x (and, like the padded version, runs
     into the next row in the masked part). With a gradient we pad as above,
     because autograd's backward of an overlapping strided view is slower than
-    the pad's (bench/README.md).
+    the pad's (bench/README.md); and inside torch.compile, which cannot trace
+    an overlapping view.
     """
     qlen, klen = x.shape[-2:]
-    if x.requires_grad and torch.is_grad_enabled():
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         zero_pad = x.new_zeros(x.shape[:-1] + (1,))
         x_padded = torch.cat([zero_pad, x], dim=-1).view(*x.shape[:-2], klen + 1, qlen)
         return x_padded[..., 1:, :].view_as(x)

@@ -4,14 +4,7 @@
 # Usage: bash run_enwik8_base.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
 # Data: ${DATA_ROOT:-../data}/enwik8/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-DATA=${DATA_ROOT:-../data}
-[[ $DATA == /* ]] || DATA=$HERE/$DATA
-# NPROC=N launches N processes on this machine through torchrun (DDP, --batch_size stays the global batch);
-# TORCHRUN_ARGS adds torchrun flags, e.g. for several machines (README, "Multiple GPUs and machines").
-LAUNCH=(${PYTHON:-python})
-if [[ ${NPROC:-1} != 1 || -n $TORCHRUN_ARGS ]]; then
-    LAUNCH+=(-m torch.distributed.run --nproc_per_node "${NPROC:-1}" $TORCHRUN_ARGS)
-fi
+source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT) and LAUNCH (python, or torchrun with NPROC)
 
 if [[ $1 == 'train' ]]; then
     echo 'Run training...'

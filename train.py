@@ -118,6 +118,9 @@ def build_parser():
     # New in this port.
     add('--amp', default='none', choices=['none', 'fp16', 'bf16'],
         help='autocast precision; bf16 also runs on CPUs, fp16 uses a gradient scaler')
+    add('--compile', action='store_true',
+        help='torch.compile the model (runs eagerly, with a warning, where it cannot compile); '
+             'measured slower than the eager fast paths on CPUs')
     add('--save-interval', type=int, default=1000,
         help='write WORK_DIR/checkpoint.pt every N steps (also at each evaluation, at the end, on a signal)')
     # FastMoE's flags and the MoE options of the model.
@@ -162,6 +165,8 @@ def check_args(args, parser):
     if args.adaptive and args.dataset not in ADAPTIVE_CUTOFFS:
         fail(f'--adaptive is for the large word-level vocabularies ({", ".join(ADAPTIVE_CUTOFFS)}), '
              f'not --dataset {args.dataset}')
+    if args.same_length and args.mem_len == 0:
+        fail('--same_length needs a memory (--mem_len > 0): without one it masks every key and the loss is NaN')
     if args.varlen and args.dataset == 'lm1b':
         fail('--varlen needs an ordered corpus; lm1b is read as shuffled sentences')
     if args.fp16:
@@ -323,6 +328,8 @@ class Trainer:
         self.args, self.device, self.log, self.metrics = args, device, log, metrics
         self.dist = dist or Dist()
         self.model = self.dist.shard_experts(model.to(device))
+        if args.compile:
+            mem_transformer.maybe_compile(self.model)   # in place: state-dict keys stay the same
         self.forward_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
         model = self.model
         self.optimizer = build_optimizer(args, model)

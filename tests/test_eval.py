@@ -117,6 +117,7 @@ def test_bad_input(trained, tmp_path, capsys):
     work, corpus = trained
     expect_error(capsys, tmp_path / 'nowhere', 'nowhere does not exist')
     expect_error(capsys, work, '--tgt_len 0 must be at least 1', '--tgt_len', '0')
+    expect_error(capsys, work, 'needs --mem_len > 0', '--same_length', '--mem_len', '0')
     expect_error(capsys, work, 'data directory', '--data', str(tmp_path / 'missing'))
     expect_error(capsys, work, "invalid choice: 'enwik9'", '--dataset', 'enwik9')
     other = write_corpus(tmp_path / 'digits', sizes=(3000, 1000, 1000), seed=1)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -392,6 +393,30 @@ def test_fp16_loss_scaling_on_the_cpu(tmp_path, corpus):
     assert [r['loss'] for r in dynamic] == pytest.approx([l for _, l in train_losses(fp32)], rel=0.01)
 
 
+def test_compile_trains_like_eager(tmp_path, corpus, monkeypatch):
+    # The aot_eager backend traces forward and backward as inductor does, without needing a C++
+    # compiler: the training step must compile (a failure would fall back to eager, with a warning)
+    # and give eager's losses.
+    compiled = []
+    real_compile = torch.compile
+
+    def aot_eager_compile(fn, **options):
+        compiled.append(fn)
+        return real_compile(fn, backend='aot_eager', **options)
+
+    monkeypatch.setattr(torch, 'compile', aot_eager_compile)
+    flags = [*MOE, '--max_step', '4', '--eval-interval', '4', '--max_eval_steps', '2']
+    assert run(tmp_path / 'eager', corpus, *flags) == 0
+    assert not compiled
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*running eagerly')
+        assert run(tmp_path / 'compiled', corpus, *flags, '--compile') == 0
+    assert len(compiled) == 1
+    eager, fast = records(tmp_path / 'eager'), records(tmp_path / 'compiled')
+    assert [r['split'] for r in fast] == [r['split'] for r in eager]
+    assert [r['loss'] for r in fast] == pytest.approx([r['loss'] for r in eager], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- non-finite steps
 
 @pytest.fixture
@@ -445,6 +470,7 @@ BAD_INPUT = {
     'fp16 and bf16': (['--fp16', '--amp', 'bf16'], '--fp16 means --amp fp16 and contradicts --amp bf16'),
     'loss scale without fp16': (['--static-loss-scale', '8'], 'need --fp16'),
     'negative mem_len': (['--mem_len', '-1'], '--mem_len -1 must be non-negative'),
+    'same_length without memory': (['--same_length', '--mem_len', '0'], '--same_length needs a memory'),
     'unknown flag': (['--n_layers', '3'], 'unrecognized arguments: --n_layers 3'),
     'unknown gate': (['--moe-gate', 'hash'], "invalid choice: 'hash'"),
     'model rejects': (['--attn_type', '7'], 'attn_type=7'),

@@ -236,8 +236,10 @@ def grouped_mm_available(device, dtype):
 
 
 def grouped_mm_fits(device, dtype, widths):
-    """Whether _grouped_mm can run the experts: it must exist for this device/dtype and every
-    feature width must give rows whose stride is a multiple of 16 bytes."""
+    """Whether _grouped_mm can run the experts: it must exist for this device/dtype (and, inside
+    torch.compile, be bf16) and every feature width must give rows whose stride is a multiple of 16 bytes."""
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False   # torch.compile's shape rules for _grouped_mm take bf16 only (eager CPUs also fp32)
     align = 16 // dtype.itemsize
     return all(w % align == 0 for w in widths) and grouped_mm_available(device, dtype)
 
