@@ -66,12 +66,16 @@ def build_model(config, seed=0, dropout=DROPOUT):
 
 class TrainStep:
     """A model, its Adam optimizer and its memory; each call is one optimizer step,
-    split into batch_chunk chunks (each with its own memory) as train.py does."""
+    split into batch_chunk chunks (each with its own memory) as train.py does.
+    paths: 'fast' (the default), 'plain' (fast paths off) or 'compiled' (fast, under
+    torch.compile as train.py --compile; the first two calls compile)."""
 
-    def __init__(self, config, dtype='fp32', fast=True, batch_chunk=1, seed=0):
+    def __init__(self, config, dtype='fp32', paths='fast', batch_chunk=1, seed=0):
         self.model = build_model(config, seed).train()
+        if paths == 'compiled':
+            mt.maybe_compile(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
-        self.amp_dtype, self.fast, self.batch_chunk = DTYPES[dtype], fast, batch_chunk
+        self.amp_dtype, self.fast, self.batch_chunk = DTYPES[dtype], paths != 'plain', batch_chunk
         self.mems = [() for _ in range(batch_chunk)]
         gen = torch.Generator().manual_seed(seed)
         self.batch = torch.randint(0, config['n_token'], (config['tgt_len'] + 1, config['bsz']),
@@ -96,26 +100,25 @@ class TrainStep:
         return total
 
 
-def throughput(names, dtypes, repeats, warmup, plain=('cpu-dense',)):
+def throughput(names, dtypes, repeats, warmup, plain=('cpu-dense',), compiled=()):
     """One row per configuration, dtype and path set. The steps of one configuration
     run side by side, together with the matrix products whose speed is the peak."""
     rows = []
     products, product_flops = matmul_products()
     for name in names:
         config = CONFIGS[name]
-        variants = {(dtype, True): TrainStep(config, dtype) for dtype in dtypes}
-        if name in plain:
-            variants.update({(dtype, False): TrainStep(config, dtype, fast=False) for dtype in dtypes})
+        paths = ['fast'] + ['plain'] * (name in plain) + ['compiled'] * (name in compiled)
+        variants = {(dtype, p): TrainStep(config, dtype, p) for p in paths for dtype in dtypes}
         variants.update({('peak', dtype): products[dtype] for dtype in dtypes})
         seconds = time_side_by_side(variants, repeats, warmup)
         peaks = {dtype: product_flops / seconds.pop(('peak', dtype)) / 1e12 for dtype in dtypes}
         tokens, flops = config['tgt_len'] * config['bsz'], flops_per_token(config)
-        for (dtype, fast), s in seconds.items():
+        for (dtype, path), s in seconds.items():
             tflops = flops * tokens / s / 1e12
-            rows.append(dict(config=name, dtype=dtype, paths='fast' if fast else 'plain', ms=s * 1e3,
+            rows.append(dict(config=name, dtype=dtype, paths=path, ms=s * 1e3,
                              tokens_per_s=tokens / s, gflop_per_token=flops / 1e9, tflops=tflops,
                              peak_tflops=peaks[dtype], peak_fraction=tflops / peaks[dtype],
-                             vs_fp32=seconds.get(('fp32', fast), math.nan) / s))
+                             vs_fp32=seconds.get(('fp32', path), math.nan) / s))
         del variants
     return rows
 
@@ -179,10 +182,10 @@ def bf16_loss_check(steps, config_name='cpu-dense', last=20):
 
 
 def print_rows(rows):
-    print(f"{'config':>12} {'dtype':>5} {'paths':>5} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/tok':>9} "
+    print(f"{'config':>12} {'dtype':>5} {'paths':>8} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/tok':>9} "
           f"{'TFLOP/s':>8} {'peak':>6} {'% peak':>6} {'x fp32':>6}")
     for r in rows:
-        print(f"{r['config']:>12} {r['dtype']:>5} {r['paths']:>5} {r['ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
+        print(f"{r['config']:>12} {r['dtype']:>5} {r['paths']:>8} {r['ms']:>8.1f} {r['tokens_per_s']:>9.0f} "
               f"{r['gflop_per_token']:>9.4f} {r['tflops']:>8.3f} {r['peak_tflops']:>6.3f} "
               f"{100 * r['peak_fraction']:>6.0f} {r['vs_fp32']:>6.2f}")
     print('peak: TFLOP/s of a 2048^3 matrix product in the same dtype, timed side by side with the steps')
@@ -207,6 +210,8 @@ def parse_args(argv=None):
     p.add_argument('--configs', nargs='+', choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=list(DTYPES))
     p.add_argument('--loss-steps', type=int, default=200, help='0 skips the bf16 loss check')
+    p.add_argument('--compile', action='store_true',
+                   help='add torch.compile rows (train.py --compile) for cpu-dense; compiling takes minutes')
     add_common_args(p, repeats=10)
     args = p.parse_args(argv)
     if args.loss_steps < 0:
@@ -220,7 +225,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     print(describe(machine()))
-    rows = throughput(args.configs, args.dtypes, args.repeats, args.warmup)
+    rows = throughput(args.configs, args.dtypes, args.repeats, args.warmup,
+                      compiled=('cpu-dense',) if args.compile else ())
     print_rows(rows)
     check = bf16_loss_check(args.loss_steps) if args.loss_steps else None
     if args.loss_steps:

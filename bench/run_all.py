@@ -97,6 +97,8 @@ def parse_args(argv=None):
     add_common_args(p, repeats=10)
     p.set_defaults(json='bench_results.json')
     p.add_argument('--loss-steps', type=int, default=200, help='steps of the bf16 loss check (0 skips it)')
+    p.add_argument('--compile', action='store_true',
+                   help='add torch.compile rows (train.py --compile) for cpu-dense; compiling takes minutes')
     p.add_argument('--from-json', metavar='PATH', help='print the table and targets of an earlier run, run nothing')
     args = p.parse_args(argv)
     if args.from_json and not Path(args.from_json).is_file():
@@ -125,7 +127,8 @@ def main(argv=None):
     peaks = matmul_peak(repeats=args.repeats)
     configs = QUICK_TRAIN_CONFIGS if args.quick else tuple(bench_train.CONFIGS)
     progress(f'training steps: {", ".join(configs)}')
-    train = bench_train.throughput(configs, list(bench_train.DTYPES), args.repeats, args.warmup)
+    train = bench_train.throughput(configs, list(bench_train.DTYPES), args.repeats, args.warmup,
+                                   compiled=('cpu-dense',) if args.compile else ())
     progress(f'bf16 loss check, {args.loss_steps} steps')
     check = bench_train.bf16_loss_check(args.loss_steps) if args.loss_steps else None
     progress('MoE layer (bench_moe.py)')
