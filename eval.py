@@ -17,10 +17,9 @@ from contextlib import nullcontext
 import torch
 
 import data_utils
-from mem_transformer import MemTransformerLM
-from utils import checkpoint as ckpt
 from utils.distributed import Dist, SilentLog
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device
+from utils.generation import load_trained_model
 
 
 def build_parser():
@@ -84,14 +83,8 @@ def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None):
 
 def load_model(work_dir, device):
     """The model in WORK_DIR/model.pt (plain data: config + weights) and the checkpoint dict."""
-    path = os.path.join(work_dir, 'model.pt')
-    saved = ckpt.load(path, 'model')
-    try:
-        model = MemTransformerLM(**saved['config'])
-    except (TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f'{path} holds a model configuration this code rejects: {e}') from None
-    ckpt.load_weights(model, saved['model_state'], path)
-    return model.to(device), saved
+    model, saved, _ = load_trained_model(os.path.join(work_dir, 'model.pt'), device)
+    return model, saved
 
 
 def check_args(args):

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-import mem_transformer as mt
 from mem_transformer import MemTransformerLM, init_weights, rel_shift
 
 
