@@ -55,6 +55,7 @@ import json, os, sys
 work = sys.argv[1]
 bpc = json.load(open(os.path.join(work, 'eval.json')))['test']['bpc']
 print(f'\nTest bpc of the demo model: {bpc:.3f} (8 bits per character is knowing nothing)')
-print('Plots: ' + ', '.join(os.path.join(work, name) for name in ('curves.png', 'moe_load.png')))
+plots = [os.path.join(work, name) for name in ('curves.png', 'moe_load.png')]
+print('Plots: ' + ', '.join(path for path in plots if os.path.exists(path)))
 print(f'Run directory (log.txt, metrics.jsonl, model.pt, checkpoint.pt): {work}')
 EOF

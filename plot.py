@@ -94,8 +94,9 @@ def make_plots(work_dir, out_dir=None):
     if not os.path.isfile(path):
         raise ValueError(f'{path} does not exist: is {work_dir} a run directory of train.py?')
     records = read_metrics(path)
-    if not any(r.get('split') == 'train' for r in records):
-        raise ValueError(f'{path} has no training line yet (one is written every --log-interval steps)')
+    if not any(r.get('split') in ('train', 'valid', 'test') for r in records):
+        raise ValueError(f'{path} has no training or evaluation line yet (training writes one every '
+                         '--log-interval steps, and evaluates every --eval-interval steps and at the end)')
     out_dir = out_dir or work_dir
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, 'curves.png')]

@@ -61,12 +61,21 @@ def test_plots_a_real_run(tmp_path):
 def test_errors(tmp_path, capsys):
     assert plot.main(['--work_dir', str(tmp_path)]) == 2
     assert 'metrics.jsonl does not exist' in capsys.readouterr().err
-    write_metrics(tmp_path / 'metrics.jsonl', [{'step': 0, 'split': 'valid', 'loss': 1.0}])
+    write_metrics(tmp_path / 'metrics.jsonl', [])
     with (tmp_path / 'metrics.jsonl').open('a') as f:
         f.write('{"step": 1, "spl')  # a line cut by a kill is skipped
     assert plot.main(['--work_dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'no training line yet' in err
+    assert err.count('\n') == 1 and 'no training or evaluation line yet' in err
+    assert not (tmp_path / 'curves.png').exists()
+
+
+def test_a_run_shorter_than_its_log_interval_still_plots(tmp_path):
+    # e.g. bash demo.sh --max_step 40 with --log-interval 50: only the final evaluation is logged
+    write_metrics(tmp_path / 'metrics.jsonl', [{'step': 40, 'split': 'valid', 'loss': 2.0, 'bpc': 2.9},
+                                               {'step': 40, 'split': 'test', 'loss': 2.1, 'bpc': 3.0}])
+    assert [p.split('/')[-1] for p in plot.make_plots(str(tmp_path))] == ['curves.png']
+    assert (tmp_path / 'curves.png').read_bytes().startswith(PNG)
 
 
 @pytest.mark.parametrize('n_layer,n_expert', [(1, 2), (12, 64)])
