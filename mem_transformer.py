@@ -267,6 +267,40 @@ class Attention(nn.Module):
         return h + out if self.pre_lnorm else self.layer_norm(h + out)
 
 
+class KVCache:
+    """The rows a relative-attention layer last projected, with their keys and
+    values, and its last position projection: for decoding (utils/generation.py).
+
+    When the memory of the next call is the tail of those rows (checked
+    exactly), only the new rows are projected, so a decoding step costs O(1)
+    projections instead of O(mem_len). A model uses it only while a decoder
+    attaches it to `kv_cache` and gradients are off.
+    """
+
+    def __init__(self):
+        self.rows = self.k = self.v = None   # [len, bsz, d_model], [len, bsz, n_head * d_head] x 2
+        self.r = self.r_head_k = None
+
+    def lookup(self, mems):
+        """(k, v) of the rows of `mems`, or None when they are not the tail of the stored rows."""
+        if self.rows is None or mems.size(0) > self.rows.size(0):
+            return None
+        n = mems.size(0)
+        start = self.rows.size(0) - n
+        if not torch.equal(self.rows[start:], mems):
+            return None
+        return self.k[start:], self.v[start:]
+
+    def store(self, rows, k, v):
+        self.rows, self.k, self.v = rows, k, v
+
+    def positions(self, r, r_net):
+        """r_net(r), projected again only when r changes (it depends on klen alone)."""
+        if self.r is None or not (self.r is r or (self.r.shape == r.shape and torch.equal(self.r, r))):
+            self.r, self.r_head_k = r, r_net(r)
+        return self.r_head_k
+
+
 class MultiHeadAttn(Attention):
     """Absolute-position attention (attn_type 2 and 3)."""
 
@@ -288,21 +322,34 @@ class RelMultiHeadAttn(Attention):
     """Relative-position attention: one projection for queries, keys and values
     over [memory; segment], queries kept for the segment only."""
 
+    kv_cache = None   # a KVCache while utils.generation decodes with this layer
+
     def _make_input_nets(self):
         self.qkv_net = nn.Linear(self.d_model, 3 * self.n_head * self.d_head, bias=False)
 
+    def active_cache(self):
+        return None if torch.is_grad_enabled() else self.kv_cache
+
     def project(self, w, mems):
         cat = w if mems is None else torch.cat([mems, w], 0)
-        if self.pre_lnorm:
-            cat = self.layer_norm(cat)
-        if FAST_ATTENTION and mems is not None:
-            # Only the segment needs queries: project memory to keys and values alone.
-            inner = self.n_head * self.d_head
-            q = F.linear(cat[-w.size(0):], self.qkv_net.weight[:inner])
-            k, v = torch.chunk(F.linear(cat, self.qkv_net.weight[inner:]), 2, dim=-1)
+        cache = self.active_cache()
+        cached = cache.lookup(mems) if cache is not None and mems is not None else None
+        if cached is not None:
+            # The memory's keys and values are known: project the new rows only.
+            q, k, v = torch.chunk(self.qkv_net(self.layer_norm(w) if self.pre_lnorm else w), 3, dim=-1)
+            k, v = torch.cat([cached[0], k], 0), torch.cat([cached[1], v], 0)
         else:
-            q, k, v = torch.chunk(self.qkv_net(cat), 3, dim=-1)
-            q = q[-w.size(0):]
+            normed = self.layer_norm(cat) if self.pre_lnorm else cat
+            if FAST_ATTENTION and mems is not None:
+                # Only the segment needs queries: project memory to keys and values alone.
+                inner = self.n_head * self.d_head
+                q = F.linear(normed[-w.size(0):], self.qkv_net.weight[:inner])
+                k, v = torch.chunk(F.linear(normed, self.qkv_net.weight[inner:]), 2, dim=-1)
+            else:
+                q, k, v = torch.chunk(self.qkv_net(normed), 3, dim=-1)
+                q = q[-w.size(0):]
+        if cache is not None:
+            cache.store(cat, k, v)
         return self.heads(q), self.heads(k), self.heads(v)
 
 
@@ -315,7 +362,9 @@ class RelPartialLearnableMultiHeadAttn(RelMultiHeadAttn):
 
     def forward(self, w, r, r_w_bias, r_r_bias, attn_mask=None, mems=None):
         q, k, v = self.project(w, mems)
-        r_head_k = self.r_net(r).view(r.size(0), self.n_head, self.d_head)
+        cache = self.active_cache()
+        r_head_k = self.r_net(r) if cache is None else cache.positions(r, self.r_net)
+        r_head_k = r_head_k.view(r.size(0), self.n_head, self.d_head)
         BD = self.rel_shift(self.position_scores(q + self.per_head(r_r_bias), r_head_k))
         return self.attend(w, q + self.per_head(r_w_bias), k, v, attn_mask, BD)
 

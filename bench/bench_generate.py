@@ -1,10 +1,12 @@
 """Benchmark of generation (issue 7): one decoding step with the segment memory against re-running the context.
 
 For a context of L tokens, the next token's log-probabilities come either from
-  cached     one token fed with the memory of the L tokens before it (what generate.py does)
+  cached     one token fed with the memory of the L tokens before it and each layer's keys and values of
+             that memory (what generate.py does)
+  no-KV      the same step projecting the memory to keys and values again (Decoder(kv_cache=False))
   recompute  a forward pass over all L + 1 tokens without memory (what a model without a cache must do)
-Both give the same distribution when the memory holds the whole context (tested in tests/test_generate.py);
-the cached step attends over L + 1 keys for one query, the recompute over (L + 1)^2. Both variants are timed
+All give the same distribution when the memory holds the whole context (tested in tests/test_generate.py);
+the cached step attends over L + 1 keys for one query, the recompute over (L + 1)^2. The variants are timed
 in every repeat, alternately, so machine load affects them alike; figures are medians after warm-up, batch 1,
 eval mode, fp32, on the CPU-sized configuration of the speed suite (4 layers, d_model 256, 4 heads of 64,
 d_inner 1024, character vocabulary 204), dense and MoE (16 experts, top-2, d_inner 512 each). The last rows
@@ -51,24 +53,23 @@ def timed(fn):
 
 @torch.no_grad()
 def step_times(model, context_len, repeats, warmup):
-    """Median seconds of a cached step and of a full recompute, for a context of context_len tokens."""
+    """Median seconds of a decoding step with a full memory of context_len states, with and without the
+    key/value cache, and of a full recompute of context_len + 1 tokens."""
     tokens = torch.randint(0, N_TOKEN, (context_len + 1, 1), generator=torch.Generator().manual_seed(0))
     model.reset_length(128, 0, context_len)
-    decoder = Decoder(model, chunk_len=128)
-    decoder.feed(tokens[:context_len])
-    primed = decoder.mems  # every cached step starts from the same full memory
-
-    def cached():
-        decoder.mems = primed
-        decoder.feed(tokens[context_len:])
+    decoders = {'cached': Decoder(model, chunk_len=128), 'no_kv_cache': Decoder(model, chunk_len=128, kv_cache=False)}
+    for decoder in decoders.values():
+        decoder.feed(tokens[:context_len])  # the memory is full from here on; every step slides it by one
+    steps = {name: (lambda d=decoder: d.feed(tokens[context_len:])) for name, decoder in decoders.items()}
 
     def recompute():
         hidden, _ = model._forward(tokens, mems=None)
         model.log_prob(hidden[-1])
+    steps['recompute'] = recompute
 
-    times = {'cached': [], 'recompute': []}
+    times = {name: [] for name in steps}
     for i in range(warmup + repeats):
-        for name, fn in (('cached', cached), ('recompute', recompute)):
+        for name, fn in steps.items():
             t = timed(fn)
             if i >= warmup:
                 times[name].append(t)
@@ -91,6 +92,7 @@ def run(contexts=(128, 512, 2048), repeats=7, warmup=2, models=tuple(MODELS), ge
         for context_len in contexts:
             t = step_times(model, context_len, repeats, warmup)
             steps.append({'model': name, 'context': context_len, 'cached_ms': 1000 * t['cached'],
+                          'no_kv_cache_ms': 1000 * t['no_kv_cache'],
                           'recompute_ms': 1000 * t['recompute'], 'cached_tokens_per_s': 1 / t['cached'],
                           'recompute_tokens_per_s': 1 / t['recompute'], 'speedup': t['recompute'] / t['cached']})
         rates.append({'model': name, 'mem_len': mem_len, 'tokens': gen_tokens,
@@ -100,10 +102,11 @@ def run(contexts=(128, 512, 2048), repeats=7, warmup=2, models=tuple(MODELS), ge
 
 def format_results(results):
     lines = [f'Generation step, batch 1, fp32, {results["threads"]} threads (median):',
-             f'{"model":<7} {"context":>7} {"cached ms":>10} {"recompute ms":>13} {"cached tok/s":>13} '
-             f'{"recompute tok/s":>16} {"speed-up":>9}']
+             f'{"model":<7} {"context":>7} {"cached ms":>10} {"no-KV ms":>9} {"recompute ms":>13} '
+             f'{"cached tok/s":>13} {"recompute tok/s":>16} {"speed-up":>9}']
     for r in results['steps']:
-        lines.append(f'{r["model"]:<7} {r["context"]:>7} {r["cached_ms"]:>10.2f} {r["recompute_ms"]:>13.2f} '
+        lines.append(f'{r["model"]:<7} {r["context"]:>7} {r["cached_ms"]:>10.2f} {r["no_kv_cache_ms"]:>9.2f} '
+                     f'{r["recompute_ms"]:>13.2f} '
                      f'{r["cached_tokens_per_s"]:>13.1f} {r["recompute_tokens_per_s"]:>16.1f} '
                      f'{r["speedup"]:>8.1f}x')
     for r in results['generate']:

@@ -86,6 +86,37 @@ def test_cached_steps_equal_recomputing_the_full_context(kw):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('kw', [dict(), dict(pre_lnorm=True, same_length=True), dict(attn_type=1),
+                                dict(clamp_len=5, moe=True, moe_num_expert=4, moe_top_k=2),
+                                dict(attn_type=2)],
+                         ids=['attn0', 'pre-lnorm-same-length', 'attn1', 'clamp-moe', 'attn2-uncached'])
+def test_key_value_cache_equals_projecting_the_memory_again(kw):
+    # mem_len 12 < 40 tokens: the memory slides, so the cache must drop its oldest rows as the memory does
+    model = make_model(mem_len=12, **kw)
+    tokens = torch.randint(0, 30, (40, 2), generator=torch.Generator().manual_seed(5))
+    fast, plain = Decoder(model, chunk_len=5), Decoder(model, chunk_len=5, kv_cache=False)
+    assert bool(fast.kv_caches) == (model.attn_type in (0, 1)) and not plain.kv_caches
+    rows_projected = []  # in a cached step the layer projects the new token's rows only
+    hook = model.layers[1].dec_attn.get_submodule('qkv_net' if fast.kv_caches else 'kv_net').register_forward_hook(
+        lambda module, args, out: rows_projected.append(args[0].shape[0]))
+    for decoder in (fast, plain):
+        decoder.out = [decoder.feed(tokens[:13])] + [decoder.feed(tokens[t:t + 1]) for t in range(13, 40)]
+        hook.remove()
+    torch.testing.assert_close(torch.stack(fast.out), torch.stack(plain.out), atol=1e-5, rtol=1e-5)
+    assert rows_projected[-27:] == [1] * 27 if fast.kv_caches else [13] * 27  # attn 2: memory + token
+    assert all(getattr(layer.dec_attn, 'kv_cache', None) is None for layer in model.layers)  # only while feeding
+
+
+def test_key_value_cache_is_not_used_for_another_memory():
+    model = make_model(mem_len=12)
+    tokens = torch.randint(0, 30, (20, 1), generator=torch.Generator().manual_seed(6))
+    fast, plain = Decoder(model, chunk_len=4), Decoder(model, chunk_len=4, kv_cache=False)
+    for decoder in (fast, plain):
+        decoder.feed(tokens[:16])
+        decoder.mems = [m.flip(0) for m in decoder.mems]  # e.g. a caller that edits the memory
+    torch.testing.assert_close(fast.feed(tokens[16:17]), plain.feed(tokens[16:17]), atol=1e-5, rtol=1e-5)
+
+
 def test_memory_reaches_beyond_the_segment_length():
     """With mem_len 32 the prediction at step 20 depends on the first token, 20 > tgt_len = 8 tokens back."""
     model = make_model()

@@ -3,16 +3,18 @@ text <-> token conversion of every dataset.
 
 The loop feeds the prompt in segments of `chunk_len` tokens and then one token per step, handing the model the
 memory of everything it has seen (up to `mem_len` hidden states per layer), so the context reaches back about
-n_layer * mem_len tokens, far beyond the training segment. A step runs the layers for one token only; what it
-still pays per memory position is the attention and, because the memory holds hidden states rather than keys and
-values, their key/value projection (bench/bench_generate.py measures both). A model with mem_len 0 (a vanilla
-Transformer) gets the fallback: every step re-runs the last `chunk_len` tokens.
+n_layer * mem_len tokens, far beyond the training segment. A step runs the layers for one token only. The memory
+holds hidden states; with relative attention (attn_type 0 and 1) each layer also keeps the keys and values it
+projected them to (mem_transformer.KVCache), so what a step still pays per memory position is the attention
+itself (bench/bench_generate.py measures it). A model with mem_len 0 (a vanilla Transformer) gets the fallback:
+every step re-runs the last `chunk_len` tokens.
 """
 import os
+from contextlib import contextmanager
 
 import torch
 
-from mem_transformer import MemTransformerLM
+from mem_transformer import KVCache, MemTransformerLM, RelMultiHeadAttn
 from utils import checkpoint as ckpt
 
 CHAR_DATASETS = ('enwik8', 'text8')
@@ -107,7 +109,7 @@ class Decoder:
     the memory forward. Without memory every call re-runs the last `chunk_len` tokens seen.
     """
 
-    def __init__(self, model, chunk_len):
+    def __init__(self, model, chunk_len, kv_cache=True):
         if chunk_len < 1:
             raise ValueError(f'chunk length {chunk_len} must be at least 1')
         self.model = model.eval()
@@ -115,13 +117,28 @@ class Decoder:
         self.cached = model.mem_len > 0
         self.mems = model.init_mems() if self.cached else None
         self.history = None  # the recent tokens, for the no-memory fallback
+        attns = [layer.dec_attn for layer in model.layers]
+        self.kv_caches = ({attn: KVCache() for attn in attns if isinstance(attn, RelMultiHeadAttn)}
+                          if self.cached and kv_cache else {})
+
+    @contextmanager
+    def caches_attached(self):
+        """The layers use this decoder's key/value caches only inside this block."""
+        for attn, cache in self.kv_caches.items():
+            attn.kv_cache = cache
+        try:
+            yield
+        finally:
+            for attn in self.kv_caches:
+                attn.kv_cache = None
 
     @torch.no_grad()
     def feed(self, tokens):
         """tokens [n, bsz] (n >= 1) -> log-probabilities [bsz, n_token] of the next token."""
         if self.cached:
-            for chunk in tokens.split(self.chunk_len):
-                hidden, self.mems = self.model._forward(chunk, mems=self.mems)
+            with self.caches_attached():
+                for chunk in tokens.split(self.chunk_len):
+                    hidden, self.mems = self.model._forward(chunk, mems=self.mems)
         else:
             seen = tokens if self.history is None else torch.cat([self.history, tokens])
             self.history = seen[-self.chunk_len:]
