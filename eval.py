@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 
 import data_utils
+from mem_transformer import kv_caching, new_kv_caches
 from utils.distributed import Dist, SilentLog
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device
 from utils.generation import load_trained_model
@@ -55,7 +56,8 @@ def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None):
     sharded = dist is not None and dist.active
     model.eval()
     total_loss, total_len, n_segments, n_tokens = 0., 0, 0, 0
-    with torch.no_grad():
+    # Each segment's memory is the previous one's tail: its keys and values are kept, not projected again.
+    with torch.no_grad(), kv_caching(new_kv_caches(model)):
         mems = []
         for data, target, seq_len in eval_iter:
             if 0 < max_steps <= n_segments:

@@ -11,6 +11,7 @@ default fast path, [bsz, n_head, qlen, klen] (see Attention and the flags below)
 """
 import functools
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_proj
 FAST_ATTENTION = True  # scores as [bsz, n_head, qlen, klen]: batched matmuls, softmax over contiguous keys
 USE_SDPA = True        # F.scaled_dot_product_attention when no score needs a gradient (see use_sdpa)
 FAST_DROPOUT = True    # CPU dropout from one uniform draw per element: same law, other random stream
+KV_CACHE = True        # inside kv_caching(): keep the memory's keys and values between calls (see KVCache)
 
 ATTN_TYPES = {
     0: 'relative positions, global biases (Transformer-XL)',
@@ -269,12 +271,13 @@ class Attention(nn.Module):
 
 class KVCache:
     """The rows a relative-attention layer last projected, with their keys and
-    values, and its last position projection: for decoding (utils/generation.py).
+    values, and its last position projection.
 
-    When the memory of the next call is the tail of those rows (checked
-    exactly), only the new rows are projected, so a decoding step costs O(1)
-    projections instead of O(mem_len). A model uses it only while a decoder
-    attaches it to `kv_cache` and gradients are off.
+    The memory of a call is the tail of the rows the layer saw in the call
+    before, so when it is (checked exactly) only the new rows are projected:
+    a decoding step costs O(1) projections instead of O(mem_len), an
+    evaluation segment O(tgt_len) instead of O(mem_len + tgt_len). Used only
+    inside kv_caching() and without gradients.
     """
 
     def __init__(self):
@@ -299,6 +302,25 @@ class KVCache:
         if self.r is None or not (self.r is r or (self.r.shape == r.shape and torch.equal(self.r, r))):
             self.r, self.r_head_k = r, r_net(r)
         return self.r_head_k
+
+
+def new_kv_caches(model):
+    """A fresh KVCache for each relative-attention layer of `model` (none for attn_type 2 and 3)."""
+    return {layer.dec_attn: KVCache() for layer in model.layers
+            if isinstance(layer.dec_attn, RelMultiHeadAttn)}
+
+
+@contextmanager
+def kv_caching(caches):
+    """Inside this block, calls without gradients keep each layer's keys and values in `caches`
+    (from new_kv_caches) for the next call; a training step is never affected."""
+    for attn, cache in caches.items():
+        attn.kv_cache = cache
+    try:
+        yield caches
+    finally:
+        for attn in caches:
+            attn.kv_cache = None
 
 
 class MultiHeadAttn(Attention):
@@ -328,7 +350,7 @@ class RelMultiHeadAttn(Attention):
         self.qkv_net = nn.Linear(self.d_model, 3 * self.n_head * self.d_head, bias=False)
 
     def active_cache(self):
-        return None if torch.is_grad_enabled() else self.kv_cache
+        return None if torch.is_grad_enabled() or not KV_CACHE else self.kv_cache
 
     def project(self, w, mems):
         cat = w if mems is None else torch.cat([mems, w], 0)

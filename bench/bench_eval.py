@@ -16,6 +16,7 @@ import torch
 from timing import add_common_args, check_common_args, describe, machine, time_side_by_side, write_json
 from bench_train import CPU_SIZED, DTYPES, build_model, fast_paths
 from flops import flops_per_token
+import mem_transformer as mt
 
 EVAL_CONFIG = dict(CPU_SIZED, tgt_len=80, mem_len=2100, clamp_len=820, same_length=True, bsz=10)
 
@@ -31,9 +32,10 @@ class EvalStep:
         self.batch = torch.randint(0, config['n_token'], (qlen + 1, bsz), generator=gen)
         self.mems = [torch.randn(config['mem_len'], bsz, config['d_model'], generator=gen)
                      for _ in range(config['n_layer'] + 1)]
+        self.kv_caches = mt.new_kv_caches(self.model)  # as eval.py: the memory's keys and values are kept
 
     def __call__(self):
-        with fast_paths(self.fast), torch.no_grad(), \
+        with fast_paths(self.fast), torch.no_grad(), mt.kv_caching(self.kv_caches), \
                 torch.autocast('cpu', dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             out = self.model(self.batch[:-1], self.batch[1:], *self.mems)
         self.mems = out[1:]

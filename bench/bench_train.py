@@ -39,7 +39,7 @@ CONFIGS = {
     'enwik8-base': dict(CPU_SIZED, n_layer=12, n_head=8, d_model=512, d_head=64, d_inner=2048),
 }
 DROPOUT, DROPATT, LR, CLIP = 0.1, 0.0, 2.5e-4, 0.25  # run_enwik8_base.sh's
-FAST_PATH_FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT')
+FAST_PATH_FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT', 'KV_CACHE')
 SAMPLE = ROOT / 'samples' / 'enwik8-sample.zip'
 
 

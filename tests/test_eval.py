@@ -76,6 +76,22 @@ def test_loss_equals_the_token_level_reference(trained, settings, capsys):
     assert f"Evaluating with bsz {settings['batch_size']} tgt_len {settings['tgt_len']}" in out
 
 
+def test_segments_reuse_the_keys_and_values_of_their_memory(trained, monkeypatch):
+    work, corpus = trained
+    model, _ = evaluation.load_model(str(work), 'cpu')
+    model.reset_length(16, 0, 24)
+    split = data_utils.get_lm_corpus(str(corpus), 'enwik8').get_iterator('test', 3, 16)
+    rows_projected = []
+    model.layers[0].dec_attn.qkv_net.register_forward_hook(
+        lambda module, args, out: rows_projected.append(args[0].shape[0]))
+    cached, n_segments = evaluation.evaluate(model, split)
+    # the segment's rows only, never memory + segment (the first segment has no memory)
+    assert len(rows_projected) == n_segments > 3 and max(rows_projected) <= 16
+    monkeypatch.setattr(mem_transformer, 'KV_CACHE', False)
+    assert evaluation.evaluate(model, split)[0] == pytest.approx(cached, rel=1e-6)
+    assert model.layers[0].dec_attn.kv_cache is None
+
+
 def test_memory_and_both_splits(trained, capsys):
     work, _ = trained
     assert eval_main(work, '--tgt_len', '8') == 0  # --split all; data and dataset come from the checkpoint

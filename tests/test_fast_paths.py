@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mem_transformer as mt
 from mem_transformer import MemTransformerLM, init_weights
 
-FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT')
+FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT', 'KV_CACHE')
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -90,6 +90,27 @@ def test_fast_attention_equals_the_original_layout(kw):
             loss, grads = segments_and_grads(model, data, train=train)
             torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=0)
             assert_close_dicts(grads, plain_grads, atol=1e-5)
+
+
+@pytest.mark.parametrize('kw', CONFIGS, ids=lambda kw: '-'.join(f'{k}{v}' for k, v in kw.items()))
+def test_kv_cache_equals_projecting_the_memory_again(kw):
+    """Evaluation with each layer's memory keys and values kept between segments (mem_len 6 > tgt_len 5,
+    so the memory slides within the cached rows) against projecting memory + segment every time."""
+    model = make_model(**kw)
+    data = torch.randint(0, 40, (16, 3))
+    set_paths(KV_CACHE=False)
+    plain, _ = segments_and_grads(model, data, train=False)
+    set_paths(KV_CACHE=True)
+    for fast_attention in (False, True):
+        set_paths(FAST_ATTENTION=fast_attention)
+        with mt.kv_caching(mt.new_kv_caches(model)) as caches:
+            cached, _ = segments_and_grads(model, data, train=False)
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+        assert len(caches) == (model.n_layer if kw['attn_type'] in (0, 1) else 0)
+        assert all(cache.rows is not None for cache in caches.values())  # they were used
+    with mt.kv_caching(mt.new_kv_caches(model)) as caches:  # a training step ignores them
+        segments_and_grads(model, data, train=True)
+    assert all(cache.rows is None for cache in caches.values())
 
 
 def test_fast_attention_with_adaptive_softmax_and_attention_dropout():

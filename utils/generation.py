@@ -10,11 +10,10 @@ itself (bench/bench_generate.py measures it). A model with mem_len 0 (a vanilla 
 every step re-runs the last `chunk_len` tokens.
 """
 import os
-from contextlib import contextmanager
 
 import torch
 
-from mem_transformer import KVCache, MemTransformerLM, RelMultiHeadAttn
+from mem_transformer import MemTransformerLM, kv_caching, new_kv_caches
 from utils import checkpoint as ckpt
 
 CHAR_DATASETS = ('enwik8', 'text8')
@@ -109,7 +108,7 @@ class Decoder:
     the memory forward. Without memory every call re-runs the last `chunk_len` tokens seen.
     """
 
-    def __init__(self, model, chunk_len, kv_cache=True):
+    def __init__(self, model, chunk_len):
         if chunk_len < 1:
             raise ValueError(f'chunk length {chunk_len} must be at least 1')
         self.model = model.eval()
@@ -117,26 +116,13 @@ class Decoder:
         self.cached = model.mem_len > 0
         self.mems = model.init_mems() if self.cached else None
         self.history = None  # the recent tokens, for the no-memory fallback
-        attns = [layer.dec_attn for layer in model.layers]
-        self.kv_caches = ({attn: KVCache() for attn in attns if isinstance(attn, RelMultiHeadAttn)}
-                          if self.cached and kv_cache else {})
-
-    @contextmanager
-    def caches_attached(self):
-        """The layers use this decoder's key/value caches only inside this block."""
-        for attn, cache in self.kv_caches.items():
-            attn.kv_cache = cache
-        try:
-            yield
-        finally:
-            for attn in self.kv_caches:
-                attn.kv_cache = None
+        self.kv_caches = new_kv_caches(model) if self.cached else {}
 
     @torch.no_grad()
     def feed(self, tokens):
         """tokens [n, bsz] (n >= 1) -> log-probabilities [bsz, n_token] of the next token."""
         if self.cached:
-            with self.caches_attached():
+            with kv_caching(self.kv_caches):
                 for chunk in tokens.split(self.chunk_len):
                     hidden, self.mems = self.model._forward(chunk, mems=self.mems)
         else:
