@@ -344,13 +344,17 @@ class RelMultiHeadAttn(Attention):
     """Relative-position attention: one projection for queries, keys and values
     over [memory; segment], queries kept for the segment only."""
 
-    kv_cache = None   # a KVCache while utils.generation decodes with this layer
+    kv_cache = None   # a KVCache inside kv_caching() (evaluation, generation)
 
     def _make_input_nets(self):
         self.qkv_net = nn.Linear(self.d_model, 3 * self.n_head * self.d_head, bias=False)
 
     def active_cache(self):
-        return None if torch.is_grad_enabled() or not KV_CACHE else self.kv_cache
+        # Never in training (the weights change between steps), nor in a compiled graph (the cache is
+        # Python state that a graph would freeze).
+        if torch.is_grad_enabled() or not KV_CACHE or torch.compiler.is_compiling():
+            return None
+        return self.kv_cache
 
     def project(self, w, mems):
         cat = w if mems is None else torch.cat([mems, w], 0)
