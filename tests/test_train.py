@@ -592,6 +592,18 @@ def test_run_scripts_pass_the_original_flags(script, mode, tmp_path):
     assert args.data == f'{tmp_path}/data/{DATA_DIRS[args.dataset]}/'
 
 
+def test_run_scripts_launch_torchrun_with_nproc(tmp_path):
+    fake_python = tmp_path / 'python'  # prints its whole command line
+    fake_python.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake_python.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake_python), DATA_ROOT='data', NPROC='4', TORCHRUN_ARGS='--nnodes 2')
+    out = subprocess.run(['bash', str(ROOT / 'run_wt103_base.sh'), 'train'], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[1:9] == ['-m', 'torch.distributed.run', '--nproc_per_node', '4', '--nnodes', '2',
+                        str(ROOT / 'train.py'), '--cuda']
+    assert f'{ROOT}/data/wikitext-103/' in out  # a relative DATA_ROOT is taken from the repository
+
+
 def test_run_script_trains_and_evaluates_a_tiny_moe(tmp_path, corpus):
     """run_enwik8_base_moe.sh end to end on the CPU, its sizes overridden by flags given after the mode."""
     (tmp_path / 'data').mkdir()
