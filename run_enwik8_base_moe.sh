@@ -4,46 +4,39 @@
 # Usage: bash run_enwik8_base_moe.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
 # Data: ${DATA_ROOT:-../data}/enwik8/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT) and LAUNCH (python, or torchrun with NPROC)
+source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), LAUNCH (python, or torchrun with NPROC), run_mode
 
-if [[ $1 == 'train' ]]; then
-    echo 'Run training...'
-    "${LAUNCH[@]}" "$HERE/train.py" \
-        --cuda \
-        --data "$DATA/enwik8/" \
-        --dataset enwik8 \
-        --n_layer 12 \
-        --d_model 512 \
-        --n_head 8 \
-        --d_head 64 \
-        --d_inner 1024 \
-        --dropout 0.1 \
-        --dropatt 0.0 \
-        --optim adam \
-        --lr 0.00025 \
-        --warmup_step 0 \
-        --max_step 400000 \
-        --tgt_len 512 \
-        --mem_len 512 \
-        --eval_tgt_len 128 \
-        --batch_size 22 \
-        --multi_gpu \
-        --gpu0_bsz 4 \
-        --moe --moe-num-expert 64 --moe-top-k 2 \
-        "${@:2}"
-elif [[ $1 == 'eval' ]]; then
-    echo 'Run evaluation...'
-    "${LAUNCH[@]}" "$HERE/eval.py" \
-        --cuda \
-        --data "$DATA/enwik8/" \
-        --dataset enwik8 \
-        --tgt_len 80 \
-        --mem_len 2100 \
-        --clamp_len 820 \
-        --same_length \
-        --split test \
-        "${@:2}"
-else
-    echo "usage: bash run_enwik8_base_moe.sh train|eval [flags]" >&2
-    exit 2
-fi
+TRAIN_FLAGS=(
+    --cuda
+    --data "$DATA/enwik8/"
+    --dataset enwik8
+    --n_layer 12
+    --d_model 512
+    --n_head 8
+    --d_head 64
+    --d_inner 1024
+    --dropout 0.1
+    --dropatt 0.0
+    --optim adam
+    --lr 0.00025
+    --warmup_step 0
+    --max_step 400000
+    --tgt_len 512
+    --mem_len 512
+    --eval_tgt_len 128
+    --batch_size 22
+    --multi_gpu
+    --gpu0_bsz 4
+    --moe --moe-num-expert 64 --moe-top-k 2
+)
+EVAL_FLAGS=(
+    --cuda
+    --data "$DATA/enwik8/"
+    --dataset enwik8
+    --tgt_len 80
+    --mem_len 2100
+    --clamp_len 820
+    --same_length
+    --split test
+)
+run_mode "$@"

@@ -4,47 +4,40 @@
 # Usage: bash run_lm1b_base.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
 # Data: ${DATA_ROOT:-../data}/one-billion-words/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT) and LAUNCH (python, or torchrun with NPROC)
+source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), LAUNCH (python, or torchrun with NPROC), run_mode
 
-if [[ $1 == 'train' ]]; then
-    echo 'Run training...'
-    "${LAUNCH[@]}" "$HERE/train.py" \
-        --cuda \
-        --data "$DATA/one-billion-words/" \
-        --dataset lm1b \
-        --adaptive \
-        --n_layer 18 \
-        --d_model 1024 \
-        --div_val 4 \
-        --n_head 8 \
-        --d_head 128 \
-        --d_inner 4096 \
-        --dropout 0.0 \
-        --dropatt 0.0 \
-        --optim adam \
-        --warmup_step 20000 \
-        --max_step 500000 \
-        --lr 0.00025 \
-        --tgt_len 32 \
-        --mem_len 32 \
-        --eval_tgt_len 32 \
-        --batch_size 224 \
-        --multi_gpu \
-        --gpu0_bsz 32 \
-        "${@:2}"
-elif [[ $1 == 'eval' ]]; then
-    echo 'Run evaluation...'
-    "${LAUNCH[@]}" "$HERE/eval.py" \
-        --cuda \
-        --data "$DATA/one-billion-words/" \
-        --dataset lm1b \
-        --batch_size 64 \
-        --tgt_len 32 \
-        --mem_len 128 \
-        --split test \
-        --same_length \
-        "${@:2}"
-else
-    echo "usage: bash run_lm1b_base.sh train|eval [flags]" >&2
-    exit 2
-fi
+TRAIN_FLAGS=(
+    --cuda
+    --data "$DATA/one-billion-words/"
+    --dataset lm1b
+    --adaptive
+    --n_layer 18
+    --d_model 1024
+    --div_val 4
+    --n_head 8
+    --d_head 128
+    --d_inner 4096
+    --dropout 0.0
+    --dropatt 0.0
+    --optim adam
+    --warmup_step 20000
+    --max_step 500000
+    --lr 0.00025
+    --tgt_len 32
+    --mem_len 32
+    --eval_tgt_len 32
+    --batch_size 224
+    --multi_gpu
+    --gpu0_bsz 32
+)
+EVAL_FLAGS=(
+    --cuda
+    --data "$DATA/one-billion-words/"
+    --dataset lm1b
+    --batch_size 64
+    --tgt_len 32
+    --mem_len 128
+    --split test
+    --same_length
+)
+run_mode "$@"

@@ -4,47 +4,40 @@
 # Usage: bash run_lm1b_large.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
 # Data: ${DATA_ROOT:-../data}/one-billion-words/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT) and LAUNCH (python, or torchrun with NPROC)
+source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), LAUNCH (python, or torchrun with NPROC), run_mode
 
-if [[ $1 == 'train' ]]; then
-    echo 'Run training...'
-    "${LAUNCH[@]}" "$HERE/train.py" \
-        --cuda \
-        --data "$DATA/one-billion-words/" \
-        --dataset lm1b \
-        --adaptive \
-        --div_val 4 \
-        --n_layer 24 \
-        --d_model 1280 \
-        --n_head 16 \
-        --d_head 80 \
-        --d_inner 8192 \
-        --dropout 0.05 \
-        --dropatt 0.05 \
-        --optim adam \
-        --warmup_step 30000 \
-        --max_step 1200000 \
-        --lr 0.00025 \
-        --tgt_len 32 \
-        --mem_len 32 \
-        --eval_tgt_len 32 \
-        --batch_size 512 \
-        --multi_gpu \
-        --gpu0_bsz 0 \
-        "${@:2}"
-elif [[ $1 == 'eval' ]]; then
-    echo 'Run evaluation...'
-    "${LAUNCH[@]}" "$HERE/eval.py" \
-        --cuda \
-        --data "$DATA/one-billion-words/" \
-        --dataset lm1b \
-        --batch_size 8 \
-        --tgt_len 32 \
-        --mem_len 128 \
-        --split test \
-        --same_length \
-        "${@:2}"
-else
-    echo "usage: bash run_lm1b_large.sh train|eval [flags]" >&2
-    exit 2
-fi
+TRAIN_FLAGS=(
+    --cuda
+    --data "$DATA/one-billion-words/"
+    --dataset lm1b
+    --adaptive
+    --div_val 4
+    --n_layer 24
+    --d_model 1280
+    --n_head 16
+    --d_head 80
+    --d_inner 8192
+    --dropout 0.05
+    --dropatt 0.05
+    --optim adam
+    --warmup_step 30000
+    --max_step 1200000
+    --lr 0.00025
+    --tgt_len 32
+    --mem_len 32
+    --eval_tgt_len 32
+    --batch_size 512
+    --multi_gpu
+    --gpu0_bsz 0
+)
+EVAL_FLAGS=(
+    --cuda
+    --data "$DATA/one-billion-words/"
+    --dataset lm1b
+    --batch_size 8
+    --tgt_len 32
+    --mem_len 128
+    --split test
+    --same_length
+)
+run_mode "$@"

@@ -4,42 +4,35 @@
 # Usage: bash run_text8_large.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
 # Data: ${DATA_ROOT:-../data}/text8/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT) and LAUNCH (python, or torchrun with NPROC)
+source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), LAUNCH (python, or torchrun with NPROC), run_mode
 
-if [[ $1 == 'train' ]]; then
-    echo 'Run training...'
-    "${LAUNCH[@]}" "$HERE/train.py" \
-        --cuda \
-        --data "$DATA/text8/" \
-        --dataset text8 \
-        --n_layer 24 \
-        --d_model 1024 \
-        --n_head 8 \
-        --d_head 128 \
-        --d_inner 3072 \
-        --dropout 0.15 \
-        --dropatt 0.15 \
-        --optim adam \
-        --lr 0.00025 \
-        --tgt_len 768 \
-        --mem_len 768 \
-        --eval_tgt_len 128 \
-        --batch_size 64 \
-        --max_step 400000 \
-        "${@:2}"
-elif [[ $1 == 'eval' ]]; then
-    echo 'Run evaluation...'
-    "${LAUNCH[@]}" "$HERE/eval.py" \
-        --cuda \
-        --data "$DATA/text8/" \
-        --dataset text8 \
-        --tgt_len 128 \
-        --mem_len 3800 \
-        --clamp_len 1000 \
-        --same_length \
-        --split test \
-        "${@:2}"
-else
-    echo "usage: bash run_text8_large.sh train|eval [flags]" >&2
-    exit 2
-fi
+TRAIN_FLAGS=(
+    --cuda
+    --data "$DATA/text8/"
+    --dataset text8
+    --n_layer 24
+    --d_model 1024
+    --n_head 8
+    --d_head 128
+    --d_inner 3072
+    --dropout 0.15
+    --dropatt 0.15
+    --optim adam
+    --lr 0.00025
+    --tgt_len 768
+    --mem_len 768
+    --eval_tgt_len 128
+    --batch_size 64
+    --max_step 400000
+)
+EVAL_FLAGS=(
+    --cuda
+    --data "$DATA/text8/"
+    --dataset text8
+    --tgt_len 128
+    --mem_len 3800
+    --clamp_len 1000
+    --same_length
+    --split test
+)
+run_mode "$@"

@@ -4,46 +4,39 @@
 # Usage: bash run_wt103_base.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
 # Data: ${DATA_ROOT:-../data}/wikitext-103/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT) and LAUNCH (python, or torchrun with NPROC)
+source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), LAUNCH (python, or torchrun with NPROC), run_mode
 
-if [[ $1 == 'train' ]]; then
-    echo 'Run training...'
-    "${LAUNCH[@]}" "$HERE/train.py" \
-        --cuda \
-        --data "$DATA/wikitext-103/" \
-        --dataset wt103 \
-        --adaptive \
-        --n_layer 16 \
-        --d_model 410 \
-        --n_head 10 \
-        --d_head 41 \
-        --d_inner 2100 \
-        --dropout 0.1 \
-        --dropatt 0.0 \
-        --optim adam \
-        --lr 0.00025 \
-        --warmup_step 0 \
-        --max_step 200000 \
-        --tgt_len 150 \
-        --mem_len 150 \
-        --eval_tgt_len 150 \
-        --batch_size 60 \
-        --multi_gpu \
-        --gpu0_bsz 4 \
-        "${@:2}"
-elif [[ $1 == 'eval' ]]; then
-    echo 'Run evaluation...'
-    "${LAUNCH[@]}" "$HERE/eval.py" \
-        --cuda \
-        --data "$DATA/wikitext-103/" \
-        --dataset wt103 \
-        --tgt_len 64 \
-        --mem_len 640 \
-        --clamp_len 400 \
-        --same_length \
-        --split test \
-        "${@:2}"
-else
-    echo "usage: bash run_wt103_base.sh train|eval [flags]" >&2
-    exit 2
-fi
+TRAIN_FLAGS=(
+    --cuda
+    --data "$DATA/wikitext-103/"
+    --dataset wt103
+    --adaptive
+    --n_layer 16
+    --d_model 410
+    --n_head 10
+    --d_head 41
+    --d_inner 2100
+    --dropout 0.1
+    --dropatt 0.0
+    --optim adam
+    --lr 0.00025
+    --warmup_step 0
+    --max_step 200000
+    --tgt_len 150
+    --mem_len 150
+    --eval_tgt_len 150
+    --batch_size 60
+    --multi_gpu
+    --gpu0_bsz 4
+)
+EVAL_FLAGS=(
+    --cuda
+    --data "$DATA/wikitext-103/"
+    --dataset wt103
+    --tgt_len 64
+    --mem_len 640
+    --clamp_len 400
+    --same_length
+    --split test
+)
+run_mode "$@"
