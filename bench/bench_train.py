@@ -205,28 +205,37 @@ def print_loss_check(check):
               f"relative difference {100 * check[f'{what}_rel_diff']:.2f}%")
 
 
+def add_train_args(p):
+    """The options of the training-step benchmark that run_all.py takes too."""
+    p.add_argument('--loss-steps', type=int, default=200, help='steps of the bf16 loss check (0 skips it)')
+    p.add_argument('--compile', action='store_true',
+                   help='add torch.compile rows (train.py --compile) for cpu-dense; compiling takes minutes')
+
+
+def check_train_args(p, args):
+    if args.loss_steps < 0:
+        p.error(f'--loss-steps must be >= 0, got {args.loss_steps}')
+    if args.quick:
+        args.loss_steps = min(args.loss_steps, 40)
+    args.compiled = ('cpu-dense',) if args.compile else ()   # the configurations with compiled rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--configs', nargs='+', choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument('--dtypes', nargs='+', choices=list(DTYPES), default=list(DTYPES))
-    p.add_argument('--loss-steps', type=int, default=200, help='0 skips the bf16 loss check')
-    p.add_argument('--compile', action='store_true',
-                   help='add torch.compile rows (train.py --compile) for cpu-dense; compiling takes minutes')
+    add_train_args(p)
     add_common_args(p, repeats=10)
     args = p.parse_args(argv)
-    if args.loss_steps < 0:
-        p.error(f'--loss-steps must be >= 0, got {args.loss_steps}')
     check_common_args(p, args)
-    if args.quick:
-        args.loss_steps = min(args.loss_steps, 40)
+    check_train_args(p, args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     print(describe(machine()))
-    rows = throughput(args.configs, args.dtypes, args.repeats, args.warmup,
-                      compiled=('cpu-dense',) if args.compile else ())
+    rows = throughput(args.configs, args.dtypes, args.repeats, args.warmup, compiled=args.compiled)
     print_rows(rows)
     check = bf16_loss_check(args.loss_steps) if args.loss_steps else None
     if args.loss_steps:

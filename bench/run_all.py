@@ -96,18 +96,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_common_args(p, repeats=10)
     p.set_defaults(json='bench_results.json')
-    p.add_argument('--loss-steps', type=int, default=200, help='steps of the bf16 loss check (0 skips it)')
-    p.add_argument('--compile', action='store_true',
-                   help='add torch.compile rows (train.py --compile) for cpu-dense; compiling takes minutes')
+    bench_train.add_train_args(p)
     p.add_argument('--from-json', metavar='PATH', help='print the table and targets of an earlier run, run nothing')
     args = p.parse_args(argv)
     if args.from_json and not Path(args.from_json).is_file():
         p.error(f'--from-json {args.from_json}: no such file')
-    if args.loss_steps < 0:
-        p.error(f'--loss-steps must be >= 0, got {args.loss_steps}')
     check_common_args(p, args)
-    if args.quick:
-        args.loss_steps = min(args.loss_steps, 40)
+    bench_train.check_train_args(p, args)
     return args
 
 
@@ -128,7 +123,7 @@ def main(argv=None):
     configs = QUICK_TRAIN_CONFIGS if args.quick else tuple(bench_train.CONFIGS)
     progress(f'training steps: {", ".join(configs)}')
     train = bench_train.throughput(configs, list(bench_train.DTYPES), args.repeats, args.warmup,
-                                   compiled=('cpu-dense',) if args.compile else ())
+                                   compiled=args.compiled)
     progress(f'bf16 loss check, {args.loss_steps} steps')
     check = bench_train.bf16_loss_check(args.loss_steps) if args.loss_steps else None
     progress('MoE layer (bench_moe.py)')
