@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.test_train import write_corpus  # noqa: E402
 from utils.distributed import Dist, column_range  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 150
@@ -170,7 +171,6 @@ def test_all_to_all_exchange_equals_one_process(backend, top_k, empty_rank):
 
 # ----------------------------------------------------------------------------- train.py and eval.py
 
-WORDS = 'the of and in to a was is for as on by with he that at from his it an were are which this be or'.split()
 TINY = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
         '--d_inner', '64', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
         '--log-interval', '1', '--eval-interval', '3', '--max_eval_steps', '3', '--lr', '0.002',
@@ -180,17 +180,7 @@ MOE = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']   # naive gate: no 
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
-    """A tiny character corpus in the prepared enwik8 format (byte ids separated by spaces)."""
-    import random
-    rng = random.Random(0)
-    directory = tmp_path_factory.mktemp('enwik8')
-    for split, size in (('train', 20000), ('valid', 3000), ('test', 3000)):
-        text = ''
-        while len(text) < size:
-            text += ' '.join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + '.\n'
-        lines = text[:size].encode().split(b'\n')
-        (directory / f'{split}.txt').write_text('\n'.join(' '.join(map(str, line)) for line in lines))
-    return directory
+    return write_corpus(tmp_path_factory.mktemp('enwik8'), sizes=(20000, 3000, 3000))
 
 
 def train_one_process(corpus, work_dir, *flags):
