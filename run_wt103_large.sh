@@ -4,7 +4,7 @@
 # Usage: bash run_wt103_large.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
 # Data: ${DATA_ROOT:-../data}/wikitext-103/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), LAUNCH (python, or torchrun with NPROC), run_mode
+source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), run_mode (python, or torchrun: --multi_gpu, NPROC)
 
 TRAIN_FLAGS=(
     --cuda

@@ -619,10 +619,12 @@ def prepare(args, parser, notes, dist):
     if dist.active:
         notes.append(f'{dist.world_size} processes, {args.batch_size // dist.world_size} batch columns each'
                      + (', experts split over the processes' if dist.expert_parallel else ''))
-    elif args.multi_gpu or args.gpu0_bsz >= 0:
-        notes.append('NOTE: --multi_gpu/--gpu0_bsz are not used: nn.DataParallel is gone; launch on N devices with '
-                     '`torchrun --nproc_per_node N train.py ...` (same flags; see the README); this process trains '
-                     'on one device with the whole batch')
+    elif args.multi_gpu:
+        notes.append('NOTE: --multi_gpu: one process trains on one device with the whole batch; torchrun '
+                     '--nproc_per_node N train.py ... trains on N (the run scripts launch one per visible GPU)')
+    if args.gpu0_bsz >= 0:  # nn.DataParallel's uneven split; DDP gives every process an equal share
+        notes.append(f'NOTE: --gpu0_bsz {args.gpu0_bsz} is ignored: every process takes an equal share of '
+                     '--batch_size')
     if args.expert_parallel and not dist.active:
         notes.append('NOTE: --expert-parallel needs several processes (torchrun); this process holds every expert')
     if args.amp == 'fp16' and device.type == 'cpu':

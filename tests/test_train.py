@@ -19,6 +19,7 @@ import eval as evaluation
 import mem_transformer
 import train
 from utils import checkpoint as ckpt
+from tests import test_launch
 from utils.schedules import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -577,31 +578,15 @@ DATA_DIRS = {'enwik8': 'enwik8', 'text8': 'text8', 'wt103': 'wikitext-103', 'lm1
 
 @pytest.mark.parametrize('script,mode', sorted(SCRIPT_FLAGS))
 def test_run_scripts_pass_the_original_flags(script, mode, tmp_path):
-    fake_python = tmp_path / 'python'  # prints the command line instead of running it
-    fake_python.write_text('#!/bin/sh\nshift\nfor a in "$@"; do echo "$a"; done\n')
-    fake_python.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake_python), DATA_ROOT=str(tmp_path / 'data'))
-    out = subprocess.run(['bash', str(ROOT / script), mode, '--work_dir', 'W'], env=env, capture_output=True,
-                         text=True, check=True).stdout.splitlines()
+    out = test_launch.launch(tmp_path, script, mode, '--work_dir', 'W', DATA_ROOT=str(tmp_path / 'data'),
+                             NPROC='1')  # prints the command line instead of running it
     assert out[0] == ('Run training...' if mode == 'train' else 'Run evaluation...')
     parser = train.build_parser() if mode == 'train' else evaluation.build_parser()
-    args = parser.parse_args(out[1:])
+    args = parser.parse_args(out[2:])
     for dest, value in SCRIPT_FLAGS[script, mode].items():
         assert getattr(args, dest) == value, dest
     assert args.cuda and args.work_dir == 'W'
     assert args.data == f'{tmp_path}/data/{DATA_DIRS[args.dataset]}/'
-
-
-def test_run_scripts_launch_torchrun_with_nproc(tmp_path):
-    fake_python = tmp_path / 'python'  # prints its whole command line
-    fake_python.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
-    fake_python.chmod(0o755)
-    env = dict(os.environ, PYTHON=str(fake_python), DATA_ROOT='data', NPROC='4', TORCHRUN_ARGS='--nnodes 2')
-    out = subprocess.run(['bash', str(ROOT / 'run_wt103_base.sh'), 'train'], env=env, capture_output=True,
-                         text=True, check=True).stdout.splitlines()
-    assert out[1:9] == ['-m', 'torch.distributed.run', '--nproc_per_node', '4', '--nnodes', '2',
-                        str(ROOT / 'train.py'), '--cuda']
-    assert f'{ROOT}/data/wikitext-103/' in out  # a relative DATA_ROOT is taken from the repository
 
 
 def test_run_script_trains_and_evaluates_a_tiny_moe(tmp_path, corpus):
