@@ -5,15 +5,13 @@
 # each call starts a fresh run. Extra arguments go to train.py (e.g. bash demo.sh --max_step 200).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-PY=${PYTHON:-python3}
 OUT=${DEMO_DIR:-demo_run}
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slow a step down tenfold.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-if ! "$PY" -c 'import torch, numpy, tqdm, matplotlib' 2>/dev/null; then
-    echo "== Installing the requirements (requirements.txt)"
-    "$PY" -m pip install -q -r requirements.txt
-fi
+# PY: a Python with requirements.txt installed (an activated environment, python3, or a .venv made here).
+source utils/python_env.sh
+use_python requirements.txt
 
 if [[ ! -f $OUT/data/test.txt ]]; then
     echo "== Preparing samples/enwik8-sample.zip (1.2 MB of Wikipedia XML) into $OUT/data"
