@@ -299,8 +299,10 @@ def infer_config(state, hints, flags, dataset=None):
 
 def _infer_attention(inf):
     state, n_layer = inf.state, inf.config['n_layer']
+    untie_r = 'r_w_bias' not in state and 'layers.0.dec_attn.r_w_bias' in state  # a pair per layer (TF, HF)
     if 'layers.0.dec_attn.r_net.weight' in state:
-        attn_type, (n_head, d_head) = 0, inf.shape('r_w_bias')
+        attn_type, (n_head, d_head) = 0, inf.shape('layers.0.dec_attn.r_w_bias' if untie_r else 'r_w_bias')
+        inf.set('untie_r', untie_r)
     elif 'r_bias' in state:
         attn_type, (_, n_head, d_head) = 1, inf.shape('r_w_bias')
     elif 'r_emb' in state:

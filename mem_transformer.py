@@ -380,10 +380,18 @@ class RelMultiHeadAttn(Attention):
 
 
 class RelPartialLearnableMultiHeadAttn(RelMultiHeadAttn):
-    """attn_type 0, the paper's: score = (q + u)·k + rel_shift((q + v)·W_r r)."""
+    """attn_type 0, the paper's: score = (q + u)·k + rel_shift((q + v)·W_r r).
 
-    def __init__(self, *args, **kwargs):
+    The biases u, v (r_w_bias, r_r_bias) are the model's, shared by every layer as in the
+    original PyTorch code, or with untie_r this layer's own, as in the TensorFlow code and the
+    Hugging Face checkpoints (keys layers.N.dec_attn.r_w_bias). Empty parameters draw no random
+    numbers, so a seeded construction is the same either way."""
+
+    def __init__(self, *args, untie_r=False, **kwargs):
         super().__init__(*args, **kwargs)
+        if untie_r:
+            self.r_r_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
+            self.r_w_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
         self.r_net = nn.Linear(self.d_model, self.n_head * self.d_head, bias=False)
 
     def forward(self, w, r, r_w_bias, r_r_bias, attn_mask=None, mems=None):
@@ -492,7 +500,7 @@ def attention_mask(qlen, mlen, mem_len, same_length, device, inference_mode=Fals
 def check_config(n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dropatt,
                  d_embed, div_val, cutoffs, tgt_len, ext_len, mem_len, attn_type,
                  sample_softmax, tie_weight, moe, moe_num_expert, moe_top_k, moe_gate,
-                 **unchecked):
+                 untie_r=False, **unchecked):
     """Raise ValueError naming the first argument whose value cannot work."""
     def bad(name, value, why):
         raise ValueError(f'{name}={value!r}: {why}')
@@ -512,6 +520,8 @@ def check_config(n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dr
             bad(name, value, 'must be >= 0')
     if attn_type in (1, 3) and not tgt_len:
         bad('tgt_len', tgt_len, f'attn_type {attn_type} sizes its position table by tgt_len + ext_len + mem_len')
+    if untie_r and attn_type != 0:
+        bad('untie_r', untie_r, f'only attn_type 0 shares r_w_bias/r_r_bias across layers (attn_type {attn_type})')
     if attn_type == 3 and n_head * d_head != d_model:
         bad('d_head', d_head, 'attn_type 3 adds per-head position embeddings to the hidden state, '
             'so n_head * d_head must equal d_model')
@@ -544,7 +554,7 @@ class MemTransformerLM(nn.Module):
                  same_length=False, attn_type=0, clamp_len=-1,
                  sample_softmax=-1, moe=False, moe_num_expert=64, moe_top_k=2,
                  moe_gate='naive', moe_capacity_factor=1.2, moe_eval_capacity_factor=2.4,
-                 moe_balance_coef=0.01, moe_zloss_coef=0.0):
+                 moe_balance_coef=0.01, moe_zloss_coef=0.0, untie_r=False):
         super().__init__()
         # Plain data: MemTransformerLM(**model.config) rebuilds this model.
         config = {k: v for k, v in locals().items() if k not in ('self', '__class__')}
@@ -573,10 +583,12 @@ class MemTransformerLM(nn.Module):
                       2: MultiHeadAttn, 3: MultiHeadAttn}[attn_type]
         moe_options = dict(moe_num_expert=moe_num_expert, moe_top_k=moe_top_k, gate=moe_gate,
                            capacity_factor=(moe_capacity_factor, moe_eval_capacity_factor))
+        self.untie_r = untie_r
+        attn_options = dict(untie_r=untie_r) if attn_type == 0 else {}
         self.layers = nn.ModuleList()
         for _ in range(n_layer):
             dec_attn = attn_class(n_head, d_model, d_head, dropout, dropatt=dropatt,
-                                  pre_lnorm=pre_lnorm)
+                                  pre_lnorm=pre_lnorm, **attn_options)
             if moe:
                 pos_ff = MoEPositionwiseFF(d_model, d_inner, dropout, pre_lnorm=pre_lnorm,
                                            **moe_options)
@@ -617,8 +629,9 @@ class MemTransformerLM(nn.Module):
     def _create_params(self):
         if self.attn_type == 0:
             self.pos_emb = PositionalEmbedding(self.d_model)
-            self.r_w_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
-            self.r_r_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
+            if not self.untie_r:  # else each layer has its own (RelPartialLearnableMultiHeadAttn)
+                self.r_w_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
+                self.r_r_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
         elif self.attn_type == 1:
             self.r_emb = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head, self.d_head))
             self.r_w_bias = nn.Parameter(torch.empty(self.n_layer, self.n_head, self.d_head))
@@ -713,7 +726,8 @@ class MemTransformerLM(nn.Module):
             pos_emb = self.drop(pos_emb)
             hids.append(core_out)
             for i, layer in enumerate(self.layers):
-                core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias,
+                biases = layer.dec_attn if self.untie_r else self
+                core_out = layer(core_out, pos_emb, biases.r_w_bias, biases.r_r_bias,
                                  dec_attn_mask=dec_attn_mask, mems=mem(i))
                 hids.append(core_out)
         elif self.attn_type == 1:
@@ -845,6 +859,9 @@ def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_
             nn.init.normal_(m.weight, 1.0, init_std)
             if m.bias is not None:
                 init_bias(m.bias)
+        elif 'MultiHeadAttn' in classname and hasattr(m, 'r_w_bias'):  # untie_r: per-layer biases
+            init_weight(m.r_w_bias)
+            init_weight(m.r_r_bias)
         elif 'TransformerLM' in classname:
             for name in ('r_emb', 'r_w_bias', 'r_r_bias'):
                 if hasattr(m, name):

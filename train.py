@@ -103,6 +103,9 @@ def build_parser():
     add('--attn_type', type=int, default=0,
         help='attention type. 0 for ours, 1 for Shaw et al, 2 for Vaswani et al, 3 for Al Rfou et al.')
     add('--clamp_len', type=int, default=-1, help='use the same pos embeddings after clamp_len')
+    add('--untie_r', action='store_true',
+        help='attn_type 0: a pair of r_w_bias/r_r_bias per layer (the TensorFlow and Hugging Face models) instead '
+             'of one pair shared by all layers (the original PyTorch code)')
     add('--eta_min', type=float, default=0.0, help='min learning rate for cosine scheduler')
     add('--gpu0_bsz', type=int, default=-1, help='batch size on gpu 0 (multi-device: see --multi_gpu)')
     add('--max_eval_steps', type=int, default=-1, help='max eval steps')
@@ -183,6 +186,8 @@ def check_args(args, parser):
             args.static_loss_scale = 1.
         else:
             args.dynamic_loss_scale = True
+    if args.untie_r and args.attn_type != 0:
+        fail(f'--untie_r unties the biases shared by the layers of --attn_type 0, not {args.attn_type}')
     if args.expert_parallel and not args.moe:
         fail('--expert-parallel splits the experts of --moe layers: add --moe')
     if args.dist_timeout < 1:
@@ -228,7 +233,7 @@ def model_config(args, n_token):
                 moe_num_expert=args.moe_num_expert, moe_top_k=args.moe_top_k, moe_gate=args.moe_gate,
                 moe_capacity_factor=args.moe_capacity_factor,
                 moe_eval_capacity_factor=args.moe_eval_capacity_factor,
-                moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef)
+                moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef, untie_r=args.untie_r)
 
 
 def build_model(args, n_token):

@@ -18,7 +18,7 @@ from utils.generation import load_trained_model
 
 ARCH_KEYS = ('n_token', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner', 'div_val', 'cutoffs',
              'tie_weight', 'tie_projs', 'attn_type', 'pre_lnorm', 'sample_softmax', 'moe', 'moe_num_expert',
-             'moe_top_k', 'moe_gate', 'tgt_len', 'mem_len', 'ext_len')
+             'moe_top_k', 'moe_gate', 'tgt_len', 'mem_len', 'ext_len', 'untie_r')
 
 
 def make_model(n_token=40, seed=0, **kw):
@@ -98,7 +98,9 @@ def weight_spelling(state):
     (dict(pre_lnorm=True, same_length=True, clamp_len=3, mem_len=9),
      ('--pre_lnorm', '--same_length', '--clamp_len', '3', '--mem_len', '9')),
     (dict(sample_softmax=8), ('--sample_softmax', '8')),
-], ids=['plain', 'adaptive-div2', 'adaptive-div1-proj', 'attn1', 'attn2', 'attn3', 'pre-lnorm', 'sampled'])
+    (dict(untie_r=True), ()),
+], ids=['plain', 'adaptive-div2', 'adaptive-div1-proj', 'attn1', 'attn2', 'attn3', 'pre-lnorm', 'sampled',
+        'untie-r'])
 def test_dense_state_dict_round_trip(tmp_path, kw, flags):
     original = make_model(**kw)
     src = save(original.state_dict(), tmp_path / 'sd.pt')

@@ -71,7 +71,7 @@ def assert_close_dicts(a, b, atol):
 
 CONFIGS = [dict(attn_type=t, pre_lnorm=pre, same_length=same, clamp_len=clamp)
            for t, pre, same, clamp in itertools.product([0, 1, 2, 3], [False, True], [False, True], [-1, 3])
-           if not (pre and same)]
+           if not (pre and same)] + [dict(attn_type=0, untie_r=True, same_length=True, clamp_len=3)]
 
 
 # ------------------------------------------------- heads-first attention, SDPA, query-only projection

@@ -74,8 +74,8 @@ def test_samples_follow_the_filtered_distribution():
 # ------------------------------------------------------------------ memory between steps
 
 @pytest.mark.parametrize('kw', [dict(), dict(pre_lnorm=True), dict(attn_type=1),
-                                dict(moe=True, moe_num_expert=4, moe_top_k=2)],
-                         ids=['attn0', 'pre-lnorm', 'attn1', 'moe'])
+                                dict(moe=True, moe_num_expert=4, moe_top_k=2), dict(untie_r=True)],
+                         ids=['attn0', 'pre-lnorm', 'attn1', 'moe', 'untie-r'])
 def test_cached_steps_equal_recomputing_the_full_context(kw):
     model = make_model(**kw)
     tokens = torch.randint(0, 30, (30, 2), generator=torch.Generator().manual_seed(1))
@@ -96,8 +96,8 @@ def kv_cache_switch(monkeypatch):
 
 @pytest.mark.parametrize('kw', [dict(), dict(pre_lnorm=True, same_length=True), dict(attn_type=1),
                                 dict(clamp_len=5, moe=True, moe_num_expert=4, moe_top_k=2),
-                                dict(attn_type=2)],
-                         ids=['attn0', 'pre-lnorm-same-length', 'attn1', 'clamp-moe', 'attn2-uncached'])
+                                dict(attn_type=2), dict(untie_r=True)],
+                         ids=['attn0', 'pre-lnorm-same-length', 'attn1', 'clamp-moe', 'attn2-uncached', 'untie-r'])
 def test_key_value_cache_equals_projecting_the_memory_again(kw, kv_cache_switch):
     # mem_len 12 < 40 tokens: the memory slides, so the cache must drop its oldest rows as the memory does
     model = make_model(mem_len=12, **kw)

@@ -171,6 +171,57 @@ def test_relative_attention_matches_the_papers_formula(clamp_len):
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
+def test_untie_r_gives_each_layer_its_own_biases():
+    """untie_r (the TensorFlow/Hugging Face layout): layers.N.dec_attn.r_w_bias instead of one shared pair.
+    Untied biases all equal to the shared pair give the tied model; layer 1's own pair is the one it uses."""
+    tied = make_model(n_layer=3)
+    untied = make_model(n_layer=3, untie_r=True)
+    keys = set(untied.state_dict())
+    assert 'r_w_bias' not in keys and 'r_r_bias' not in keys
+    assert {f'layers.{i}.dec_attn.{b}' for i in range(3) for b in ('r_w_bias', 'r_r_bias')} <= keys
+    assert keys - {k for k in keys if '.dec_attn.r_' in k and k.endswith('_bias')} == set(tied.state_dict()) - \
+        {'r_w_bias', 'r_r_bias'}
+    state = {k: v for k, v in tied.state_dict().items() if k not in ('r_w_bias', 'r_r_bias')}
+    for i in range(3):
+        state[f'layers.{i}.dec_attn.r_w_bias'] = tied.r_w_bias.detach()
+        state[f'layers.{i}.dec_attn.r_r_bias'] = tied.r_r_bias.detach()
+    untied.load_state_dict(state, strict=True)
+    data = torch.randint(0, 40, (13, 2))
+    torch.testing.assert_close(run_segments(untied, data, 6)[0], run_segments(tied, data, 6)[0], rtol=0, atol=0)
+    with torch.no_grad():
+        untied.layers[1].dec_attn.r_r_bias.add_(0.5)
+    assert not torch.allclose(run_segments(untied, data, 6)[0][0], run_segments(tied, data, 6)[0][0])
+    # The layer computes the paper's formula with its own pair.
+    layer = untied.layers[1].dec_attn
+    w, mems = torch.randn(3, 2, 16), torch.randn(4, 2, 16)
+    with torch.no_grad():
+        fast = untied.layers[1](w, untied.pos_emb(untied._position_sequence(7, w)), layer.r_w_bias,
+                                layer.r_r_bias, dec_attn_mask=untied._attn_mask(3, 4, 'cpu'), mems=mems)
+        slow = untied.layers[1].pos_ff(slow_relative_attention(layer, w, mems, layer.r_w_bias, layer.r_r_bias))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_untie_r_init_and_construction_stream():
+    """Each layer's pair is drawn by init_weights (N(0, init_std), as the shared pair); building a model
+    draws no random numbers for them, so a tied model is unchanged by the option's existence."""
+    torch.manual_seed(0)
+    MemTransformerLM(40, 2, 2, 16, 8, 24, 0.0, 0.0, untie_r=True)
+    after_untied = torch.rand(1)
+    torch.manual_seed(0)
+    MemTransformerLM(40, 2, 2, 16, 8, 24, 0.0, 0.0)
+    assert torch.equal(torch.rand(1), after_untied)
+    torch.manual_seed(0)
+    model = init_weights(MemTransformerLM(40, 8, 4, 64, 16, 24, 0.0, 0.0, untie_r=True), init_std=0.5)
+    biases = torch.stack([getattr(layer.dec_attn, b) for layer in model.layers for b in ('r_w_bias', 'r_r_bias')])
+    assert biases.std().item() == pytest.approx(0.5, rel=0.1) and biases.mean().abs() < 0.1
+    assert len({tuple(b.flatten().tolist()) for b in biases}) == 16  # 16 different draws
+
+
+def test_untie_r_is_only_for_the_shared_biases_of_attn_type_0():
+    with pytest.raises(ValueError, match='untie_r=True: only attn_type 0'):
+        make_model(attn_type=1, untie_r=True)
+
+
 # ------------------------------------------------------------------ memory
 
 @pytest.mark.parametrize('attn_type', [0, 1])

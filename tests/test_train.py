@@ -312,6 +312,29 @@ def test_restart_dir_starts_from_another_runs_weights(tmp_path, corpus, capsys):
     assert 'n_layer: 2 in the checkpoint, 3 now' in capsys.readouterr().err
 
 
+def test_untie_r_trains_resumes_evaluates_and_generates(tmp_path, corpus, capsys):
+    """--untie_r (a bias pair per layer, the Hugging Face checkpoints' layout) through the whole life of a run."""
+    import eval as evaluation
+    import generate
+    flags = ['--untie_r', '--scheduler', 'constant', '--eval-interval', '5', '--dropout', '0.1']
+    reference = tmp_path / 'reference'
+    assert run(reference, corpus, *flags, '--max_step', '10') == 0
+    work = tmp_path / 'resumed'
+    assert run(work, corpus, *flags, '--max_step', '5') == 0
+    assert run(work, corpus, *flags, '--max_step', '10', '--restart') == 0
+    assert train_losses(work) == train_losses(reference)
+    state = ckpt.load(work / 'model.pt', 'model')['model_state']
+    assert 'r_w_bias' not in state and 'layers.1.dec_attn.r_r_bias' in state
+    assert not torch.equal(state['layers.0.dec_attn.r_w_bias'], state['layers.1.dec_attn.r_w_bias'])
+    capsys.readouterr()
+    assert evaluation.main(['--work_dir', str(work), '--split', 'test']) == 0
+    assert 'test bpc' in capsys.readouterr().out
+    assert generate.main(['--work_dir', str(work), '--prompt', 'the', '--max_tokens', '8', '--seed', '1']) == 0
+    assert capsys.readouterr().out.startswith('the')
+    assert run(tmp_path / 'bad', corpus, '--untie_r', '--attn_type', '2') == 2
+    assert '--untie_r unties the biases shared by the layers of --attn_type 0, not 2' in capsys.readouterr().err
+
+
 def write_lm1b(directory, seed=0):
     """One Billion Word's layout in miniature: shuffled training shards, held-out valid/test, a vocab file."""
     rng = random.Random(seed)
