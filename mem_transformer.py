@@ -170,18 +170,19 @@ def attention_seq_first(q, k, v, attn_mask, pos_score, scale, dropatt):
 def use_sdpa(q, pos_score, dropatt):
     """Whether F.scaled_dot_product_attention can stand in for the explicit softmax.
 
-    Its dropout draws its own random stream, so not while dropatt is active. On
-    the CPU it pays only where it runs its fused kernel and that kernel is the
-    faster (bench/README.md): in fp32 (its bf16 kernel is slower than the
-    explicit path), and when the position scores need no gradient (it has none
-    for an additive bias): evaluation, and the absolute attention types.
+    Its dropout draws its own random stream, so not while dropatt is active.
+    Never when the position scores (an additive bias) need a gradient, on any
+    device: the CPU kernels return none for the bias, and the GPU backends that
+    accept a bias needing one are not verified here (cuDNN's masked backward has
+    open issues); so SDPA serves evaluation and the absolute attention types.
+    On the CPU it pays only in fp32 (its bf16 kernel is slower than the explicit
+    path, bench/README.md).
     """
     if not USE_SDPA or (dropatt.training and dropatt.p > 0):
         return False
-    if q.device.type != 'cpu':
-        return True
-    bias_needs_grad = pos_score is not None and pos_score.requires_grad and torch.is_grad_enabled()
-    return q.dtype in (torch.float32, torch.float64) and not bias_needs_grad
+    if pos_score is not None and pos_score.requires_grad and torch.is_grad_enabled():
+        return False
+    return q.device.type != 'cpu' or q.dtype in (torch.float32, torch.float64)
 
 
 def attention_heads_first(q, k, v, attn_mask, pos_score, scale, dropatt):

@@ -116,6 +116,29 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
 
+@pytest.mark.parametrize('saved_by', ['this version', 'older versions'])
+def test_only_the_current_cuda_device_rng_state_is_saved_and_restored(monkeypatch, saved_by):
+    """Each torchrun rank drives its own GPU and sees them all; a resume may see fewer GPUs than the run that
+    saved. Faked CUDA with 2 visible devices, the current one being 1."""
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': states[1])
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': restored.append(state))
+    for name in ('get_rng_state_all', 'set_rng_state_all'):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name: pytest.fail(f'{name} touches every device'))
+    state = ckpt.rng_state()
+    assert torch.equal(state['cuda'], states[1])
+    if saved_by == 'older versions':
+        state['cuda'] = [states[0], states[1]]
+    ckpt.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], states[1])
+    state['cuda'] = [states[0]]  # saved with one GPU, resumed on device 1: that device keeps its state
+    ckpt.set_rng_state(state)
+    assert len(restored) == 1
+
+
 def test_load_weights_reports_mismatches():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3))
     state = {'0.weight': torch.zeros(4, 2), '0.bias': torch.zeros(3), 'extra': torch.zeros(1)}

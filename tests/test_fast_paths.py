@@ -141,6 +141,9 @@ def test_sdpa_is_used_only_where_exact():
         assert mt.use_sdpa(q, bias, off)
     assert not mt.use_sdpa(q, None, on.train()) and mt.use_sdpa(q, None, on.eval())
     assert not mt.use_sdpa(q.bfloat16(), None, off)  # CPU: its bf16 kernel is the slower
+    gpu_q, gpu_bias = q.to('meta'), bias.to('meta')  # a device other than the CPU, without a GPU
+    assert not mt.use_sdpa(gpu_q, gpu_bias, off)  # never with a bias that needs a gradient
+    assert mt.use_sdpa(gpu_q.bfloat16(), gpu_bias.detach(), off) and mt.use_sdpa(gpu_q.half(), None, off)
     set_paths(USE_SDPA=False)
     assert not mt.use_sdpa(q, None, off)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import moe
 from utils.moe import GATES, FMoETransformerMLP, grouped_mm_available
 
 TOP_K = {'naive': 2, 'gshard': 2, 'switch': 1}
@@ -243,6 +244,62 @@ def test_grouped_mm_equals_slices_fp32(gate):
         results[backend] = [out, xb.grad] + [p.grad for p in layer.parameters()]
     for a, b in zip(results['grouped_mm'], results['slices']):
         assert (a - b).abs().max() < 1e-5
+
+
+def test_grouped_mm_probe_is_right_under_no_grad(monkeypatch):
+    """eval.py, generate.py and moe_report.py call the layer under no_grad first: the probe must still see
+    the backward run, and cache the same answer as with gradients."""
+    monkeypatch.setattr(moe, '_GROUPED_MM_PROBES', {})
+    with torch.no_grad():
+        under_no_grad = moe.grouped_mm_available('cpu', torch.float32)
+    monkeypatch.setattr(moe, '_GROUPED_MM_PROBES', {})
+    assert under_no_grad == moe.grouped_mm_available('cpu', torch.float32)
+    assert under_no_grad == (moe.grouped_mm is not None)  # torch 2.8+ runs it on CPUs in fp32
+    monkeypatch.setattr(moe, 'grouped_mm', None)
+    monkeypatch.setattr(moe, '_GROUPED_MM_PROBES', {})
+    assert not moe.grouped_mm_available('cpu', torch.float32)
+
+
+def test_grouped_mm_on_cuda_only_where_its_fast_kernel_runs():
+    fast = {(cap, dtype) for cap in [(8, 0), (8, 9), (9, 0), (10, 0), (12, 0)]
+            for dtype in (torch.float32, torch.float16, torch.bfloat16)
+            if moe.grouped_mm_fast_on_cuda(cap, dtype)}
+    assert fast == {((9, 0), torch.bfloat16), ((10, 0), torch.bfloat16)}
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason='grouped_mm does not run here')
+def test_experts_without_rows_get_zero_gradients_whatever_the_kernel_leaves(monkeypatch):
+    """On sm100 the per-group products leave garbage in the slots of empty groups (PyTorch issue 172439):
+    a kernel that writes NaN there must still give those experts a zero weight and bias gradient."""
+    real = moe.grouped_mm
+
+    def garbage_in_empty_groups(a, b, offs):
+        out = real(a, b, offs=offs)
+        if out.dim() == 3:  # the per-group products of the backward, [groups, ., .]
+            empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+            out = out.masked_fill(empty[:, None, None], float('nan'))
+        return out
+
+    monkeypatch.setattr(moe, 'grouped_mm', garbage_in_empty_groups)
+    layer = make_layer('naive', num_expert=8, d_model=16, d_hidden=32, top_k=1).train()
+    layer.expert_backend = 'grouped_mm'
+    x = torch.randn(3, 16)  # 3 tokens, top-1: at least 5 of the 8 experts receive none
+    layer(x).sum().backward()
+    used = layer.last_load > 0
+    for linear in (layer.experts.htoh4, layer.experts.h4toh):
+        assert torch.isfinite(linear.weight.grad).all() and torch.isfinite(linear.bias.grad).all()
+        assert (linear.weight.grad[~used] == 0).all() and (linear.bias.grad[~used] == 0).all()
+        assert (linear.weight.grad[used] != 0).any()
+
+
+@pytest.mark.parametrize('num_expert', [1, 5])
+def test_counts_from_the_sorted_keys_equal_bincount(num_expert):
+    expert = torch.randint(-1, num_expert, (200,))
+    sorted_key, order, counts = moe.sort_by_expert(expert, num_expert)
+    key = torch.where(expert < 0, num_expert, expert)
+    assert torch.equal(counts, torch.bincount(key, minlength=num_expert + 1))
+    assert torch.equal(sorted_key, key[order])
+    assert torch.equal(moe.sort_by_expert(expert[:0], num_expert)[2], torch.zeros(num_expert + 1, dtype=torch.long))
 
 
 # bf16 tolerance: both paths round inputs and hidden activations to bf16 but accumulate and round

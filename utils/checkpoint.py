@@ -101,7 +101,10 @@ def check_config(saved, current, path, keys=None, hint=''):
 
 
 def rng_state():
-    """RNG states of python, numpy and torch (CPU and every CUDA device), as plain data."""
+    """RNG states of python, numpy and torch (the CPU's and the current CUDA device's), as plain data.
+
+    Only the current device's: each torchrun rank drives one GPU (and sees them all), and a resume may
+    see fewer GPUs than the run that saved (set_rng_state_all would raise)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         'python': random.getstate(),
@@ -110,7 +113,7 @@ def rng_state():
         'torch': torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
@@ -120,8 +123,12 @@ def set_rng_state(state):
     np.random.set_state((np_state['kind'], np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
                          np_state['has_gauss'], np_state['cached_gaussian']))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every device's state
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _as_tuples(value):

@@ -11,7 +11,7 @@ the expert compute:
     route     gate logits -> top-k experts and scores per token (-1 = dropped)
     dispatch  stable sort of the token copies by expert; gather their rows
     experts   each expert's FFN on its contiguous slice of rows
-              (one ``torch._grouped_mm`` where supported, else per-expert slices)
+              (one grouped_mm where it runs fast, else per-expert slices)
     combine   put the rows back in token order, weighted sum over the k copies
 """
 import math
@@ -42,10 +42,14 @@ class Routing(NamedTuple):
 
 def sort_by_expert(expert, num_expert):
     """Stable sort of flat expert ids with -1 (dropped) last.
-    Returns (sorted ids, order, counts [num_expert + 1]; the last count is the dropped copies)."""
+    Returns (sorted ids, order, counts [num_expert + 1]; the last count is the dropped copies).
+
+    The counts are read off the sorted keys (where each expert's run ends) rather than with
+    torch.bincount, which on CUDA reads the keys' range back to the host (two syncs per call)."""
     key = torch.where(expert < 0, num_expert, expert)
     sorted_key, order = torch.sort(key, stable=True)
-    return sorted_key, order, torch.bincount(key, minlength=num_expert + 1)
+    ends = torch.searchsorted(sorted_key, torch.arange(1, num_expert + 2, device=key.device))
+    return sorted_key, order, torch.diff(ends, prepend=ends.new_zeros(1))
 
 
 def rank_within_expert(expert, num_expert):
@@ -123,7 +127,7 @@ class GShardGate(NaiveGate):
         naive = super().forward(x)
         n_tok, n_exp = x.shape[0], self.num_expert
         # c_e: fraction of tokens whose first choice is e (no gradient); m_e: mean router probability.
-        c_e = torch.bincount(naive.expert[:, 0], minlength=n_exp).to(naive.logits.dtype) / n_tok
+        c_e = sort_by_expert(naive.expert[:, 0], n_exp)[2][:n_exp].to(naive.logits.dtype) / n_tok
         m_e = F.softmax(naive.logits, dim=-1).mean(0)
         self.set_loss((c_e * m_e).mean() * n_exp ** 2)
 
@@ -214,21 +218,39 @@ def combine(rows_out, score, plan):
 
 # ----------------------------------------------------------------------------- expert compute
 
+# The grouped product: torch.nn.functional.grouped_mm where torch has it, else the older private name.
+grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
 _GROUPED_MM_PROBES = {}
 
 
+def grouped_mm_fast_on_cuda(capability, dtype):
+    """Whether CUDA runs grouped_mm as one kernel: bf16 on compute capability 9.x/10.x (H100/H200, B200).
+    Elsewhere (A100; fp32/fp16 on any GPU) it copies the group ends to the host and loops over the
+    groups, a host sync per call: the per-expert slices are the better path there."""
+    return dtype == torch.bfloat16 and capability[0] in (9, 10)
+
+
 def grouped_mm_available(device, dtype):
-    """Whether torch._grouped_mm runs forward and backward for this device type and dtype (probed once)."""
-    key = (torch.device(device).type, dtype)
+    """Whether the experts should run through grouped_mm on this device and dtype: on CUDA only where its
+    fast kernel runs, and anywhere only where it runs forward and backward (probed once per device)."""
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    key = (device, dtype)
     if key not in _GROUPED_MM_PROBES:
-        ok = hasattr(torch, '_grouped_mm')
+        ok = grouped_mm is not None
+        if ok and device.type == 'cuda':
+            ok = grouped_mm_fast_on_cuda(torch.cuda.get_device_capability(device), dtype)
         if ok:
             try:
-                x = torch.ones(3, 8, device=device, dtype=dtype, requires_grad=True)
-                w = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
-                offs = torch.tensor([0, 3], device=device, dtype=torch.int32)  # includes an empty group
-                y = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
-                torch.autograd.grad(y, (x, w), torch.ones_like(y))
+                # Gradients on, whatever the caller's mode: a first call from evaluation (no_grad) must
+                # not cache "unavailable" for the rest of the process.
+                with torch.enable_grad():
+                    x = torch.ones(3, 8, device=device, dtype=dtype, requires_grad=True)
+                    w = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                    offs = torch.tensor([0, 3], device=device, dtype=torch.int32)  # includes an empty group
+                    y = grouped_mm(x, w.transpose(1, 2), offs=offs)
+                    torch.autograd.grad(y, (x, w), torch.ones_like(y))
             except Exception:   # any failure means "not here"; the slices path always works
                 ok = False
         _GROUPED_MM_PROBES[key] = ok
@@ -236,7 +258,7 @@ def grouped_mm_available(device, dtype):
 
 
 def grouped_mm_fits(device, dtype, widths):
-    """Whether _grouped_mm can run the experts: it must exist for this device/dtype (and, inside
+    """Whether grouped_mm can run the experts: it must exist for this device/dtype (and, inside
     torch.compile, be bf16) and every feature width must give rows whose stride is a multiple of 16 bytes."""
     if torch.compiler.is_compiling() and dtype != torch.bfloat16:
         return False   # torch.compile's shape rules for _grouped_mm take bf16 only (eager CPUs also fp32)
@@ -255,7 +277,7 @@ class GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, offs, expert):
         rows, w = rows.contiguous(), weight.to(rows.dtype)
-        out = torch._grouped_mm(rows, w.transpose(1, 2), offs=offs)
+        out = grouped_mm(rows, w.transpose(1, 2), offs=offs)
         if bias is not None:
             out += bias.to(out.dtype).index_select(0, expert)
         ctx.save_for_backward(rows, w, offs, expert)
@@ -268,12 +290,17 @@ class GroupedLinear(torch.autograd.Function):
         rows, w, offs, expert = ctx.saved_tensors
         grad = grad.contiguous()
         grad_rows = grad_weight = grad_bias = None
+        # Experts that received no rows get a zero gradient: on sm100 the kernel leaves garbage in their
+        # slots of the per-group products (PyTorch issue 172439). A mask, not a branch: no host sync.
+        empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
         if ctx.needs_input_grad[0]:
-            grad_rows = torch._grouped_mm(grad, w, offs=offs)
+            grad_rows = grouped_mm(grad, w, offs=offs)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch._grouped_mm(grad.t(), rows, offs=offs).to(ctx.weight_dtype)
+            grad_weight = grouped_mm(grad.t(), rows, offs=offs).masked_fill(empty[:, None, None], 0)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = per_expert_column_sums(grad, expert, offs).to(ctx.weight_dtype)
+            grad_bias = per_expert_column_sums(grad, expert, offs).masked_fill(empty[:, None], 0)
+            grad_bias = grad_bias.to(ctx.weight_dtype)
         return grad_rows, grad_weight, grad_bias, None, None
 
 
@@ -284,10 +311,10 @@ def per_expert_column_sums(grad, expert, offs):
         # and deterministic there.
         return grad.new_zeros(offs.numel(), grad.shape[1], dtype=torch.float32).index_add_(
             0, expert, grad.float())
-    # On GPUs one more grouped product, against ones (8 columns keep _grouped_mm's 16-byte
+    # On GPUs one more grouped product, against ones (8 columns keep grouped_mm's 16-byte
     # alignment): deterministic, unlike an atomic scatter-add, with no full-size cast of grad.
     ones = grad.new_ones(grad.shape[0], 8)
-    return torch._grouped_mm(grad.t(), ones, offs=offs)[:, :, 0]
+    return grouped_mm(grad.t(), ones, offs=offs)[:, :, 0]
 
 
 class FusedExpertLinear(nn.Module):
