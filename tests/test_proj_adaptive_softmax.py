@@ -36,6 +36,28 @@ def test_tail_cluster_probability_by_hand():
     torch.testing.assert_close(crit(h, torch.tensor([7]))[0], expected)
 
 
+def test_div_val_1_tail_cluster_uses_its_own_projection():
+    """With div_val 1 the clusters share out_layers[0] but each has its projection (the original's out_projs[i])."""
+    crit = make_crit(div_val=1, d_proj=12)
+    h = torch.randn(1, 12)
+    w, b = crit.out_layers[0].weight, crit.out_layers[0].bias
+    head = F.log_softmax((h @ crit.out_projs[0]) @ torch.cat([w[:5], crit.cluster_weight]).t()
+                         + torch.cat([b[:5], crit.cluster_bias]), -1)
+    tail = F.log_softmax((h @ crit.out_projs[2]) @ w[17:].t() + b[17:], -1)
+    # token 20 is in cluster 2 (ids 17..29) at offset 3; cluster 2's head logit is the second-to-last column
+    torch.testing.assert_close(crit(h, torch.tensor([20]))[0], -(head[0, -2] + tail[0, 3]))
+
+
+@pytest.mark.parametrize('div_val', [1, 2])
+def test_a_cluster_without_targets_still_gives_its_parameters_a_zero_gradient(div_val):
+    """DDP without find_unused_parameters needs a gradient for every parameter at every step."""
+    crit = make_crit(div_val, d_proj=12)
+    crit(torch.randn(6, 12), torch.arange(6)).sum().backward()  # the head and cluster 1 only
+    for name, p in crit.named_parameters():
+        assert p.grad is not None, name
+    assert crit.out_projs[1].grad.any() and not crit.out_projs[2].grad.any()
+
+
 def test_no_clusters_is_a_plain_softmax():
     crit = ProjectedAdaptiveLogSoftmax(10, 6, 6, [])
     h, t = torch.randn(5, 6), torch.randint(0, 10, (5,))

@@ -44,8 +44,9 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         self.out_projs = nn.ParameterList()
         if div_val == 1:
             for _ in range(len(self.cutoffs)):
-                # The original keeps one (possibly tied) projection per cluster
-                # even though, with div_val == 1, only the first is used.
+                # One projection per cluster, as the original: the clusters share
+                # out_layers[0] but not the projection (the tail ones are tied to
+                # the embedding's projection when tie_projs says so).
                 proj = nn.Parameter(torch.empty(d_proj, d_embed)) if d_proj != d_embed else None
                 self.out_projs.append(proj)
             self.out_layers.append(nn.Linear(d_embed, n_token))
@@ -74,10 +75,9 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             l_idx, r_idx = self.cutoff_ends[i], self.cutoff_ends[i + 1]
             weight = self.out_layers[0].weight[l_idx:r_idx]
             bias = self.out_layers[0].bias[l_idx:r_idx]
-            proj = self.out_projs[0]
         else:
             weight, bias = self.out_layers[i].weight, self.out_layers[i].bias
-            proj = self.out_projs[i]
+        proj = self.out_projs[i]
         if i == 0 and self.n_clusters > 0:
             weight = torch.cat([weight, self.cluster_weight], dim=0)
             bias = torch.cat([bias, self.cluster_bias], dim=0)
@@ -101,9 +101,10 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         nll = torch.zeros_like(target, dtype=head_logprob.dtype)
         for i in range(len(self.cutoffs)):
             l_idx, r_idx = self.cutoff_ends[i], self.cutoff_ends[i + 1]
+            # A cluster without targets still runs (on no rows): its parameters then get a zero
+            # gradient, as DDP without find_unused_parameters needs at every step, and as the
+            # original's optimizer saw them (its zero_grad zeroed gradients instead of dropping them).
             indices_i = ((target >= l_idx) & (target < r_idx)).nonzero().squeeze(1)
-            if indices_i.numel() == 0:
-                continue
             target_i = target.index_select(0, indices_i) - l_idx
             head_logprob_i = head_logprob.index_select(0, indices_i)
             if i == 0:
