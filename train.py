@@ -26,6 +26,7 @@ import data_utils
 import mem_transformer
 from eval import evaluate
 from utils import checkpoint as ckpt
+from utils import malloc
 from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
 from utils.distributed import fail as fail_distributed
 from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
@@ -251,14 +252,44 @@ def build_model(args, n_token):
     return model
 
 
+OPTIMIZERS = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD, 'adagrad': torch.optim.Adagrad}
+_FUSED_PROBES = {}
+
+
+def fused_available(optimizer_class, device):
+    """Whether torch has a fused kernel of this optimizer for this device type (probed once: Adagrad's
+    fused kernel is CPU-only, and torch only finds that out in the first step)."""
+    key = (optimizer_class, torch.device(device).type)
+    if key not in _FUSED_PROBES:
+        try:
+            p = torch.nn.Parameter(torch.zeros(2, device=device))
+            p.grad = torch.ones_like(p)
+            optimizer_class([p], lr=0.1, fused=True).step()
+            _FUSED_PROBES[key] = True
+        except (RuntimeError, ValueError, TypeError):
+            _FUSED_PROBES[key] = False
+    return _FUSED_PROBES[key]
+
+
 def build_optimizer(args, model):
+    """--optim's optimizer in the fastest implementation torch has for the parameters' device: one fused
+    kernel over every tensor where it exists (on a CPU 10x faster than the per-parameter loop for Adam),
+    else the multi-tensor foreach one. Same update up to rounding, same state_dict."""
     # The original gave the sampled softmax's embedding a sparse optimizer; this model's embedding gradients
     # are dense, so one optimizer covers every parameter.
-    if args.optim == 'sgd':
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.mom)
-    if args.optim == 'adagrad':
-        return torch.optim.Adagrad(model.parameters(), lr=args.lr)
-    return torch.optim.Adam(model.parameters(), lr=args.lr)
+    params = list(model.parameters())
+    optimizer_class = OPTIMIZERS[args.optim]
+    kwargs = dict(lr=args.lr, momentum=args.mom) if args.optim == 'sgd' else dict(lr=args.lr)
+    fused = fused_available(optimizer_class, params[0].device)
+    implementation = dict(fused=True, foreach=False) if fused else dict(fused=False, foreach=True)
+    optimizer = optimizer_class(params, **kwargs, **implementation)
+
+    def keep_implementation(optimizer, state_dict):
+        # A saved state_dict carries its writer's implementation flags (None in checkpoints written before
+        # this choice, fused=True from a device that has the kernel); loading keeps this device's choice.
+        return dict(state_dict, param_groups=[dict(group, **implementation) for group in state_dict['param_groups']])
+    optimizer.register_load_state_dict_pre_hook(keep_implementation)
+    return optimizer
 
 
 def non_embedding_parameters(model):
@@ -659,7 +690,7 @@ def prepare(args, parser, notes, dist):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    notes = []
+    notes = list(filter(None, [malloc.tune()]))   # before the first large tensor; logged with the notes
     dist = Dist()
     try:
         check_args(args, parser)

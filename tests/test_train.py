@@ -20,6 +20,7 @@ import mem_transformer
 import train
 from utils import checkpoint as ckpt
 from tests import test_launch
+from utils import malloc
 from utils.schedules import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,74 @@ def test_non_embedding_parameters_leave_out_embeddings_and_softmax():
     assert id(model.r_w_bias) in chosen
 
 
+
+# ----------------------------------------------------------------------------- optimizers
+
+def optimizer_pair(optim, lr=0.01):
+    """The same small parameters under train.build_optimizer and under torch's per-parameter loop (the
+    implementation train.py used before build_optimizer picked one), with the same gradients each step."""
+    args = train.build_parser().parse_args(['--optim', optim, '--lr', str(lr), '--mom', '0.9'])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    twin = torch.nn.Sequential(*(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)))
+    twin.load_state_dict(model.state_dict())
+    kwargs = dict(lr=lr, momentum=0.9) if optim == 'sgd' else dict(lr=lr)
+    plain = train.OPTIMIZERS[optim](twin.parameters(), foreach=False, **kwargs)
+    return train.build_optimizer(args, model), plain
+
+
+def take_steps(optimizers, n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        grads = None
+        for optimizer in optimizers:
+            params = [p for group in optimizer.param_groups for p in group['params']]
+            grads = grads or [torch.randn(p.shape, generator=gen) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+
+
+def assert_same_parameters(a, b):
+    for p, q in zip(*([p for group in o.param_groups for p in group['params']] for o in (a, b))):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('optim', list(train.OPTIMIZERS))
+def test_build_optimizer_picks_the_fused_kernel_and_steps_like_the_loop(optim):
+    fast, plain = optimizer_pair(optim)
+    group = fast.param_groups[0]
+    if train.fused_available(train.OPTIMIZERS[optim], 'cpu'):   # torch >= 2.5 on CPUs
+        assert group['fused'] and not group['foreach']
+    else:
+        assert group['foreach'] and not group['fused']
+    before = [p.detach().clone() for p in fast.param_groups[0]['params']]
+    take_steps([fast, plain], 3)
+    assert any(not torch.equal(p, q) for p, q in zip(before, fast.param_groups[0]['params']))
+    assert_same_parameters(fast, plain)
+
+
+@pytest.mark.parametrize('optim', list(train.OPTIMIZERS))
+def test_optimizer_state_written_by_the_loop_resumes_in_the_fast_implementation(optim, tmp_path):
+    fast, plain = optimizer_pair(optim)
+    take_steps([fast, plain], 2)
+    # A checkpoint of the per-parameter loop (as written before build_optimizer chose an implementation)
+    # holds the same state as the fast one's, and loading it keeps the fast implementation.
+    saved, own = plain.state_dict(), fast.state_dict()
+    assert [sorted(s) for s in saved['state'].values()] == [sorted(s) for s in own['state'].values()]
+    for s, o in zip(saved['state'].values(), own['state'].values()):
+        for key in s:
+            torch.testing.assert_close(s[key], o[key], rtol=1e-5, atol=1e-6)
+    torch.save(saved, tmp_path / 'optimizer.pt')
+    fast.load_state_dict(torch.load(tmp_path / 'optimizer.pt', weights_only=True))
+    assert fast.param_groups[0]['fused'] == own['param_groups'][0]['fused']
+    assert fast.param_groups[0]['foreach'] == own['param_groups'][0]['foreach']
+    for p, q in zip(fast.param_groups[0]['params'], plain.param_groups[0]['params']):
+        p.data.copy_(q)   # the model's weights come from the same checkpoint
+    take_steps([fast, plain], 2, seed=2)
+    assert_same_parameters(fast, plain)
+
+
 # ----------------------------------------------------------------------------- a run end to end
 
 def test_train_writes_the_run_directory(tmp_path, corpus, capsys):
@@ -156,6 +225,7 @@ def test_train_writes_the_run_directory(tmp_path, corpus, capsys):
                      r'\| bpc +[\d.]+ \| aux loss [\d.]+', log)
     assert re.search(r'\| Eval +3 at step +30 \| time: +[\d.]+s \| valid loss +[\d.]+ \| bpc +[\d.]+', log)
     assert re.search(r'\| End of training \| test loss +[\d.]+ \| test bpc +[\d.]+', log)
+    assert log.count('malloc: ') == (malloc.glibc() is not None or bool(os.environ.get(malloc.OPT_OUT)))
 
     train_records = records(work, 'train')
     assert [r['step'] for r in train_records] == list(range(1, 31))
