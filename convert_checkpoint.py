@@ -32,6 +32,7 @@ import torch
 from mem_transformer import MemTransformerLM
 from train import ADAPTIVE_CUTOFFS
 from utils import checkpoint as ckpt
+from utils import hf_transfo_xl as hf_xl
 from utils.exp_utils import OneLineArgumentParser
 from utils.generation import open_corpus
 from utils.moe import GATES
@@ -470,11 +471,50 @@ def convert(src, trust_pickle=False, flags=None, dataset=None):
     return model.eval(), sources, kind
 
 
-def checkpoint_dict(model, sources, src, kind, dataset, data):
-    """model.pt as train.py writes it, plus where it came from."""
-    return {'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config, 'model_state': model.state_dict(),
-            'args': {'dataset': dataset, 'data': data}, 'step': None, 'val_loss': None,
-            'converted_from': {'path': os.path.abspath(src), 'kind': kind, 'sources': sources}}
+# ----------------------------------------------------------------------------- Hugging Face directories
+
+HF_RUNTIME_FLAGS = ('tgt_len', 'ext_len', 'mem_len', 'dropout', 'dropatt', 'same_length', 'clamp_len')
+
+
+def convert_hf(directory, trust_pickle=False, flags=None):
+    """(model, vocabulary symbols, config sources, description) of a Hugging Face TransfoXLLMHeadModel
+    directory; the settings that shape no tensor may be overridden by flags."""
+    flags = flags or {}
+    fixed = [k for k, v in flags.items() if v is not None and k not in HF_RUNTIME_FLAGS]
+    if fixed:
+        raise ConversionError(f'--{fixed[0]} is read from {directory}/config.json for a Hugging Face model; only '
+                              f'{", ".join("--" + k for k in HF_RUNTIME_FLAGS)} may be given')
+    config, sources = hf_xl.model_config(hf_xl.read_config(directory), os.path.join(directory, 'config.json'))
+    for key in HF_RUNTIME_FLAGS:
+        if flags.get(key) is not None:
+            config[key], sources[key] = flags[key], 'flag'
+    try:
+        model = MemTransformerLM(**config)
+    except ValueError as e:
+        raise ConversionError(f'{directory}/config.json describes a model this code rejects: {e}') from None
+    hf_state, weights = hf_xl.read_weights(directory)
+    try:
+        ckpt.load_weights(model, hf_xl.our_state_dict(hf_state, model, directory), directory)
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    symbols, vocab_file = hf_xl.read_vocab(directory, trust_pickle, RestrictedUnpickler)
+    if symbols is None:
+        raise ConversionError(f'{directory} has no vocab.txt or vocab.pkl: the token ids mean nothing without the '
+                              'tokenizer\'s vocabulary (vocab.txt: one symbol per line, in id order)')
+    if len(symbols) != model.n_token or len(set(symbols)) != len(symbols):
+        raise ConversionError(f'{directory}/{vocab_file} has {len(symbols)} symbols ({len(set(symbols))} different) '
+                              f'but the model has {model.n_token} tokens')
+    return model.eval(), symbols, sources, f'Hugging Face TransfoXLLMHeadModel ({weights}, {vocab_file})'
+
+
+def checkpoint_dict(model, sources, src, kind, dataset, data, vocab=None):
+    """model.pt as train.py writes it, plus where it came from (and an imported model's own vocabulary)."""
+    saved = {'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config, 'model_state': model.state_dict(),
+             'args': {'dataset': dataset, 'data': data}, 'step': None, 'val_loss': None,
+             'converted_from': {'path': os.path.abspath(src), 'kind': kind, 'sources': sources}}
+    if vocab is not None:
+        saved['vocab'] = vocab
+    return saved
 
 
 def describe(config, sources):
@@ -488,7 +528,8 @@ def build_parser():
     parser = OneLineArgumentParser(
         description='Import a checkpoint of the original Transformer-XL or of FastMoE\'s example (a state dict, '
                     'or with --trust-pickle a pickled model.pt) into WORK_DIR/model.pt of this project.')
-    parser.add_argument('src', help='the checkpoint to import')
+    parser.add_argument('src', help='the checkpoint to import, or a Hugging Face TransfoXLLMHeadModel directory '
+                                    '(config.json, model.safetensors or pytorch_model.bin, vocab.txt or vocab.pkl)')
     parser.add_argument('--work_dir', required=True, help='directory to write model.pt into (created if needed)')
     parser.add_argument('--trust-pickle', dest='trust_pickle', action='store_true',
                         help='allow a pickled whole model (the original\'s torch.save(model)): it is read with a '
@@ -529,12 +570,16 @@ def main(argv=None):
             raise ConversionError(f'{out} exists: pass --overwrite to replace it or choose another --work_dir')
         if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
             raise ConversionError(f'--work_dir {args.work_dir} is a file, not a directory')
-        model, sources, kind = convert(args.src, args.trust_pickle, {k: getattr(args, k) for k in FLAG_KEYS},
-                                       args.dataset)
+        flags = {k: getattr(args, k) for k in FLAG_KEYS}
+        vocab = None
+        if hf_xl.is_hf_directory(args.src):
+            model, vocab, sources, kind = convert_hf(args.src, args.trust_pickle, flags)
+        else:
+            model, sources, kind = convert(args.src, args.trust_pickle, flags, args.dataset)
         if args.data or args.dataset:  # the corpus must exist and its vocabulary fit the weights
             with contextlib.redirect_stdout(sys.stderr):
-                open_corpus({}, args.src, model.n_token, args.data, args.dataset)
-    except ValueError as e:  # ConversionError and CheckpointError
+                open_corpus({'vocab': vocab}, args.src, model.n_token, args.data, args.dataset)
+    except ValueError as e:  # ConversionError, HFImportError, CheckpointError and DataError
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return 2
 
@@ -543,7 +588,7 @@ def main(argv=None):
     print('Inferred configuration (value, from):')
     print(describe(model.config, sources))
     os.makedirs(args.work_dir, exist_ok=True)
-    ckpt.atomic_save(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data), out)
+    ckpt.atomic_save(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data, vocab), out)
     print(f'Wrote {out}')
     return 0
 

@@ -383,20 +383,27 @@ def _check_char_symbols(dataset, vocab, files):
 
 
 class Corpus(object):
-    def __init__(self, path, dataset, *args, **kwargs):
-        """Build the corpus from the text files (get_lm_corpus adds the cache)."""
+    def __init__(self, path, dataset, *args, symbols=None, **kwargs):
+        """Build the corpus from the text files (get_lm_corpus adds the cache). With `symbols` (a
+        model's vocabulary in id order) the ids are those, not a vocabulary counted from the text."""
         if dataset not in DATASETS:
             raise DataError(_unknown_dataset(dataset))
         files = _check_source_files(path, dataset)
         self.dataset = dataset
         self.vocab = Vocab(*args, **kwargs)
+        if symbols is not None:
+            self.vocab.set_given_symbols(symbols)
 
         if dataset in ORDERED:
-            # as the original: count all three splits (wt103: train only), build
-            # the vocabulary, encode all three; fused so each file is read once
-            counted = [files[s] for s in (('train',) if dataset == 'wt103' else SPLITS)]
-            others = [files[s] for s in SPLITS if files[s] not in counted]
-            ids = self.vocab.build_and_encode(counted, others, add_eos=dataset not in CHAR_LEVEL)
+            add_eos = dataset not in CHAR_LEVEL
+            if symbols is not None:
+                ids = {files[s]: self.vocab.encode_file_ids(files[s], add_eos) for s in SPLITS}
+            else:
+                # as the original: count all three splits (wt103: train only), build
+                # the vocabulary, encode all three; fused so each file is read once
+                counted = [files[s] for s in (('train',) if dataset == 'wt103' else SPLITS)]
+                others = [files[s] for s in SPLITS if files[s] not in counted]
+                ids = self.vocab.build_and_encode(counted, others, add_eos=add_eos)
             if dataset in CHAR_LEVEL:
                 _check_char_symbols(dataset, self.vocab, files)
             for split in SPLITS:
@@ -405,7 +412,8 @@ class Corpus(object):
                 setattr(self, split, torch.from_numpy(ids[files[split]]))
         else:  # lm1b: the vocabulary file; the training shards are read by the iterator
             self.train = _lm1b_train_paths(path)
-            self.vocab.build_vocab()
+            if symbols is None:
+                self.vocab.build_vocab()
             for split in ('valid', 'test'):
                 setattr(self, split, self.vocab.encode_file(
                     files[split], ordered=False, add_double_eos=True))
@@ -443,14 +451,16 @@ def _vocab_options(datadir, dataset):
     return options
 
 
-def _cache_key(dataset, files):
-    """Changes when the dataset, the vocabulary rules, the cache format or
-    any source file (size or modification time) changes."""
+def _cache_key(dataset, files, symbols=None):
+    """Changes when the dataset, the vocabulary rules (or the given vocabulary),
+    the cache format or any source file (size or modification time) changes."""
     described = {
         'format': CACHE_FORMAT, 'dataset': dataset, 'vocab': DATASETS[dataset][1],
         'files': sorted([role, os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
                         for role, f in files.items()),
     }
+    if symbols is not None:
+        described['given_vocab'] = hashlib.sha256('\n'.join(symbols).encode('utf-8')).hexdigest()
     blob = json.dumps(described, sort_keys=True).encode('utf-8')
     return hashlib.sha256(blob).hexdigest()[:_KEY_HEX]
 
@@ -561,7 +571,7 @@ def _pid_alive(pid):
     return True
 
 
-def _load_cache(root, datadir, dataset, key):
+def _load_cache(root, datadir, dataset, key, given=False):
     """The cached corpus, or None if there is none; a damaged cache is
     reported and ignored (it is rebuilt)."""
     where = os.path.join(root, 'cache-{}-{}'.format(dataset, key))
@@ -578,7 +588,10 @@ def _load_cache(root, datadir, dataset, key):
         if not isinstance(idx2sym, list) or len(idx2sym) != meta['vocab_size']:
             raise ValueError('vocab.json does not match meta.json')
         vocab = Vocab(**_vocab_options(datadir, dataset))
-        vocab.set_symbols(idx2sym)
+        if given:
+            vocab.set_given_symbols(idx2sym)
+        else:
+            vocab.set_symbols(idx2sym)
         arrays = {}
         for name, length in meta['arrays'].items():
             # memory-mapped copy-on-write: loads at once, and processes on one
@@ -619,23 +632,26 @@ def _corpus_from_arrays(datadir, dataset, vocab, arrays):
     return corpus
 
 
-def get_lm_corpus(datadir, dataset):
+def get_lm_corpus(datadir, dataset, symbols=None):
+    """The corpus of `dataset` in `datadir`, from its cache when there is one. `symbols`: the
+    vocabulary in id order that a model came with (an imported checkpoint's), else it is counted
+    from the text as the original did."""
     if dataset not in DATASETS:
         raise DataError(_unknown_dataset(dataset))
     files = _check_source_files(datadir, dataset)
-    key = _cache_key(dataset, files)
+    key = _cache_key(dataset, files, symbols)
     if os.path.exists(os.path.join(datadir, 'cache.pt')):
         print('Not loading {}: pickles can run code; using the plain-data cache'.format(
             os.path.join(datadir, 'cache.pt')))
     for root in _cache_roots(datadir):
-        corpus = _load_cache(root, datadir, dataset, key)
+        corpus = _load_cache(root, datadir, dataset, key, given=symbols is not None)
         if corpus is not None:
             print('Loading cached dataset from {}'.format(
                 os.path.join(root, 'cache-{}-{}'.format(dataset, key))))
             return corpus
 
     print('Producing dataset {}...'.format(dataset))
-    corpus = Corpus(datadir, dataset, **_vocab_options(datadir, dataset))
+    corpus = Corpus(datadir, dataset, symbols=symbols, **_vocab_options(datadir, dataset))
     errors = []
     for root in _cache_roots(datadir):
         try:

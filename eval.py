@@ -115,7 +115,7 @@ def main(argv=None):
         train_args = saved.get('args', {})
         dataset = args.dataset or train_args.get('dataset', 'wt103')
         data_dir = args.data or train_args.get('data', '../data/wikitext-103')
-        corpus = data_utils.get_lm_corpus(data_dir, dataset)
+        corpus = data_utils.get_lm_corpus(data_dir, dataset, saved.get('vocab'))
         if len(corpus.vocab) != model.n_token:
             raise ValueError(f'{dataset} at {data_dir} has {len(corpus.vocab)} tokens but the model in '
                              f'{args.work_dir}/model.pt has {model.n_token}: pass the --data/--dataset it '

@@ -237,14 +237,15 @@ def model_config(args, n_token):
                 moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef, untie_r=args.untie_r)
 
 
-def build_model(args, n_token):
-    """A freshly initialized model (the original's init), or another run's weights with --restart_dir."""
+def build_model(args, n_token, saved=None):
+    """A freshly initialized model (the original's init), or another run's weights with --restart_dir
+    (`saved`: its model.pt, when already read)."""
     model = mem_transformer.MemTransformerLM(**model_config(args, n_token))
     mem_transformer.init_weights(model, init=args.init, init_range=args.init_range, init_std=args.init_std,
                                  proj_init_std=args.proj_init_std)
     if args.restart_dir:
         path = os.path.join(args.restart_dir, 'model.pt')
-        saved = ckpt.load(path, 'model')
+        saved = saved or ckpt.load(path, 'model')
         arch = [k for k in model.config if k not in RUNTIME_KEYS]
         ckpt.check_config(saved['config'], model.config, path, keys=arch,
                           hint=' (the architecture flags must match the run it comes from)')
@@ -360,8 +361,9 @@ class StopRequest:
 class Trainer:
     """The model, its optimizer and loss scaler, and every counter a checkpoint needs to continue exactly."""
 
-    def __init__(self, args, model, device, log, metrics, dist=None):
+    def __init__(self, args, model, device, log, metrics, dist=None, vocab=None):
         self.args, self.device, self.log, self.metrics = args, device, log, metrics
+        self.vocab = vocab  # the symbols of an imported model's own vocabulary, kept in its checkpoints
         self.dist = dist or Dist()
         self.model = self.dist.shard_experts(model.to(device))
         if args.compile:
@@ -519,6 +521,8 @@ class Trainer:
         model = {'format': ckpt.FORMAT, 'kind': 'model', 'config': self.model.config,
                  'model_state': dist.full_model_state(self.model), 'args': vars(self.args), 'step': self.step,
                  'val_loss': self.best_val_loss}
+        if self.vocab is not None:
+            model['vocab'] = self.vocab
         optimizer = {'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
                      'optimizer_state': dist.full_optimizer_state(self.optimizer)}
         dist.write(lambda: (ckpt.atomic_save(model, os.path.join(run_dir, 'model.pt')),
@@ -534,6 +538,8 @@ class Trainer:
                  'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
                  'nonfinite_run': self.nonfinite_run, 'window': self.window.state_dict(),
                  'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state()}
+        if self.vocab is not None:
+            state['vocab'] = self.vocab
         if dist.active:  # each rank's own dropout stream, for an exact resume with the same world size
             state['rng_per_rank'] = dist.gather_objects(state['rng'])
         return state
@@ -666,17 +672,22 @@ def prepare(args, parser, notes, dist):
     if args.amp == 'fp16' and device.type == 'cpu':
         notes.append('NOTE: fp16 autocast on the CPU works but is slow; --amp bf16 is the CPU fast path')
     seed_everything(args.seed, device)
-    corpus = data_utils.get_lm_corpus(args.data, args.dataset)
+    state = start = None
+    if args.restart and not args.restart_dir:
+        state = ckpt.load(os.path.join(args.work_dir, 'checkpoint.pt'))
+    elif args.restart_dir:
+        start = ckpt.load(os.path.join(args.restart_dir, 'model.pt'), 'model')
+    # A model imported with its own vocabulary (convert_checkpoint.py) keeps those ids through fine-tuning.
+    symbols = (state or start or {}).get('vocab')
+    corpus = data_utils.get_lm_corpus(args.data, args.dataset, symbols)
     # Every rank reads the same global batches and trains on its own columns of them.
     iters = [corpus.get_iterator('train', args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len)]
     iters += [corpus.get_iterator(split, EVAL_BATCH_SIZE, args.eval_tgt_len, device=device, ext_len=args.ext_len)
               for split in ('valid', 'test')]
-    model = build_model(args, len(corpus.vocab))
+    model = build_model(args, len(corpus.vocab), start)
     dist.seed_rank(args.seed)  # identical weights everywhere, then each rank its own dropout stream
-    state = None
-    if args.restart and not args.restart_dir:
+    if state is not None:
         path = os.path.join(args.work_dir, 'checkpoint.pt')
-        state = ckpt.load(path)
         hint = ' (resume with the flags of that run, or start a new run in another --work_dir)'
         ckpt.check_config(state['config'], model.config, path, hint=hint)
         ckpt.check_config(state['args'], vars(args), path, keys=RESUME_KEYS, hint=hint)
@@ -684,7 +695,7 @@ def prepare(args, parser, notes, dist):
         changed = ckpt.config_diff(state['args'], vars(args), keys=others)
         if changed:  # allowed (e.g. a longer --max_step), but said
             notes.append('NOTE: flags changed since the checkpoint: ' + '; '.join(changed))
-    return device, iters, model, state
+    return device, iters, model, state, symbols
 
 
 def main(argv=None):
@@ -695,9 +706,9 @@ def main(argv=None):
     try:
         check_args(args, parser)
         dist = Dist.from_env(args.cuda, args.expert_parallel, args.dist_timeout)
-        device, iters, model, state = prepare(args, parser, notes, dist)
+        device, iters, model, state, symbols = prepare(args, parser, notes, dist)
         n_params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters()))
-        trainer = Trainer(args, model, device, None, None, dist)
+        trainer = Trainer(args, model, device, None, None, dist, vocab=symbols)
         if state is not None:
             trainer.load_state_dict(state)
         elif args.restart_dir and os.path.exists(os.path.join(args.restart_dir, 'optimizer.pt')):

@@ -48,7 +48,7 @@ def open_corpus(saved, path, n_token, data=None, dataset=None):
     if not dataset or not data:
         raise ValueError(f'{path} does not say which corpus the model was trained on: '
                          'pass --data DIR and --dataset NAME')
-    corpus = data_utils.get_lm_corpus(data, dataset)
+    corpus = data_utils.get_lm_corpus(data, dataset, saved.get('vocab'))  # an imported model's own vocabulary
     if len(corpus.vocab) != n_token:
         raise ValueError(f'{dataset} at {data} has {len(corpus.vocab)} tokens but the model in {path} has '
                          f'{n_token}: pass the --data/--dataset it was trained on '

@@ -335,6 +335,15 @@ class Vocab(object):
         if self.vocab_file:
             self.unk_idx = self.sym2idx['<UNK>']
 
+    def set_given_symbols(self, idx2sym):
+        """A vocabulary that comes with a model (its ids, e.g. an imported checkpoint's), not built
+        from counts; words outside it map to its <unk> (or <UNK>) where it has one."""
+        self.vocab_file = None
+        self.set_symbols(idx2sym)
+        unk = next((s for s in ('<unk>', '<UNK>') if s in self.sym2idx), None)
+        if unk is not None:
+            self.unk_idx = self.sym2idx[unk]
+
     def add_special(self, sym):
         if sym not in self.sym2idx:
             self.idx2sym.append(sym)

@@ -1,0 +1,371 @@
+"""Hugging Face Transformer-XL import (utils/hf_transfo_xl.py, convert_checkpoint.py HF_DIR).
+
+Against the real implementation: small random TransfoXLLMHeadModels built and saved by transformers 4.35.2
+(an optional test dependency, requirements-test.txt; these tests skip without it) are converted, and the
+converted model's per-token losses over segments carrying memory, and its generation's next-token
+distributions, are compared with Hugging Face's own forward. Without transformers, directories in the same
+layout, written here from this repository's models, test the reading, the vocabulary and the run directory
+(eval.py, generate.py, fine-tuning with --restart_dir on a corpus with the model's own vocabulary)."""
+import json
+import os
+import pickle
+import random
+import struct
+import warnings
+from collections import Counter, OrderedDict
+
+import pytest
+import torch
+
+import convert_checkpoint as cc
+import eval as evaluation
+import generate
+import train
+from mem_transformer import MemTransformerLM, init_weights
+from tests.test_train import one_thread  # noqa: F401 (an autouse fixture)
+from utils import checkpoint as ckpt
+from utils import hf_transfo_xl as hf_xl
+from utils.generation import Decoder, load_trained_model
+
+SEGMENTS, TGT_LEN, BSZ = 3, 6, 2
+
+
+def transformers_model_classes():
+    """TransfoXLConfig and TransfoXLLMHeadModel of transformers 4.35.x, or skip (they left in 5.0, and
+    4.40's forward fails on torch 2.13)."""
+    transformers = pytest.importorskip('transformers', reason='transformers==4.35.2 (requirements-test.txt) '
+                                                              'is not installed')
+    if tuple(int(p) for p in transformers.__version__.split('.')[:2]) != (4, 35):
+        pytest.skip(f'transformers {transformers.__version__}: these tests need 4.35.x (requirements-test.txt), '
+                    'the last whose Transformer-XL runs on this torch')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            from transformers import TransfoXLConfig, TransfoXLLMHeadModel
+        except ImportError:
+            pytest.skip(f'transformers {transformers.__version__} has no Transformer-XL (4.35.2 has)')
+    return TransfoXLConfig, TransfoXLLMHeadModel
+
+
+HF_CONFIGS = {  # name: (TransfoXLConfig arguments, save_pretrained's safe_serialization)
+    'untied-r-div1': (dict(untie_r=True, div_val=1, cutoffs=[], d_embed=32), True),
+    'tied-r-div4-same-length-clamp': (dict(untie_r=False, div_val=4, cutoffs=[12, 40], d_embed=32,
+                                           proj_share_all_but_first=True, same_length=True, clamp_len=5), True),
+    'untied-r-div4-untied-projs-bin': (dict(untie_r=True, div_val=4, cutoffs=[12, 40], d_embed=64,
+                                            proj_share_all_but_first=False, same_length=True, clamp_len=7), False),
+    'div1-projected-untied-output-pre-lnorm': (dict(untie_r=True, div_val=1, cutoffs=[20], d_embed=16,
+                                                    proj_share_all_but_first=True, tie_word_embeddings=False,
+                                                    pre_lnorm=True), True),
+    'tied-r-div1-bin': (dict(untie_r=False, div_val=1, cutoffs=[30], d_embed=32, clamp_len=3), False),
+}
+N_TOKEN = 60
+
+
+def write_hf_model(directory, kw, safe, seed=0):
+    """A random TransfoXLLMHeadModel, saved by transformers, with a plain-text vocabulary; returns the model."""
+    TransfoXLConfig, TransfoXLLMHeadModel = transformers_model_classes()
+    settings = dict(vocab_size=N_TOKEN, d_model=32, n_head=2, d_head=16, d_inner=48, n_layer=3, mem_len=8,
+                    same_length=False, clamp_len=-1, dropout=0.0, dropatt=0.0)
+    settings.update(kw)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model = TransfoXLLMHeadModel(TransfoXLConfig(**settings))
+    with torch.no_grad():  # weights far from the initialisation's, so that every one shows in the losses
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    model.save_pretrained(directory, safe_serialization=safe)
+    write_vocab_txt(directory, N_TOKEN)
+    return model.eval()
+
+
+def symbols(n):
+    return [f'w{i}' for i in range(n - 2)] + ['<unk>', '<eos>']
+
+
+def write_vocab_txt(directory, n):
+    with open(os.path.join(directory, 'vocab.txt'), 'w', encoding='utf-8') as f:
+        f.write(''.join(f'{s} {n - i}\n' for i, s in enumerate(symbols(n))))  # "symbol count", as the tokenizer
+
+
+def hf_segment_losses(hf_model, data):
+    """Per-token losses [len, bsz] of consecutive segments, each attending to the previous ones' memory, by
+    Hugging Face's forward (its log-probabilities; its memory starts empty here, as this model's does)."""
+    n_layer, d_model = hf_model.config.n_layer, hf_model.config.d_model
+    mems = [torch.zeros(0, data.size(1), d_model) for _ in range(n_layer)]
+    losses = []
+    with torch.no_grad():
+        for i in range(0, data.size(0) - 1, TGT_LEN):
+            inp, tgt = data[i:i + TGT_LEN], data[i + 1:i + 1 + TGT_LEN]
+            out = hf_model(input_ids=inp.t(), mems=mems)
+            mems = out.mems
+            log_probs = out.prediction_scores.transpose(0, 1)  # [len, bsz, n_token]
+            losses.append(-log_probs.gather(-1, tgt[..., None]).squeeze(-1))
+    return torch.cat(losses)
+
+
+def our_segment_losses(model, data):
+    mems, losses = (), []
+    with torch.no_grad():
+        for i in range(0, data.size(0) - 1, TGT_LEN):
+            end = min(i + TGT_LEN, data.size(0) - 1)
+            out = model(data[i:end], data[i + 1:end + 1], *mems)
+            losses.append(out[0])
+            mems = out[1:]
+    return torch.cat(losses)
+
+
+def convert(hf_dir, work, *flags):
+    assert cc.main([str(hf_dir), '--work_dir', str(work), *flags]) == 0
+    model, saved, _ = load_trained_model(str(work), 'cpu')
+    return model, saved
+
+
+MAX_DIFF = {}
+
+
+@pytest.mark.parametrize('name', sorted(HF_CONFIGS))
+def test_losses_and_generation_equal_hugging_faces(name, tmp_path, capsys):
+    kw, safe = HF_CONFIGS[name]
+    hf_model = write_hf_model(tmp_path / 'hf', kw, safe)
+    weights = 'model.safetensors' if safe else 'pytorch_model.bin'
+    assert (tmp_path / 'hf' / weights).exists()
+    model, saved = convert(tmp_path / 'hf', tmp_path / 'run')
+    assert f'Hugging Face TransfoXLLMHeadModel ({weights}, vocab.txt)' in capsys.readouterr().out
+    assert saved['vocab'] == symbols(N_TOKEN)
+    assert model.untie_r == kw['untie_r'] and model.same_length == kw.get('same_length', False)
+    data = torch.randint(0, N_TOKEN, (SEGMENTS * TGT_LEN + 1, BSZ), generator=torch.Generator().manual_seed(1))
+    ours, theirs = our_segment_losses(model, data), hf_segment_losses(hf_model, data)
+    MAX_DIFF[name] = (ours - theirs).abs().max().item()
+    print(f'{name}: largest per-token loss difference {MAX_DIFF[name]:.2e} (losses ~{theirs.mean():.1f})')
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+    # Generation: a prompt fed in chunks, then one token at a time, against Hugging Face fed the same way.
+    decoder = Decoder(model, chunk_len=4)
+    ours = [decoder.feed(data[:10])] + [decoder.feed(data[t:t + 1]) for t in range(10, 16)]
+    mems, theirs = [torch.zeros(0, BSZ, hf_model.config.d_model) for _ in range(hf_model.config.n_layer)], []
+    with torch.no_grad():
+        for piece in list(data[:10].split(4)) + list(data[10:16].split(1)):
+            out = hf_model(input_ids=piece.t(), mems=mems)
+            mems = out.mems
+            theirs.append(out.prediction_scores[:, -1])
+    torch.testing.assert_close(torch.stack(ours), torch.stack(theirs[2:]), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- without transformers
+
+def hf_keys(model):
+    """This repository's state dict under Hugging Face's names (save_pretrained's .bin layout), the tail
+    clusters' head rows in Hugging Face's order (cluster i at cutoffs[0] + i - 1, not the original's -i)."""
+    state = {(k if k.startswith('crit.') else 'transformer.' + k): v for k, v in model.state_dict().items()}
+    for key in ('crit.cluster_weight', 'crit.cluster_bias'):
+        state[key] = state[key].flip(0)
+    return state
+
+
+def our_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    config = dict(n_token=N_TOKEN, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=24, dropout=0.0,
+                  dropatt=0.0, tgt_len=6, ext_len=0, mem_len=8, untie_r=True, d_embed=16, div_val=2,
+                  cutoffs=[12, 40], tie_projs=[False, True, True], same_length=True, clamp_len=5)
+    config.update(kw)
+    return init_weights(MemTransformerLM(**config), init_std=0.3, proj_init_std=0.3).eval()
+
+
+def hf_config_json(model):
+    c = model.config
+    return dict(model_type='transfo-xl', architectures=['TransfoXLLMHeadModel'], vocab_size=c['n_token'],
+                n_layer=c['n_layer'], n_head=c['n_head'], d_model=c['d_model'], d_head=c['d_head'],
+                d_inner=c['d_inner'], d_embed=c['d_embed'], div_val=c['div_val'], cutoffs=c['cutoffs'],
+                tie_projs=c['tie_projs'], untie_r=c['untie_r'], same_length=c['same_length'],
+                clamp_len=c['clamp_len'], mem_len=c['mem_len'], dropout=0.1, dropatt=0.0, pre_lnorm=False,
+                attn_type=0, sample_softmax=-1, layer_norm_epsilon=1e-5)
+
+
+def write_safetensors(state, path):
+    """The format by hand (8-byte little-endian header size, JSON header, raw tensors), for the reader's test."""
+    names = {torch.float32: 'F32', torch.int64: 'I64', torch.bfloat16: 'BF16'}
+    header, blobs, offset = {'__metadata__': {'format': 'pt'}}, [], 0
+    for key, value in state.items():
+        raw = value.contiguous().view(torch.uint8).numpy().tobytes() if value.numel() else b''
+        header[key] = {'dtype': names[value.dtype], 'shape': list(value.shape),
+                       'data_offsets': [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header).encode()
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(blob)) + blob + b''.join(blobs))
+
+
+def write_hf_dir(directory, model, vocab=None, safetensors=True):
+    """A Hugging Face directory holding `model`: config.json, weights (safetensors without the tied output
+    tensors, as save_pretrained writes them), vocab.txt."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, 'config.json'), 'w') as f:
+        json.dump(hf_config_json(model), f)
+    state = hf_keys(model)
+    if safetensors:
+        tied = {k for k in state if k.startswith('crit.out_layers.') and k.endswith('.weight')}
+        tied |= {f'crit.out_projs.{i}' for i, t in enumerate(model.config['tie_projs']) if t}
+        write_safetensors({k: v for k, v in state.items() if k not in tied}, os.path.join(directory,
+                                                                                         'model.safetensors'))
+    else:
+        torch.save(state, os.path.join(directory, 'pytorch_model.bin'))
+    if vocab is not None:
+        with open(os.path.join(directory, 'vocab.txt'), 'w', encoding='utf-8') as f:
+            f.write(''.join(s + '\n' for s in vocab))
+    return directory
+
+
+def test_safetensors_reader_against_the_format():
+    tensors = {'a': torch.randn(3, 4), 'b': torch.arange(5), 'c': torch.randn(2, 2).bfloat16(), 'd': torch.zeros(0, 3)}
+    path = '/dev/null'
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'x.safetensors')
+        write_safetensors(tensors, path)
+        got = hf_xl.read_safetensors(path)
+        assert got.keys() == tensors.keys()
+        assert all(torch.equal(got[k], tensors[k]) and got[k].dtype == tensors[k].dtype for k in tensors)
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            load_file = None
+        if load_file is not None:  # the reference implementation reads the same file the same way
+            ref = load_file(path)
+            assert all(torch.equal(got[k], ref[k]) for k in tensors)
+        with open(path, 'r+b') as f:
+            f.seek(8)
+            f.write(b'[')
+        with pytest.raises(hf_xl.HFImportError, match='is not a safetensors file'):
+            hf_xl.read_safetensors(path)
+
+
+@pytest.mark.parametrize('safetensors', [True, False], ids=['safetensors', 'bin'])
+def test_directory_round_trip(tmp_path, safetensors):
+    model = our_model()
+    write_hf_dir(tmp_path / 'hf', model, symbols(N_TOKEN), safetensors)
+    converted, saved = convert(tmp_path / 'hf', tmp_path / 'run')
+    assert converted.config == {**model.config, 'dropout': 0.1, 'tgt_len': 128}  # (no tgt_len in config.json)
+    assert saved['vocab'] == symbols(N_TOKEN)
+    ours, theirs = converted.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def real_vocab_pickle(path, idx2sym, extra=()):
+    """vocab.pkl as the Hugging Face tokenizer pickles its __dict__: plain containers (and objects)."""
+    state = {'special': ['<eos>'], 'min_freq': 0, 'max_size': None, 'lower_case': False, 'delimiter': None,
+             'vocab_file': None, 'never_split': ['<unk>', '<eos>'], 'counter': Counter({s: 3 for s in idx2sym}),
+             'idx2sym': list(idx2sym), 'sym2idx': OrderedDict((s, i) for i, s in enumerate(idx2sym)),
+             'unk_idx': idx2sym.index('<unk>'), **dict(extra)}
+    with open(path, 'wb') as f:
+        pickle.dump(state, f, protocol=2)
+
+
+class Marker:  # an object the tokenizer pickled (regular expressions, Moses objects): must not be built
+    built = False
+
+    def __reduce__(self):
+        return (os.system, ('touch SHOULD-NOT-EXIST',))
+
+
+def test_vocab_pickle_needs_trust_and_runs_no_code(tmp_path, capsys, monkeypatch):
+    model = our_model()
+    hf = write_hf_dir(tmp_path / 'hf', model)
+    vocab = symbols(N_TOKEN)[::-1]
+    real_vocab_pickle(hf / 'vocab.pkl', vocab, [('pattern', Marker())])
+    assert cc.main([str(hf), '--work_dir', str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'vocab.pkl is a pickle' in err and '--trust-pickle' in err
+    assert not (tmp_path / 'run').exists()
+    monkeypatch.chdir(tmp_path)
+    _, saved = convert(hf, tmp_path / 'run', '--trust-pickle')
+    assert saved['vocab'] == vocab
+    assert not (tmp_path / 'SHOULD-NOT-EXIST').exists()
+
+
+def test_bad_directories_exit_2_with_one_line(tmp_path, capsys):
+    model = our_model()
+
+    def error(hf, *flags):
+        assert cc.main([str(hf), '--work_dir', str(tmp_path / 'run'), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and not (tmp_path / 'run').exists(), err
+        return err
+
+    hf = write_hf_dir(tmp_path / 'novocab', model)
+    assert 'has no vocab.txt or vocab.pkl' in error(hf)
+    hf = write_hf_dir(tmp_path / 'shortvocab', model, symbols(N_TOKEN)[:-1])
+    assert 'has 59 symbols (59 different) but the model has 60 tokens' in error(hf)
+    hf = write_hf_dir(tmp_path / 'noweights', model, symbols(N_TOKEN))
+    os.remove(hf / 'model.safetensors')
+    assert 'has no weights' in error(hf)
+    hf = write_hf_dir(tmp_path / 'attn1', model, symbols(N_TOKEN))
+    config = json.loads((hf / 'config.json').read_text())
+    (hf / 'config.json').write_text(json.dumps({**config, 'attn_type': 1}))
+    assert "attn_type 1; Hugging Face's Transformer-XL has only type 0" in error(hf)
+    (hf / 'config.json').write_text(json.dumps({**config, 'model_type': 'gpt2'}))
+    assert "is a 'gpt2' model" in error(hf)
+    (hf / 'config.json').write_text(json.dumps({**config, 'd_inner': 30}))
+    assert 'pos_ff.CoreNet.0.weight' in error(hf)
+    (hf / 'config.json').write_text(json.dumps(config))
+    assert '--n_head is read from' in error(hf, '--n_head', '4')
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+WORDS = [f'w{i}' for i in range(N_TOKEN - 2)]
+
+
+def write_wt103(directory, seed=0):
+    """WikiText-format splits over WORDS whose frequencies differ from the model's symbol order, so a
+    vocabulary counted from them would give other ids."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True)
+    weights = [1 + (i * 7) % 13 for i in range(len(WORDS))]
+    for split, n_lines in (('train', 300), ('valid', 40), ('test', 40)):
+        lines = [' '.join(rng.choices(WORDS, weights, k=rng.randint(5, 15))) for _ in range(n_lines)]
+        (directory / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+    return directory
+
+
+def test_evaluate_generate_and_fine_tune_with_the_models_own_vocabulary(tmp_path, capsys):
+    import data_utils
+    data = write_wt103(tmp_path / 'wikitext-103')
+    model = our_model()
+    hf = write_hf_dir(tmp_path / 'hf', model, symbols(N_TOKEN))
+    run = tmp_path / 'run'
+    convert(hf, run, '--dataset', 'wt103', '--data', str(data))
+    counted = data_utils.get_lm_corpus(str(data), 'wt103').vocab.idx2sym
+    assert counted != symbols(N_TOKEN)  # the counted vocabulary would give other ids
+    corpus = data_utils.get_lm_corpus(str(data), 'wt103', symbols(N_TOKEN))
+    assert corpus.vocab.idx2sym == symbols(N_TOKEN)
+    first = (data / 'test.txt').read_text().split()[:3]
+    assert corpus.test[:3].tolist() == [symbols(N_TOKEN).index(w) for w in first]
+
+    capsys.readouterr()
+    assert evaluation.main(['--work_dir', str(run), '--split', 'test', '--batch_size', '2', '--tgt_len', '6',
+                            '--mem_len', '8']) == 0
+    result = json.loads((run / 'eval.json').read_text())['test']
+    ids = corpus.test.long()
+    n_rows = len(ids) // 2
+    streams = ids[:2 * n_rows].view(2, n_rows).t()
+    reference = our_segment_losses(model, streams).double().mean().item()
+    assert result['loss'] == pytest.approx(reference, rel=1e-5)
+
+    capsys.readouterr()
+    assert generate.main(['--work_dir', str(run), '--prompt', 'w1 w2', '--max_tokens', '5', '--seed', '0']) == 0
+    text = capsys.readouterr().out.splitlines()[-1].split()
+    assert text[:2] == ['w1', 'w2'] and len(text) == 7 and set(text) <= set(WORDS)
+
+    tuned = tmp_path / 'tuned'
+    flags = ['--data', str(data), '--dataset', 'wt103', '--n_layer', '2', '--n_head', '2', '--d_head', '8',
+             '--d_model', '16', '--d_inner', '24', '--d_embed', '16', '--div_val', '2', '--untie_r',
+             '--tgt_len', '6', '--mem_len', '8', '--eval_tgt_len', '6', '--batch_size', '4', '--max_step', '4',
+             '--eval-interval', '4', '--log-interval', '1', '--same_length', '--clamp_len', '5', '--max_eval_steps', '3']
+    with pytest.MonkeyPatch.context() as mp:  # the model's own cutoffs and projection tying for this tiny corpus
+        mp.setitem(train.ADAPTIVE_CUTOFFS, 'wt103', ([12, 40], True))
+        assert train.main([*flags, '--adaptive', '--work_dir', str(tuned), '--restart_dir', str(run)]) == 0
+    saved = ckpt.load(tuned / 'model.pt', 'model')
+    assert saved['vocab'] == symbols(N_TOKEN)
+    assert ckpt.load(tuned / 'checkpoint.pt')['vocab'] == symbols(N_TOKEN)
