@@ -30,7 +30,7 @@ from utils import malloc
 from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
 from utils.distributed import fail as fail_distributed
 from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
-                             peak_memory_mb, pick_device, progress_bar)
+                             peak_memory_mb, pick_device, progress_bar, tensorboard_missing)
 from utils.schedules import SCHEDULERS, PlateauDecay, learning_rate
 
 # The run stops when the loss itself (not just the scaled gradients) is non-finite this many steps in a row.
@@ -125,6 +125,9 @@ def build_parser():
     add('--compile', action='store_true',
         help='torch.compile the model (runs eagerly, with a warning, where it cannot compile); '
              'measured slower than the eager fast paths on CPUs')
+    add('--tensorboard', action='store_true',
+        help='also write what goes to metrics.jsonl as TensorBoard events into WORK_DIR (needs the tensorboard '
+             'package): tensorboard --logdir of the runs\' parent directory compares them')
     add('--save-interval', type=int, default=1000,
         help='write WORK_DIR/checkpoint.pt every N steps (also at each evaluation, at the end, on a signal)')
     # FastMoE's flags and the MoE options of the model.
@@ -195,6 +198,8 @@ def check_args(args, parser):
         fail(f'--dist-timeout {args.dist_timeout} must be at least 1 second')
     if args.restart and not args.restart_dir and args.debug:
         fail('--restart reads WORK_DIR/checkpoint.pt, which --debug runs never write')
+    if args.tensorboard and tensorboard_missing():
+        fail(f'--tensorboard: {tensorboard_missing()}, or drop --tensorboard')
     if args.d_embed < 0:
         args.d_embed = args.d_model
     args.tied = not args.not_tied
@@ -730,6 +735,8 @@ def main(argv=None):
         fail_distributed('train.py', f'rank {dist.rank} lost contact with the other processes at step '
                                      f'{trainer.step} ({str(e).strip().splitlines()[0][:200]}){kept}')
     finally:
+        if trainer.metrics is not None:
+            trainer.metrics.close()
         dist.close()
 
 
@@ -742,7 +749,7 @@ def run(args, trainer, iters, state, notes, n_params):
         os.makedirs(run_dir, exist_ok=True)
     writing = run_dir if main_rank else None  # only rank 0 logs and writes metrics
     log = trainer.log = Logger(os.path.join(run_dir, 'log.txt') if writing else None) if main_rank else SilentLog()
-    trainer.metrics = MetricsWriter(os.path.join(run_dir, 'metrics.jsonl') if writing else None)
+    trainer.metrics = MetricsWriter(os.path.join(run_dir, 'metrics.jsonl') if writing else None, args.tensorboard)
     if run_dir:
         log(f'Run directory : {os.path.abspath(run_dir)} (log.txt, metrics.jsonl, model.pt = best model, '
             f'checkpoint.pt = last state every {args.save_interval} steps)')

@@ -1,5 +1,6 @@
 """train.py end to end on tiny configurations: flags, run directory, resume after SIGKILL, batch_chunk,
 mixed precision on the CPU, non-finite steps and every bad-input case."""
+import importlib.util
 import json
 import math
 import os
@@ -257,6 +258,41 @@ def test_train_writes_the_run_directory(tmp_path, corpus, capsys):
     assert state['step'] == 30 and state['position'] == 30 * 16
     assert len(state['mems']) == 1 and len(state['mems'][0]) == 3  # one memory per hidden state
     assert state['mems'][0][0].shape == (16, 4, 32)
+
+
+def test_tensorboard_gets_the_records_of_metrics_jsonl(tmp_path, corpus):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    work = tmp_path / 'run'
+    assert run(work, corpus, *MOE, '--max_step', '10', '--tensorboard') == 0
+    board = EventAccumulator(str(work), size_guidance={'scalars': 0, 'histograms': 0})
+    board.Reload()
+
+    def scalars(tag):
+        return [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars(tag)]
+    for split, keys in (('train', ('loss', 'bpc', 'lr', 'tokens_per_s', 'moe_aux_loss')),
+                        ('valid', ('loss', 'bpc')), ('test', ('loss', 'bpc'))):
+        for key in keys:
+            assert scalars(f'{split}/{key}') == [(r['step'], r[key]) for r in records(work, split)], key
+    for layer in (0, 1):
+        assert scalars(f'train/moe_balance_loss/layer_{layer}') == [
+            (r['step'], r['moe_balance_loss'][layer]) for r in records(work, 'train')]
+        histograms = board.Histograms(f'train/moe_load/layer_{layer}')
+        assert [h.step for h in histograms] == list(range(1, 11))
+        for h, r in zip(histograms, records(work, 'train')):   # one bucket per expert, its token count
+            assert list(h.histogram_value.bucket_limit) == [0.5, 1.5, 2.5, 3.5]
+            assert list(h.histogram_value.bucket) == r['moe_load'][layer]
+
+
+def test_tensorboard_without_the_package_is_refused_before_anything_is_written(tmp_path, corpus, monkeypatch,
+                                                                               capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *args: None if name == 'tensorboard' else real_find_spec(name, *args))
+    assert run(tmp_path / 'run', corpus, '--max_step', '2', '--tensorboard') == 2
+    assert capsys.readouterr().err == ('train.py: error: --tensorboard: the tensorboard package is not installed '
+                                       '(pip install tensorboard), or drop --tensorboard\n')
+    assert not (tmp_path / 'run').exists()
 
 
 def test_debug_writes_nothing(tmp_path, corpus):

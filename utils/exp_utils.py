@@ -27,10 +27,19 @@ class Logger:
 
 
 class MetricsWriter:
-    """metrics.jsonl: one JSON object per line, flushed at once so a killed run keeps what it logged."""
+    """metrics.jsonl: one JSON object per line, flushed at once so a killed run keeps what it logged.
 
-    def __init__(self, path=None):
+    With tensorboard=True every record also goes to TensorBoard event files beside metrics.jsonl (so
+    `tensorboard --logdir work_dirs` compares runs by their directory names), at the record's step: numbers
+    as scalars `split/key`, per-layer lists (the MoE balance loss) as scalars `split/key/layer_i`, and
+    per-layer lists of per-expert counts (the MoE load) as histograms over the expert index `split/key/layer_i`.
+    """
+
+    def __init__(self, path=None, tensorboard=False):
         self.path = path
+        self.tensorboard = tensorboard and path is not None
+        self.board = None        # the SummaryWriter, opened at the first record
+        self.purge_step = None   # set by truncate_after: TensorBoard hides the older events from this step on
 
     def write(self, **record):
         if self.path is None:
@@ -38,9 +47,45 @@ class MetricsWriter:
         with open(self.path, 'a') as f:
             f.write(json.dumps(_jsonable(record)) + '\n')
             f.flush()
+        if self.tensorboard:
+            self._write_board(_jsonable(record, json_only=False))  # TensorBoard takes inf and nan
+
+    def _write_board(self, record):
+        if self.board is None:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency: train.py checks it is there
+            self.board = SummaryWriter(os.path.dirname(self.path) or '.', purge_step=self.purge_step)
+        step, split = record['step'], record.get('split', 'train')
+        for key, value in record.items():
+            if key in ('step', 'split', 'epoch', 'batch'):
+                continue
+            tag = f'{split}/{key}'
+            if _is_number(value):
+                self.board.add_scalar(tag, value, step)
+            elif isinstance(value, list) and all(map(_is_number, value)):
+                for layer, v in enumerate(value):
+                    self.board.add_scalar(f'{tag}/layer_{layer}', v, step)
+            elif isinstance(value, list):
+                for layer, counts in enumerate(value):
+                    self._add_counts_histogram(f'{tag}/layer_{layer}', counts, step)
+        self.board.flush()  # as metrics.jsonl: a killed run keeps what it logged
+
+    def _add_counts_histogram(self, tag, counts, step):
+        """counts[i] observations of the value i (tokens sent to expert i): one bucket per expert."""
+        index = torch.arange(len(counts), dtype=torch.float64)
+        counts = torch.tensor(counts, dtype=torch.float64)
+        self.board.add_histogram_raw(tag, min=0, max=len(counts) - 1, num=counts.sum().item(),
+                                     sum=(index * counts).sum().item(), sum_squares=(index ** 2 * counts).sum().item(),
+                                     bucket_limits=(index + 0.5).tolist(), bucket_counts=counts.tolist(),
+                                     global_step=step)
+
+    def close(self):
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def truncate_after(self, step):
         """Drop records of steps after `step` (a resumed run logs them again), atomically."""
+        self.purge_step = step + 1
         if self.path is None or not os.path.exists(self.path):
             return
         kept = [line for line in read_lines(self.path) if json.loads(line).get('step', 0) <= step]
@@ -48,6 +93,18 @@ class MetricsWriter:
         with open(tmp, 'w') as f:
             f.writelines(line + '\n' for line in kept)
         os.replace(tmp, self.path)
+
+
+def tensorboard_missing():
+    """Why TensorBoard logging cannot work here, or None: it needs the tensorboard package, which is optional."""
+    import importlib.util
+    if importlib.util.find_spec('tensorboard') is None:
+        return 'the tensorboard package is not installed (pip install tensorboard)'
+    return None
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_lines(path):
@@ -68,14 +125,15 @@ def read_metrics(path):
     return [json.loads(line) for line in read_lines(path)]
 
 
-def _jsonable(value):
+def _jsonable(value, json_only=True):
+    """Tensors as (nested) lists; with json_only, non-finite floats as strings."""
     if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
+        return _jsonable(value.tolist(), json_only)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: _jsonable(v, json_only) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
+        return [_jsonable(v, json_only) for v in value]
+    if json_only and isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no inf/nan; keep the line parseable
     return value
 
