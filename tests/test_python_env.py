@@ -51,11 +51,12 @@ def test_probe_lists_what_is_missing_and_keeps_versions_the_file_accepts(repo_co
     import numpy
     state, *missing = probe(repo_copy, sys.executable,
                             f'torch>=2.0,==99.0\nnumpy>={numpy.__version__}  # comment\n\n'
-                            f'torch>=99.1\nno-such-package-here[extra]==1.0\npytest ; python_version > "3"\n')
+                            f'torch>=99.1\nno-such-package-here[extra]==1.0\npytest ; python_version > "3"\n'
+                            f'numpy=={numpy.__version__}\nnumpy==0.1\n')
     in_venv = sys.prefix != sys.base_prefix
     managed = not in_venv and os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'))
     assert state == ('managed' if managed else 'ok')
-    assert missing == ['torch>=99.1', 'no-such-package-here[extra]==1.0']
+    assert missing == ['torch>=99.1', 'no-such-package-here[extra]==1.0', 'numpy==0.1']
 
 
 @pytest.mark.skipif(not os.path.exists('/usr/lib/python3/dist-packages') or not os.path.exists('/usr/bin/python3'),

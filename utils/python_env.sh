@@ -1,8 +1,8 @@
 # Sourced by demo.sh and test.sh, the README's Quick start. `use_python REQUIREMENT_FILE...` sets PY to a Python
 # that has what those files list, installing only what is missing:
 #   - the Python is $PYTHON if set, else the activated virtual or conda environment's, else python3;
-#   - one that already has everything is used as it is (versions it has that the files accept are kept: a `==`
-#     pin is what a fresh install gets, a `>=` bound is what any environment must have);
+#   - one that already has everything is used as it is: a `==` pin must match, except beside a `>=` bound (torch's
+#     line): then the pin is what a fresh install gets and any version from the bound on is kept;
 #   - one that is externally managed (PEP 668: Debian's and Ubuntu's system Python) is never installed into:
 #     the packages go into a virtual environment .venv in this repository, made once and reused.
 
@@ -14,8 +14,11 @@ _PY_ENV_PROBE='
 import importlib.util, os, re, sys, sysconfig
 from importlib import metadata
 
-def release(version):
-    return tuple(int(part) for part in re.match(r"\d+(\.\d+)*", version).group().split("."))
+def release(version):  # 2.13.0+cpu -> (2, 13)
+    parts = [int(part) for part in re.match(r"\d+(\.\d+)*", version).group().split(".")]
+    while parts and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
 
 in_venv = sys.prefix != sys.base_prefix
 if not in_venv and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")):
@@ -34,7 +37,8 @@ for path in sys.argv[1:]:
             print(requirement)
             continue
         bounds = re.findall(r">=\s*([0-9][0-9.]*)", spec)
-        if any(have < release(bound) for bound in bounds):
+        pins = [] if bounds else re.findall(r"==\s*([0-9][0-9.]*)", spec)
+        if any(have < release(bound) for bound in bounds) or any(have != release(pin) for pin in pins):
             print(requirement)
 '
 
