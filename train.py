@@ -180,9 +180,7 @@ def check_args(args, parser):
         if args.amp == 'bf16':
             fail('--fp16 means --amp fp16 and contradicts --amp bf16')
         args.amp = 'fp16'
-    if args.amp != 'fp16' and (args.dynamic_loss_scale or args.static_loss_scale is not None):
-        fail('--static-loss-scale/--dynamic-loss-scale need --fp16 (or --amp fp16): bf16 and fp32 need no scaling')
-    if args.static_loss_scale is not None and args.static_loss_scale <= 0:
+    if args.amp == 'fp16' and args.static_loss_scale is not None and args.static_loss_scale <= 0:
         fail(f'--static-loss-scale {args.static_loss_scale} must be positive')
     if args.amp == 'fp16' and not args.dynamic_loss_scale and args.static_loss_scale is None:
         # --fp16 keeps the original's default (a static scale of 1); the new --amp fp16 scales dynamically.
@@ -325,6 +323,10 @@ class Window:
     def restart_clock(self):
         # Speed is measured over the steps this process ran, so a resumed window still reports true figures.
         self.start, self.timed_steps, self.timed_tokens = time.time(), 0, 0
+        self.eval_s = 0.  # seconds of validation inside this window
+
+    def train_seconds(self):
+        return max(time.time() - self.start - self.eval_s, 1e-9)
 
     def add_moe(self, load, balance, weight):
         if load is None:
@@ -385,6 +387,7 @@ class Trainer:
         self.clip_params = non_embedding_parameters(model) if args.clip_nonemb else list(model.parameters())
         self.step, self.epoch, self.batch, self.position = 0, 1, 0, None
         self.best_val_loss, self.last_eval_step, self.nonfinite_run = None, None, 0
+        self.eval_start = time.time()  # the eval line's clock, restarted by train() and by each validation
         self.mems = self.fresh_mems()
         self.window = Window()
         self.data_state = None
@@ -457,8 +460,11 @@ class Trainer:
         return step_loss
 
     # ---------------------------------------------------------------- logging and evaluation
-    def log_train(self, lr):
+    def log_train(self):
         args, w = self.args, self.window
+        # As the original's line: the rate of the next update, and the wall time since the last line (any
+        # validation included) per step; tokens_per_s counts training time only.
+        lr = self.lr()
         elapsed = time.time() - w.start
         loss = w.loss_sum / w.n_losses if w.n_losses else math.nan
         line = (f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
@@ -467,7 +473,7 @@ class Trainer:
                  else f' | ppl {loss_fields(args.dataset, loss)["ppl"]:9.3f}')
         record = dict(step=self.step, split='train', epoch=self.epoch, batch=self.batch, loss=loss,
                       **loss_fields(args.dataset, loss), lr=lr, ms_per_batch=elapsed * 1000 / max(w.timed_steps, 1),
-                      tokens_per_s=w.timed_tokens / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device),
+                      tokens_per_s=w.timed_tokens / w.train_seconds(), peak_mem_mb=peak_memory_mb(self.device),
                       skipped_steps=w.n_skipped, nonfinite_losses=w.n_nonfinite)
         if w.n_skipped or w.n_nonfinite:
             line += f' | skipped {w.n_skipped} steps ({w.n_nonfinite} non-finite losses)'
@@ -501,8 +507,9 @@ class Trainer:
         start = time.time()
         val_loss = self.validation_loss(va_iter)
         args = self.args
+        # time: since the previous validation ended (or training started), as the original's line.
         line = (f'| Eval {self.step // args.eval_interval:3d} at step {self.step:>8d} | time: '
-                f'{time.time() - start:5.2f}s | valid loss {val_loss:5.2f}')
+                f'{time.time() - self.eval_start:5.2f}s | valid loss {val_loss:5.2f}')
         line += (f' | bpc {val_loss / math.log(2):9.5f}' if char_level(args.dataset)
                  else f' | valid ppl {loss_fields(args.dataset, val_loss)["ppl"]:9.3f}')
         self.log('-' * 100)
@@ -517,7 +524,8 @@ class Trainer:
         if args.scheduler == 'dev_perf':
             self.plateau.update(val_loss)
         self.last_eval_step = self.step
-        self.window.restart_clock()  # evaluation time is not training speed
+        self.window.eval_s += time.time() - start  # evaluation time is not training speed
+        self.eval_start = time.time()
 
     # ---------------------------------------------------------------- checkpoints
     # Under torchrun every rank takes part in gathering the expert shards and memories; rank 0 writes.
@@ -594,6 +602,7 @@ class Trainer:
         args = self.args
         bar = progress_bar(args.max_step, self.step)
         self.log.bar = bar
+        self.eval_start = time.time()
         self.model.train()
         try:
             while self.step < args.max_step and stop.signum is None:
@@ -601,13 +610,12 @@ class Trainer:
                     self.next_epoch()
                 exhausted = True
                 for data, target, seq_len in self.epoch_batches(tr_iter):
-                    lr = self.lr()
                     loss = self.train_step(data, target)
                     stop.signum = self.dist.agree(stop.signum)  # all ranks stop after the same step
                     self.batch += 1
                     self.position = (self.position or 0) + seq_len if hasattr(tr_iter, 'get_fixlen_iter') \
                         else tr_iter.state_dict()
-                    self.after_step(lr, loss, va_iter, run_dir, stop, bar)
+                    self.after_step(loss, va_iter, run_dir, stop, bar)
                     if self.step >= args.max_step or stop.signum is not None or self.epoch_over(tr_iter):
                         exhausted = False
                         break
@@ -618,14 +626,13 @@ class Trainer:
                 bar.close()
             self.log.bar = None
 
-    def after_step(self, lr, loss, va_iter, run_dir, stop, bar):
+    def after_step(self, loss, va_iter, run_dir, stop, bar):
         args = self.args
         if bar is not None:
-            elapsed = max(time.time() - self.window.start, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f'{loss:.3f}', tok_s=f'{self.window.timed_tokens / elapsed:.0f}')
+            bar.set_postfix(loss=f'{loss:.3f}', tok_s=f'{self.window.timed_tokens / self.window.train_seconds():.0f}')
         if self.step % args.log_interval == 0:
-            self.log_train(lr)
+            self.log_train()
         evaluated = self.step % args.eval_interval == 0
         if evaluated:
             self.validate(va_iter, run_dir)
@@ -674,6 +681,9 @@ def prepare(args, parser, notes, dist):
                      '--batch_size')
     if args.expert_parallel and not dist.active:
         notes.append('NOTE: --expert-parallel needs several processes (torchrun); this process holds every expert')
+    if args.amp != 'fp16' and (args.dynamic_loss_scale or args.static_loss_scale is not None):
+        # The original accepted them and ignored them without --fp16; bf16 and fp32 need no scaling.
+        notes.append('NOTE: --static-loss-scale/--dynamic-loss-scale are ignored without --fp16 (or --amp fp16)')
     if args.amp == 'fp16' and device.type == 'cpu':
         notes.append('NOTE: fp16 autocast on the CPU works but is slow; --amp bf16 is the CPU fast path')
     seed_everything(args.seed, device)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -234,8 +235,8 @@ def test_train_writes_the_run_directory(tmp_path, corpus, capsys):
     assert first['loss'] == pytest.approx(math.log(len(set(corpus_symbols(corpus)))), abs=0.05)  # uniform at first
     assert last['loss'] < first['loss'] - 0.3  # and it learns
     assert last['bpc'] == pytest.approx(last['loss'] / math.log(2))
-    for r in train_records:  # the rate each step used is the closed-form schedule's
-        assert r['lr'] == pytest.approx(learning_rate(r['step'] - 1, 0.002, 'cosine', 5, 30))
+    for r in train_records:  # the next update's rate (as the original's line), the closed-form schedule's
+        assert r['lr'] == pytest.approx(learning_rate(r['step'], 0.002, 'cosine', 5, 30))
     assert last['tokens_per_s'] > 0 and last['peak_mem_mb'] > 0 and last['skipped_steps'] == 0
     load = torch.tensor(last['moe_load'])
     assert load.shape == (2, 4) and (load.sum(1) == 16 * 4 * 2).all()  # every token goes to top_k=2 experts
@@ -474,6 +475,37 @@ def test_shuffled_multi_file_corpus_resumes_exactly(tmp_path):
     assert train_losses(tmp_path / 'resumed') == train_losses(tmp_path / 'reference')
 
 
+def test_log_lines_count_time_and_rate_as_the_original(tmp_path, corpus, monkeypatch):
+    """On a fake clock (1 s a step, 100 s a validation): ms/batch is the wall time since the last line per step,
+    a validation inside the window included; the eval line's time runs since the previous validation ended;
+    tokens_per_s counts training time only; lr is the rate of the next update."""
+    clock = [0.]
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(time=lambda: clock[0]))
+    for name, seconds in (('train_step', 1.), ('validation_loss', 100.)):
+        def timed(self, *args, _run=getattr(train.Trainer, name), _s=seconds, **kwargs):
+            clock[0] += _s
+            return _run(self, *args, **kwargs)
+        monkeypatch.setattr(train.Trainer, name, timed)
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '20', '--log-interval', '5', '--warmup_step', '5') == 0
+    lines = [line for line in (work / 'log.txt').read_text().splitlines() if line.startswith('| ')]
+    train_lines = [line for line in lines if line.startswith('| epoch')]
+    assert ['ms/batch 1000.00' in line for line in train_lines] == [True, True, False, True]
+    assert 'ms/batch 21000.00' in train_lines[2]
+    assert [line.split('| time:')[1].split('|')[0].strip() for line in lines if '| Eval' in line] == ['110.00s'] * 2
+    by_step = {r['step']: r for r in records(work, 'train')}
+    assert by_step[15]['tokens_per_s'] == pytest.approx(5 * 4 * 16 / 5)
+    for step, line in zip((5, 10, 15, 20), train_lines):
+        assert f'lr {learning_rate(step, 0.002, "cosine", 5, 20):.3g} ' in line
+
+
+def test_loss_scale_flags_without_fp16_are_ignored_as_in_the_original(tmp_path, corpus):
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '2', '--static-loss-scale', '8', '--dynamic-loss-scale') == 0
+    assert 'are ignored without --fp16' in (work / 'log.txt').read_text()
+    assert 'loss_scale' not in records(work, 'train')[-1]
+
+
 def test_clip_nonemb_trains(tmp_path, corpus):
     assert run(tmp_path / 'run', corpus, '--max_step', '3', '--clip_nonemb', '--clip', '0.01') == 0
     assert all(math.isfinite(l) for _, l in train_losses(tmp_path / 'run'))
@@ -598,7 +630,7 @@ BAD_INPUT = {
     'adaptive on characters': (['--adaptive'], '--adaptive is for the large word-level vocabularies'),
     'batch_chunk not dividing': (['--batch_chunk', '3'], '--batch_chunk 3 must divide --batch_size 4'),
     'fp16 and bf16': (['--fp16', '--amp', 'bf16'], '--fp16 means --amp fp16 and contradicts --amp bf16'),
-    'loss scale without fp16': (['--static-loss-scale', '8'], 'need --fp16'),
+    'negative loss scale': (['--fp16', '--static-loss-scale', '-2'], '--static-loss-scale -2.0 must be positive'),
     'negative mem_len': (['--mem_len', '-1'], '--mem_len -1 must be non-negative'),
     'same_length without memory': (['--same_length', '--mem_len', '0'], '--same_length needs a memory'),
     'unknown flag': (['--n_layers', '3'], 'unrecognized arguments: --n_layers 3'),
