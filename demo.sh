@@ -19,21 +19,8 @@ if [[ ! -f $OUT/data/test.txt ]]; then
         --no-raw --force
 fi
 
-# bf16 autocast on GPUs and on CPUs with AMX matrix units; fp32 on other CPUs, where bf16 made this small MoE
-# model's step slower (AVX512-BF16 without AMX: 112 ms against 105 ms in fp32, bench/README.md).
-DEVICE_FLAGS=$("$PY" - <<'EOF'
-import torch
-if torch.cuda.is_available():
-    print('--cuda --amp bf16' if torch.cuda.is_bf16_supported() else '--cuda --fp16 --dynamic-loss-scale')
-else:
-    try:
-        with open('/proc/cpuinfo') as f:
-            amx = 'amx_bf16' in f.read().split()
-    except OSError:
-        amx = False
-    print('--amp bf16' if amx else '')
-EOF
-)
+# The GPU and its precision where there is one, bf16 on CPUs with AMX, fp32 on other CPUs (utils/exp_utils.py).
+DEVICE_FLAGS=$("$PY" -c 'from utils.exp_utils import demo_device_flags; print(" ".join(demo_device_flags()))')
 
 rm -rf "$OUT/work"
 echo "== Training a 4-layer Transformer-XL with 8 experts (top-2) in every layer ${DEVICE_FLAGS:+($DEVICE_FLAGS)}"

@@ -154,13 +154,12 @@ def pad_or_trim_front(t, length):
     return t[t.size(0) - length:]
 
 
-def attention_seq_first(q, k, v, attn_mask, pos_score, scale, dropatt):
-    """The original's computation. q [qlen, bsz, n, d]; k, v [klen, bsz, n, d];
-    pos_score [qlen, klen, bsz|1, n] -> [qlen, bsz, n, d]."""
+def attention_seq_first(q, k, v, attn_mask, pos_score, dropatt):
+    """The original's computation, with queries (and so pos_score) already scaled by 1/sqrt(d_head).
+    q [qlen, bsz, n, d]; k, v [klen, bsz, n, d]; pos_score [qlen, klen, bsz|1, n] -> [qlen, bsz, n, d]."""
     score = torch.einsum('ibnd,jbnd->ijbn', q, k)
     if pos_score is not None:
         score = score + pos_score
-    score = score * scale
     if attn_mask is not None:
         score = score.masked_fill(attn_mask[:, :, None, None], -float('inf'))
     prob = dropatt(F.softmax(score, dim=1))
@@ -185,21 +184,18 @@ def use_sdpa(q, pos_score, dropatt):
     return q.device.type != 'cpu' or q.dtype in (torch.float32, torch.float64)
 
 
-def attention_heads_first(q, k, v, attn_mask, pos_score, scale, dropatt):
+def attention_heads_first(q, k, v, attn_mask, pos_score, dropatt):
     """The same function in FAST_ATTENTION's layout. q [bsz, n, qlen, d];
     k, v [bsz, n, klen, d]; pos_score [bsz|1, n, qlen, klen] -> [bsz, n, qlen, d]."""
     if use_sdpa(q, pos_score, dropatt):
         if pos_score is None:  # SDPA's boolean mask marks the keys that may be attended
             bias = None if attn_mask is None else ~attn_mask
-        else:  # SDPA adds the bias after scaling q·k, so the bias is scaled here
-            bias = pos_score * scale
-            if attn_mask is not None:
-                bias = bias.masked_fill(attn_mask, -float('inf'))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        else:
+            bias = pos_score if attn_mask is None else pos_score.masked_fill(attn_mask, -float('inf'))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.)
     score = torch.matmul(q, k.transpose(-1, -2))
     if pos_score is not None:
         score = score + pos_score
-    score = score * scale
     if attn_mask is not None:
         score = score.masked_fill(attn_mask, -float('inf'))
     prob = dropatt(F.softmax(score, dim=-1))
@@ -254,18 +250,24 @@ class Attention(nn.Module):
             return torch.matmul(q, r.permute(1, 2, 0))
         return torch.einsum('ibnd,jnd->ijbn', q, r)
 
+    def scaled(self, *xs):
+        """xs times 1/sqrt(d_head). Queries (and the biases added to them) are scaled before the
+        products rather than the scores after them: the same function, but fp16 scores stay in range."""
+        return [x * self.scale for x in xs]
+
     @staticmethod
     def rel_shift(x):
         return rel_shift_heads_first(x) if FAST_ATTENTION else rel_shift(x)
 
     def attend(self, h, q, k, v, attn_mask, pos_score=None):
         """h [qlen, bsz, d_model] residual input; q, k, v heads and pos_score scores in
-        the current layout; attn_mask [qlen, klen] bool, True = may not attend."""
+        the current layout, q and pos_score scaled by 1/sqrt(d_head) (see scaled);
+        attn_mask [qlen, klen] bool, True = may not attend."""
         if FAST_ATTENTION:
-            vec = attention_heads_first(q, k, v, attn_mask, pos_score, self.scale, self.dropatt)
+            vec = attention_heads_first(q, k, v, attn_mask, pos_score, self.dropatt)
             vec = vec.permute(2, 0, 1, 3)
         else:
-            vec = attention_seq_first(q, k, v, attn_mask, pos_score, self.scale, self.dropatt)
+            vec = attention_seq_first(q, k, v, attn_mask, pos_score, self.dropatt)
         out = self.drop(self.o_net(vec.reshape(vec.size(0), vec.size(1), -1)))
         return h + out if self.pre_lnorm else self.layer_norm(h + out)
 
@@ -336,7 +338,7 @@ class MultiHeadAttn(Attention):
         if self.pre_lnorm:
             c = self.layer_norm(c)
         # As in the original, queries come from the un-normalized h even in pre-LN.
-        head_q = self.heads(self.q_net(h))
+        head_q, = self.scaled(self.heads(self.q_net(h)))
         head_k, head_v = map(self.heads, torch.chunk(self.kv_net(c), 2, dim=-1))
         return self.attend(h, head_q, head_k, head_v, attn_mask)
 
@@ -400,8 +402,9 @@ class RelPartialLearnableMultiHeadAttn(RelMultiHeadAttn):
         cache = self.active_cache()
         r_head_k = self.r_net(r) if cache is None else cache.positions(r, self.r_net)
         r_head_k = r_head_k.view(r.size(0), self.n_head, self.d_head)
-        BD = self.rel_shift(self.position_scores(q + self.per_head(r_r_bias), r_head_k))
-        return self.attend(w, q + self.per_head(r_w_bias), k, v, attn_mask, BD)
+        q, u, v_bias = self.scaled(q, self.per_head(r_w_bias), self.per_head(r_r_bias))
+        BD = self.rel_shift(self.position_scores(q + v_bias, r_head_k))
+        return self.attend(w, q + u, k, v, attn_mask, BD)
 
 
 class RelLearnableMultiHeadAttn(RelMultiHeadAttn):
@@ -411,9 +414,10 @@ class RelLearnableMultiHeadAttn(RelMultiHeadAttn):
         q, k, v = self.project(w, mems)
         klen = w.size(0) + (0 if mems is None else mems.size(0))
         r_emb, r_bias = pad_or_trim_front(r_emb, klen), pad_or_trim_front(r_bias, klen)
-        B_ = self.position_scores(q, r_emb)
         D_ = r_bias.t()[:, None] if FAST_ATTENTION else r_bias[None, :, None]  # per distance and head
-        return self.attend(w, q + self.per_head(r_w_bias), k, v, attn_mask, self.rel_shift(B_ + D_))
+        q, u, D_ = self.scaled(q, self.per_head(r_w_bias), D_)
+        B_ = self.position_scores(q, r_emb)
+        return self.attend(w, q + u, k, v, attn_mask, self.rel_shift(B_ + D_))
 
 
 class DecoderLayer(nn.Module):

@@ -30,7 +30,7 @@ from utils import malloc
 from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
 from utils.distributed import fail as fail_distributed
 from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
-                             peak_memory_mb, pick_device, progress_bar, tensorboard_missing)
+                             peak_memory_mb, pick_device, progress_bar, tensorboard_missing, use_tf32)
 from utils.schedules import SCHEDULERS, PlateauDecay, learning_rate
 
 # The run stops when the loss itself (not just the scaled gradients) is non-finite this many steps in a row.
@@ -122,6 +122,8 @@ def build_parser():
     # New in this port.
     add('--amp', default='none', choices=['none', 'fp16', 'bf16'],
         help='autocast precision; bf16 also runs on CPUs, fp16 uses a gradient scaler')
+    add('--no-tf32', action='store_true',
+        help='full fp32 matrix products on GPUs, as the original (default: TF32 on Ampere and newer)')
     add('--compile', action='store_true',
         help='torch.compile the model (runs eagerly, with a warning, where it cannot compile); '
              'measured slower than the eager fast paths on CPUs')
@@ -373,9 +375,9 @@ class Trainer:
         self.vocab = vocab  # the symbols of an imported model's own vocabulary, kept in its checkpoints
         self.dist = dist or Dist()
         self.model = self.dist.shard_experts(model.to(device))
-        if args.compile:
-            mem_transformer.maybe_compile(self.model)   # in place: state-dict keys stay the same
         self.forward_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
+        if args.compile:  # after DDP, so that the compiled graph lets the all-reduce overlap the backward
+            mem_transformer.maybe_compile(self.forward_model)   # in place: state-dict keys stay the same
         model = self.model
         self.optimizer = build_optimizer(args, model)
         self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
@@ -684,6 +686,11 @@ def prepare(args, parser, notes, dist):
     if args.amp != 'fp16' and (args.dynamic_loss_scale or args.static_loss_scale is not None):
         # The original accepted them and ignored them without --fp16; bf16 and fp32 need no scaling.
         notes.append('NOTE: --static-loss-scale/--dynamic-loss-scale are ignored without --fp16 (or --amp fp16)')
+    if use_tf32(device, not args.no_tf32):
+        notes.append('NOTE: fp32 matrix products in TF32 on this GPU (--no-tf32 for full fp32, as the original)')
+    if args.fp16 and not args.dynamic_loss_scale and args.static_loss_scale == 1:
+        notes.append("WARNING: --fp16 keeps the original's static loss scale 1, under which small gradients "
+                     'vanish in fp16; --dynamic-loss-scale (or --amp fp16) is safer')
     if args.amp == 'fp16' and device.type == 'cpu':
         notes.append('NOTE: fp16 autocast on the CPU works but is slow; --amp bf16 is the CPU fast path')
     seed_everything(args.seed, device)

@@ -1,10 +1,11 @@
-"""utils/exp_utils.py: metrics.jsonl and its TensorBoard copy."""
+"""utils/exp_utils.py: metrics.jsonl and its TensorBoard copy; the device-wide precision switches."""
 import json
 import math
 
 import pytest
+import torch
 
-from utils.exp_utils import MetricsWriter
+from utils.exp_utils import MetricsWriter, demo_device_flags, use_tf32
 
 
 def board_scalars(directory, tag):
@@ -37,3 +38,32 @@ def test_without_tensorboard_nothing_but_metrics_jsonl_is_written(tmp_path):
     writer.write(step=1, split='train', loss=1.0)
     writer.close()
     assert [p.name for p in tmp_path.iterdir()] == ['metrics.jsonl']
+
+
+@pytest.fixture
+def tf32_switches():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize('capability,allowed,on', [((7, 0), True, False), ((8, 0), True, True),
+                                                   ((9, 0), True, True), ((9, 0), False, False)])
+def test_tf32_on_ampere_and_newer_unless_refused(monkeypatch, tf32_switches, capability, allowed, on):
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    assert use_tf32(torch.device('cuda', 0), allowed) is on
+    assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
+
+
+def test_tf32_leaves_the_cpu_alone(tf32_switches):
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert use_tf32(torch.device('cpu')) is False
+    assert torch.backends.cuda.matmul.allow_tf32 is True  # the CPU's products are not TF32's business
+
+
+@pytest.mark.parametrize('capability,amp', [((7, 0), 'fp16'), ((7, 5), 'fp16'), ((8, 0), 'bf16'), ((9, 0), 'bf16')])
+def test_demo_trains_in_bf16_only_on_gpus_with_bf16_units(monkeypatch, capability, amp):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)  # also on V100/T4 (emulated)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    assert demo_device_flags() == ['--cuda', '--amp', amp]

@@ -148,6 +148,22 @@ def test_sdpa_is_used_only_where_exact():
     assert not mt.use_sdpa(q, None, off)
 
 
+def test_fp16_scores_stay_in_range_where_q_dot_k_alone_would_overflow():
+    """Queries are scaled by 1/sqrt(d_head) before q·k: here q·k is 2e5 (fp16 overflows at 65504) and the
+    scaled score 2.5e4, so fp16 attention gives fp32's output instead of NaN."""
+    torch.manual_seed(0)
+    layer = mt.MultiHeadAttn(1, 64, 64, 0.0).eval()
+    with torch.no_grad():
+        layer.q_net.weight.copy_(torch.eye(64) * 56)
+        layer.kv_net.weight.copy_(torch.cat([torch.eye(64) * 56, torch.randn(64, 64) * 0.1]))
+    h = torch.ones(3, 2, 64) + 0.001 * torch.randn(3, 2, 64)
+    assert (56 * h[0, 0]).dot(56 * h[0, 0]) > 65504
+    expected = layer(h)
+    out = layer.half()(h.half())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+
+
 # ---------------------------------------------------------------------------- rel_shift
 
 def test_strided_and_padded_rel_shift_agree_on_the_visible_scores():

@@ -22,7 +22,7 @@ def fake_python(folder):
 
 
 def launch(tmp_path, script, mode, *flags, **env):
-    env = dict(dict(os.environ, PYTHON=str(fake_python(tmp_path)), DATA_ROOT='data', NPROC='', TORCHRUN_ARGS=''),
+    env = dict(dict(os.environ, PYTHON=str(fake_python(tmp_path)), DATA_ROOT='data', NPROC='', TORCHRUN_ARGS='', AMP=''),
                **env)
     done = subprocess.run(['bash', str(ROOT / script), mode, *flags], env=env, capture_output=True, text=True,
                           check=True)
@@ -51,6 +51,13 @@ def test_nproc_and_torchrun_args_win_over_the_gpu_count(tmp_path):
     assert f'{ROOT}/data/wikitext-103/' in out  # a relative DATA_ROOT is taken from the repository
     out = launch(tmp_path, 'run_wt103_base.sh', 'train', FAKE_GPUS='8', NPROC='1')
     assert out[1] == str(ROOT / 'train.py')
+
+
+def test_amp_chooses_the_training_precision(tmp_path):
+    assert '--amp' not in launch(tmp_path, 'run_text8_base.sh', 'train', NPROC='1')  # the original's fp32
+    out = launch(tmp_path, 'run_text8_base.sh', 'train', '--amp', 'fp16', NPROC='1', AMP='bf16')
+    assert out[-4:] == ['--amp', 'bf16', '--amp', 'fp16']  # flags given after the mode still win
+    assert '--amp' not in launch(tmp_path, 'run_text8_base.sh', 'eval', NPROC='1', AMP='bf16')
 
 
 def test_evaluation_uses_one_process_unless_asked(tmp_path):

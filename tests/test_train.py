@@ -541,14 +541,16 @@ def test_bf16_autocast_trains_like_fp32(tmp_path, corpus):
     assert 'loss_scale' not in records(tmp_path / 'bf16', 'train')[-1]
 
 
-def test_fp16_loss_scaling_on_the_cpu(tmp_path, corpus):
+def test_fp16_loss_scaling_on_the_cpu(tmp_path, corpus, capsys):
     assert run(tmp_path / 'dynamic', corpus, '--max_step', '6', '--fp16', '--dynamic-loss-scale') == 0
+    assert 'static loss scale 1' not in capsys.readouterr().out
     dynamic = records(tmp_path / 'dynamic', 'train')
     assert all(math.isfinite(r['loss']) for r in dynamic)
     assert dynamic[0]['loss_scale'] <= 2. ** 16  # starts at apex's 2^16 and may back off on overflow
     assert run(tmp_path / 'static', corpus, '--max_step', '6', '--fp16', '--static-loss-scale', '128') == 0
     assert {r['loss_scale'] for r in records(tmp_path / 'static', 'train')} == {128.}
     assert run(tmp_path / 'default', corpus, '--max_step', '2', '--fp16') == 0  # the original's static scale 1
+    assert "WARNING: --fp16 keeps the original's static loss scale 1" in capsys.readouterr().out
     assert {r['loss_scale'] for r in records(tmp_path / 'default', 'train')} == {1.}
     fp32 = tmp_path / 'fp32'
     assert run(fp32, corpus, '--max_step', '6') == 0

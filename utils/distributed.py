@@ -232,7 +232,8 @@ class Dist:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         device = next(model.parameters()).device
         # Buffers are constants (positions), so they need no broadcast at every forward.
-        options = dict(device_ids=[device.index] if device.type == 'cuda' else None)
+        # The gradients are views into DDP's buckets: no copy into them after the backward, less memory.
+        options = dict(device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
         try:
             self.ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False, **options)
         except TypeError:  # torch before forward_sync_buffers

@@ -179,6 +179,32 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
+def use_tf32(device, allowed=True):
+    """TF32 matrix products (fp32 range, 10-bit mantissa in the products, fp32 sums) on Ampere and newer
+    GPUs, where they run several times faster than full fp32; full fp32 elsewhere or when not allowed.
+    Sets torch's global switches for matmul and cuDNN; returns whether TF32 is on."""
+    on = allowed and device.type == 'cuda' and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
+def demo_device_flags():
+    """demo.sh's train.py flags for this machine: the GPU with bf16 autocast where it has bf16 units (compute
+    capability 8.0+; is_bf16_supported() is also true on V100/T4, which emulate it slowly), else fp16 with
+    dynamic loss scaling; bf16 on CPUs with AMX matrix units; fp32 on other CPUs, where bf16 made the demo's
+    small MoE step slower (AVX512-BF16 without AMX: 112 ms against 105 ms in fp32, bench/README.md)."""
+    if torch.cuda.is_available():
+        return ['--cuda', '--amp', 'bf16' if torch.cuda.get_device_capability() >= (8, 0) else 'fp16']
+    try:
+        with open('/proc/cpuinfo') as f:
+            amx = 'amx_bf16' in f.read().split()
+    except OSError:
+        amx = False
+    return ['--amp', 'bf16'] if amx else []
+
+
 def pick_device(cuda, log=print):
     """--cuda as in the original; without a GPU everything runs on the CPU (with a warning if --cuda)."""
     if cuda and not torch.cuda.is_available():

@@ -32,10 +32,12 @@ launcher() {
 
 # run_mode MODE [FLAGS...]: `train` runs train.py with the script's TRAIN_FLAGS, `eval` eval.py with its
 # EVAL_FLAGS, each followed by FLAGS (later flags win); anything else prints the usage and exits 2.
+# AMP=bf16 (or fp16) trains under autocast; unset, in fp32 as the original (TF32 products on Ampere+ GPUs).
 run_mode() {
+    local amp=(${AMP:+--amp "$AMP"})
     case $1 in
         train) echo 'Run training...'; launcher "${TRAIN_FLAGS[@]}" "${@:2}"
-               "${LAUNCH[@]}" "$HERE/train.py" "${TRAIN_FLAGS[@]}" "${@:2}" ;;
+               "${LAUNCH[@]}" "$HERE/train.py" "${TRAIN_FLAGS[@]}" ${amp[@]+"${amp[@]}"} "${@:2}" ;;
         eval) echo 'Run evaluation...'; launcher "${EVAL_FLAGS[@]}" "${@:2}"
               "${LAUNCH[@]}" "$HERE/eval.py" "${EVAL_FLAGS[@]}" "${@:2}" ;;
         *) echo "usage: bash $(basename "$0") train|eval [flags]" >&2; exit 2 ;;
