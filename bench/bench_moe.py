@@ -6,16 +6,19 @@ affects them alike):
   moe-slices   the same layer with the per-expert-slice fallback
   dense        a dense FFN with the same active FLOPs (d_inner = top_k * d_hidden)
   loop         a straightforward per-expert loop (`for e in range(E): idx = where(...)`)
+  moe-no-bias  the MoE layer with its experts' biases removed (another function: what they cost)
+  mixtral-*    transformers' Mixtral MoE block at equal FLOPs, its grouped_mm and eager experts
+               (when transformers is installed; an optional benchmark-only dependency)
 in fp32 and under bf16 autocast. Time: median of --repeats runs after --warmup runs.
 Peak memory: resource-based, the growth of the peak resident set size (VmHWM, reset through
 /proc/self/clear_refs) over one forward+backward, measured in a fresh subprocess per row.
 
     python bench/bench_moe.py [--experts 8 16 64] [--json bench_moe.json]
-                              [--threads N] [--tune-malloc]
+                              [--threads N]
 
 On a shared machine prefer --threads 1: with 2 threads every parallel region waits for a core
 another process holds, which punishes the layers with many small ops (moe, loop) most.
---tune-malloc keeps freed large blocks in glibc's heap (see tune_malloc()).
+glibc's malloc is tuned as train.py tunes it (utils/malloc.py; TXL_MALLOC_DEFAULTS=1 keeps its defaults).
 """
 import argparse
 import ctypes
@@ -38,9 +41,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from utils import malloc  # noqa: E402
 from utils.moe import FMoETransformerMLP, grouped_mm_available  # noqa: E402
 
 VARIANTS = ('moe', 'moe-slices', 'dense', 'loop')
+# transformers' Mixtral experts, when transformers is installed (an optional, benchmark-only dependency)
+MIXTRAL_VARIANTS = ('mixtral-grouped_mm', 'mixtral-eager')
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
 
 
@@ -70,8 +76,50 @@ class LoopMoE(nn.Module):
         return out
 
 
+class MixtralBlock(nn.Module):
+    """transformers' MixtralSparseMoeBlock (its router, then MixtralExperts with the given implementation) on
+    [tokens, d_model] rows, at the MoE layer's FLOPs: a SwiGLU expert of width w costs 3 d_model w
+    multiply-adds a row, the MoE layer's (two linear maps through d_hidden) 2 d_model d_hidden, so
+    w = 2/3 d_hidden, rounded down to a multiple of 16 for grouped_mm's alignment (at most 16 fewer)."""
+
+    def __init__(self, num_expert, args, implementation):
+        super().__init__()
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        config = MixtralConfig(hidden_size=args.d_model, intermediate_size=mixtral_width(args.d_hidden),
+                               num_local_experts=num_expert, num_experts_per_tok=args.top_k,
+                               router_jitter_noise=0.0)
+        config._experts_implementation = implementation
+        self.block = MixtralSparseMoeBlock(config)
+        for p in self.block.parameters():   # its weights are torch.empty until a model initialises them
+            nn.init.normal_(p, std=config.initializer_range)
+
+    def forward(self, x):
+        return self.block(x.unsqueeze(0)).squeeze(0)
+
+
+def mixtral_width(d_hidden):
+    return 2 * d_hidden // 3 // 16 * 16
+
+
+def mixtral_available():
+    """Whether transformers is installed with Mixtral experts that have a grouped_mm implementation."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        from transformers.models.mixtral import modeling_mixtral
+    except ImportError:
+        return False
+    return 'grouped_mm' in ALL_EXPERTS_FUNCTIONS and hasattr(modeling_mixtral, 'MixtralExperts')
+
+
+def variants():
+    return VARIANTS + ('moe-no-bias',) + (MIXTRAL_VARIANTS if mixtral_available() else ())
+
+
 def build(variant, num_expert, args):
     torch.manual_seed(0)
+    if variant in MIXTRAL_VARIANTS:
+        return MixtralBlock(num_expert, args, variant.split('-', 1)[1])
     moe = FMoETransformerMLP(num_expert, args.d_model, args.d_hidden, activation=nn.ReLU(),
                              top_k=args.top_k)
     if variant == 'dense':
@@ -81,6 +129,8 @@ def build(variant, num_expert, args):
     if variant == 'loop':
         return LoopMoE(moe)
     moe.expert_backend = 'slices' if variant == 'moe-slices' else 'auto'
+    if variant == 'moe-no-bias':   # not the same function: what the experts' biases cost
+        moe.experts.htoh4.bias = moe.experts.h4toh.bias = None
     return moe
 
 
@@ -113,22 +163,6 @@ def time_variants(steps, repeats, warmup):
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-
-
-def tune_malloc():
-    """Keep freed large blocks in glibc's heap instead of returning them to the OS.
-
-    By default glibc serves blocks of >= 32 MiB with mmap and unmaps them on free, so every
-    step page-faults its expert-sized tensors (64 experts x 512 x 256 fp32 = 32 MiB per weight
-    gradient) back in; in this VM that costs about 1 ms per MiB. Same as running with
-    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 (glibc only).
-    """
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 2 ** 30) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def peak_memory_child(variant, num_expert, dtype_name, args):
@@ -191,23 +225,27 @@ def check_same_output(modules, args):
 
 def run(args):
     memory_ok = not args.no_memory and Path('/proc/self/clear_refs').exists()
-    rows = []
+    rows, names = [], variants()
     for num_expert in args.experts:
-        modules = {v: build(v, num_expert, args) for v in VARIANTS}
+        modules = {v: build(v, num_expert, args) for v in names}
         max_diff = check_same_output(modules, args)
         for dtype_name in args.dtypes:
             steps = {v: step_fn(m, DTYPES[dtype_name], args) for v, m in modules.items()}
             ms = time_variants(steps, args.repeats, args.warmup)
-            for v in VARIANTS:
+            for v in names:
                 rows.append(dict(
                     experts=num_expert, dtype=dtype_name, variant=v, ms=ms[v],
                     vs_dense=ms[v] / ms['dense'], loop_speedup=ms['loop'] / ms[v],
+                    vs_mixtral=ms[v] / ms['mixtral-grouped_mm'] if 'mixtral-grouped_mm' in ms else None,
                     peak_mib=peak_memory(v, num_expert, dtype_name, args) if memory_ok else None,
-                    max_abs_diff_vs_loop_fp32=max_diff if v.startswith('moe') else None))
+                    max_abs_diff_vs_loop_fp32=max_diff if v in ('moe', 'moe-slices') else None))
     return rows
 
 
-TARGETS = ((64, 'vs_dense', 1.5, '<='), (64, 'loop_speedup', 10.0, '>='), (8, 'vs_dense', 1.3, '<='))
+TARGETS = ((64, 'vs_dense', 1.5, '<='), (64, 'loop_speedup', 10.0, '>='), (8, 'vs_dense', 1.3, '<='),
+           (8, 'vs_mixtral', 1.0, '<='), (64, 'vs_mixtral', 1.0, '<='))
+TARGET_WHAT = {'vs_dense': 'time / dense', 'loop_speedup': 'loop time / moe time',
+               'vs_mixtral': "time / transformers' grouped_mm Mixtral experts"}
 
 
 def target_lines(rows):
@@ -216,10 +254,9 @@ def target_lines(rows):
         if row['variant'] != 'moe':
             continue
         for experts, key, bound, op in TARGETS:
-            if row['experts'] == experts:
+            if row['experts'] == experts and row.get(key) is not None:
                 ok = row[key] <= bound if op == '<=' else row[key] >= bound
-                what = 'time / dense' if key == 'vs_dense' else 'loop time / moe time'
-                lines.append(f"{experts:>3} experts {row['dtype']}: {what} = {row[key]:.2f} "
+                lines.append(f"{experts:>3} experts {row['dtype']}: {TARGET_WHAT[key]} = {row[key]:.2f} "
                              f"(target {op} {bound}) {'holds' if ok else 'MISSED'}")
     return lines
 
@@ -228,13 +265,19 @@ def print_table(rows, meta):
     print(f"MoE layer fwd+bwd: {meta['tokens']} tokens, d_model {meta['d_model']}, d_hidden "
           f"{meta['d_hidden']}, top-{meta['top_k']}; median of {meta['repeats']} after "
           f"{meta['warmup']} warm-up; torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, "
-          f"malloc {'tuned' if meta['tune_malloc'] else 'default'}")
+          f"{meta['malloc']}")
     print(f"grouped_mm available: fp32 {meta['grouped_mm']['fp32']}, bf16 {meta['grouped_mm']['bf16']}")
-    print(f"{'experts':>7} {'dtype':>5} {'variant':>11} {'ms':>8} {'x dense':>8} {'loop/x':>7} {'peak MiB':>9}")
+    if not any(r['vs_mixtral'] for r in rows):
+        print('mixtral rows skipped: transformers (with MixtralExperts\' grouped_mm) is not installed')
+    print(f"{'experts':>7} {'dtype':>5} {'variant':>18} {'ms':>8} {'x dense':>8} {'loop/x':>7} {'x mixtral':>9} "
+          f"{'peak MiB':>9}")
     for r in rows:
         mem = f"{r['peak_mib']:.1f}" if r['peak_mib'] is not None else 'n/a'
-        print(f"{r['experts']:>7} {r['dtype']:>5} {r['variant']:>11} {r['ms']:>8.2f} "
-              f"{r['vs_dense']:>8.2f} {r['loop_speedup']:>7.1f} {mem:>9}")
+        mixtral = f"{r['vs_mixtral']:.2f}" if r['vs_mixtral'] is not None else ''
+        print(f"{r['experts']:>7} {r['dtype']:>5} {r['variant']:>18} {r['ms']:>8.2f} "
+              f"{r['vs_dense']:>8.2f} {r['loop_speedup']:>7.1f} {mixtral:>9} {mem:>9}")
+    print(f"mixtral: transformers' MixtralSparseMoeBlock, SwiGLU experts of width {meta['mixtral_width']} "
+          '(equal FLOPs); its grouped_mm runs in its weights\' fp32 under bf16 autocast')
     print('peak MiB: growth of peak RSS over one fwd+bwd in a fresh process (resource-based); '
           f"1-min load average {meta['loadavg_before']:.2f} before, {meta['loadavg_after']:.2f} after")
     diffs = {r['experts']: r['max_abs_diff_vs_loop_fp32'] for r in rows if r['variant'] == 'moe'}
@@ -263,8 +306,6 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--threads', type=int, default=None,
                    help='torch intra-op threads (default: torch default)')
-    p.add_argument('--tune-malloc', action='store_true',
-                   help='keep large freed blocks in the heap (glibc mallopt), see tune_malloc()')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
     p.add_argument('--json', metavar='PATH', help='also write the rows as JSON here')
     p.add_argument('--memory-child', nargs=3, metavar=('VARIANT', 'EXPERTS', 'DTYPE'),
@@ -289,15 +330,15 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tune_malloc and not tune_malloc():
-        sys.exit('--tune-malloc: glibc mallopt refused the settings; run without the flag')
+    malloc_line = malloc.tune() or 'malloc: not glibc, left alone'   # as train.py does at start-up
     if args.memory_child:
         variant, experts, dtype_name = args.memory_child
         print(peak_memory_child(variant, int(experts), dtype_name, args))
         return
     meta = dict(tokens=args.tokens, d_model=args.d_model, d_hidden=args.d_hidden, top_k=args.top_k,
                 repeats=args.repeats, warmup=args.warmup, torch=torch.__version__,
-                threads=torch.get_num_threads(), tune_malloc=args.tune_malloc, cpu=cpu_name(),
+                threads=torch.get_num_threads(), malloc=malloc_line, cpu=cpu_name(),
+                mixtral_width=mixtral_width(args.d_hidden),
                 grouped_mm={name: grouped_mm_available('cpu', dt or torch.float32)
                             for name, dt in DTYPES.items()},
                 memory='peak RSS growth (VmHWM after /proc/self/clear_refs reset) over one '

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import math
 import statistics
+import time
 import zipfile
 
 import torch
@@ -26,7 +27,10 @@ import torch
 from timing import (ROOT, add_common_args, check_common_args, describe, machine, matmul_products,
                     time_side_by_side, write_json)
 import mem_transformer as mt
+import original
+import train
 from flops import flops_per_token
+from utils import malloc
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
 CPU_SIZED = dict(n_token=204, n_layer=4, n_head=4, d_model=256, d_head=64, d_inner=1024,
@@ -64,40 +68,77 @@ def build_model(config, seed=0, dropout=DROPOUT):
     return mt.init_weights(model)
 
 
-class TrainStep:
-    """A model, its Adam optimizer and its memory; each call is one optimizer step,
-    split into batch_chunk chunks (each with its own memory) as train.py does.
-    paths: 'fast' (the default), 'plain' (fast paths off) or 'compiled' (fast, under
-    torch.compile as train.py --compile; the first two calls compile)."""
+def random_batch(config, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config['n_token'], (config['tgt_len'] + 1, config['bsz']), generator=gen)
 
-    def __init__(self, config, dtype='fp32', paths='fast', batch_chunk=1, seed=0):
-        self.model = build_model(config, seed).train()
-        if paths == 'compiled':
-            mt.maybe_compile(self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
-        self.amp_dtype, self.fast, self.batch_chunk = DTYPES[dtype], paths != 'plain', batch_chunk
-        self.mems = [() for _ in range(batch_chunk)]
-        gen = torch.Generator().manual_seed(seed)
-        self.batch = torch.randint(0, config['n_token'], (config['tgt_len'] + 1, config['bsz']),
-                                   generator=gen)
+
+def trainer_args(dtype, batch_chunk=1, compiled=False, optim='adam'):
+    """train.py's flags for a benchmark step: run_enwik8_base.sh's clip, a constant learning rate."""
+    flags = ['--optim', optim, '--lr', str(LR), '--clip', str(CLIP), '--scheduler', 'constant',
+             '--batch_chunk', str(batch_chunk), '--amp', 'none' if DTYPES[dtype] is None else dtype]
+    return train.build_parser().parse_args(flags + ['--compile'] * compiled)
+
+
+class OptimizerClock:
+    """Seconds of each optimizer.step(), from the optimizer's own step hooks."""
+
+    def __init__(self, optimizer):
+        self.seconds, self.start = [], None
+        optimizer.register_step_pre_hook(self.started)
+        optimizer.register_step_post_hook(self.stopped)
+
+    def started(self, *unused):
+        self.start = time.perf_counter()
+
+    def stopped(self, *unused):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+class TrainStep:
+    """train.py's own Trainer (its optimizer, gradient scaler, clipping, MoE statistics) on a model of
+    `config`, with a full memory; each call is one Trainer.train_step on a fixed batch.
+    paths: 'fast' (the default), 'plain' (fast paths off) or 'compiled' (fast, under torch.compile as
+    train.py --compile; the first two calls compile). optimizer: 'train.py' (build_optimizer's) or
+    'per-parameter loop' (torch.optim.Adam(foreach=False), what train.py ran before it chose)."""
+
+    def __init__(self, config, dtype='fp32', paths='fast', batch_chunk=1, seed=0, optimizer='train.py'):
+        model = build_model(config, seed).train()
+        args = trainer_args(dtype, batch_chunk, paths == 'compiled')
+        self.trainer = train.Trainer(args, model, torch.device('cpu'), log=None, metrics=None)
+        if optimizer == 'per-parameter loop':
+            self.trainer.optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=False)
+        self.model, self.fast = self.trainer.model, paths != 'plain'
+        self.clock = OptimizerClock(self.trainer.optimizer)
+        self.batch = random_batch(config, seed)
 
     def __call__(self, batch=None):
         """One step on `batch` [tgt_len + 1, bsz] (inputs then shifted targets); returns the mean loss."""
         batch = self.batch if batch is None else batch
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.
         with fast_paths(self.fast):
-            for i, chunk in enumerate(batch.chunk(self.batch_chunk, 1)):
-                with torch.autocast('cpu', dtype=self.amp_dtype or torch.bfloat16,
-                                    enabled=self.amp_dtype is not None):
-                    out = self.model(chunk[:-1], chunk[1:], *self.mems[i])
-                    loss = out[0].float().mean() + self.model.aux_loss()
-                self.mems[i] = out[1:]
-                (loss / self.batch_chunk).backward()
-                total += loss.item() / self.batch_chunk
+            return self.trainer.train_step(batch[:-1], batch[1:])
+
+
+class OriginalStep:
+    """The original Transformer-XL's model with the same weights as TrainStep's, stepped as the original
+    train.py did (loss mean, backward, clip, step), with train.py's optimizer and autocast."""
+
+    def __init__(self, module, config, dtype='fp32', seed=0):
+        ours = build_model(config, seed)
+        self.model = original.build_model(module, config, DROPOUT, DROPATT, ours.state_dict()).train()
+        self.optimizer = train.build_optimizer(trainer_args(dtype), self.model)
+        self.amp_dtype, self.mems, self.batch = DTYPES[dtype], (), random_batch(config, seed)
+
+    def __call__(self):
+        self.model.zero_grad()
+        with torch.autocast('cpu', dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            ret = self.model(self.batch[:-1], self.batch[1:], *self.mems)
+            loss = ret[0].float().mean()
+        self.mems = ret[1:]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.optimizer.step()
-        return total
+        return loss.item()
 
 
 def throughput(names, dtypes, repeats, warmup, plain=('cpu-dense',), compiled=()):
@@ -120,6 +161,67 @@ def throughput(names, dtypes, repeats, warmup, plain=('cpu-dense',), compiled=()
                              peak_tflops=peaks[dtype], peak_fraction=tflops / peaks[dtype],
                              vs_fp32=seconds.get(('fp32', path), math.nan) / s))
         del variants
+    return rows
+
+
+def same_function(ours, theirs, batch):
+    """Largest difference of the two models' per-token losses in evaluation (no dropout): the rows compare
+    the same computation."""
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        diff = (ours(batch[:-1], batch[1:])[0] - theirs(batch[:-1], batch[1:])[0]).abs().max().item()
+    ours.train(), theirs.train()
+    return diff
+
+
+def versus_original(dtypes, repeats, warmup, config_name='cpu-dense'):
+    """Row (a): train.py's step against the original's model stepped the original's way, with the same
+    weights, batch and optimizer, side by side. [] when the original's code is absent."""
+    module = original.load()
+    if module is None:
+        return []
+    config, rows = CONFIGS[config_name], []
+    for dtype in dtypes:
+        steps = {'train.py': TrainStep(config, dtype), 'original': OriginalStep(module, config, dtype)}
+        diff = same_function(steps['train.py'].model, steps['original'].model, steps['original'].batch)
+        seconds = time_side_by_side(steps, repeats, warmup)
+        rows.append(dict(config=config_name, dtype=dtype, ms=seconds['train.py'] * 1e3,
+                         original_ms=seconds['original'] * 1e3, speedup=seconds['original'] / seconds['train.py'],
+                         max_loss_diff=diff))
+    return rows
+
+
+# Equal active FLOPs: two experts of 512 per token against one feed-forward of 1024 (the MoE step's gate
+# adds 1.5% to its FLOPs, not counted in the ratio).
+MOE_VS_DENSE = ('cpu-moe64', 'cpu-dense')
+
+
+def moe_versus_dense(dtypes, repeats, warmup, threads=(1, 2)):
+    """Rows (c) and (d): the 64-expert step against the dense step of equal active FLOPs, side by side, at
+    each thread count (every dtype on the first, fp32 on the others), and the optimizer's share of each
+    step (its step hooks' time over the step's); on the first thread count in fp32 also the 64-expert step
+    with the per-parameter Adam train.py used before."""
+    moe, dense = MOE_VS_DENSE
+    rows, saved = [], torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            for dtype in dtypes if n == threads[0] else dtypes[:1]:
+                steps = {dense: TrainStep(CONFIGS[dense], dtype), moe: TrainStep(CONFIGS[moe], dtype)}
+                if n == threads[0] and dtype == 'fp32':
+                    steps[moe + ', per-parameter Adam'] = TrainStep(CONFIGS[moe], dtype,
+                                                                    optimizer='per-parameter loop')
+                seconds = time_side_by_side(steps, repeats, warmup)
+                for name, step in steps.items():
+                    optimizer_s = statistics.median(step.clock.seconds[warmup:])
+                    config = CONFIGS[name.split(',')[0]]
+                    rows.append(dict(threads=n, dtype=dtype, step=name, ms=seconds[name] * 1e3,
+                                     gflop_per_token=flops_per_token(config) / 1e9,
+                                     optimizer_ms=optimizer_s * 1e3, optimizer_share=optimizer_s / seconds[name],
+                                     vs_dense=seconds[dense] / seconds[name]))
+                del steps
+    finally:
+        torch.set_num_threads(saved)
     return rows
 
 
@@ -205,6 +307,24 @@ def print_loss_check(check):
               f"relative difference {100 * check[f'{what}_rel_diff']:.2f}%")
 
 
+def print_original(rows):
+    if not rows:
+        print(f'(a) skipped: the original Transformer-XL is not at {original.WHERE}')
+    for r in rows:
+        print(f"(a) {r['config']} {r['dtype']}: train.py step {r['ms']:.0f} ms, the original's model "
+              f"{r['original_ms']:.0f} ms: {r['speedup']:.2f}x (same weights, batch and optimizer; losses "
+              f"within {r['max_loss_diff']:.1e} in evaluation)")
+
+
+def print_moe_versus_dense(rows):
+    print(f"{'threads':>7} {'dtype':>5} {'step':>31} {'ms':>7} {'x dense':>7} {'optimizer ms':>12} {'share':>6}")
+    for r in rows:
+        print(f"{r['threads']:>7} {r['dtype']:>5} {r['step']:>31} {r['ms']:>7.0f} {r['vs_dense']:>7.2f} "
+              f"{r['optimizer_ms']:>12.1f} {100 * r['optimizer_share']:>5.0f}%")
+    print('(c) x dense: the dense step time over this step\'s (throughput ratio, equal active FLOPs); '
+          '(d) share: optimizer.step() time over the step\'s')
+
+
 def add_train_args(p):
     """The options of the training-step benchmark that run_all.py takes too."""
     p.add_argument('--loss-steps', type=int, default=200, help='steps of the bf16 loss check (0 skips it)')
@@ -234,14 +354,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    print(malloc.tune() or 'malloc: not glibc, left alone')   # as train.py does at start-up
     print(describe(machine()))
     rows = throughput(args.configs, args.dtypes, args.repeats, args.warmup, compiled=args.compiled)
     print_rows(rows)
+    versus = versus_original(args.dtypes, args.repeats, args.warmup)
+    print_original(versus)
+    moe = moe_versus_dense(args.dtypes, args.repeats, args.warmup)
+    print_moe_versus_dense(moe)
     check = bf16_loss_check(args.loss_steps) if args.loss_steps else None
     if args.loss_steps:
         print_loss_check(check)
     if args.json:
-        write_json(args.json, dict(machine=machine(), rows=rows, bf16_loss_check=check))
+        write_json(args.json, dict(machine=machine(), rows=rows, versus_original=versus, moe_versus_dense=moe,
+                                   bf16_loss_check=check))
 
 
 if __name__ == '__main__':

@@ -3,9 +3,15 @@
     python bench/run_all.py [--quick] [--json bench_results.json] [--threads N]
     python bench/run_all.py --from-json bench_results.json   # reprint an earlier run's table
 
-1+2  training step (bench_train.py): tokens/s, model FLOPs/token, fraction of the
-     matrix-product peak timed side by side; bf16 vs fp32 loss on real text
-3    the MoE layer alone (bench_moe.py, the MoE layer's own benchmark)
+1+2  training step (bench_train.py: train.py's own Trainer.train_step): tokens/s, model
+     FLOPs/token, fraction of the matrix-product peak timed side by side; bf16 vs fp32 loss on
+     real text; and as ratios measured side by side:
+     (a) the dense step against the original Transformer-XL's model (same weights, batch and
+         optimizer; skipped when ../shared/reference/transformer-xl is absent)
+     (c) the 64-expert step against the dense step of equal active FLOPs, 1 and 2 threads
+     (d) the optimizer's share of those steps
+3    the MoE layer alone (bench_moe.py, the MoE layer's own benchmark); with transformers
+     installed (optional), (b) against its Mixtral experts (grouped_mm and eager) at equal FLOPs
 4    long-memory evaluation (bench_eval.py)
 5    peak resident memory of a training step, --batch_chunk 1 and 2 (bench_memory.py)
 
@@ -16,11 +22,13 @@ processes on a shared machine slows them alike; each figure is a median.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from timing import add_common_args, check_common_args, describe, machine, matmul_peak, write_json
+from utils import malloc
 import bench_eval
 import bench_memory
 import bench_moe
@@ -38,7 +46,7 @@ def moe_layer(args):
     return bench_moe.run(bench_moe.parse_args(flags))
 
 
-def table_rows(peaks, train, moe, evaluation, memory):
+def table_rows(peaks, train, moe, evaluation, memory, versus=(), moe_dense=()):
     """Every figure as one Markdown table row: item, workload, dtype, variant, ms, tokens/s,
     TFLOP/s, % of peak, x reference (the reference's time / this row's time), peak MiB."""
     rows = [('peak', '2048^3 matrix product', dtype, '', '', '', f'{tflops:.3f}', '100', '', '')
@@ -48,10 +56,18 @@ def table_rows(peaks, train, moe, evaluation, memory):
         rows.append(('1 train step', r['config'], r['dtype'], r['paths'], f"{r['ms']:.0f}",
                      f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3f}", f"{100 * r['peak_fraction']:.0f}",
                      f"{r['vs_fp32']:.2f} ({ref})" if ref else '', ''))
+    for r in versus:
+        rows.append(('1a vs original', r['config'], r['dtype'], 'train.py', f"{r['ms']:.0f}", '', '', '',
+                     f"{r['speedup']:.2f} (original: {r['original_ms']:.0f} ms)", ''))
+    for r in moe_dense:
+        rows.append(('1c+d MoE vs dense', r['step'], r['dtype'], f"{r['threads']} thread(s)", f"{r['ms']:.0f}",
+                     '', '', '', f"{r['vs_dense']:.2f} (dense); optimizer {100 * r['optimizer_share']:.0f}% "
+                                 f"({r['optimizer_ms']:.0f} ms)", ''))
     for r in moe:
         mem = f"{r['peak_mib']:.1f}" if r.get('peak_mib') is not None else ''
+        mixtral = f", {1 / r['vs_mixtral']:.2f} (mixtral grouped_mm)" if r.get('vs_mixtral') else ''
         rows.append(('3 MoE layer', f"{r['experts']} experts", r['dtype'], r['variant'], f"{r['ms']:.2f}",
-                     '', '', '', f"{1 / r['vs_dense']:.2f} (dense)", mem))
+                     '', '', '', f"{1 / r['vs_dense']:.2f} (dense){mixtral}", mem))
     for r in evaluation:
         rows.append(('4 evaluation', 'tgt 80, mem 2100', r['dtype'], r['paths'], f"{r['ms']:.0f}",
                      f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.3f}", '', f"{r['vs_plain']:.2f} (plain)", ''))
@@ -69,7 +85,7 @@ def markdown(rows):
     return '\n'.join(lines)
 
 
-def target_lines(train, check, moe):
+def target_lines(train, check, moe, versus=(), moe_dense=()):
     """The issue's targets, each with its measured figure and whether it holds."""
     def verdict(ok):
         return 'holds' if ok else 'MISSED'
@@ -88,6 +104,14 @@ def target_lines(train, check, moe):
     if base:
         lines.append(f"train, enwik8-base shape fp32: {100 * base['peak_fraction']:.0f}% of the fp32 "
                      f"matrix-product peak (target >= 40%) {verdict(base['peak_fraction'] >= 0.4)}")
+    for r in versus:
+        lines.append(f"train, (a) dense step {r['dtype']}: {r['speedup']:.2f}x the original's model step "
+                     f"(target >= 1.5x) {verdict(r['speedup'] >= 1.5)}")
+    for r in moe_dense:
+        if r['step'] == bench_train.MOE_VS_DENSE[0]:
+            bound = 0.85 if r['threads'] == 1 else 0.8
+            lines.append(f"train, (c) 64-expert step {r['dtype']}, {r['threads']} thread(s): {r['vs_dense']:.2f}x "
+                         f"the dense step's throughput (target >= {bound}x) {verdict(r['vs_dense'] >= bound)}")
     lines += ['MoE layer, ' + line.strip() for line in bench_moe.target_lines(moe)]
     return lines
 
@@ -112,9 +136,11 @@ def main(argv=None):
         with open(args.from_json) as f:
             report(json.load(f))
         return
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()[0]
+    malloc_line = malloc.tune() or 'malloc: not glibc, left alone'   # as train.py does at start-up
     about = machine()
     print(describe(about), flush=True)
+    print(malloc_line, flush=True)
     def progress(what):
         print(f'[{(time.time() - start) / 60:5.1f} min] {what}', file=sys.stderr, flush=True)
 
@@ -124,6 +150,10 @@ def main(argv=None):
     progress(f'training steps: {", ".join(configs)}')
     train = bench_train.throughput(configs, list(bench_train.DTYPES), args.repeats, args.warmup,
                                    compiled=args.compiled)
+    progress('(a) dense step against the original\'s model')
+    versus = bench_train.versus_original(list(bench_train.DTYPES), args.repeats, args.warmup)
+    progress('(c, d) 64-expert step against the dense step, 1 and 2 threads')
+    moe_dense = bench_train.moe_versus_dense(list(bench_train.DTYPES), args.repeats, args.warmup)
     progress(f'bf16 loss check, {args.loss_steps} steps')
     check = bench_train.bf16_loss_check(args.loss_steps) if args.loss_steps else None
     progress('MoE layer (bench_moe.py)')
@@ -134,8 +164,10 @@ def main(argv=None):
     memory = bench_memory.run(['cpu-dense'] if args.quick else bench_memory.CONFIG_NAMES,
                               ['fp32', 'bf16'], threads=args.threads)
 
-    results = dict(machine=about, repeats=args.repeats, warmup=args.warmup, quick=args.quick,
+    results = dict(machine=about, malloc=malloc_line, loadavg=(load_before, os.getloadavg()[0]),
+                   repeats=args.repeats, warmup=args.warmup, quick=args.quick,
                    minutes=(time.time() - start) / 60, peak_tflops=peaks, train=train, bf16_loss_check=check,
+                   versus_original=versus, moe_versus_dense=moe_dense,
                    moe_layer=moe, evaluation=evaluation, memory=memory)
     report(results)
     write_json(args.json, results)
@@ -143,15 +175,24 @@ def main(argv=None):
 
 
 def report(r):
+    versus, moe_dense = r.get('versus_original', []), r.get('moe_versus_dense', [])
     print()
-    print(markdown(table_rows(r['peak_tflops'], r['train'], r['moe_layer'], r['evaluation'], r['memory'])))
+    print(markdown(table_rows(r['peak_tflops'], r['train'], r['moe_layer'], r['evaluation'], r['memory'],
+                              versus, moe_dense)))
     print()
     if r['bf16_loss_check']:
         bench_train.print_loss_check(r['bf16_loss_check'])
-    for line in target_lines(r['train'], r['bf16_loss_check'], r['moe_layer']):
+    if not versus:
+        print(f'(a) skipped: the original Transformer-XL is not at {bench_train.original.WHERE}')
+    if not any(row.get('vs_mixtral') for row in r['moe_layer']):
+        print('(b) skipped: transformers (with MixtralExperts\' grouped_mm) is not installed')
+    for line in target_lines(r['train'], r['bf16_loss_check'], r['moe_layer'], versus, moe_dense):
         print(line)
+    load = f"; 1-min load average {r['loadavg'][0]:.1f} before, {r['loadavg'][1]:.1f} after" if 'loadavg' in r else ''
     print(f"\n{describe(r['machine'])}; median of {r['repeats']} repeats after {r['warmup']} warm-up"
-          + (f"; suite took {r['minutes']:.1f} min" if 'minutes' in r else ''))
+          + (f"; suite took {r['minutes']:.1f} min" if 'minutes' in r else '') + load)
+    if 'malloc' in r:
+        print(r['malloc'])
 
 
 if __name__ == '__main__':
