@@ -1,8 +1,8 @@
 # coding: utf-8
 """Train a Transformer-XL language model whose feed-forwards can be Mixtures of Experts (--moe).
 
-The original train.py's command line (same flags, defaults and meaning) on today's PyTorch, plus FastMoE's
---moe flags. What changed underneath (see the README): --work_dir is the run directory itself; mixed precision
+The original train.py's command line (same flags and defaults) on today's PyTorch, plus FastMoE's --moe flags.
+What changed (the README lists every flag whose meaning differs): --work_dir is the run directory itself; mixed precision
 is torch.autocast with a gradient scaler instead of apex; WORK_DIR/checkpoint.pt holds the whole training state,
 so --restart continues a killed run exactly; checkpoints are plain data; metrics.jsonl sits next to log.txt.
 
@@ -386,6 +386,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 16 if dynamic else args.static_loss_scale,
                                            enabled=args.amp == 'fp16')
         self.plateau = PlateauDecay(args.decay_rate, args.patience)
+        self.base_lr = args.lr  # --restart_dir may change it (constant/dev_perf go on at the saved rate, see main)
         self.clip_params = non_embedding_parameters(model) if args.clip_nonemb else list(model.parameters())
         self.step, self.epoch, self.batch, self.position = 0, 1, 0, None
         self.best_val_loss, self.last_eval_step, self.nonfinite_run = None, None, 0
@@ -402,7 +403,7 @@ class Trainer:
 
     def lr(self):
         a = self.args
-        return learning_rate(self.step, a.lr, a.scheduler, a.warmup_step, a.max_step, a.eta_min,
+        return learning_rate(self.step, self.base_lr, a.scheduler, a.warmup_step, a.max_step, a.eta_min,
                              self.plateau.scale, a.lr_min)
 
     # ---------------------------------------------------------------- one optimizer step
@@ -551,7 +552,7 @@ class Trainer:
                  'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
                  'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'position': self.position,
                  'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
-                 'nonfinite_run': self.nonfinite_run, 'window': self.window.state_dict(),
+                 'nonfinite_run': self.nonfinite_run, 'base_lr': self.base_lr, 'window': self.window.state_dict(),
                  'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state()}
         if self.vocab is not None:
             state['vocab'] = self.vocab
@@ -567,6 +568,7 @@ class Trainer:
         self.plateau.load_state_dict(state['plateau'])
         for key in ('step', 'epoch', 'batch', 'position', 'best_val_loss', 'last_eval_step', 'nonfinite_run'):
             setattr(self, key, state[key])
+        self.base_lr = float(state.get('base_lr', self.args.lr))  # checkpoints before base_lr: --lr
         self.window.load_state_dict(state['window'], self.device)
         self.mems = dist.local_mems(state['mems'], self.device)
         dist.set_rng_state(state, self.args.seed, self.step)
@@ -737,6 +739,11 @@ def main(argv=None):
             path = os.path.join(args.restart_dir, 'optimizer.pt')
             saved = ckpt.load(path, 'optimizer')['optimizer_state']
             trainer.optimizer.load_state_dict(dist.local_optimizer_state(saved, trainer.optimizer))
+            if args.scheduler in ('constant', 'dev_perf'):
+                # As the original: loading optimizer.pt restored the rate, and these schedules never reset it.
+                trainer.base_lr = float(saved['param_groups'][0]['lr'])
+                notes.append(f'NOTE: --scheduler {args.scheduler} continues at the rate saved in {path}: '
+                             f'{trainer.base_lr:.3g} (as the original)')
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
         if dist.is_main:  # every rank finds the same fault; one line is enough
             print(f'train.py: error: {e}', file=sys.stderr)
@@ -802,7 +809,9 @@ def run(args, trainer, iters, state, notes, n_params):
         log(f'Exiting from training early (SIGTERM) at step {trainer.step}: checkpoint saved, resume with --restart')
         return 128 + signal.SIGTERM
     log('Exiting from training early' if stop.signum is not None else 'End of training')
-    if trainer.last_eval_step != trainer.step:
+    if trainer.best_val_loss is None:
+        # No validation yet (a run shorter than --eval-interval: the original crashed on the missing model.pt), so
+        # validate once to have a best model. Otherwise, as the original, the best periodic validation is tested.
         trainer.validate(va_iter, run_dir)
     trainer.test(te_iter, run_dir)
     return 0

@@ -238,7 +238,7 @@ def test_ddp_under_torchrun_equals_one_process(tmp_path, corpus):
                                '--batch_size', '5'])
     assert code == 0, err[-3000:]
     assert_same_losses(metrics(two, 'train'), metrics(one, 'train'), range(1, 5))
-    assert_same_losses(metrics(two, 'valid'), metrics(one, 'valid'), (3, 4))
+    assert_same_losses(metrics(two, 'valid'), metrics(one, 'valid'), (3,))
     assert_same_losses(metrics(two, 'test'), metrics(one, 'test'), (4,))
     assert out.count('| End of training |') == 1   # rank 0 alone prints
     checkpoint = torch.load(two / 'checkpoint.pt', weights_only=True)

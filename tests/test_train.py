@@ -380,6 +380,18 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tmp_path, corpu
     assert train_losses(work) == train_losses(reference)
 
 
+def test_the_end_of_a_run_tests_the_best_periodic_validation_as_the_original(tmp_path, corpus):
+    """No extra validation after the last periodic one: model.pt stays the best of those (only a run with no
+    validation at all is validated once at its end, where the original crashed)."""
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '15') == 0
+    assert [(r['step'], r['split']) for r in records(work) if r['split'] != 'train'] == [(10, 'valid'), (15, 'test')]
+    assert ckpt.load(work / 'model.pt', 'model')['step'] == 10
+    assert run(tmp_path / 'short', corpus, '--max_step', '4') == 0
+    assert [(r['step'], r['split']) for r in records(tmp_path / 'short') if r['split'] != 'train'] == \
+        [(4, 'valid'), (4, 'test')]
+
+
 def test_sigint_stops_after_the_step_then_tests_the_best_model(tmp_path, corpus, monkeypatch):
     """Ctrl-C as in the original: training stops early, then the best model is evaluated on test."""
     forward, calls = mem_transformer.MemTransformerLM.forward, [0]
@@ -417,6 +429,25 @@ def test_restart_dir_starts_from_another_runs_weights(tmp_path, corpus, capsys):
     code = run(tmp_path / 'third', corpus, '--max_step', '10', '--restart_dir', str(first), '--n_layer', '3')
     assert code == 2
     assert 'n_layer: 2 in the checkpoint, 3 now' in capsys.readouterr().err
+
+
+def test_restart_dir_constant_and_dev_perf_go_on_at_the_saved_rate(tmp_path, corpus):
+    """As the original: optimizer.pt's rate is restored, and constant/dev_perf never reset it (other schedules do);
+    an exact --restart of such a run keeps that rate."""
+    first = tmp_path / 'first'
+    assert run(first, corpus, '--max_step', '10') == 0  # cosine: the saved rate is a decayed one
+    saved = ckpt.load(first / 'optimizer.pt', 'optimizer')['optimizer_state']['param_groups'][0]['lr']
+    assert 0 < saved < 0.001
+    for scheduler in ('constant', 'dev_perf'):
+        work = tmp_path / scheduler
+        flags = ['--scheduler', scheduler, '--lr', '0.01', '--save-interval', '2']
+        assert run(work, corpus, '--max_step', '4', '--restart_dir', str(first), *flags) == 0
+        assert run(work, corpus, '--max_step', '6', '--restart', *flags) == 0
+        assert [r['lr'] for r in records(work, 'train')] == [pytest.approx(saved)] * 6
+        assert 'continues at the rate saved in' in (work / 'log.txt').read_text()
+    assert run(tmp_path / 'cosine', corpus, '--max_step', '2', '--restart_dir', str(first), '--lr', '0.01') == 0
+    assert [r['lr'] for r in records(tmp_path / 'cosine', 'train')] == \
+        [pytest.approx(learning_rate(s, 0.01, 'cosine', 0, 2)) for s in (1, 2)]
 
 
 def test_untie_r_trains_resumes_evaluates_and_generates(tmp_path, corpus, capsys):
