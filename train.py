@@ -351,7 +351,8 @@ class StopRequest:
     """SIGINT/SIGTERM end the run after the current step with a checkpoint; a second SIGINT interrupts at once."""
 
     def __init__(self):
-        self.signum = None
+        self.signum = None  # the signal this process received
+        self.agreed = None  # the signal all processes act on (Dist.agree), the same step everywhere
         self.previous = {}
 
     def install(self):
@@ -609,18 +610,19 @@ class Trainer:
         self.eval_start = time.time()
         self.model.train()
         try:
-            while self.step < args.max_step and stop.signum is None:
+            while self.step < args.max_step and stop.agreed is None:
                 if self.epoch_over(tr_iter):
                     self.next_epoch()
                 exhausted = True
                 for data, target, seq_len in self.epoch_batches(tr_iter):
                     loss = self.train_step(data, target)
-                    stop.signum = self.dist.agree(stop.signum)  # all ranks stop after the same step
+                    if self.dist.stop_check_due(self.step):  # all ranks stop after the same step
+                        stop.agreed = self.dist.agree(stop.signum)
                     self.batch += 1
                     self.position = (self.position or 0) + seq_len if hasattr(tr_iter, 'get_fixlen_iter') \
                         else tr_iter.state_dict()
                     self.after_step(loss, va_iter, run_dir, stop, bar)
-                    if self.step >= args.max_step or stop.signum is not None or self.epoch_over(tr_iter):
+                    if self.step >= args.max_step or stop.agreed is not None or self.epoch_over(tr_iter):
                         exhausted = False
                         break
                 if exhausted and not self.epoch_over(tr_iter):
@@ -640,7 +642,7 @@ class Trainer:
         evaluated = self.step % args.eval_interval == 0
         if evaluated:
             self.validate(va_iter, run_dir)
-        if (evaluated or stop.signum is not None or self.step == args.max_step
+        if (evaluated or stop.agreed is not None or self.step == args.max_step
                 or (args.save_interval and self.step % args.save_interval == 0)):
             self.save_checkpoint(run_dir)
 
@@ -805,10 +807,10 @@ def run(args, trainer, iters, state, notes, n_params):
     finally:
         stop.uninstall()
     log('-' * 100)
-    if stop.signum == signal.SIGTERM:
+    if stop.agreed == signal.SIGTERM:
         log(f'Exiting from training early (SIGTERM) at step {trainer.step}: checkpoint saved, resume with --restart')
         return 128 + signal.SIGTERM
-    log('Exiting from training early' if stop.signum is not None else 'End of training')
+    log('Exiting from training early' if stop.agreed is not None else 'End of training')
     if trainer.best_val_loss is None:
         # No validation yet (a run shorter than --eval-interval: the original crashed on the missing model.pt), so
         # validate once to have a best model. Otherwise, as the original, the best periodic validation is tested.

@@ -119,6 +119,13 @@ def test_one_process_is_the_identity():
     assert d.wrap(model) is model and d.shard_experts(model) is model
 
 
+def test_ranks_agree_on_a_stop_every_few_steps():
+    """The agreement is an all-reduce the host waits for: under torchrun every STOP_CHECK_STEPS steps (10),
+    in one process (where it costs nothing) every step."""
+    assert all(Dist().stop_check_due(step) for step in range(1, 25))
+    assert [step for step in range(1, 25) if Dist(rank=1, world_size=2).stop_check_due(step)] == [10, 20]
+
+
 class RecordedDDP(torch.nn.Module):
     def __init__(self, module, **options):
         super().__init__()

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mem_transformer as mt
+from utils import moe
 from mem_transformer import MemTransformerLM, init_weights
 
 FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT', 'KV_CACHE')
@@ -77,11 +78,11 @@ CONFIGS = [dict(attn_type=t, pre_lnorm=pre, same_length=same, clamp_len=clamp)
 # ------------------------------------------------- heads-first attention, SDPA, query-only projection
 
 @pytest.mark.parametrize('kw', CONFIGS, ids=lambda kw: '-'.join(f'{k}{v}' for k, v in kw.items()))
-def test_fast_attention_equals_the_original_layout(kw):
+def test_fast_attention_equals_the_original_layout(kw, device):
     """Losses and every gradient over segments with memory: heads-first layout (with the
     query-only projection, and SDPA where it applies) against the original's einsums."""
-    model = make_model(**kw)
-    data = torch.randint(0, 40, (16, 3))
+    model = make_model(**kw).to(device)
+    data = torch.randint(0, 40, (16, 3)).to(device)
     for train in (True, False):
         set_paths(FAST_ATTENTION=False, USE_SDPA=False)
         plain_loss, plain_grads = segments_and_grads(model, data, train=train)
@@ -93,11 +94,11 @@ def test_fast_attention_equals_the_original_layout(kw):
 
 
 @pytest.mark.parametrize('kw', CONFIGS, ids=lambda kw: '-'.join(f'{k}{v}' for k, v in kw.items()))
-def test_kv_cache_equals_projecting_the_memory_again(kw):
+def test_kv_cache_equals_projecting_the_memory_again(kw, device):
     """Evaluation with each layer's memory keys and values kept between segments (mem_len 6 > tgt_len 5,
     so the memory slides within the cached rows) against projecting memory + segment every time."""
-    model = make_model(**kw)
-    data = torch.randint(0, 40, (16, 3))
+    model = make_model(**kw).to(device)
+    data = torch.randint(0, 40, (16, 3)).to(device)
     set_paths(KV_CACHE=False)
     plain, _ = segments_and_grads(model, data, train=False)
     set_paths(KV_CACHE=True)
@@ -231,16 +232,17 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-SYNCS = {'_local_scalar_dense', 'is_nonzero', 'nonzero', 'masked_select', 'unique', 'item'}
+# Ops that read a value back to the host, or (bincount: the range of its input) do so inside their CUDA kernel.
+SYNCS = {'_local_scalar_dense', 'is_nonzero', 'nonzero', 'masked_select', 'unique', 'item', 'bincount'}
 
 
 @pytest.mark.parametrize('attn_type', [0, 1, 2, 3])
-def test_a_training_step_has_no_host_sync_and_builds_no_mask(attn_type):
+def test_a_training_step_has_no_host_sync_and_builds_no_mask(attn_type, device):
     """On a character-level model (no adaptive clusters), forward and backward read no value
     back to the host (.item(), bool(), nonzero: each a device synchronisation on a GPU), and
     the second step of a shape builds no mask or position table (no arange, sin, cos)."""
-    model = make_model(attn_type=attn_type, dropout=0.1).train()
-    data = torch.randint(0, 40, (6, 3))
+    model = make_model(attn_type=attn_type, dropout=0.1).to(device).train()
+    data = torch.randint(0, 40, (6, 3)).to(device)
     model(data[:5], data[1:6])[0].sum().backward()  # fills the caches for this shape
     mems = model(data[:5], data[1:6])[1:]
     model(data[:5], data[1:6], *mems)[0].sum().backward()
@@ -250,6 +252,30 @@ def test_a_training_step_has_no_host_sync_and_builds_no_mask(attn_type):
         out[0].sum().backward()
     assert not SYNCS & set(log.ops)
     assert not {'arange', 'sin', 'cos'} & set(log.ops)
+
+
+def test_an_moe_training_step_has_no_host_sync_where_grouped_mm_runs(device):
+    """FastMoE's setting (naive top-2 gate) on the grouped_mm path: routing, dispatch (counts from the sorted
+    keys), experts, combine and the balance losses read nothing back to the host, forward or backward."""
+    dtype = torch.float32 if device.type == 'cpu' else torch.bfloat16
+    if not moe.grouped_mm_fits(device, dtype, (16, 24)):
+        pytest.skip(f'grouped_mm does not run {dtype} on this {device.type}')
+    model = make_model(moe=True, moe_num_expert=4, moe_top_k=2, dropout=0.1).to(device).train()
+    data = torch.randint(0, 40, (6, 3)).to(device)
+
+    def step(*mems):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(data[:5], data[1:6], *mems)
+            (out[0].float().mean() + model.aux_loss()).backward()
+        return out[1:]
+
+    mems = step(*step())
+    log = OpLog()
+    with log:
+        step(*mems)
+        load = model.moe_load()
+    assert not SYNCS & set(log.ops)
+    assert 'grouped_mm' in ' '.join(log.ops) and load.sum() > 0
 
 
 def test_mask_cache_returns_the_mask_of_its_key():
@@ -293,13 +319,13 @@ def test_position_cache_follows_inv_freq_and_inference_mode():
                                 dict(d_embed=8, cutoffs=[10]), dict(sample_softmax=8),
                                 dict(moe=True, moe_num_expert=4, moe_top_k=2),
                                 dict(moe=True, moe_num_expert=4, moe_top_k=1, moe_gate='switch')])
-def test_bf16_autocast_trains_and_stays_near_fp32(kw):
+def test_bf16_autocast_trains_and_stays_near_fp32(kw, device):
     """Under CPU bf16 autocast, fast paths on: no dtype error in training or evaluation, memory
     kept in fp32, and evaluation losses within 0.05 nats of fp32 (bf16 products carry ~3
     significant digits; over two layers and a softmax of ~3.7 nats this is a loose bound)."""
-    model = make_model(dropout=0.1, **kw)
-    data = torch.randint(0, 40, (11, 3))
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    model = make_model(dropout=0.1, **kw).to(device)
+    data = torch.randint(0, 40, (11, 3)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         out = model.train()(data[:5], data[1:6])
         (out[0].float().mean() + model.aux_loss()).backward()
         out = model(data[5:10], data[6:11], *out[1:])
@@ -307,21 +333,21 @@ def test_bf16_autocast_trains_and_stays_near_fp32(kw):
     model.eval()
     with torch.no_grad():
         fp32 = model(data[:5], data[1:6])[0]
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             bf16 = model(data[:5], data[1:6])[0]
     assert torch.isfinite(bf16).all()
     torch.testing.assert_close(bf16.float(), fp32, atol=0.05, rtol=0)
 
 
-def test_fast_and_plain_paths_agree_under_bf16():
+def test_fast_and_plain_paths_agree_under_bf16(device):
     """The same model under bf16 autocast with and without the fast paths: both round
     products to bf16, in a different order, so they agree to bf16 precision (0.05 nats)."""
-    model = make_model().eval()
-    data = torch.randint(0, 40, (16, 3))
+    model = make_model().to(device).eval()
+    data = torch.randint(0, 40, (16, 3)).to(device)
     results = {}
     for fast in (False, True):
         set_paths(FAST_ATTENTION=fast, USE_SDPA=fast)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             results[fast], _ = segments_and_grads(model, data, train=False)
     torch.testing.assert_close(results[True].float(), results[False].float(), atol=0.05, rtol=0)
 

@@ -40,3 +40,18 @@ def test_samples_are_unique_and_in_range():
     sampler = LogUniformSampler(50, 10)
     _, _, neg = sampler.sample(torch.zeros(2, 3, dtype=torch.long))
     assert neg.unique().numel() == neg.numel() and 0 <= neg.min() and neg.max() < 50
+
+
+def test_the_table_moves_to_the_labels_device_once():
+    """On a GPU the log-probability table stays there (it was copied at every step); 'meta' stands in for it."""
+    sampler = LogUniformSampler(50, 4)
+    cpu_table = sampler.log_q
+    true_cpu, samp_cpu, neg_cpu = sampler.sample(torch.tensor([[3, 7]]))
+    assert sampler.log_q is cpu_table and torch.equal(true_cpu, cpu_table[torch.tensor([[3, 7]])])
+    labels = torch.tensor([[3, 7]], device='meta')
+    true_log_probs, samp_log_probs, neg_samples = sampler.sample(labels)
+    table = sampler.log_q
+    assert table.device.type == 'meta' and neg_samples.device.type == 'meta'
+    assert true_log_probs.shape == (1, 2) and samp_log_probs.shape == neg_samples.shape
+    sampler.sample(labels)
+    assert sampler.log_q is table  # not copied again

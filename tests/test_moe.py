@@ -260,7 +260,7 @@ def test_grouped_mm_probe_is_right_under_no_grad(monkeypatch):
     assert not moe.grouped_mm_available('cpu', torch.float32)
 
 
-def test_grouped_mm_on_cuda_only_where_its_fast_kernel_runs():
+def test_grouped_mm_on_gpus_only_where_its_fast_kernel_runs():
     fast = {(cap, dtype) for cap in [(8, 0), (8, 9), (9, 0), (10, 0), (12, 0)]
             for dtype in (torch.float32, torch.float16, torch.bfloat16)
             if moe.grouped_mm_fast_on_cuda(cap, dtype)}
@@ -308,15 +308,15 @@ def test_counts_from_the_sorted_keys_equal_bincount(num_expert):
 BF16_RTOL = 2e-2
 
 
-@pytest.mark.skipif(not grouped_mm_available('cpu', torch.bfloat16),
-                    reason='torch._grouped_mm does not run bf16 here')
-def test_grouped_mm_equals_slices_bf16_autocast():
-    layer = make_layer('naive', num_expert=8, d_model=32, d_hidden=64)
-    x = torch.randn(64, 32)
+def test_grouped_mm_equals_slices_bf16_autocast(device):
+    if not grouped_mm_available(device, torch.bfloat16):
+        pytest.skip(f'grouped_mm does not run bf16 on this {device.type}')
+    layer = make_layer('naive', num_expert=8, d_model=32, d_hidden=64).to(device)
+    x = torch.randn(64, 32).to(device)
     outs = {}
     for backend in ('grouped_mm', 'slices'):
         layer.expert_backend = backend
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             outs[backend] = layer(x)
         assert outs[backend].dtype == torch.float32   # combine returns the input's dtype
     scale = outs['slices'].abs().max()

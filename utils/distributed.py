@@ -29,6 +29,8 @@ from utils import checkpoint as ckpt
 from utils.moe import Dispatch, FMoETransformerMLP
 
 DEFAULT_TIMEOUT_S = 600
+# Under torchrun a stop signal takes effect at the next multiple of this many steps (see Dist.stop_check_due).
+STOP_CHECK_STEPS = 10
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 # Marks expert weights, as FastMoE's `dp_comm`: 'none' = each rank owns its own, never all-reduced.
 EXPERT_COMM = 'none'
@@ -122,6 +124,11 @@ class Dist:
         draw their own dropout masks (python and numpy stay common: they choose the batches)."""
         if self.rank > 0:
             torch.manual_seed(seed + self.rank)
+
+    def stop_check_due(self, step):
+        """Whether the ranks agree on a stop signal after this step: every STOP_CHECK_STEPS steps, as the
+        agreement is an all-reduce whose answer the host waits for (a GPU sync); every step in one process."""
+        return not self.active or step % STOP_CHECK_STEPS == 0
 
     def agree(self, signum):
         """The stop signal any rank received (or None), so that all ranks stop after the same step."""

@@ -25,10 +25,16 @@ class LogUniformSampler:
         The number of distinct negatives S varies: 2 * n_sample draws, duplicates removed.
         """
         with torch.no_grad():
+            # Drawn on the CPU (its random stream, and unique's data-dependent size, need no device sync);
+            # on a GPU the few ids travel from pinned memory, without waiting for the GPU's queued work.
             draws = torch.multinomial(self.dist, 2 * self.n_sample, replacement=True)
-            neg_samples = draws.unique().to(labels.device)
-            log_q = self.log_q.to(labels.device)
-            return log_q[labels], log_q[neg_samples], neg_samples
+            neg_samples = draws.unique()
+            if labels.device.type == 'cuda':
+                neg_samples = neg_samples.pin_memory()
+            neg_samples = neg_samples.to(labels.device, non_blocking=True)
+            if self.log_q.device != labels.device:  # the table moves to the device once, not every step
+                self.log_q = self.log_q.to(labels.device)
+            return self.log_q[labels], self.log_q[neg_samples], neg_samples
 
 
 def sample_logits(weight, bias, labels, inputs, sampler):
