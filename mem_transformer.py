@@ -559,7 +559,8 @@ class MemTransformerLM(nn.Module):
                  same_length=False, attn_type=0, clamp_len=-1,
                  sample_softmax=-1, moe=False, moe_num_expert=64, moe_top_k=2,
                  moe_gate='naive', moe_capacity_factor=1.2, moe_eval_capacity_factor=2.4,
-                 moe_balance_coef=0.01, moe_zloss_coef=0.0, untie_r=False):
+                 moe_balance_coef=0.01, moe_zloss_coef=0.0, moe_gate_bias=True, moe_switch_eps=0.1,
+                 moe_random_routing=True, moe_shared_expert=0, untie_r=False):
         super().__init__()
         # Plain data: MemTransformerLM(**model.config) rebuilds this model.
         config = {k: v for k, v in locals().items() if k not in ('self', '__class__')}
@@ -587,7 +588,9 @@ class MemTransformerLM(nn.Module):
         attn_class = {0: RelPartialLearnableMultiHeadAttn, 1: RelLearnableMultiHeadAttn,
                       2: MultiHeadAttn, 3: MultiHeadAttn}[attn_type]
         moe_options = dict(moe_num_expert=moe_num_expert, moe_top_k=moe_top_k, gate=moe_gate,
-                           capacity_factor=(moe_capacity_factor, moe_eval_capacity_factor))
+                           capacity_factor=(moe_capacity_factor, moe_eval_capacity_factor),
+                           gate_bias=moe_gate_bias, switch_eps=moe_switch_eps,
+                           random_routing=moe_random_routing, shared_expert=moe_shared_expert)
         self.untie_r = untie_r
         attn_options = dict(untie_r=untie_r) if attn_type == 0 else {}
         self.layers = nn.ModuleList()
@@ -815,6 +818,13 @@ class MemTransformerLM(nn.Module):
         """Tokens routed to each expert in the last forward, [n_moe_layers, num_expert] (None if dense)."""
         layers = self.moe_layers()
         return torch.stack([ff.last_load for ff in layers]) if layers else None
+
+    def update_expert_bias(self, load, rate):
+        """After an optimizer step: move the aux-loss-free gates' biases toward balance, given the
+        step's load [n_moe_layers, num_expert] (global: summed over processes). A no-op for other gates."""
+        for ff, layer_load in zip(self.moe_layers(), load):
+            if hasattr(ff.gate, 'update_bias'):
+                ff.gate.update_bias(layer_load, rate)
 
     def moe_balance_loss(self):
         """Raw balance loss of each MoE layer in the last forward (None if dense)."""

@@ -3,7 +3,7 @@
     python plot.py --work_dir DIR [--out DIR]
 
 writes curves.png (training and validation loss, in bits per character for enwik8/text8 and nats otherwise,
-the learning rate and, for MoE gates that have one, the balance loss) and, for MoE runs, moe_load.png: for every layer, the load
+the learning rate and, for MoE runs, the load imbalance max/mean and the balance loss of gates that have one) and, for MoE runs, moe_load.png: for every layer, the load
 of each expert over training as a multiple of an even share (1 = every expert gets the same number of tokens).
 """
 import os
@@ -35,6 +35,13 @@ def expert_load(records):
     return np.array([r['step'] for r in chosen]), (load / np.maximum(even, 1e-12)).transpose(1, 2, 0)
 
 
+def load_imbalance(records):
+    """Steps of the MoE log lines and each layer's load imbalance there, max/mean of the experts' copy
+    counts (1 = even), as an array [n_layer, n_lines]; (None, None) for a dense run."""
+    steps, load = expert_load(records)
+    return (None, None) if steps is None else (steps, load.max(axis=1))
+
+
 def save(fig, path):
     tmp = path + '.tmp'
     fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
@@ -44,8 +51,7 @@ def save(fig, path):
 
 def plot_curves(records, path):
     key, unit = ('bpc', 'bits per character') if any('bpc' in r for r in records) else ('loss', 'loss (nats)')
-    # The naive gate has no balance loss: a panel of zeros would only take room.
-    moe = any(any(r.get('moe_balance_loss', [])) for r in records)
+    moe = any('moe_load' in r for r in records)
     fig, axes = plt.subplots(3 if moe else 2, 1, figsize=(8, 8 if moe else 6), sharex=True,
                              gridspec_kw={'height_ratios': [3, 1, 1] if moe else [3, 1]})
     ax = axes[0]
@@ -61,11 +67,18 @@ def plot_curves(records, path):
     axes[1].set_ylabel('learning rate')
     axes[1].grid(alpha=0.3)
     if moe:
-        chosen = [r for r in records if r.get('split') == 'train' and 'moe_balance_loss' in r]
-        balance = np.array([r['moe_balance_loss'] for r in chosen])
-        axes[2].plot([r['step'] for r in chosen], balance.mean(axis=1), label='balance loss (mean of layers)')
-        axes[2].legend()
+        steps, imbalance = load_imbalance(records)
+        axes[2].plot(steps, imbalance.mean(axis=0), label='load imbalance max/mean (mean of layers)')
+        axes[2].set_ylabel('imbalance')
+        axes[2].legend(loc='upper left')
         axes[2].grid(alpha=0.3)
+        # The naive and auxfree gates have no balance loss: a line of zeros would only take room.
+        chosen = [r for r in records if r.get('split') == 'train' and any(r.get('moe_balance_loss', []))]
+        if chosen:
+            twin = axes[2].twinx()
+            balance = np.array([r['moe_balance_loss'] for r in chosen])
+            twin.plot([r['step'] for r in chosen], balance.mean(axis=1), 'C1', label='balance loss (mean of layers)')
+            twin.legend(loc='upper right')
     axes[-1].set_xlabel('step')
     save(fig, path)
 

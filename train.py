@@ -31,6 +31,7 @@ from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failur
 from utils.distributed import fail as fail_distributed
 from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
                              peak_memory_mb, pick_device, progress_bar, tensorboard_missing, use_tf32)
+from utils.moe import GATES
 from utils.schedules import SCHEDULERS, PlateauDecay, learning_rate
 
 # The run stops when the loss itself (not just the scaled gradients) is non-finite this many steps in a row.
@@ -39,7 +40,8 @@ NONFINITE_LIMIT = 10
 RESUME_KEYS = ('dataset', 'batch_size', 'batch_chunk', 'tgt_len', 'ext_len', 'mem_len', 'varlen', 'optim', 'amp')
 # Settings that may differ when starting from another run's weights (--restart_dir): they shape no tensor.
 RUNTIME_KEYS = ('dropout', 'dropatt', 'tgt_len', 'ext_len', 'mem_len', 'same_length', 'clamp_len',
-                'moe_capacity_factor', 'moe_eval_capacity_factor', 'moe_balance_coef', 'moe_zloss_coef')
+                'moe_capacity_factor', 'moe_eval_capacity_factor', 'moe_balance_coef', 'moe_zloss_coef',
+                'moe_switch_eps', 'moe_random_routing')
 # The original's adaptive-softmax clusters and whether the tail clusters tie their projections.
 # Batch size of the validation and test iterators during training (the original's).
 EVAL_BATCH_SIZE = 10
@@ -136,11 +138,20 @@ def build_parser():
     add('--moe', action='store_true', help='replace the position-wise FFN with a Mixture of Experts')
     add('--moe-num-expert', type=int, default=64, help='number of experts in MoE')
     add('--moe-top-k', type=int, default=2, help='top_k experts in hard gate of moe')
-    add('--moe-gate', default='naive', choices=['naive', 'gshard', 'switch'], help="FastMoE's gate")
+    add('--moe-gate', default='naive', choices=GATES,
+        help="FastMoE's gates (naive, gshard, switch, noisy) or auxfree: DeepSeek-V3's loss-free balancing bias")
     add('--moe-capacity-factor', type=float, default=1.2, help='expert capacity factor in training (gshard/switch)')
     add('--moe-eval-capacity-factor', type=float, default=2.4, help='expert capacity factor in evaluation')
     add('--moe-balance-coef', type=float, default=0.01, help='weight of the load-balance loss')
     add('--moe-zloss-coef', type=float, default=0.0, help='weight of the router z-loss')
+    add('--moe-no-gate-bias', action='store_true', help='router logits without a bias (naive/gshard/switch/auxfree)')
+    add('--moe-switch-eps', type=float, default=0.1, help="the switch gate's jitter: uniform noise in [1-eps, 1+eps]")
+    add('--moe-no-random-routing', action='store_true',
+        help="gshard gate: always keep the 2nd expert (no random routing in training)")
+    add('--moe-shared-expert', type=int, default=0,
+        help='N always-active shared experts beside the routed ones: a dense FFN of N x --d_inner')
+    add('--moe-bias-update-rate', type=float, default=0.001,
+        help='auxfree gate: each step, expert bias += rate * sign(mean load - load)')
     # Several processes (torchrun).
     add('--expert-parallel', action='store_true',
         help='under torchrun: split the experts of each MoE layer over the processes (all_to_all exchange)')
@@ -162,7 +173,8 @@ def check_args(args, parser):
                  'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'moe_num_expert', 'div_val'):
         if getattr(args, dest) < 1:
             fail(f'{flag(parser, dest)} {getattr(args, dest)} must be at least 1')
-    for dest in ('ext_len', 'mem_len', 'warmup_step', 'save_interval', 'patience'):
+    for dest in ('ext_len', 'mem_len', 'warmup_step', 'save_interval', 'patience', 'moe_shared_expert',
+                 'moe_switch_eps', 'moe_bias_update_rate'):
         if getattr(args, dest) < 0:
             fail(f'{flag(parser, dest)} {getattr(args, dest)} must be non-negative')
     if args.lr <= 0:
@@ -239,7 +251,10 @@ def model_config(args, n_token):
                 moe_num_expert=args.moe_num_expert, moe_top_k=args.moe_top_k, moe_gate=args.moe_gate,
                 moe_capacity_factor=args.moe_capacity_factor,
                 moe_eval_capacity_factor=args.moe_eval_capacity_factor,
-                moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef, untie_r=args.untie_r)
+                moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef,
+                moe_gate_bias=not args.moe_no_gate_bias, moe_switch_eps=args.moe_switch_eps,
+                moe_random_routing=not args.moe_no_random_routing, moe_shared_expert=args.moe_shared_expert,
+                untie_r=args.untie_r)
 
 
 def build_model(args, n_token, saved=None):
@@ -421,7 +436,7 @@ class Trainer:
         n_tokens, weight = target.numel(), dist.loss_weight(target.size(1))  # of the global batch
         data, target = dist.local(data), dist.local(target)  # this rank's columns
         n_chunk = args.batch_chunk
-        step_loss = 0.
+        step_loss, step_load = 0., None
         for i, (data_i, target_i) in enumerate(zip(data.chunk(n_chunk, 1), target.chunk(n_chunk, 1))):
             with dist.sync_context(last_chunk=i == n_chunk - 1):
                 with self.autocast():
@@ -433,6 +448,8 @@ class Trainer:
             step_loss = step_loss + loss.detach() / n_chunk
             window.aux_sum = window.aux_sum + aux.detach().float() / n_chunk
             window.add_moe(model.moe_load(), model.moe_balance_loss(), 1. / n_chunk)
+            if args.moe_gate == 'auxfree' and args.moe:
+                step_load = model.moe_load() + (0 if step_load is None else step_load)
 
         dist.finish_grads(model)
         self.scaler.unscale_(self.optimizer)
@@ -442,6 +459,8 @@ class Trainer:
             finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
         if bool(finite):
             self.scaler.step(self.optimizer)
+            if step_load is not None:  # every rank applies the same update from the global load
+                model.update_expert_bias(dist.sum(step_load), args.moe_bias_update_rate)
         else:
             window.n_skipped += 1
         self.scaler.update(self.static_scale)
@@ -486,8 +505,13 @@ class Trainer:
         if w.moe_load is not None:  # over all ranks: the load adds up, the losses are averaged
             record['moe_aux_loss'] = float(self.dist.mean(w.aux_sum)) / w.n_steps
             record['moe_balance_loss'] = (self.dist.mean(w.moe_balance) / w.n_steps).tolist()
-            record['moe_load'] = self.dist.sum(w.moe_load).tolist()
-            line += f' | aux loss {record["moe_aux_loss"]:.4f}'
+            load = self.dist.sum(w.moe_load)
+            record['moe_load'] = load.tolist()
+            # max/mean of the experts' copy counts per layer: 1 is an even load, E all on one expert
+            load = load.float()
+            record['moe_imbalance'] = (load.max(1).values / load.mean(1).clamp(min=1e-9)).tolist()
+            line += (f' | aux loss {record["moe_aux_loss"]:.4f}'
+                     f' | imbalance {sum(record["moe_imbalance"]) / len(record["moe_imbalance"]):.2f}')
         self.log(line)
         self.metrics.write(**record)
         w.reset()

@@ -314,11 +314,11 @@ def test_unknown_fastmoe_gate_is_refused(tmp_path, monkeypatch):
     fakes = FakeModules()
     original = as_original(make_model(moe=True, moe_num_expert=2), fakes)
     for layer in original.layers:
-        layer.pos_ff.gate.__class__ = fakes.cls('fmoe.gates.noisy_gate', 'NoisyGate')
+        layer.pos_ff.gate.__class__ = fakes.cls('fmoe.gates.swipe_gate', 'SwipeGate')
     with monkeypatch.context() as m:
         fakes.install(m)
         torch.save(original, tmp_path / 'model.pt')
-    with pytest.raises(cc.ConversionError, match='NoisyGate, which this project does not have'):
+    with pytest.raises(cc.ConversionError, match='SwipeGate, which this project does not have'):
         cc.convert(str(tmp_path / 'model.pt'), trust_pickle=True)
 
 

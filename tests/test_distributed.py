@@ -280,6 +280,21 @@ def test_expert_parallel_equals_one_process_and_resumes_on_any_world_size(tmp_pa
     assert_same_losses(metrics(again, 'test'), metrics(ref, 'test'), (6,))
 
 
+def test_auxfree_bias_under_expert_parallelism_follows_the_global_load(tmp_path, corpus):
+    """The aux-loss-free gate's bias is global state: each rank routes its own columns, so the bias update
+    must use the load summed over ranks. Two expert-parallel ranks give the one-process losses and biases."""
+    flags = [*MOE, '--moe-gate', 'auxfree', '--moe-bias-update-rate', '0.05', '--max_step', '4']
+    ref, two = tmp_path / 'ref', tmp_path / 'two'
+    train_one_process(corpus, ref, *flags)
+    assert_all_ok(launch(['train.py', '--data', corpus, '--work_dir', two, *TINY, *flags, '--expert-parallel']))
+    assert_same_losses(metrics(two, 'train'), metrics(ref, 'train'), range(1, 5))
+    got, want = (torch.load(d / 'checkpoint.pt', weights_only=True)['model_state'] for d in (two, ref))
+    for i in range(2):
+        key = f'layers.{i}.pos_ff.gate.expert_bias'
+        assert want[key].abs().max() > 0
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
 def test_eval_under_torchrun_reads_the_split_once_with_the_same_result(tmp_path, corpus):
     run_dir = tmp_path / 'run'
     train_one_process(corpus, run_dir, *MOE, '--max_step', '2')

@@ -24,8 +24,9 @@ def make_model(n_token=30, seed=0, **kw):
     config.update(kw)
     model = MemTransformerLM(**config)
     init_weights(model, init_std=0.3, proj_init_std=0.3)
-    for ff in model.moe_layers():  # routing that varies from token to token
-        nn.init.normal_(ff.gate.gate.bias, 0.0, 1.0)
+    for ff in model.moe_layers():  # routing that varies from token to token (the noisy gate has no bias)
+        if getattr(ff.gate, 'gate', None) is not None:
+            nn.init.normal_(ff.gate.gate.bias, 0.0, 1.0)
     return model.eval()
 
 

@@ -7,9 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils import moe
-from utils.moe import GATES, FMoETransformerMLP, grouped_mm_available
+from utils.moe import GATES, FMoETransformerMLP, NoisyGate, grouped_mm_available
 
-TOP_K = {'naive': 2, 'gshard': 2, 'switch': 1}
+TOP_K = {'naive': 2, 'gshard': 2, 'switch': 1, 'noisy': 2, 'auxfree': 2}
 HAS_GROUPED_MM = grouped_mm_available('cpu', torch.float32)
 BACKENDS = ['slices'] + (['grouped_mm'] if HAS_GROUPED_MM else [])
 
@@ -18,11 +18,35 @@ def make_layer(gate='naive', num_expert=6, d_model=16, d_hidden=24, top_k=None, 
     torch.manual_seed(seed)
     layer = FMoETransformerMLP(num_expert, d_model, d_hidden, activation=nn.ReLU(),
                                top_k=TOP_K[gate] if top_k is None else top_k, gate=gate, **kw)
+    router = getattr(layer.gate, 'gate', None)
     with torch.no_grad():   # give biases non-zero values so that they are tested too
         for p in layer.parameters():
-            if p.dim() <= 2 and p is not layer.gate.gate.weight:
+            if p.dim() <= 2 and (router is None or p is not router.weight):
                 p.normal_(0, 0.3)
+        if gate == 'auxfree':   # a selection bias large enough to change choices
+            layer.gate.expert_bias.normal_(0, 1)
     return layer
+
+
+def clean_logits(gate, x):
+    """[N][E] router logits as Python floats, one dot product at a time."""
+    n_tok, n_exp = x.shape[0], gate.num_expert
+    if isinstance(gate, NoisyGate):
+        return [[float(x[n] @ gate.w_gate[:, e]) for e in range(n_exp)] for n in range(n_tok)]
+    return [[float(x[n] @ gate.gate.weight[e] + gate.gate.bias[e]) for e in range(n_exp)]
+            for n in range(n_tok)]
+
+
+def noisy_logits(gate, x, logits, training):
+    """NoisyGate's logits with its training noise replayed (drawn first, [N, E] standard normals),
+    and the noise scale per token and expert (None in evaluation)."""
+    if not training:
+        return logits, None
+    noise = torch.randn(x.shape[0], gate.num_expert)
+    std = [[math.log1p(math.exp(float(x[n] @ gate.w_noise[:, e]))) + 0.01 for e in range(gate.num_expert)]
+           for n in range(x.shape[0])]
+    return ([[v + float(noise[n, e]) * std[n][e] for e, v in enumerate(row)] for n, row in enumerate(logits)],
+            std)
 
 
 # ----------------------------------------------------------------------------- slow reference
@@ -33,8 +57,7 @@ def reference_routes(layer, x, seed):
     switch draws its jitter first, gshard its routing coin after the capacity limit."""
     gate, n_tok, n_exp = layer.gate, x.shape[0], layer.num_expert
     torch.manual_seed(seed)
-    logits = [[float(x[n] @ gate.gate.weight[e] + gate.gate.bias[e]) for e in range(n_exp)]
-              for n in range(n_tok)]
+    logits = clean_logits(gate, x)
     training = layer.training
     if layer.gate_type == 'switch':
         if training:
@@ -47,9 +70,12 @@ def reference_routes(layer, x, seed):
             choices.append([(best, math.exp(row[best]) / z)])
         capacity = math.ceil(gate.capacity[0 if training else 1] * n_tok / n_exp)
     else:
+        if layer.gate_type == 'noisy':
+            logits = noisy_logits(gate, x, logits, training)[0]
+        bias = gate.expert_bias.tolist() if layer.gate_type == 'auxfree' else [0.] * n_exp
         choices = []
-        for row in logits:
-            top = sorted(range(n_exp), key=lambda e: -row[e])[:layer.top_k]
+        for row in logits:   # the bias picks the experts; the scores ignore it
+            top = sorted(range(n_exp), key=lambda e: -(row[e] + bias[e]))[:layer.top_k]
             z = sum(math.exp(row[e]) for e in top)
             choices.append([(e, math.exp(row[e]) / z) for e in top])
         capacity = (math.ceil(gate.capacity[0 if training else 1] * n_tok) * 2 // n_exp
@@ -151,7 +177,8 @@ def test_top_k_equal_num_expert_with_identical_experts_is_a_dense_ffn():
         torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('gate,training', [('naive', True), ('gshard', False), ('switch', False)])
+@pytest.mark.parametrize('gate,training', [('naive', True), ('gshard', False), ('switch', False),
+                                           ('noisy', True), ('auxfree', True)])
 def test_gradcheck_float64(gate, training):
     layer = make_layer(gate, num_expert=4, d_model=4, d_hidden=5).double().train(training)
     if gate == 'gshard':   # eval capacity ceil(0.6 * 7) * 2 // 4 = 2: copies get dropped
@@ -161,6 +188,7 @@ def test_gradcheck_float64(gate, training):
     x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
 
     def f(x, *params):
+        torch.manual_seed(0)   # the same noise (noisy gate) at every evaluation
         out = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
         return out, layer.balance_loss, layer.z_loss
 
@@ -415,7 +443,7 @@ def test_incomplete_per_expert_state_dict_is_an_error():
 @pytest.mark.parametrize('kwargs,match', [
     (dict(top_k=0), r'top_k.*0'),
     (dict(top_k=7), r'top_k.*num_expert=6.*7'),
-    (dict(gate='noisy'), r"gate 'noisy'.*naive, gshard, switch"),
+    (dict(gate='hash'), r"gate 'hash'.*naive, gshard, switch, noisy, auxfree"),
     (dict(gate='gshard', top_k=1), r'gshard.*top_k.*1'),
     (dict(gate='switch', top_k=2), r'switch.*top_k.*2'),
     (dict(num_expert=0, top_k=1), r'num_expert.*0'),
@@ -436,3 +464,99 @@ def test_wrong_input_width_and_backend_are_value_errors():
     layer.expert_backend = 'fast'
     with pytest.raises(ValueError, match="expert_backend.*'fast'"):
         layer(torch.randn(3, 16))
+
+
+# ----------------------------------------------------------------------------- newer gates and shared experts
+
+def cv_squared_by_hand(values):
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return var / (mean ** 2 + 1e-10)
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_noisy_gate_importance_and_load_losses_by_hand(training):
+    layer = make_layer('noisy', num_expert=5).train(training)
+    x = torch.randn(12, 16)
+    run_layer(layer, x, seed=4)
+    gate, n_exp, k = layer.gate, 5, 2
+    with torch.no_grad():
+        torch.manual_seed(4)
+        clean = clean_logits(gate, x)
+        noisy, std = noisy_logits(gate, x, clean, training)
+    importance, load = [0.] * n_exp, [0.] * n_exp
+    for n, row in enumerate(noisy):
+        ranked = sorted(range(n_exp), key=lambda e: -row[e])
+        z = sum(math.exp(row[e]) for e in ranked[:k])
+        for e in ranked[:k]:
+            importance[e] += math.exp(row[e]) / z
+            if not training:
+                load[e] += 1
+        if training:   # P(in the top k with fresh noise): beat the (k+1)-th value if in, the k-th if out
+            for e in range(n_exp):
+                threshold = row[ranked[k]] if e in ranked[:k] else row[ranked[k - 1]]
+                load[e] += 0.5 * (1 + math.erf((clean[n][e] - threshold) / std[n][e] / math.sqrt(2)))
+    want = cv_squared_by_hand(importance) + cv_squared_by_hand(load)
+    assert layer.balance_loss.item() == pytest.approx(want, rel=1e-5)
+    assert layer.balance_loss.requires_grad
+
+
+def test_noisy_gate_has_fastmoes_parameters_and_no_noise_in_evaluation():
+    layer = make_layer('noisy', num_expert=5)
+    assert {n for n, _ in layer.gate.named_parameters()} == {'w_gate', 'w_noise'}
+    assert layer.gate.w_gate.shape == (16, 5)
+    layer.eval()
+    x = torch.randn(9, 16)
+    torch.testing.assert_close(run_layer(layer, x, seed=1), run_layer(layer, x, seed=2))
+
+
+def test_auxfree_bias_picks_experts_but_not_scores_and_updates_by_sign():
+    layer = make_layer('auxfree', num_expert=4)
+    with torch.no_grad():
+        layer.gate.expert_bias.copy_(torch.tensor([0., 0., 100., 100.]))   # force experts 2 and 3
+    x = torch.randn(6, 16)
+    out = layer(x)
+    assert layer.last_load.tolist() == [0, 0, 6, 6]
+    with torch.no_grad():
+        ref = reference_output(layer, x, seed=0)[0]
+        routing = layer.gate(x)
+        unbiased = layer.gate.compute_logits(x).gather(1, routing.expert)
+        assert torch.allclose(F.softmax(unbiased, -1), routing.score)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert layer.balance_loss.item() == 0
+    layer.gate.update_bias(torch.tensor([0, 0, 6, 6]), rate=0.5)     # mean 3: under-loaded up, others down
+    assert layer.gate.expert_bias.tolist() == [0.5, 0.5, 99.5, 99.5]
+    layer.gate.update_bias(torch.tensor([3, 3, 3, 3]), rate=0.5)     # balanced: no change
+    assert layer.gate.expert_bias.tolist() == [0.5, 0.5, 99.5, 99.5]
+    assert 'gate.expert_bias' in layer.state_dict()
+
+
+@pytest.mark.parametrize('gate', ['naive', 'switch'])
+def test_shared_expert_adds_a_dense_ffn_of_n_times_the_expert_width(gate):
+    layer = make_layer(gate, shared_expert=2)
+    shared = layer.shared_expert
+    assert shared.htoh4.weight.shape == (2 * 24, 16) and shared.h4toh.weight.shape == (16, 2 * 24)
+    assert 'shared_expert.htoh4.weight' in layer.state_dict()
+    x = torch.randn(20, 16)
+    out = run_layer(layer, x, seed=5)
+    with torch.no_grad():
+        routed = reference_output(layer, x, seed=5)[0]
+        dense = shared.h4toh(torch.relu(shared.htoh4(x)))
+    torch.testing.assert_close(out, routed + dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch._grouped_mm does not run here')
+@pytest.mark.parametrize('num_expert', [128, 256])
+def test_fine_grained_experts_use_the_grouped_path_and_equal_slices(num_expert):
+    layer = make_layer('naive', num_expert=num_expert, d_model=32, d_hidden=16, top_k=8)
+    assert layer._use_grouped_mm(torch.device('cpu'), torch.float32)
+    x = torch.randn(96, 32)
+    outs = {}
+    for backend in ('grouped_mm', 'slices'):
+        layer.expert_backend = backend
+        layer.zero_grad()
+        outs[backend] = out = layer(x)
+        out.square().sum().backward()
+        outs[backend + '_grad'] = layer.experts.htoh4.weight.grad.clone()
+    assert (outs['grouped_mm'] - outs['slices']).abs().max() < 1e-5
+    assert (outs['grouped_mm_grad'] - outs['slices_grad']).abs().max() < 1e-5

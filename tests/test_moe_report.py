@@ -125,6 +125,32 @@ def test_report_counts_the_copies_a_capacity_limit_drops(tmp_path, capsys):
         assert layer['mean_top_score'] == pytest.approx(layer['confidence'][0])  # over the tokens kept
 
 
+def test_report_of_an_auxfree_gate_follows_its_selection_bias(tmp_path, capsys):
+    """Equal logits, a selection bias toward experts 2 and 3: they get every token with scores 1/2 each
+    (the bias chooses, the unbiased logits weigh)."""
+    def prepare(model):
+        fixed_routing([0., 0., 0., 0.])(model)
+        for ff in model.moe_layers():
+            ff.gate.expert_bias.copy_(torch.tensor([0., -1., 2., 1.]))
+    run, data, _ = make_run(tmp_path, prepare, moe=True, moe_num_expert=4, moe_top_k=2, moe_gate='auxfree')
+    code, out, _ = run_report(tmp_path, capsys, '--work_dir', run, '--batch_size', '2', '--tgt_len', '5')
+    assert code == 0 and 'auxfree gate' in out
+    for layer in json.loads((tmp_path / 'run' / 'moe_report.json').read_text())['layers']:
+        assert layer['share'] == [0.0, 0.0, 0.5, 0.5]
+        assert layer['confidence'][2:] == pytest.approx([0.5, 0.5])
+
+
+def test_report_of_a_noisy_gate_counts_every_copy(tmp_path, capsys):
+    run, data, _ = make_run(tmp_path, lambda model: None, moe=True, moe_num_expert=4, moe_top_k=2,
+                            moe_gate='noisy')
+    code, out, _ = run_report(tmp_path, capsys, '--work_dir', run, '--batch_size', '2', '--tgt_len', '5')
+    assert code == 0 and 'noisy gate' in out
+    n_tokens = sum(segments(data, 2, 5))
+    for layer in json.loads((tmp_path / 'run' / 'moe_report.json').read_text())['layers']:
+        assert layer['copies'] == 2 * n_tokens and layer['dropped'] == 0
+        assert sum(layer['share']) == pytest.approx(1.0)
+
+
 def test_report_errors(tmp_path, capsys):
     run, _, _ = make_run(tmp_path)  # a dense model
 

@@ -35,6 +35,13 @@ def test_expert_load_is_relative_to_an_even_share():
     assert plot.expert_load([{'step': 1, 'split': 'train', 'loss': 1.0}]) == (None, None)
 
 
+def test_load_imbalance_is_max_over_mean_per_layer():
+    steps, imbalance = plot.load_imbalance(moe_records())
+    assert steps.tolist() == [10, 20]
+    np.testing.assert_allclose(imbalance, [[1.5, 2.0], [1.0, 1.5]])   # max of the even-share ratios above
+    assert plot.load_imbalance([{'step': 1, 'split': 'train', 'loss': 1.0}]) == (None, None)
+
+
 def test_pngs_for_moe_and_dense_runs(tmp_path, capsys):
     moe_dir, dense_dir = tmp_path / 'moe', tmp_path / 'dense'
     moe_dir.mkdir(), dense_dir.mkdir()

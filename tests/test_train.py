@@ -411,6 +411,59 @@ def test_sigint_stops_after_the_step_then_tests_the_best_model(tmp_path, corpus,
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
+AUXFREE = [*MOE, '--moe-gate', 'auxfree', '--moe-bias-update-rate', '0.01', '--scheduler', 'constant']
+
+
+def expert_bias(work_dir):
+    state = ckpt.load(work_dir / 'checkpoint.pt')['model_state']
+    return torch.stack([state[f'layers.{i}.pos_ff.gate.expert_bias'] for i in range(2)])
+
+
+def test_auxfree_bias_follows_the_load_and_resumes_exactly(tmp_path, corpus):
+    """The bias moves by +-rate per step against each step's load, lives in the checkpoint, and a run
+    resumed half-way gives the uninterrupted run's losses, loads and biases."""
+    reference, work = tmp_path / 'reference', tmp_path / 'resumed'
+    assert run(reference, corpus, *AUXFREE, '--max_step', '8') == 0
+    bias = expert_bias(reference)
+    steps = [r['step'] for r in records(reference, 'train')]
+    assert steps == list(range(1, 9)) and bias.abs().max() > 0
+    # every step adds +-0.01 (or 0 for an expert exactly at the mean): 8 steps stay within 0.08
+    assert bias.abs().max() <= 0.08 + 1e-6
+    first = records(reference, 'train')[0]['moe_load']
+    layer0 = torch.tensor(first[0], dtype=torch.float)
+    # after step 1 alone the bias is the sign of (mean - load): check with a one-step run
+    one = tmp_path / 'one'
+    assert run(one, corpus, *AUXFREE, '--max_step', '1') == 0
+    assert torch.equal(expert_bias(one)[0], 0.01 * torch.sign(layer0.mean() - layer0))
+
+    assert run(work, corpus, *AUXFREE, '--max_step', '4') == 0
+    assert run(work, corpus, *AUXFREE, '--max_step', '8', '--restart') == 0
+    want = [(r['step'], r['loss'], r['moe_load']) for r in records(reference, 'train')]
+    assert [(r['step'], r['loss'], r['moe_load']) for r in records(work, 'train')] == want
+    assert torch.equal(expert_bias(work), bias)
+
+
+def test_gate_flags_reach_the_model(tmp_path, corpus):
+    work = tmp_path / 'run'
+    assert run(work, corpus, *MOE, '--moe-gate', 'gshard', '--moe-no-gate-bias', '--moe-no-random-routing',
+               '--moe-shared-expert', '2', '--max_step', '1') == 0
+    config = ckpt.load(work / 'checkpoint.pt')['config']
+    assert (config['moe_gate_bias'], config['moe_random_routing'], config['moe_shared_expert']) == (False, False, 2)
+    model = mem_transformer.MemTransformerLM(**config)
+    ff = model.layers[0].pos_ff
+    assert ff.gate.gate.bias is None and ff.gate.random_routing is False
+    assert ff.shared_expert.htoh4.weight.shape == (2 * 64, 32)
+    switch = tmp_path / 'switch'
+    assert run(switch, corpus, '--moe', '--moe-num-expert', '4', '--moe-top-k', '1', '--moe-gate', 'switch',
+               '--moe-switch-eps', '0.3', '--max_step', '1') == 0
+    config = ckpt.load(switch / 'checkpoint.pt')['config']
+    assert mem_transformer.MemTransformerLM(**config).layers[0].pos_ff.gate.switch_eps == 0.3
+    noisy = tmp_path / 'noisy'
+    assert run(noisy, corpus, *MOE, '--moe-gate', 'noisy', '--max_step', '2') == 0
+    balance = [r['moe_balance_loss'] for r in records(noisy, 'train')]
+    assert all(b > 0 for layer in balance for b in layer)   # cv^2 losses, logged per layer
+
+
 def test_sampled_softmax_trains(tmp_path, corpus):
     assert run(tmp_path / 'run', corpus, '--max_step', '3', '--sample_softmax', '8') == 0
     assert all(math.isfinite(l) for _, l in train_losses(tmp_path / 'run'))
@@ -668,6 +721,8 @@ BAD_INPUT = {
     'same_length without memory': (['--same_length', '--mem_len', '0'], '--same_length needs a memory'),
     'unknown flag': (['--n_layers', '3'], 'unrecognized arguments: --n_layers 3'),
     'unknown gate': (['--moe-gate', 'hash'], "invalid choice: 'hash'"),
+    'negative bias update rate': (['--moe-bias-update-rate', '-1'], '--moe-bias-update-rate -1.0 must be non-negative'),
+    'switch gate with top-2': (['--moe', '--moe-num-expert', '4', '--moe-gate', 'switch'], "top_k must be 1"),
     'model rejects': (['--attn_type', '7'], 'attn_type=7'),
     'restart without checkpoint': (['--restart'], 'checkpoint.pt does not exist'),
     'missing restart_dir model': (['--restart_dir', '/nonexistent/run'], 'holds no model.pt'),

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GATES = ('naive', 'gshard', 'switch')
+GATES = ('naive', 'gshard', 'switch', 'noisy', 'auxfree')
 EXPERT_BACKENDS = ('auto', 'grouped_mm', 'slices')
 
 
@@ -75,16 +75,36 @@ def limit_by_capacity(expert, capacity, num_expert):
     return torch.where(keep, flat, -1).view_as(expert), dropped
 
 
-class NaiveGate(nn.Module):
-    """FastMoE's NaiveGate: top-k of a linear layer's logits, softmax over the k selected."""
+class BaseGate(nn.Module):
+    """What every gate shares: its sizes and FastMoE's loss accessors (for code written against fmoe.gates)."""
 
-    def __init__(self, d_model, num_expert, top_k, gate_bias=True):
+    def __init__(self, num_expert, top_k):
         super().__init__()
-        self.gate = nn.Linear(d_model, num_expert, bias=gate_bias)
         self.num_expert = self.tot_expert = num_expert
         self.world_size = 1
         self.top_k = top_k
         self.loss = None
+
+    def set_loss(self, loss):
+        self.loss = loss
+
+    def get_loss(self, clear=True):
+        loss = self.loss
+        if clear:
+            self.loss = None
+        return loss
+
+    @property
+    def has_loss(self):
+        return self.loss is not None
+
+
+class NaiveGate(BaseGate):
+    """FastMoE's NaiveGate: top-k of a linear layer's logits, softmax over the k selected."""
+
+    def __init__(self, d_model, num_expert, top_k, gate_bias=True):
+        super().__init__(num_expert, top_k)
+        self.gate = nn.Linear(d_model, num_expert, bias=gate_bias)
 
     def compute_logits(self, x):
         # The router runs in its weights' precision even under autocast: the logits
@@ -98,20 +118,6 @@ class NaiveGate(nn.Module):
         self.set_loss(logits.new_zeros(()))
         return Routing(expert, F.softmax(top_logits, dim=-1), logits,
                        expert.new_zeros(()), may_drop=False)
-
-    # FastMoE's loss accessors, for code written against fmoe.gates.
-    def set_loss(self, loss):
-        self.loss = loss
-
-    def get_loss(self, clear=True):
-        loss = self.loss
-        if clear:
-            self.loss = None
-        return loss
-
-    @property
-    def has_loss(self):
-        return self.loss is not None
 
 
 class GShardGate(NaiveGate):
@@ -170,6 +176,94 @@ class SwitchGate(NaiveGate):
         prob_mass = prob.sum(0) / n_kept
         self.set_loss((fraction * prob_mass).sum() * n_exp)
         return Routing(expert, top1_prob.to(logits.dtype), logits, dropped, may_drop=True)
+
+
+
+def cv_squared(x):
+    """Squared coefficient of variation (unbiased variance / mean^2) of a 1-d tensor; 0 for one element."""
+    if x.numel() == 1:
+        return x.new_zeros(())
+    return x.var() / (x.mean() ** 2 + 1e-10)
+
+
+class NoisyGate(BaseGate):
+    """FastMoE's NoisyGate (Shazeer et al., 2017): noisy top-k gating with the importance and load losses.
+
+    Clean logits x @ w_gate; in training, Gaussian noise of a learned per-expert scale
+    softplus(x @ w_noise) + 0.01 is added before the top-k (the softmax runs over the k noisy
+    logits). Balance loss: cv^2(importance) + cv^2(load), importance = each expert's summed
+    scores, load = each expert's smooth probability of staying in the top k under fresh noise
+    (the only differentiable route from the load back to the router). In evaluation there is no
+    noise, and the load is the plain count. Parameters as FastMoE's: w_gate, w_noise [d_model, E].
+    """
+
+    noise_epsilon = 1e-2
+
+    def __init__(self, d_model, num_expert, top_k=2):
+        super().__init__(num_expert, top_k)
+        self.w_gate = nn.Parameter(torch.empty(d_model, num_expert))
+        self.w_noise = nn.Parameter(torch.empty(d_model, num_expert))
+        for w in (self.w_gate, self.w_noise):   # FastMoE's: nn.Linear's rule on [d_model, E]
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):   # fp32 router, as NaiveGate
+            x = x.to(self.w_gate.dtype)
+            clean = x @ self.w_gate
+            noisy, std = clean, None
+            if self.training:
+                std = F.softplus(x @ self.w_noise) + self.noise_epsilon
+                noisy = clean + torch.randn_like(clean) * std
+        n_keep = min(self.top_k + 1, self.num_expert)   # the (k+1)-th value is the threshold for the load
+        top_values, top_expert = noisy.topk(n_keep, dim=-1)
+        expert = top_expert[:, :self.top_k]
+        score = F.softmax(top_values[:, :self.top_k], dim=-1)
+
+        importance = clean.new_zeros(clean.shape).scatter(1, expert, score).sum(0)
+        if std is not None and self.top_k < self.num_expert:
+            load = self.prob_in_top_k(clean, noisy, std, top_values).sum(0)
+        else:
+            load = torch.bincount(expert.reshape(-1), minlength=self.num_expert).to(clean.dtype)
+        self.set_loss(cv_squared(importance) + cv_squared(load))
+        return Routing(expert, score, clean, expert.new_zeros(()), may_drop=False)
+
+    def prob_in_top_k(self, clean, noisy, std, top_values):
+        """P(expert e is in the top k when only its own noise is drawn again), [N, E].
+
+        An expert now in the top k stays if its noisy logit beats the (k+1)-th value; one outside
+        must beat the k-th. With Gaussian noise that is Phi((clean - threshold) / std)."""
+        in_threshold = top_values[:, self.top_k:self.top_k + 1]
+        out_threshold = top_values[:, self.top_k - 1:self.top_k]
+        is_in = noisy > in_threshold
+        threshold = torch.where(is_in, in_threshold, out_threshold)
+        return torch.special.ndtr((clean - threshold) / std)
+
+
+class AuxFreeGate(NaiveGate):
+    """Auxiliary-loss-free balancing (DeepSeek-V3, Wang et al. 2024) on the naive gate.
+
+    A per-expert bias (a buffer, so checkpoints carry it) is added to the logits for the top-k
+    choice only; the scores are the softmax of the k chosen experts' *unbiased* logits. No
+    balance loss: after each optimizer step the trainer calls update_bias with the step's global
+    load, and bias_e += rate * sign(mean load - load_e) steers tokens toward idle experts.
+    """
+
+    def __init__(self, d_model, num_expert, top_k, gate_bias=True):
+        super().__init__(d_model, num_expert, top_k, gate_bias)
+        self.register_buffer('expert_bias', torch.zeros(num_expert))
+
+    def forward(self, x):
+        logits = self.compute_logits(x)
+        expert = torch.topk(logits + self.expert_bias.to(logits.dtype), self.top_k, dim=-1)[1]
+        self.set_loss(logits.new_zeros(()))
+        return Routing(expert, F.softmax(logits.gather(1, expert), dim=-1), logits,
+                       expert.new_zeros(()), may_drop=False)
+
+    @torch.no_grad()
+    def update_bias(self, load, rate):
+        """load: [E] token copies per expert over the step, summed over all processes."""
+        load = load.to(self.expert_bias)
+        self.expert_bias.add_(rate * torch.sign(load.mean() - load))
 
 
 # ----------------------------------------------------------------------------- dispatch / combine
@@ -361,7 +455,8 @@ class ExpertFFN(nn.Module):
 
 # ----------------------------------------------------------------------------- the layer
 
-def _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps):
+def _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps,
+                  shared_expert):
     if not isinstance(num_expert, int) or num_expert < 1:
         raise ValueError(f'num_expert must be an integer >= 1, got {num_expert!r}')
     for name, value in (('d_model', d_model), ('d_hidden', d_hidden)):
@@ -384,6 +479,8 @@ def _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, s
                          f'got {capacity_factor!r}')
     if not switch_eps >= 0:
         raise ValueError(f'switch_eps must be >= 0, got {switch_eps!r}')
+    if not isinstance(shared_expert, int) or shared_expert < 0:
+        raise ValueError(f'shared_expert must be an integer >= 0, got {shared_expert!r}')
 
 
 def _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias, switch_eps,
@@ -393,7 +490,25 @@ def _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias, swi
                           gate_bias)
     if gate == 'switch':
         return SwitchGate(d_model, num_expert, top_k, switch_eps, tuple(capacity_factor), gate_bias)
+    if gate == 'noisy':
+        return NoisyGate(d_model, num_expert, top_k)   # FastMoE's has no bias
+    if gate == 'auxfree':
+        return AuxFreeGate(d_model, num_expert, top_k, gate_bias)
     return NaiveGate(d_model, num_expert, top_k, gate_bias)
+
+
+class SharedExpert(nn.Module):
+    """Always-active experts (DeepSeekMoE, Qwen-MoE): a dense FFN of n_shared x the expert width,
+    beside the routed experts; every token goes through it with weight 1."""
+
+    def __init__(self, d_model, d_hidden, activation):
+        super().__init__()
+        self.htoh4 = nn.Linear(d_model, d_hidden)
+        self.h4toh = nn.Linear(d_hidden, d_model)
+        self.activation = activation
+
+    def forward(self, x):
+        return self.h4toh(self.activation(self.htoh4(x)))
 
 
 class FMoETransformerMLP(nn.Module):
@@ -402,18 +517,23 @@ class FMoETransformerMLP(nn.Module):
     After each forward: ``balance_loss`` and ``z_loss`` (0-d tensors in the graph), ``last_load``
     ([E] copies each expert computed) and ``last_dropped`` (copies dropped by capacity), detached.
     ``expert_backend`` picks the expert compute: 'auto' (grouped_mm where it runs), 'grouped_mm'
-    or 'slices'.
+    or 'slices'. ``shared_expert`` N > 0 adds ``shared_expert``, a dense FFN of N * d_hidden that
+    every token goes through beside its routed experts.
     """
 
     def __init__(self, num_expert, d_model, d_hidden, activation=nn.GELU(), top_k=2, gate='naive',
-                 capacity_factor=(1.2, 2.4), gate_bias=True, switch_eps=0.1, random_routing=True):
+                 capacity_factor=(1.2, 2.4), gate_bias=True, switch_eps=0.1, random_routing=True,
+                 shared_expert=0):
         super().__init__()
-        _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps)
+        _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps,
+                      shared_expert)
         self.num_expert, self.d_model, self.d_hidden, self.top_k = num_expert, d_model, d_hidden, top_k
         self.gate_type = gate
         self.gate = _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias,
                                switch_eps, random_routing)
         self.experts = ExpertFFN(num_expert, d_model, d_hidden, activation)
+        self.shared_expert = (SharedExpert(d_model, shared_expert * d_hidden, activation)
+                              if shared_expert else None)
         self.expert_backend = 'auto'
         # Set by utils.distributed.Dist.shard_experts: this layer then holds a slice of the experts and
         # exchanges rows with the other ranks between dispatch and the expert compute.
@@ -440,6 +560,8 @@ class FMoETransformerMLP(nn.Module):
         else:
             rows_out = self.expert_parallel.run(self.experts, rows, plan, use_grouped_mm)
         out = combine(rows_out, routing.score, plan)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
 
         self._record(routing, plan)
         return out.to(inp.dtype).reshape(inp.shape)
