@@ -37,6 +37,7 @@ from utils.exp_utils import OneLineArgumentParser
 from utils.generation import open_corpus
 from utils.moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
+from utils.upcycle import upcycle
 
 # The original train.py's defaults for what the weights do not determine.
 ORIGINAL_DEFAULTS = dict(n_head=10, dropout=0.0, dropatt=0.0, tgt_len=70, ext_len=0, mem_len=0, pre_lnorm=False,
@@ -528,8 +529,9 @@ def build_parser():
     parser = OneLineArgumentParser(
         description='Import a checkpoint of the original Transformer-XL or of FastMoE\'s example (a state dict, '
                     'or with --trust-pickle a pickled model.pt) into WORK_DIR/model.pt of this project.')
-    parser.add_argument('src', help='the checkpoint to import, or a Hugging Face TransfoXLLMHeadModel directory '
-                                    '(config.json, model.safetensors or pytorch_model.bin, vocab.txt or vocab.pkl)')
+    parser.add_argument('src', nargs='?', help='the checkpoint to import, or a Hugging Face TransfoXLLMHeadModel '
+                                               'directory (config.json, model.safetensors or pytorch_model.bin, '
+                                               'vocab.txt or vocab.pkl); not with --upcycle')
     parser.add_argument('--work_dir', required=True, help='directory to write model.pt into (created if needed)')
     parser.add_argument('--trust-pickle', dest='trust_pickle', action='store_true',
                         help='allow a pickled whole model (the original\'s torch.save(model)): it is read with a '
@@ -555,6 +557,15 @@ def build_parser():
     given.add_argument('--sample_softmax', type=int, help='samples of the sampled softmax (if it has out_layer)')
     given.add_argument('--moe-top-k', dest='moe_top_k', type=int, help='experts per token')
     given.add_argument('--moe-gate', dest='moe_gate', choices=GATES, help="the gate's type")
+    upcycling = parser.add_argument_group('sparse upcycling: a dense model becomes a Mixture of Experts')
+    upcycling.add_argument('--upcycle', metavar='DENSE', default=None,
+                           help="a dense run directory or model.pt of this project, or a checkpoint of the original "
+                                "(imported as without --upcycle); needs --moe-num-expert and --moe-top-k")
+    upcycling.add_argument('--moe-num-expert', dest='moe_num_expert', type=int, help='experts per layer')
+    upcycling.add_argument('--upcycle-noise', type=float, default=0.0,
+                           help='Gaussian noise on each expert copy, as a fraction of the std of the tensor copied '
+                                '(0: identical experts, the naive gate then computes the dense model exactly)')
+    upcycling.add_argument('--seed', type=int, default=1111, help="seed of the router's init and the noise")
     return parser
 
 
@@ -562,14 +573,85 @@ FLAG_KEYS = ('n_head', 'tgt_len', 'ext_len', 'mem_len', 'dropout', 'dropatt', 'p
              'clamp_len', 'cutoffs', 'sample_softmax', 'moe_top_k', 'moe_gate')
 
 
+def check_out(args):
+    out = os.path.join(args.work_dir, 'model.pt')
+    if os.path.exists(out) and not args.overwrite:
+        raise ConversionError(f'{out} exists: pass --overwrite to replace it or choose another --work_dir')
+    if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        raise ConversionError(f'--work_dir {args.work_dir} is a file, not a directory')
+    return out
+
+
+# ----------------------------------------------------------------------------- sparse upcycling
+
+def load_dense(src, args):
+    """(dense model, dataset, data, its own vocabulary or None) from a run directory or model.pt of this project,
+    an original checkpoint or a Hugging Face directory (imported as without --upcycle)."""
+    flags = {k: getattr(args, k) for k in FLAG_KEYS if k not in ('moe_top_k', 'moe_gate')}
+    if hf_xl.is_hf_directory(src):
+        model, vocab, _, _ = convert_hf(src, args.trust_pickle, flags)
+        return model, args.dataset, args.data, vocab
+    path = os.path.join(src, 'model.pt') if os.path.isdir(src) else src
+    if not os.path.isfile(path):
+        raise ConversionError(f'--upcycle {src}: no such file or run directory with a model.pt')
+    if _is_project_checkpoint(path):
+        saved = ckpt.load(path, 'model')
+        model = MemTransformerLM(**saved['config'])
+        ckpt.load_weights(model, saved['model_state'], path)
+        saved_args = saved.get('args') or {}
+        return (model, args.dataset or saved_args.get('dataset'), args.data or saved_args.get('data'),
+                saved.get('vocab'))
+    model, _, _ = convert(path, args.trust_pickle, flags, args.dataset)
+    return model, args.dataset, args.data, None
+
+
+def _is_project_checkpoint(path):
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get('format') == ckpt.FORMAT
+
+
+def main_upcycle(args):
+    """convert_checkpoint.py --upcycle DENSE --moe-num-expert E --moe-top-k K [--moe-gate G] --work_dir NEW."""
+    gate = args.moe_gate or 'naive'
+    try:
+        if args.src:
+            raise ConversionError(f'--upcycle takes the dense model itself; drop the extra argument {args.src}')
+        if args.moe_num_expert is None or args.moe_top_k is None:
+            raise ConversionError('--upcycle needs --moe-num-expert E and --moe-top-k K')
+        if not args.upcycle_noise >= 0:
+            raise ConversionError(f'--upcycle-noise {args.upcycle_noise} must be >= 0')
+        out = check_out(args)
+        dense, dataset, data, vocab = load_dense(args.upcycle, args)
+        model = upcycle(dense, args.moe_num_expert, args.moe_top_k, gate, args.upcycle_noise, args.seed)
+    except ValueError as e:  # ConversionError, CheckpointError and the model's own checks
+        print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
+        return 2
+    n_dense, n_moe = (sum(p.numel() for p in m.parameters()) for m in (dense, model))
+    print(f'Upcycled {args.upcycle}: {n_dense:,} parameters -> {n_moe:,} ({args.moe_num_expert} experts of '
+          f'd_inner {model.config["d_inner"]}, top-{args.moe_top_k} {gate} gate, noise {args.upcycle_noise})')
+    if gate in ('gshard', 'switch'):
+        print(f'NOTE: the {gate} gate does not start equal to the dense model: '
+              + ('its capacity limit drops copies' if gate == 'gshard' else 'it scales its expert by its probability'))
+    os.makedirs(args.work_dir, exist_ok=True)
+    how = {'noise': args.upcycle_noise, 'seed': args.seed}
+    ckpt.atomic_save(checkpoint_dict(model, how, args.upcycle, 'upcycled dense model', dataset, data, vocab), out)
+    flags = (f'--moe --moe-num-expert {args.moe_num_expert} --moe-top-k {args.moe_top_k} --moe-gate {gate}')
+    print(f'Wrote {out}\nContinue training with: python train.py --restart_dir {args.work_dir} {flags} '
+          '(and the dense run\'s model flags) --work_dir NEW_RUN')
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    out = os.path.join(args.work_dir, 'model.pt')
+    if args.upcycle is not None:
+        return main_upcycle(args)
     try:
-        if os.path.exists(out) and not args.overwrite:
-            raise ConversionError(f'{out} exists: pass --overwrite to replace it or choose another --work_dir')
-        if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
-            raise ConversionError(f'--work_dir {args.work_dir} is a file, not a directory')
+        if args.src is None:
+            raise ConversionError('the checkpoint to import is missing (or pass --upcycle DENSE)')
+        out = check_out(args)
         flags = {k: getattr(args, k) for k in FLAG_KEYS}
         vocab = None
         if hf_xl.is_hf_directory(args.src):

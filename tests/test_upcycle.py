@@ -1,0 +1,84 @@
+"""Sparse upcycling (utils/upcycle.py, convert_checkpoint.py --upcycle): a trained dense run becomes an MoE
+run whose evaluation loss is the dense one's (naive, noisy, auxfree gates), and train.py continues it."""
+import json
+
+import pytest
+import torch
+
+import convert_checkpoint as cc
+import eval as evaluation
+import train
+from tests.test_train import MOE, TINY, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from utils import checkpoint as ckpt
+
+
+@pytest.fixture(scope='module')
+def dense_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('upcycle')
+    corpus = write_corpus(root / 'enwik8', sizes=(8000, 2000, 2000))
+    run = root / 'dense'
+    assert train.main(['--data', str(corpus), '--work_dir', str(run), *TINY, '--max_step', '4']) == 0
+    return run, corpus
+
+
+def valid_loss(work_dir, corpus):
+    assert evaluation.main(['--work_dir', str(work_dir), '--data', str(corpus), '--split', 'valid',
+                            '--tgt_len', '16', '--mem_len', '16']) == 0
+    return json.loads((work_dir / 'eval.json').read_text())['valid']['loss']
+
+
+def upcycle(dense, work_dir, *flags):
+    return cc.main(['--upcycle', str(dense), '--moe-num-expert', '4', '--work_dir', str(work_dir), *flags])
+
+
+@pytest.mark.parametrize('gate', ['naive', 'noisy', 'auxfree'])
+def test_upcycled_model_evaluates_to_the_dense_loss(dense_run, tmp_path, gate):
+    dense, corpus = dense_run
+    new = tmp_path / 'moe'
+    assert upcycle(dense, new, '--moe-top-k', '2', '--moe-gate', gate) == 0
+    saved = ckpt.load(new / 'model.pt', 'model')
+    assert saved['config']['moe'] and saved['config']['moe_gate'] == gate
+    dense_state = ckpt.load(dense / 'model.pt', 'model')['model_state']
+    experts = saved['model_state']['layers.1.pos_ff.experts.htoh4.weight']
+    assert experts.shape == (4, 64, 32)
+    assert all(torch.equal(e, dense_state['layers.1.pos_ff.CoreNet.0.weight']) for e in experts)
+    assert valid_loss(new, corpus) == pytest.approx(valid_loss(dense, corpus), rel=1e-6)
+
+
+def test_switch_gate_scales_its_expert_so_the_loss_differs(dense_run, tmp_path, capsys):
+    dense, corpus = dense_run
+    assert upcycle(dense, tmp_path / 'switch', '--moe-top-k', '1', '--moe-gate', 'switch') == 0
+    assert 'does not start equal' in capsys.readouterr().out
+    assert valid_loss(tmp_path / 'switch', corpus) != pytest.approx(valid_loss(dense, corpus), rel=1e-3)
+
+
+def test_noise_breaks_the_symmetry_and_training_continues(dense_run, tmp_path, capsys):
+    dense, corpus = dense_run
+    new = tmp_path / 'moe'
+    assert upcycle(dense, new, '--moe-top-k', '2', '--upcycle-noise', '0.01') == 0
+    experts = ckpt.load(new / 'model.pt', 'model')['model_state']['layers.0.pos_ff.experts.h4toh.weight']
+    assert not torch.equal(experts[0], experts[1])
+    assert valid_loss(new, corpus) == pytest.approx(valid_loss(dense, corpus), rel=1e-2)
+    run = tmp_path / 'continued'
+    assert train.main(['--data', str(corpus), '--work_dir', str(run), *TINY, *MOE, '--restart_dir', str(new),
+                       '--max_step', '2']) == 0
+    assert 'Starting from the weights of' in (run / 'log.txt').read_text()
+
+
+@pytest.mark.parametrize('flags,message', [
+    ([], '--upcycle needs --moe-num-expert E and --moe-top-k K'),
+    (['--moe-top-k', '5'], 'top_k'),
+    (['--moe-top-k', '2', '--upcycle-noise', '-1'], '--upcycle-noise -1.0 must be >= 0'),
+])
+def test_bad_upcycling_input_exits_2_and_writes_nothing(dense_run, tmp_path, capsys, flags, message):
+    dense, _ = dense_run
+    assert upcycle(dense, tmp_path / 'out', *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and message in err and not (tmp_path / 'out').exists()
+
+
+def test_upcycling_an_moe_model_is_refused(dense_run, tmp_path, capsys):
+    dense, _ = dense_run
+    assert upcycle(dense, tmp_path / 'moe', '--moe-top-k', '2') == 0
+    assert upcycle(tmp_path / 'moe', tmp_path / 'again', '--moe-top-k', '2') == 2
+    assert 'already a Mixture of Experts' in capsys.readouterr().err
