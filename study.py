@@ -58,7 +58,8 @@ def configurations(d_inner, steps):
         'moe16-gshard': dict(flags=moe(16, 2, 'gshard')),
         'moe16-switch': dict(flags=moe(16, 1, 'switch')),
         'moe16-noisy': dict(flags=moe(16, 2, 'noisy')),
-        'moe16-auxfree': dict(flags=moe(16, 2, 'auxfree')),
+        'moe16-auxfree': dict(flags=moe(16, 2, 'auxfree')),   # DeepSeek-V3's rate, 0.001
+        'moe16-auxfree-0.01': dict(flags=moe(16, 2, 'auxfree', '--moe-bias-update-rate', '0.01')),
         'moe16-shared': dict(flags=moe(16, 1, 'naive', '--moe-shared-expert', '1')),
         'moe8-top1-scratch': dict(flags=upcycled),
         'dense-continued': dict(flags=['--d_inner', str(d_inner)], start='dense', steps=half),
@@ -112,6 +113,18 @@ def finished(work_dir, steps):
     return os.path.isfile(path) and any(r.get('split') == 'test' and r['step'] == steps for r in read_metrics(path))
 
 
+def check_same_run(work_dir, argv):
+    """A run directory is reused only by the command that made it (other flags: another --out)."""
+    path = os.path.join(work_dir, 'study_argv.json')
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != argv:
+            changed = sorted(set(saved) ^ set(argv))[:6]
+            raise ValueError(f'{work_dir} was trained with other flags (differing: {" ".join(changed)}); '
+                             'rerun with the same flags to continue, or choose another --out')
+
+
 def prepare_start(args, config, seed, work_dir, runs):
     """--restart_dir for a run that starts from another: the finished run itself, or its upcycled model."""
     source = os.path.join(runs, f'{config["start"]}-s{seed}')
@@ -137,15 +150,19 @@ def run_one(args, name, config, seed, runs, data):
     """Train (or resume, or skip) one run; returns train.py's exit code (0 when already finished)."""
     work_dir = os.path.join(runs, f'{name}-s{seed}')
     steps = config.get('steps', args.steps)
+    argv = run_argv(args, name, config, seed, work_dir, data)
+    check_same_run(work_dir, argv)
     if finished(work_dir, steps):
         print(f'== {name} seed {seed}: finished, skipped')
         return 0
-    argv = run_argv(args, name, config, seed, work_dir, data)
     if os.path.isfile(os.path.join(work_dir, 'checkpoint.pt')):
         print(f'== {name} seed {seed}: resuming')
         argv.append('--restart')
     else:
         shutil.rmtree(work_dir, ignore_errors=True)   # started but stopped before its first checkpoint
+        os.makedirs(work_dir)
+        with open(os.path.join(work_dir, 'study_argv.json'), 'w') as f:
+            json.dump(argv, f)
         print(f'== {name} seed {seed}: training')
         if 'start' in config:
             argv += ['--restart_dir', prepare_start(args, config, seed, work_dir, runs)]
@@ -326,7 +343,11 @@ def main(argv=None):
     os.makedirs(runs, exist_ok=True)
     for name in names:
         for seed in seeds:
-            code = run_one(args, name, configs[name], seed, runs, data)
+            try:
+                code = run_one(args, name, configs[name], seed, runs, data)
+            except ValueError as e:
+                print(f'study.py: error: {e}', file=sys.stderr)
+                return 2
             if code != 0:
                 print(f'study.py: {name} seed {seed} stopped (exit code {code}); rerun the same command to '
                       'continue', file=sys.stderr)

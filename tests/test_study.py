@@ -80,6 +80,8 @@ def test_study_writes_results_resumes_after_ctrl_c_and_skips_finished_runs(tmp_p
     assert run_study(tmp_path / 'out', corpus, *configs) == 0
     assert capsys.readouterr().out.count('finished, skipped') == 6
     assert {p: p.stat().st_mtime_ns for p in runs.glob('*/metrics.jsonl')} == stamps
+    assert run_study(tmp_path / 'out', corpus, *configs, '--lr', '0.001') == 2   # not the runs it made
+    assert 'was trained with other flags (differing: 0.001 0.002)' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('flags,message', [
