@@ -45,6 +45,17 @@ def test_upcycled_model_evaluates_to_the_dense_loss(dense_run, tmp_path, gate):
     assert valid_loss(new, corpus) == pytest.approx(valid_loss(dense, corpus), rel=1e-6)
 
 
+def test_an_original_state_dict_upcycles_through_the_import(dense_run, tmp_path):
+    """A plain state dict as the original saved it goes through convert_checkpoint's import first."""
+    dense, corpus = dense_run
+    original = tmp_path / 'original.pt'
+    torch.save(ckpt.load(dense / 'model.pt', 'model')['model_state'], original)
+    new = tmp_path / 'moe'
+    assert upcycle(original, new, '--moe-top-k', '1', '--dataset', 'enwik8', '--data', str(corpus),
+                   '--n_head', '2', '--mem_len', '16', '--tgt_len', '16') == 0
+    assert valid_loss(new, corpus) == pytest.approx(valid_loss(dense, corpus), rel=1e-6)
+
+
 def test_switch_gate_scales_its_expert_so_the_loss_differs(dense_run, tmp_path, capsys):
     dense, corpus = dense_run
     assert upcycle(dense, tmp_path / 'switch', '--moe-top-k', '1', '--moe-gate', 'switch') == 0
