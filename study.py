@@ -184,22 +184,22 @@ def prepare_data(args):
 
 # ----------------------------------------------------------------------------- results
 
-def seconds_at_steps(records):
-    """Training seconds (evaluations excluded) at the end of each logged step: step -> seconds."""
+def seconds_at_steps(records, tokens_per_step):
+    """Training seconds (validations excluded: from tokens_per_s) at the end of each logged step: step -> s."""
     total, last, out = 0., 0, {}
     for r in records:
         if r.get('split') == 'train':
-            total += r['ms_per_batch'] * (r['step'] - last) / 1000
+            total += (r['step'] - last) * tokens_per_step / r['tokens_per_s']
             last = r['step']
             out[r['step']] = total
     return out
 
 
-def run_summary(work_dir, step_offset=0, time_offset=0.):
+def run_summary(work_dir, tokens_per_step, step_offset=0, time_offset=0.):
     """One run's curves and figures; bpc for character-level corpora, else perplexity (still named bpc)."""
     records = read_metrics(os.path.join(work_dir, 'metrics.jsonl'))
     unit = 'bpc' if any('bpc' in r for r in records) else 'ppl'
-    seconds = seconds_at_steps(records)
+    seconds = seconds_at_steps(records, tokens_per_step)
     valid = [r for r in records if r['split'] == 'valid' and r['step'] in seconds]
     test = [r for r in records if r['split'] == 'test'][-1]
     train_lines = [r for r in records if r['split'] == 'train']
@@ -223,7 +223,7 @@ def run_summary(work_dir, step_offset=0, time_offset=0.):
 
 
 def summarize(args, names, configs, seeds, runs):
-    results = {}
+    results, tokens_per_step = {}, args.batch_size * args.tgt_len
     for name in names:
         config = configs[name]
         per_seed = []
@@ -231,8 +231,10 @@ def summarize(args, names, configs, seeds, runs):
             offset_steps, offset_s = 0, 0.
             if 'start' in config:   # continued runs sit after the run they start from
                 offset_steps = args.steps
-                offset_s = run_summary(os.path.join(runs, f'{config["start"]}-s{seed}'))['train_seconds']
-            per_seed.append(run_summary(os.path.join(runs, f'{name}-s{seed}'), offset_steps, offset_s))
+                start = os.path.join(runs, f'{config["start"]}-s{seed}')
+                offset_s = run_summary(start, tokens_per_step)['train_seconds']
+            per_seed.append(run_summary(os.path.join(runs, f'{name}-s{seed}'), tokens_per_step, offset_steps,
+                                        offset_s))
         results[name] = {'flags': config['flags'], 'seeds': seeds, 'runs': per_seed}
         for key in ('final_valid_bpc', 'test_bpc', 'tokens_per_s', 'train_seconds'):
             values = [r[key] for r in per_seed]

@@ -115,6 +115,18 @@ def test_gates_in_fastmoes_order_route_as_this_repositorys(fmoe, gate_name, top_
     assert shim(x).shape == x.shape
 
 
+def test_noisy_gate_in_fastmoes_order_has_its_parameters_and_routes_as_this_repositorys(fmoe):
+    gate = fmoe.gates.NoisyGate(16, 4, 1, 2)
+    assert gate.w_gate.shape == gate.w_noise.shape == (16, 4) and gate.top_k == 2
+    shim = fmoe.FMoETransformerMLP(num_expert=4, d_model=16, d_hidden=24, top_k=2, gate=fmoe.gates.NoisyGate,
+                                   activation=nn.ReLU()).eval()
+    plain = moe.FMoETransformerMLP(4, 16, 24, activation=nn.ReLU(), top_k=2, gate='noisy').eval()
+    plain.load_state_dict(shim.state_dict(), strict=True)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(shim(x), plain(x), rtol=0, atol=0)
+
+
 def test_a_subclass_calls_super_as_fastmoes_example_does(fmoe):
     class Customized(fmoe.FMoETransformerMLP):
         def __init__(self):

@@ -38,5 +38,11 @@ class SwitchGate(moe.SwitchGate):
         super().__init__(d_model, num_expert, 1, switch_eps, tuple(capacity), gate_bias)
 
 
+class NoisyGate(moe.NoisyGate):
+    def __init__(self, d_model, num_expert, world_size=1, top_k=2, gate_bias=True):
+        check_world_size(world_size)   # FastMoE's NoisyGate has no bias: gate_bias is accepted and unused
+        super().__init__(d_model, num_expert, top_k)
+
+
 # This repository's gate type for each class above (utils.moe.FMoETransformerMLP's `gate` argument).
-GATE_TYPES = {NaiveGate: 'naive', GShardGate: 'gshard', SwitchGate: 'switch'}
+GATE_TYPES = {NaiveGate: 'naive', GShardGate: 'gshard', SwitchGate: 'switch', NoisyGate: 'noisy'}
