@@ -274,6 +274,24 @@ def test_original_loss_layout_when_asked(original):
     assert_close('loss', 'grouped layout', ours(data, target)[0], theirs(data, target)[0], atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('tied', [True, False], ids=['tails-tied-as-wt103', 'untied-as-lm1b'])
+def test_original_state_dict_through_convert_checkpoint_gives_the_original_losses(original, tmp_path, tied):
+    """Adaptive softmax with div_val 1 and d_embed != d_model, where every tail cluster has its own projection."""
+    import convert_checkpoint
+    config = dict(BASE, cutoffs=CUTOFFS, d_embed=8, tie_projs=[False] + [tied] * len(CUTOFFS))
+    theirs = original.model.MemTransformerLM(**config)
+    randomize(theirs, seed=3)
+    theirs.crit.keep_order = True
+    torch.save(theirs.state_dict(), tmp_path / 'state_dict.pt')
+    assert convert_checkpoint.main([str(tmp_path / 'state_dict.pt'), '--work_dir', str(tmp_path / 'run'),
+                                    '--cutoffs', ','.join(map(str, CUTOFFS)), '--mem_len', '6']) == 0
+    saved = torch.load(tmp_path / 'run' / 'model.pt', weights_only=True)
+    assert saved['config']['tie_projs'] == config['tie_projs']
+    ours = mem_transformer.MemTransformerLM(**saved['config'])
+    ours.load_state_dict(saved['model_state'])
+    run_segments(ours.eval(), theirs.eval(), config, train=False)
+
+
 # ----------------------------------------------------------------------------- initialization
 
 INIT_CONFIGS = [
