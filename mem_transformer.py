@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
-from utils.moe import GATES, FMoETransformerMLP
+from utils.moe import GATES, FMoETransformerMLP, FusedExpertLinear
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
 
 # Fast paths. Each computes the same function as the plain code it replaces;
@@ -44,12 +44,10 @@ class PositionalEmbedding(nn.Module):
         inv_freq = 1 / (10000 ** (torch.arange(0.0, demb, 2.0) / demb))
         self.register_buffer('inv_freq', inv_freq)
 
-    def forward(self, pos_seq, bsz=None):
+    def forward(self, pos_seq):
+        """[len] positions -> [len, 1, demb] sinusoids (broadcast over the batch)."""
         sinusoid_inp = torch.outer(pos_seq, self.inv_freq)
-        pos_emb = torch.cat([sinusoid_inp.sin(), sinusoid_inp.cos()], dim=-1)
-        if bsz is not None:
-            return pos_emb[:, None, :].expand(-1, bsz, -1)
-        return pos_emb[:, None, :]
+        return torch.cat([sinusoid_inp.sin(), sinusoid_inp.cos()], dim=-1)[:, None, :]
 
 
 class Dropout(nn.Dropout):
@@ -213,8 +211,7 @@ class Attention(nn.Module):
     The helpers below hide the difference from the attention types.
     """
 
-    def __init__(self, n_head, d_model, d_head, dropout, dropatt=0, pre_lnorm=False,
-                 **unused_lengths):
+    def __init__(self, n_head, d_model, d_head, dropout, dropatt=0, pre_lnorm=False):
         super().__init__()
         self.n_head = n_head
         self.d_model = d_model
@@ -434,7 +431,7 @@ class DecoderLayer(nn.Module):
 
 
 class AdaptiveEmbedding(nn.Module):
-    def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1, sample_softmax=False):
+    def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1):
         super().__init__()
         self.n_token = n_token
         self.d_embed = d_embed
@@ -447,7 +444,7 @@ class AdaptiveEmbedding(nn.Module):
         self.emb_layers = nn.ModuleList()
         self.emb_projs = nn.ParameterList()
         if div_val == 1:
-            self.emb_layers.append(nn.Embedding(n_token, d_embed, sparse=sample_softmax > 0))
+            self.emb_layers.append(nn.Embedding(n_token, d_embed))
             if d_proj != d_embed:
                 self.emb_projs.append(nn.Parameter(torch.empty(d_proj, d_embed)))
         else:
@@ -610,7 +607,6 @@ class MemTransformerLM(nn.Module):
             if tie_weight:
                 # The original tied to `word_emb.weight`, which does not exist.
                 self.out_layer.weight = self.word_emb.emb_layers[0].weight
-            self.tie_weight = tie_weight
             self.sampler = LogUniformSampler(n_token, sample_softmax)
         else:
             self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs,
@@ -630,9 +626,6 @@ class MemTransformerLM(nn.Module):
         self.moe_zloss_coef = moe_zloss_coef
         self._pos_emb_cache = {}
         self._create_params()
-
-    def backward_compatible(self):
-        self.sample_softmax = -1
 
     def _create_params(self):
         if self.attn_type == 0:
@@ -654,7 +647,7 @@ class MemTransformerLM(nn.Module):
         self.mem_len = mem_len
         self.ext_len = ext_len
 
-    def init_mems(self, x=None):
+    def init_mems(self):
         """One empty memory per hidden state (embeddings + each layer), or None without memory."""
         if self.mem_len <= 0:
             return None
@@ -779,7 +772,7 @@ class MemTransformerLM(nn.Module):
         loss is the per-token negative log-likelihood in nats.
         """
         if not mems:
-            mems = self.init_mems(data)
+            mems = self.init_mems()
         tgt_len = target.size(0)
         hidden, new_mems = self._forward(data, mems=mems)
         pred_hid = hidden[-tgt_len:]
@@ -835,9 +828,8 @@ class MemTransformerLM(nn.Module):
 def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_std=0.01):
     """The original training script's initialization, experts and gates included.
 
-    Dispatches on class names as the original did (so FastMoE's expert linears,
-    whose class names contain 'Linear', are covered), in the same module order,
-    then re-initializes the embedding so that tied output layers do not override it.
+    Visits the modules in the original's order (model.apply, then the embedding again, so that tied output
+    layers do not override it), so a seeded model draws the same random numbers as the original's.
     """
     def init_weight(weight):
         if init == 'uniform':
@@ -845,44 +837,38 @@ def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_
         elif init == 'normal':
             nn.init.normal_(weight, 0.0, init_std)
 
-    def init_bias(bias):
-        nn.init.constant_(bias, 0.0)
-
     def init_projs(projs):
         for proj in projs:
             if proj is not None:
                 nn.init.normal_(proj, 0.0, proj_init_std)
 
     def weights_init(m):
-        classname = m.__class__.__name__
-        if 'Linear' in classname:
-            if getattr(m, 'weight', None) is not None:
-                init_weight(m.weight)
-            if getattr(m, 'bias', None) is not None:
-                init_bias(m.bias)
-        elif 'AdaptiveEmbedding' in classname:
+        if isinstance(m, (nn.Linear, FusedExpertLinear)):  # the experts' fused linears as FastMoE's
+            init_weight(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, AdaptiveEmbedding):
             init_projs(m.emb_projs)
-        elif 'Embedding' in classname:
-            if hasattr(m, 'weight'):
-                init_weight(m.weight)
-        elif 'ProjectedAdaptiveLogSoftmax' in classname:
-            if hasattr(m, 'cluster_weight'):
+        elif isinstance(m, nn.Embedding):
+            init_weight(m.weight)
+        elif isinstance(m, ProjectedAdaptiveLogSoftmax):
+            if m.n_clusters > 0:
                 init_weight(m.cluster_weight)
-                init_bias(m.cluster_bias)
+                nn.init.zeros_(m.cluster_bias)
             init_projs(m.out_projs)
-        elif 'LayerNorm' in classname:
+        elif isinstance(m, nn.LayerNorm):
             nn.init.normal_(m.weight, 1.0, init_std)
             if m.bias is not None:
-                init_bias(m.bias)
-        elif 'MultiHeadAttn' in classname and hasattr(m, 'r_w_bias'):  # untie_r: per-layer biases
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RelPartialLearnableMultiHeadAttn) and hasattr(m, 'r_w_bias'):  # untie_r: per layer
             init_weight(m.r_w_bias)
             init_weight(m.r_r_bias)
-        elif 'TransformerLM' in classname:
+        elif isinstance(m, MemTransformerLM):
             for name in ('r_emb', 'r_w_bias', 'r_r_bias'):
                 if hasattr(m, name):
                     init_weight(getattr(m, name))
             if hasattr(m, 'r_bias'):
-                init_bias(m.r_bias)
+                nn.init.zeros_(m.r_bias)
 
     with torch.no_grad():
         model.apply(weights_init)

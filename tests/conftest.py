@@ -1,6 +1,24 @@
-"""Fixtures shared by the test modules."""
+"""What the test modules share: one CPU thread, tiny models, tiny corpora and the train.py flags of a tiny run.
+
+Test modules import the plain helpers (`from conftest import tiny_model, TINY`) and use the fixtures by name.
+"""
+import os
+import random
+
 import pytest
 import torch
+import torch.nn as nn
+
+from mem_transformer import MemTransformerLM, init_weights
+
+WORDS = ('the of and in to a was is for as on by with he that at from his it an were are which this be or '
+         'first new also after has had not two their its been one who but they her all she other time').split()
+# train.py on 2 layers of d_model 32, one or two MoE experts per token: each step takes milliseconds on a CPU.
+TINY = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
+        '--d_inner', '64', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
+        '--log-interval', '1', '--eval-interval', '10', '--max_eval_steps', '5', '--lr', '0.002']
+MOE = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']
+
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 
@@ -13,3 +31,87 @@ def device(request):
     torch.backends.cuda.matmul.allow_tf32 = False
     yield torch.device(request.param)
     torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True, scope='session')
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads spin-wait each other.
+    Session-wide, so module fixtures that train run on one thread too."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(autouse=True)
+def back_to_one_thread():
+    yield
+    torch.set_num_threads(1)  # a test that ran a script with --threads leaves no trace
+
+
+def tiny_model(n_token=40, seed=0, init_std=0.2, router_bias_std=None, **config):
+    """A 2-layer model of d_model 16 in evaluation mode, initialized as train.py does (with larger
+    standard deviations, so that tokens differ visibly). router_bias_std: MoE gate biases drawn from
+    N(0, std), so that routing varies from token to token."""
+    torch.manual_seed(seed)
+    config = dict(dict(n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=24, dropout=0.0, dropatt=0.0,
+                       tgt_len=6, ext_len=0, mem_len=6), **config)
+    model = MemTransformerLM(n_token, **config)
+    init_weights(model, init_std=init_std, proj_init_std=init_std)
+    if router_bias_std is not None:
+        for ff in model.moe_layers():
+            if getattr(ff.gate, 'gate', None) is not None:  # the noisy gate has no linear router
+                nn.init.normal_(ff.gate.gate.bias, 0.0, router_bias_std)
+    return model.eval()
+
+
+def write_corpus(directory, sizes=(40000, 4000, 4000), seed=0):
+    """A character corpus in the prepared enwik8 format: byte ids separated by spaces, one text line a line."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, size in zip(('train', 'valid', 'test'), sizes):
+        text = ''
+        while len(text) < size:
+            text += ' '.join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + '.\n'
+        lines = text[:size].encode().split(b'\n')
+        (directory / f'{split}.txt').write_text('\n'.join(' '.join(map(str, line)) for line in lines))
+    return directory
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp('enwik8'))
+
+
+WIKI_TEXT = ("<page>\n  <title>Anarchism</title>\n  <text>'''Anarchism''' is a [[political philosophy]] "
+             "&amp; movement of 1840.</text>\n</page>\n")
+
+
+def make_enwik8_dir(path, text=WIKI_TEXT):
+    """A corpus in prep_enwik8's format: every byte as its decimal id, lines kept."""
+    os.makedirs(path, exist_ok=True)
+    for split, copies in (('train', 8), ('valid', 3), ('test', 2)):
+        with open(os.path.join(path, f'{split}.txt'), 'w') as f:
+            for line in (text * copies).splitlines():
+                f.write(' '.join(str(b) for b in line.encode()) + '\n')
+    return str(path)
+
+
+def make_run(tmp_path, prepare=None, **config):
+    """A run directory whose model.pt (untrained weights, changed by `prepare`) points at a tiny
+    enwik8-format corpus: what generate.py, eval.py and moe_report.py read. Returns (run, data, model)."""
+    import data_utils
+    from utils import checkpoint as ckpt
+    data = make_enwik8_dir(tmp_path / 'data')
+    n_token = len(data_utils.get_lm_corpus(data, 'enwik8').vocab)
+    config = dict(dict(init_std=0.3, router_bias_std=1.0, tgt_len=8, mem_len=32), **config)
+    model = tiny_model(n_token=n_token, **config)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(model)
+    run = tmp_path / 'run'
+    run.mkdir()
+    ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config,
+                      'model_state': model.state_dict(), 'args': {'dataset': 'enwik8', 'data': data}},
+                     str(run / 'model.pt'))
+    return str(run), data, model

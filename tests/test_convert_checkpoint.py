@@ -2,6 +2,7 @@
 models come back as this project's checkpoints with the same weights, the same outputs and the configuration
 they were built with."""
 import copy
+import functools
 import os
 import sys
 import types
@@ -12,8 +13,7 @@ import torch.nn as nn
 
 import convert_checkpoint as cc
 import data_utils
-from mem_transformer import MemTransformerLM, init_weights
-from test_generate import make_enwik8_dir
+from conftest import make_enwik8_dir, tiny_model
 from utils.generation import load_trained_model
 
 ARCH_KEYS = ('n_token', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner', 'div_val', 'cutoffs',
@@ -21,17 +21,8 @@ ARCH_KEYS = ('n_token', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner', 'di
              'moe_top_k', 'moe_gate', 'tgt_len', 'mem_len', 'ext_len', 'untie_r')
 
 
-def make_model(n_token=40, seed=0, **kw):
-    torch.manual_seed(seed)
-    config = dict(n_token=n_token, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=24, dropout=0.0,
-                  dropatt=0.0, tgt_len=6, ext_len=0, mem_len=0)
-    config.update(kw)
-    model = MemTransformerLM(**config)
-    init_weights(model, init_std=0.2, proj_init_std=0.2)
-    if config.get('moe'):  # the router's bias too, so routing differs from token to token
-        for ff in model.moe_layers():
-            nn.init.normal_(ff.gate.gate.bias, 0.0, 1.0)
-    return model.eval()
+# No memory unless a test asks; routing that varies from token to token.
+make_model = functools.partial(tiny_model, mem_len=0, router_bias_std=1.0)
 
 
 def log_probs(model, n_token, seed=0):

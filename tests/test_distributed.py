@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_train import write_corpus  # noqa: E402
+from conftest import MOE, TINY, write_corpus  # noqa: E402
 from utils.distributed import Dist, column_range  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 150
@@ -207,11 +207,10 @@ def test_all_to_all_exchange_equals_one_process(backend, top_k, empty_rank):
 
 # ----------------------------------------------------------------------------- train.py and eval.py
 
-TINY = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
-        '--d_inner', '64', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
-        '--log-interval', '1', '--eval-interval', '3', '--max_eval_steps', '3', '--lr', '0.002',
-        '--scheduler', 'constant', '--dropout', '0', '--dropatt', '0']
-MOE = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']   # naive gate: no balance loss to differ by rank
+# conftest's tiny run, evaluated often, without dropout or a schedule, and MOE's naive gate (no balance loss):
+# nothing that could differ by rank.
+TINY = [*TINY, '--eval-interval', '3', '--max_eval_steps', '3', '--scheduler', 'constant', '--dropout', '0',
+        '--dropatt', '0']
 
 
 @pytest.fixture(scope='module')

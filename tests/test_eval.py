@@ -11,7 +11,7 @@ import data_utils
 import eval as evaluation
 import mem_transformer
 import train
-from tests.test_train import TINY, MOE, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from conftest import MOE, TINY, write_corpus
 from utils import checkpoint as ckpt
 from utils.exp_utils import format_loss
 
@@ -22,7 +22,6 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp('eval')
     corpus = write_corpus(root / 'enwik8', sizes=(20000, 3000, 2500))
     work = root / 'run'
-    torch.set_num_threads(1)
     assert train.main(['--data', str(corpus), '--work_dir', str(work), *TINY, *MOE, '--max_step', '20']) == 0
     return work, corpus
 
@@ -74,6 +73,19 @@ def test_loss_equals_the_token_level_reference(trained, settings, capsys):
     out = capsys.readouterr().out
     assert re.search(r'^\| test loss +[\d.]+ \| test bpc +[\d.]+$', out, re.M)
     assert f"Evaluating with bsz {settings['batch_size']} tgt_len {settings['tgt_len']}" in out
+
+
+def test_validation_during_training_with_shorter_segments(tmp_path, trained):
+    """train.py validates on --eval_tgt_len segments (8 here, training's 16), the lost context moved to the
+    memory (16 + 16 - 8 = 24), as every run script does: the logged figure is the token-level reference."""
+    _, corpus = trained
+    work = tmp_path / 'run'
+    assert train.main(['--data', str(corpus), '--work_dir', str(work), *TINY, '--eval_tgt_len', '8',
+                       '--max_step', '10', '--max_eval_steps', '-1']) == 0
+    logged = [json.loads(line) for line in (work / 'metrics.jsonl').read_text().splitlines()]
+    valid = [r['loss'] for r in logged if r['split'] == 'valid']
+    assert len(valid) == 1  # one validation, at step 10: model.pt holds the weights it saw
+    assert valid[0] == pytest.approx(reference_loss(work, corpus, 'valid', 10, 8, mem_len=24), rel=1e-6)
 
 
 def test_segments_reuse_the_keys_and_values_of_their_memory(trained, monkeypatch):

@@ -4,6 +4,7 @@ Exact rewrites are compared in fp32 at |diff| < 1e-5 (outputs and gradients);
 bf16 autocast, whose products round to 8 bits of mantissa, is compared with
 fp32 at a tolerance stated where it is used.
 """
+import functools
 import itertools
 
 import pytest
@@ -12,19 +13,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mem_transformer as mt
+from conftest import tiny_model
 from utils import moe
-from mem_transformer import MemTransformerLM, init_weights
 
 FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT', 'KV_CACHE')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation (and on a busy machine, waiting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +32,7 @@ def set_paths(**flags):
         setattr(mt, name, value)
 
 
-def make_model(seed=0, n_token=40, dropout=0.0, **kw):
-    torch.manual_seed(seed)
-    kw = dict(dict(tgt_len=5, mem_len=6, ext_len=0), **kw)
-    model = MemTransformerLM(n_token, 2, 2, 16, 8, 24, dropout, 0.0, **kw)
-    return init_weights(model, init_std=0.1, proj_init_std=0.1)
+make_model = functools.partial(tiny_model, init_std=0.1, tgt_len=5)
 
 
 def segments_and_grads(model, data, tgt_len=5, train=True):
@@ -114,22 +102,47 @@ def test_kv_cache_equals_projecting_the_memory_again(kw, device):
     assert all(cache.rows is None for cache in caches.values())
 
 
+class ReplayedDropout(nn.Module):
+    """Attention dropout whose masks are drawn once (recording) and then replayed, permuted to the other
+    layout: both layouts then drop the same (query, key, batch, head) entries."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self.masks, self.calls = p, [], 0
+
+    def forward(self, prob):
+        if not self.training:
+            return prob
+        if mt.FAST_ATTENTION:  # [bsz, n_head, qlen, klen]: recorded here
+            keep = torch.rand(prob.shape) >= self.p
+            self.masks.append(keep)
+        else:  # [qlen, klen, bsz, n_head]: the recorded mask of the same call
+            keep = self.masks[self.calls].permute(2, 3, 0, 1)
+        self.calls += 1
+        return prob * keep / (1 - self.p)
+
+
 def test_fast_attention_with_adaptive_softmax_and_attention_dropout():
-    """dropatt > 0 in training takes the explicit path (SDPA's dropout is another random stream):
-    with the same seed, heads-first and original layouts then drop different entries but
-    agree once dropatt is off; in evaluation both are exact."""
+    """dropatt > 0 in training takes the explicit softmax (SDPA's dropout is another random stream): with
+    the same entries dropped, the heads-first layout gives the original layout's losses and gradients."""
     model = make_model(cutoffs=[10, 25], div_val=2, d_embed=16, tie_projs=[False, True, True])
-    for layer in model.layers:
-        layer.dec_attn.dropatt.p = 0.3
     data = torch.randint(0, 40, (16, 3))
-    set_paths(FAST_ATTENTION=False)
-    plain, _ = segments_and_grads(model, data, train=False)
     set_paths(FAST_ATTENTION=True)
-    fast, _ = segments_and_grads(model, data, train=False)
+    fast_eval, _ = segments_and_grads(model, data, train=False)
+    dropatt = ReplayedDropout(0.3)  # one for every layer: the calls come in the same order in both layouts
+    for layer in model.layers:
+        layer.dec_attn.dropatt = dropatt
+    fast, fast_grads = segments_and_grads(model, data, train=True)
+    set_paths(FAST_ATTENTION=False)
+    dropatt.calls = 0
+    plain, plain_grads = segments_and_grads(model, data, train=True)
+    dropped = 1 - torch.cat([m.flatten() for m in dropatt.masks]).float().mean()
+    assert dropatt.calls == len(dropatt.masks) == 3 * model.n_layer and 0.2 < dropped < 0.4
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
-    torch.manual_seed(1)
-    dropped, _ = segments_and_grads(model, data, train=True)
-    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, fast)
+    assert_close_dicts(fast_grads, plain_grads, atol=1e-5)
+    assert not torch.allclose(fast, fast_eval)  # the dropped entries changed the losses
+    plain_eval, _ = segments_and_grads(model, data, train=False)
+    torch.testing.assert_close(plain_eval, fast_eval, atol=1e-5, rtol=0)
 
 
 def test_sdpa_is_used_only_where_exact():

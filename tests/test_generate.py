@@ -1,6 +1,7 @@
 """generate.py and utils/generation.py: the next-token filters against hand-computed distributions, the memory
 carried between steps against recomputing the whole context, seeded determinism, every dataset's decoding, and
 the command line's errors."""
+import functools
 import os
 
 import pytest
@@ -9,25 +10,15 @@ import torch.nn as nn
 
 import generate
 import mem_transformer
-from mem_transformer import MemTransformerLM, init_weights
-from utils import checkpoint as ckpt
+from conftest import make_enwik8_dir, make_run, tiny_model
 from utils.generation import Decoder, TextCodec, generate as generate_tokens, next_token_probs, sample_next
 from utils.vocabulary import Vocab
 
 P = [0.5, 0.3, 0.15, 0.05]
 
 
-def make_model(n_token=30, seed=0, **kw):
-    torch.manual_seed(seed)
-    config = dict(n_token=n_token, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=24, dropout=0.0,
-                  dropatt=0.0, tgt_len=8, ext_len=0, mem_len=32)
-    config.update(kw)
-    model = MemTransformerLM(**config)
-    init_weights(model, init_std=0.3, proj_init_std=0.3)
-    for ff in model.moe_layers():  # routing that varies from token to token (the noisy gate has no bias)
-        if getattr(ff.gate, 'gate', None) is not None:
-            nn.init.normal_(ff.gate.gate.bias, 0.0, 1.0)
-    return model.eval()
+# Routing that varies from token to token; a memory longer than the segments decoded.
+make_model = functools.partial(tiny_model, n_token=30, init_std=0.3, router_bias_std=1.0, tgt_len=8, mem_len=32)
 
 
 def full_context_log_probs(model, tokens):
@@ -113,7 +104,7 @@ def test_key_value_cache_equals_projecting_the_memory_again(kw, kv_cache_switch)
         decoder.out = [decoder.feed(tokens[:13])] + [decoder.feed(tokens[t:t + 1]) for t in range(13, 40)]
         hook.remove()
     torch.testing.assert_close(torch.stack(fast.out), torch.stack(plain.out), atol=1e-5, rtol=1e-5)
-    assert rows_projected[-27:] == [1] * 27 if fast.kv_caches else [13] * 27  # attn 2: memory + token
+    assert rows_projected[-27:] == ([1] * 27 if fast.kv_caches else [13] * 27)  # attn 2: memory + token
     assert all(getattr(layer.dec_attn, 'kv_cache', None) is None for layer in model.layers)  # only while feeding
 
 
@@ -220,38 +211,6 @@ def test_lm1b_sentences():
 
 
 # ------------------------------------------------------------------ the command line
-
-TEXT = ("<page>\n  <title>Anarchism</title>\n  <text>'''Anarchism''' is a [[political philosophy]] "
-        "&amp; movement of 1840.</text>\n</page>\n")
-
-
-def make_enwik8_dir(path, text=TEXT):
-    """A corpus in prep_enwik8's format: every byte as its decimal id, lines kept."""
-    os.makedirs(path, exist_ok=True)
-    for split, copies in (('train', 8), ('valid', 3), ('test', 2)):
-        with open(os.path.join(path, f'{split}.txt'), 'w') as f:
-            for line in (text * copies).splitlines():
-                f.write(' '.join(str(b) for b in line.encode()) + '\n')
-    return str(path)
-
-
-def make_run(tmp_path, prepare=None, **kw):
-    """A run directory whose model.pt (untrained weights, changed by `prepare`) points at a tiny enwik8-format
-    corpus."""
-    import data_utils
-    data = make_enwik8_dir(tmp_path / 'data')
-    n_token = len(data_utils.get_lm_corpus(data, 'enwik8').vocab)
-    model = make_model(n_token=n_token, **kw)
-    if prepare is not None:
-        with torch.no_grad():
-            prepare(model)
-    run = tmp_path / 'run'
-    run.mkdir()
-    ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config,
-                      'model_state': model.state_dict(), 'args': {'dataset': 'enwik8', 'data': data}},
-                     str(run / 'model.pt'))
-    return str(run), data, model
-
 
 def run_cli(capsys, *argv):
     capsys.readouterr()  # drop what building the corpus printed

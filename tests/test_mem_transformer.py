@@ -3,17 +3,8 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_model
 from mem_transformer import MemTransformerLM, init_weights, rel_shift
-
-
-def make_model(n_token=40, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=24, seed=0, **kw):
-    torch.manual_seed(seed)
-    kw.setdefault('tgt_len', 6)
-    kw.setdefault('ext_len', 0)
-    kw.setdefault('mem_len', 6)
-    model = MemTransformerLM(n_token, n_layer, n_head, d_model, d_head, d_inner, 0.0, 0.0, **kw)
-    init_weights(model, init_std=0.2, proj_init_std=0.2)
-    return model.eval()
 
 
 def run_segments(model, data, tgt_len):
@@ -32,7 +23,7 @@ def run_segments(model, data, tgt_len):
 # ---------------------------------------------------------------- state dict
 
 def test_state_dict_keys_and_shapes_match_the_original_layout():
-    model = make_model(n_token=30, n_layer=1, d_model=16, d_embed=8, n_head=2, d_head=4, d_inner=20,
+    model = tiny_model(n_token=30, n_layer=1, d_model=16, d_embed=8, n_head=2, d_head=4, d_inner=20,
                        div_val=1, cutoffs=[10, 20], tie_projs=[False, True, True])
     expected = {
         'r_w_bias': (2, 4), 'r_r_bias': (2, 4),
@@ -55,7 +46,7 @@ def test_state_dict_keys_and_shapes_match_the_original_layout():
 
 
 def test_adaptive_div_val_layout_and_tying():
-    model = make_model(n_token=50, d_model=16, d_embed=16, div_val=2, cutoffs=[10, 30],
+    model = tiny_model(n_token=50, d_model=16, d_embed=16, div_val=2, cutoffs=[10, 30],
                        tie_projs=[False, True, True])
     sd = model.state_dict()
     assert sd['word_emb.emb_layers.1.weight'].shape == (20, 8)
@@ -77,7 +68,7 @@ def test_adaptive_div_val_layout_and_tying():
     (3, {'r_emb': (2, 12, 2, 8), 'layers.1.dec_attn.q_net.weight': (16, 16)}),
 ])
 def test_attention_type_parameters(attn_type, keys):
-    model = make_model(attn_type=attn_type)
+    model = tiny_model(attn_type=attn_type)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for key, shape in keys.items():
         assert shapes[key] == shape
@@ -85,21 +76,21 @@ def test_attention_type_parameters(attn_type, keys):
 
 
 def test_fastmoe_projection_spelling_loads_strict():
-    model = make_model(n_token=50, d_embed=16, div_val=2, cutoffs=[10, 30])
+    model = tiny_model(n_token=50, d_embed=16, div_val=2, cutoffs=[10, 30])
     sd = model.state_dict()
     renamed = {}
     for k, v in sd.items():
         if '_projs.' in k:
             k = k + '.weight'
         renamed[k] = v.clone() + 1
-    fresh = make_model(n_token=50, d_embed=16, div_val=2, cutoffs=[10, 30], seed=1)
+    fresh = tiny_model(n_token=50, d_embed=16, div_val=2, cutoffs=[10, 30], seed=1)
     fresh.load_state_dict(renamed, strict=True)
     assert torch.equal(fresh.word_emb.emb_projs[2], sd['word_emb.emb_projs.2'] + 1)
     assert torch.equal(fresh.crit.out_projs[0], sd['crit.out_projs.0'] + 1)
 
 
 def test_config_rebuilds_the_same_model():
-    model = make_model(cutoffs=[10, 20], div_val=2, d_embed=16, same_length=True, clamp_len=4)
+    model = tiny_model(cutoffs=[10, 20], div_val=2, d_embed=16, same_length=True, clamp_len=4)
     rebuilt = MemTransformerLM(**model.config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
            {k: v.shape for k, v in model.state_dict().items()}
@@ -119,7 +110,7 @@ def test_rel_shift_indexes_by_key_position():
 
 
 def test_causal_and_same_length_masks():
-    model = make_model(mem_len=5)
+    model = tiny_model(mem_len=5)
     mask = model._attn_mask(4, 3, 'cpu')
     for i in range(4):
         assert not mask[i, :i + 4].any() and mask[i, i + 4:].all()
@@ -159,7 +150,7 @@ def slow_relative_attention(attn, w, mems, r_w_bias, r_r_bias, clamp_len=-1):
 
 @pytest.mark.parametrize('clamp_len', [-1, 2])
 def test_relative_attention_matches_the_papers_formula(clamp_len):
-    model = make_model(clamp_len=clamp_len)
+    model = tiny_model(clamp_len=clamp_len)
     layer = model.layers[0].dec_attn
     qlen, mlen, bsz = 3, 4, 2
     w, mems = torch.randn(qlen, bsz, 16), torch.randn(mlen, bsz, 16)
@@ -230,7 +221,7 @@ def test_memory_equals_running_the_concatenated_sequence(attn_type, pre_lnorm):
     """Relative attention with enough memory: segment 2 with segment 1 as memory
     sees exactly what the last positions of one long segment see."""
     tgt = 5
-    model = make_model(attn_type=attn_type, pre_lnorm=pre_lnorm, tgt_len=2 * tgt, mem_len=2 * tgt)
+    model = tiny_model(attn_type=attn_type, pre_lnorm=pre_lnorm, tgt_len=2 * tgt, mem_len=2 * tgt)
     data = torch.randint(0, 40, (2 * tgt + 1, 3))
     with torch.no_grad():
         seg_losses, _ = run_segments(model, data, tgt)
@@ -239,7 +230,7 @@ def test_memory_equals_running_the_concatenated_sequence(attn_type, pre_lnorm):
 
 
 def test_memory_is_detached_and_has_the_right_length():
-    model = make_model(mem_len=4).train()
+    model = tiny_model(mem_len=4).train()
     data = torch.randint(0, 40, (7, 2))
     out = model(data[:6], data[1:7])
     mems = out[1:]
@@ -248,7 +239,7 @@ def test_memory_is_detached_and_has_the_right_length():
 
 
 def test_update_mems_keeps_the_states_before_the_extended_context():
-    model = make_model(mem_len=4, ext_len=2)
+    model = tiny_model(mem_len=4, ext_len=2)
     qlen, mlen = 6, 3
     hids = [torch.arange(qlen, dtype=torch.float).view(qlen, 1, 1) + 100 * i for i in range(3)]
     mems = [torch.arange(-mlen, 0, dtype=torch.float).view(mlen, 1, 1) + 100 * i for i in range(3)]
@@ -258,14 +249,14 @@ def test_update_mems_keeps_the_states_before_the_extended_context():
 
 
 def test_no_memory_when_mem_len_is_zero():
-    model = make_model(mem_len=0)
+    model = tiny_model(mem_len=0)
     data = torch.randint(0, 40, (7, 2))
     out = model(data[:6], data[1:7])
     assert len(out) == 1 and out[0].shape == (6, 2)
 
 
 def test_reset_length_changes_the_memory_size():
-    model = make_model(mem_len=6)
+    model = tiny_model(mem_len=6)
     model.reset_length(tgt_len=3, ext_len=0, mem_len=2)
     data = torch.randint(0, 40, (4, 2))
     out = model(data[:3], data[1:4])
@@ -275,12 +266,42 @@ def test_reset_length_changes_the_memory_size():
 def test_forward_does_not_modify_the_callers_memory():
     """The original added position embeddings to the memory in place (attn_type 2, 3)."""
     for attn_type in (2, 3):
-        model = make_model(attn_type=attn_type, d_head=8, n_head=2)
+        model = tiny_model(attn_type=attn_type, d_head=8, n_head=2)
         data = torch.randint(0, 40, (13, 2))
         mems = model(data[:6], data[1:7])[1:]
         before = [m.clone() for m in mems]
         model(data[6:12], data[7:13], *mems)
         assert all(torch.equal(a, b) for a, b in zip(before, mems))
+
+
+@pytest.mark.parametrize('attn_type', [2, 3])
+def test_absolute_attention_memory_holds_the_position_additions(attn_type):
+    """The original added position embeddings into the memory in place (type 2: the memory positions'
+    sinusoids to the embeddings' memory; type 3: each layer's learnt embeddings to its input's memory and to
+    its input), so the next memory holds them. Two segments of 4 with mem_len 6, checked by hand."""
+    qlen = mlen = 4
+    model = tiny_model(attn_type=attn_type, tgt_len=4, mem_len=6)
+    data = torch.randint(0, 40, (9, 2), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        mems = model(data[:4], data[1:5])[1:]
+        outputs.clear()
+        new = model(data[4:8], data[5:9], *mems)[1:]
+        emb = model.word_emb(data[4:8])
+    n = model.n_layer
+    if attn_type == 2:  # sinusoids of the distances 7 ... 0: the memory's first
+        angles = torch.arange(7, -1, -1.0)[:, None] * model.pos_emb.inv_freq
+        pos = torch.cat([angles.sin(), angles.cos()], -1)[:, None]
+        added = [pos[:mlen]] + [0] * n
+        rows = [emb + pos[mlen:]] + outputs
+    else:  # r_emb[i] holds max_klen = 10 rows: the segment's are the last 4, the memory's the 4 before
+        r = model.r_emb.detach().view(n, 10, 1, -1)
+        added = [r[i, 2:6] for i in range(n)] + [0]
+        rows = [x + r[i, 6:] for i, x in enumerate([emb] + outputs[:-1])] + outputs[-1:]
+    for i in range(n + 1):  # keep the last mem_len = 6 of the 8 rows
+        torch.testing.assert_close(new[i], torch.cat([mems[i] + added[i], rows[i]])[2:], msg=f'hidden {i}')
 
 
 # ------------------------------------------------------- outputs and losses
@@ -289,7 +310,7 @@ def test_forward_does_not_modify_the_callers_memory():
     dict(), dict(cutoffs=[10, 25]), dict(cutoffs=[10, 25], div_val=2, d_embed=16),
     dict(d_embed=8, cutoffs=[10])])
 def test_loss_is_the_negative_log_probability_of_the_target(kw):
-    model = make_model(**kw)
+    model = tiny_model(**kw)
     data = torch.randint(0, 40, (7, 3))
     with torch.no_grad():
         loss = model(data[:6], data[1:7])[0]
@@ -302,7 +323,7 @@ def test_loss_is_the_negative_log_probability_of_the_target(kw):
 
 
 def test_original_cluster_grouped_loss_order_is_available():
-    model = make_model(cutoffs=[10, 25])
+    model = tiny_model(cutoffs=[10, 25])
     data = torch.randint(0, 40, (7, 3))
     with torch.no_grad():
         ordered = model(data[:6], data[1:7])[0].flatten()
@@ -315,7 +336,7 @@ def test_original_cluster_grouped_loss_order_is_available():
 
 
 def test_sampled_softmax_trains_and_evaluates():
-    model = make_model(n_token=200, sample_softmax=20).train()
+    model = tiny_model(n_token=200, sample_softmax=20).train()
     assert model.out_layer.weight is model.word_emb.emb_layers[0].weight
     data = torch.randint(0, 200, (7, 3))
     loss = model(data[:6], data[1:7])[0]
@@ -332,7 +353,7 @@ def test_sampled_softmax_trains_and_evaluates():
 
 def test_training_reduces_the_loss_on_a_repeated_pattern():
     torch.manual_seed(0)
-    model = make_model(n_token=10, mem_len=4).train()
+    model = tiny_model(n_token=10, mem_len=4).train()
     data = torch.arange(10).repeat(4)[:, None].expand(-1, 2).contiguous()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
@@ -365,8 +386,59 @@ def test_init_weights_follows_the_original_scheme():
     assert w.abs().max() <= 0.05 and w.abs().max() > 0.04
 
 
+def init_by_class_name(model, std=0.02, proj_std=0.01):
+    """The original train.py's weights_init rule, transcribed: it dispatches on substrings of class names."""
+    def rule(m):
+        name = type(m).__name__
+        if 'Linear' in name:
+            for p, how in ((getattr(m, 'weight', None), 'normal'), (getattr(m, 'bias', None), 'zero')):
+                if p is not None:
+                    torch.nn.init.normal_(p, 0.0, std) if how == 'normal' else torch.nn.init.constant_(p, 0.0)
+        elif 'AdaptiveEmbedding' in name:
+            for p in m.emb_projs:
+                torch.nn.init.normal_(p, 0.0, proj_std)
+        elif 'Embedding' in name and hasattr(m, 'weight'):
+            torch.nn.init.normal_(m.weight, 0.0, std)
+        elif 'ProjectedAdaptiveLogSoftmax' in name:
+            if hasattr(m, 'cluster_weight'):
+                torch.nn.init.normal_(m.cluster_weight, 0.0, std)
+                torch.nn.init.constant_(m.cluster_bias, 0.0)
+            for p in m.out_projs:
+                if p is not None:
+                    torch.nn.init.normal_(p, 0.0, proj_std)
+        elif 'LayerNorm' in name:
+            torch.nn.init.normal_(m.weight, 1.0, std)
+            torch.nn.init.constant_(m.bias, 0.0)
+        elif 'TransformerLM' in name:
+            for attr in ('r_emb', 'r_w_bias', 'r_r_bias'):
+                if hasattr(m, attr):
+                    torch.nn.init.normal_(getattr(m, attr), 0.0, std)
+            if hasattr(m, 'r_bias'):
+                torch.nn.init.constant_(m.r_bias, 0.0)
+    with torch.no_grad():
+        model.apply(rule)
+        model.word_emb.apply(rule)
+
+
+@pytest.mark.parametrize('kw', [dict(attn_type=1, cutoffs=[10, 25], div_val=2, d_embed=16,
+                                     tie_projs=[False, True, True]),
+                                dict(moe=True, moe_num_expert=3, d_embed=8, cutoffs=[20]),
+                                dict(sample_softmax=8, attn_type=3), dict(attn_type=0, pre_lnorm=True)])
+def test_init_weights_draws_what_the_originals_rule_draws(kw):
+    models = []
+    for init in (init_weights, init_by_class_name):
+        torch.manual_seed(0)
+        model = MemTransformerLM(40, 2, 2, 16, 8, 24, 0.0, 0.0, tgt_len=5, mem_len=5, **kw)
+        torch.manual_seed(1)
+        init(model)
+        models.append(model.state_dict())
+    assert models[0].keys() == models[1].keys()
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
+
+
 def test_same_seed_same_model():
-    a, b = make_model(seed=3), make_model(seed=3)
+    a, b = tiny_model(seed=3), tiny_model(seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -387,13 +459,13 @@ def test_same_seed_same_model():
 ])
 def test_bad_configuration_names_the_argument(kw, name):
     with pytest.raises(ValueError, match=rf'^{name}='):
-        make_model(**kw)
+        tiny_model(**kw)
 
 
 # ------------------------------------------------------- mixture of experts
 
 def test_moe_model_has_fastmoe_keys_and_trains():
-    model = make_model(moe=True, moe_num_expert=4, moe_top_k=2).train()
+    model = tiny_model(moe=True, moe_num_expert=4, moe_top_k=2).train()
     sd = model.state_dict()
     assert sd['layers.0.pos_ff.gate.gate.weight'].shape == (4, 16)
     assert sd['layers.0.pos_ff.gate.gate.bias'].shape == (4,)
@@ -404,7 +476,6 @@ def test_moe_model_has_fastmoe_keys_and_trains():
     assert sd['layers.0.pos_ff.layer_norm.weight'].shape == (16,)
     assert not any('CoreNet' in k for k in sd)
     ff = model.layers[0].pos_ff
-    assert hasattr(ff, 'pre_lnorm') and hasattr(ff, 'layer_norm')
     data = torch.randint(0, 40, (7, 3))
     loss = model(data[:6], data[1:7])[0]
     load = model.moe_load()
@@ -417,8 +488,8 @@ def test_moe_model_has_fastmoe_keys_and_trains():
 def test_moe_with_identical_experts_equals_the_dense_model():
     """All experts equal to the dense FFN and top_k = num_expert: the scores sum to 1,
     so the mixture is the dense feed-forward and the whole model agrees."""
-    dense = make_model()
-    moe = make_model(moe=True, moe_num_expert=3, moe_top_k=3)
+    dense = tiny_model()
+    moe = tiny_model(moe=True, moe_num_expert=3, moe_top_k=3)
     sd = {k: v for k, v in dense.state_dict().items() if 'CoreNet' not in k}
     for i in range(2):
         core = dense.layers[i].pos_ff.CoreNet
@@ -435,7 +506,7 @@ def test_moe_with_identical_experts_equals_the_dense_model():
 
 
 def test_moe_aux_loss_uses_the_coefficients():
-    model = make_model(moe=True, moe_num_expert=4, moe_top_k=2, moe_gate='gshard',
+    model = tiny_model(moe=True, moe_num_expert=4, moe_top_k=2, moe_gate='gshard',
                        moe_balance_coef=0.5, moe_zloss_coef=0.25).train()
     data = torch.randint(0, 40, (7, 3))
     model(data[:6], data[1:7])
@@ -443,7 +514,7 @@ def test_moe_aux_loss_uses_the_coefficients():
     expected = sum(0.5 * ff.balance_loss + 0.25 * ff.z_loss for ff in layers)
     torch.testing.assert_close(model.aux_loss(), expected)
     assert model.moe_balance_loss().shape == (2,) and (model.moe_balance_loss() > 0).all()
-    assert make_model().aux_loss().item() == 0 and make_model().moe_load() is None
+    assert tiny_model().aux_loss().item() == 0 and tiny_model().moe_load() is None
 
 
 def test_init_weights_covers_the_experts_and_gate():

@@ -389,7 +389,6 @@ def test_fused_parameter_layout_and_init():
                       'experts.htoh4.weight': (5, 24, 16), 'experts.htoh4.bias': (5, 24),
                       'experts.h4toh.weight': (5, 16, 24), 'experts.h4toh.bias': (5, 16)}
     for lin, fan_in in ((layer.experts.htoh4, 24 * 16), (layer.experts.h4toh, 16 * 24)):
-        assert 'Linear' in type(lin).__name__
         bound = 1 / math.sqrt(fan_in)   # kaiming_uniform(a=sqrt 5) on the 3-D tensor, as FastMoE
         assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound
         assert lin.bias.eq(0).all()

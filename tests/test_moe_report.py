@@ -9,7 +9,7 @@ import torch
 import data_utils
 import moe_report
 from moe_report import BYTE_CLASSES, LayerRouting, byte_class
-from test_generate import make_run
+from conftest import make_run
 
 LETTERS, DIGITS, WHITESPACE = 0, 1, 2
 

@@ -6,7 +6,7 @@ import pytest
 
 import plot
 import train
-from tests.test_train import MOE, TINY, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from conftest import MOE, TINY, write_corpus
 
 PNG = b'\x89PNG\r\n\x1a\n'
 

@@ -20,46 +20,13 @@ import torch
 import eval as evaluation
 import mem_transformer
 import train
+from conftest import MOE, TINY, WORDS, write_corpus
 from utils import checkpoint as ckpt
 from tests import test_launch
 from utils import malloc
 from utils.schedules import learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ('the of and in to a was is for as on by with he that at from his it an were are which this be or '
-         'first new also after has had not two their its been one who but they her all she other time').split()
-# 2 layers of d_model 32, one or two MoE experts per token: each step takes milliseconds on a CPU.
-TINY = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
-        '--d_inner', '64', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
-        '--log-interval', '1', '--eval-interval', '10', '--max_eval_steps', '5', '--lr', '0.002']
-MOE = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']
-
-
-def write_corpus(directory, sizes=(40000, 4000, 4000), seed=0):
-    """A character corpus in the prepared enwik8 format: byte ids separated by spaces, one text line a line."""
-    rng = random.Random(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, size in zip(('train', 'valid', 'test'), sizes):
-        text = ''
-        while len(text) < size:
-            text += ' '.join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + '.\n'
-        lines = text[:size].encode().split(b'\n')
-        (directory / f'{split}.txt').write_text('\n'.join(' '.join(map(str, line)) for line in lines))
-    return directory
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy 2-core machine two threads spin-wait each other.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp('enwik8'))
 
 
 def run(work_dir, corpus_dir, *flags):
@@ -465,8 +432,80 @@ def test_gate_flags_reach_the_model(tmp_path, corpus):
 
 
 def test_sampled_softmax_trains(tmp_path, corpus):
-    assert run(tmp_path / 'run', corpus, '--max_step', '3', '--sample_softmax', '8') == 0
-    assert all(math.isfinite(l) for _, l in train_losses(tmp_path / 'run'))
+    """Trained on 8 sampled negatives, evaluated with the full softmax: the validation loss falls below the
+    uniform distribution's log(n_token) and the training loss falls."""
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '40', '--sample_softmax', '8', '--eval-interval', '40',
+               '--lr', '0.005') == 0
+    losses = [l for _, l in train_losses(work)]
+    n_token = ckpt.load(work / 'model.pt', 'model')['config']['n_token']
+    assert sum(losses[-5:]) < sum(losses[:5]) - 1
+    assert records(work, 'valid')[-1]['loss'] < math.log(n_token) - 0.5
+
+
+def test_resume_with_extended_context_dev_perf_and_shorter_evaluation(tmp_path, corpus):
+    """ext_len > 0, the dev_perf schedule (its plateau state) and validation segments shorter than training's:
+    a run stopped and resumed gives every figure of a run that never stopped, and dev_perf did decay."""
+    flags = ['--ext_len', '4', '--scheduler', 'dev_perf', '--patience', '0', '--decay_rate', '0.5',
+             '--eval-interval', '3', '--eval_tgt_len', '8', '--lr', '0.02']
+    assert run(tmp_path / 'reference', corpus, *flags, '--max_step', '15') == 0
+    assert run(tmp_path / 'resumed', corpus, *flags, '--max_step', '7') == 0
+    assert run(tmp_path / 'resumed', corpus, *flags, '--max_step', '15', '--restart') == 0
+
+    def figures(work_dir):
+        return [(r['step'], r['split'], r['loss'], r.get('lr')) for r in records(work_dir)
+                if not (r['step'] == 7 and r['split'] != 'train')]  # the stopped run's final evaluations
+    assert figures(tmp_path / 'resumed') == figures(tmp_path / 'reference')
+    rates = [r['lr'] for r in records(tmp_path / 'reference', 'train')]
+    assert rates[0] == 0.02 and min(rates) < 0.02
+
+
+def clip_step(corpus, *flags):
+    """One SGD step (lr 1) of a trainer: the parameters before, their unclipped gradients, and after."""
+    args = train.build_parser().parse_args(['--data', str(corpus), *TINY, '--optim', 'sgd', '--lr', '1',
+                                            '--scheduler', 'constant', '--clip', '0.01', *flags])
+    train.check_args(args, train.build_parser())
+    model = train.build_model(args, 256)
+    trainer = train.Trainer(args, model, torch.device('cpu'), None, None)
+    data = torch.randint(0, 256, (17, 4), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    trainer.model.zero_grad()
+    (model(data[:16], data[1:])[0].float().mean() + model.aux_loss()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    trainer.train_step(data[:16], data[1:])
+    return model, before, grads
+
+
+@pytest.mark.parametrize('clip_nonemb', [False, True])
+def test_clip_nonemb_clips_only_the_non_embedding_gradients(corpus, clip_nonemb):
+    model, before, grads = clip_step(corpus, *(['--clip_nonemb'] if clip_nonemb else []))
+    embedding = {n for n, _ in model.named_parameters() if n.startswith(('word_emb.', 'crit.'))}
+    assert embedding and len(embedding) < len(before)
+    clipped = set(before) - embedding if clip_nonemb else set(before)
+    update = {n: before[n] - p.detach() for n, p in model.named_parameters()}  # SGD with lr 1: the gradient used
+    norm = torch.cat([update[n].flatten() for n in clipped]).norm()
+    assert norm.item() == pytest.approx(0.01, rel=1e-4)  # clipped to --clip
+    scale = 0.01 / torch.cat([grads[n].flatten() for n in clipped]).norm()
+    for name in before:
+        expected = grads[name] * (scale if name in clipped else 1)
+        torch.testing.assert_close(update[name], expected, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_adaptive_softmax_takes_the_original_clusters(tmp_path, corpus, capsys):
+    args = train.build_parser().parse_args(['--dataset', 'wt103', '--adaptive', '--div_val', '4'])
+    train.check_args(args, train.build_parser())
+    config = train.model_config(args, 267735)
+    assert (config['cutoffs'], config['tie_projs']) == ([20000, 40000, 200000], [False, True, True, True])
+    args.dataset = 'lm1b'
+    config = train.model_config(args, 793471)
+    assert (config['cutoffs'], config['tie_projs']) == ([60000, 100000, 640000], [False, False, False, False])
+    # A corpus smaller than the first cluster: one line naming the clusters, nothing written.
+    lm1b = write_lm1b(tmp_path / 'lm1b')
+    assert run(tmp_path / 'run', lm1b, '--dataset', 'lm1b', '--adaptive', '--max_step', '2') == 2
+    assert 'cutoffs=[60000, 100000, 640000]' in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()
 
 
 def test_restart_dir_starts_from_another_runs_weights(tmp_path, corpus, capsys):
@@ -588,11 +627,6 @@ def test_loss_scale_flags_without_fp16_are_ignored_as_in_the_original(tmp_path, 
     assert run(work, corpus, '--max_step', '2', '--static-loss-scale', '8', '--dynamic-loss-scale') == 0
     assert 'are ignored without --fp16' in (work / 'log.txt').read_text()
     assert 'loss_scale' not in records(work, 'train')[-1]
-
-
-def test_clip_nonemb_trains(tmp_path, corpus):
-    assert run(tmp_path / 'run', corpus, '--max_step', '3', '--clip_nonemb', '--clip', '0.01') == 0
-    assert all(math.isfinite(l) for _, l in train_losses(tmp_path / 'run'))
 
 
 # ----------------------------------------------------------------------------- batch_chunk and precision
