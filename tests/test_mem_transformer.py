@@ -165,8 +165,8 @@ def test_relative_attention_matches_the_papers_formula(clamp_len):
 def test_untie_r_gives_each_layer_its_own_biases():
     """untie_r (the TensorFlow/Hugging Face layout): layers.N.dec_attn.r_w_bias instead of one shared pair.
     Untied biases all equal to the shared pair give the tied model; layer 1's own pair is the one it uses."""
-    tied = make_model(n_layer=3)
-    untied = make_model(n_layer=3, untie_r=True)
+    tied = tiny_model(n_layer=3)
+    untied = tiny_model(n_layer=3, untie_r=True)
     keys = set(untied.state_dict())
     assert 'r_w_bias' not in keys and 'r_r_bias' not in keys
     assert {f'layers.{i}.dec_attn.{b}' for i in range(3) for b in ('r_w_bias', 'r_r_bias')} <= keys
@@ -210,7 +210,7 @@ def test_untie_r_init_and_construction_stream():
 
 def test_untie_r_is_only_for_the_shared_biases_of_attn_type_0():
     with pytest.raises(ValueError, match='untie_r=True: only attn_type 0'):
-        make_model(attn_type=1, untie_r=True)
+        tiny_model(attn_type=1, untie_r=True)
 
 
 # ------------------------------------------------------------------ memory
@@ -279,7 +279,7 @@ def test_absolute_attention_memory_holds_the_position_additions(attn_type):
     """The original added position embeddings into the memory in place (type 2: the memory positions'
     sinusoids to the embeddings' memory; type 3: each layer's learnt embeddings to its input's memory and to
     its input), so the next memory holds them. Two segments of 4 with mem_len 6, checked by hand."""
-    qlen = mlen = 4
+    mlen = 4
     model = tiny_model(attn_type=attn_type, tgt_len=4, mem_len=6)
     data = torch.randint(0, 40, (9, 2), generator=torch.Generator().manual_seed(0))
     outputs = []
@@ -475,7 +475,6 @@ def test_moe_model_has_fastmoe_keys_and_trains():
     assert sd['layers.1.pos_ff.experts.h4toh.bias'].shape == (4, 16)
     assert sd['layers.0.pos_ff.layer_norm.weight'].shape == (16,)
     assert not any('CoreNet' in k for k in sd)
-    ff = model.layers[0].pos_ff
     data = torch.randint(0, 40, (7, 3))
     loss = model(data[:6], data[1:7])[0]
     load = model.moe_load()
