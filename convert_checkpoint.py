@@ -29,12 +29,11 @@ import zipfile
 
 import torch
 
+from data_utils import ADAPTIVE_CUTOFFS, open_corpus
 from mem_transformer import MemTransformerLM
-from train import ADAPTIVE_CUTOFFS
 from utils import checkpoint as ckpt
 from utils import hf_transfo_xl as hf_xl
 from utils.exp_utils import OneLineArgumentParser
-from utils.generation import open_corpus
 from utils.moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 from utils.upcycle import upcycle
@@ -510,12 +509,9 @@ def convert_hf(directory, trust_pickle=False, flags=None):
 
 def checkpoint_dict(model, sources, src, kind, dataset, data, vocab=None):
     """model.pt as train.py writes it, plus where it came from (and an imported model's own vocabulary)."""
-    saved = {'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config, 'model_state': model.state_dict(),
-             'args': {'dataset': dataset, 'data': data}, 'step': None, 'val_loss': None,
-             'converted_from': {'path': os.path.abspath(src), 'kind': kind, 'sources': sources}}
-    if vocab is not None:
-        saved['vocab'] = vocab
-    return saved
+    return ckpt.model_file(model.config, model.state_dict(), vocab=vocab, args={'dataset': dataset, 'data': data},
+                           step=None, val_loss=None, converted_from={'path': os.path.abspath(src), 'kind': kind,
+                                                                     'sources': sources})
 
 
 def describe(config, sources):

@@ -25,11 +25,12 @@ import tempfile
 import numpy as np
 import torch
 
-from utils.prep import current_umask
+from utils.files import current_umask
 from utils.vocabulary import DataError, Vocab, ids_dtype
 
 __all__ = ['DataError', 'Corpus', 'get_lm_corpus', 'LMOrderedIterator',
-           'LMShuffledIterator', 'LMMultiFileIterator', 'DATASETS']
+           'LMShuffledIterator', 'LMMultiFileIterator', 'DATASETS', 'CHAR_LEVEL', 'ADAPTIVE_CUTOFFS',
+           'open_corpus']
 
 # dataset -> (directory getdata.sh creates under the data root, Vocab options)
 DATASETS = {
@@ -42,7 +43,9 @@ DATASETS = {
                                        vocab_file='1b_word_vocab.txt')),
 }
 ORDERED = ('enwik8', 'text8', 'wt103', 'wt2', 'ptb')
-CHAR_LEVEL = ('enwik8', 'text8')
+CHAR_LEVEL = ('enwik8', 'text8')   # scored in bits per character, not perplexity
+# The original's adaptive-softmax clusters (--adaptive) and whether the tail clusters tie their projections.
+ADAPTIVE_CUTOFFS = {'wt103': ([20000, 40000, 200000], True), 'lm1b': ([60000, 100000, 640000], False)}
 SPLITS = ('train', 'valid', 'test')
 LM1B_TRAIN = os.path.join('1-billion-word-language-modeling-benchmark-r13output',
                           'training-monolingual.tokenized.shuffled', 'news.en-*')
@@ -665,6 +668,23 @@ def get_lm_corpus(datadir, dataset, symbols=None):
         print('Could not cache the dataset ({})'.format('; '.join(errors)))
     return corpus
 
+
+
+def open_corpus(saved, path, n_token, data=None, dataset=None):
+    """The corpus a saved model (checkpoint dict `saved`, read from `path`) was trained on: data/dataset when
+    given, else the run's own; DataError when it is unknown or its vocabulary is not the model's n_token."""
+    train_args = saved.get('args') or {}
+    dataset = dataset or train_args.get('dataset')
+    data = data or train_args.get('data')
+    if not dataset or not data:
+        raise DataError('{} does not say which corpus the model was trained on: pass --data DIR and '
+                        '--dataset NAME'.format(path))
+    corpus = get_lm_corpus(data, dataset, saved.get('vocab'))  # an imported model's own vocabulary
+    if len(corpus.vocab) != n_token:
+        raise DataError('{} at {} has {} tokens but the model in {} has {}: pass the --data/--dataset it was '
+                        'trained on ({} at {})'.format(dataset, data, len(corpus.vocab), path, n_token,
+                                                       train_args.get('dataset'), train_args.get('data')))
+    return corpus, dataset, data
 
 if __name__ == '__main__':
     import argparse

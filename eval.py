@@ -12,14 +12,12 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
-
-import torch
 
 import data_utils
-from mem_transformer import kv_caching, new_kv_caches
 from utils.distributed import Dist, SilentLog
+from utils.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device
+from utils.files import atomic_write
 from utils.generation import load_trained_model
 
 
@@ -42,45 +40,6 @@ def build_parser():
                         help='do not log the eval result (nothing is written to work_dir)')
     parser.add_argument('--same_length', action='store_true', help='set same length attention with masking')
     return parser
-
-
-def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None):
-    """Mean per-token loss in nats over a split, and the number of segments read.
-
-    The memory of each segment is carried into the next; each segment's mean loss counts in proportion to its
-    length (the original's total_loss += seq_len * loss.mean()). Losses are summed on the device, so there is one
-    host synchronisation per split instead of one per segment. Leaves the model in eval mode.
-    With several processes (dist), each evaluates its batch columns; the same mean is then the sum of every
-    token's loss over the number of tokens, added up over the ranks.
-    """
-    sharded = dist is not None and dist.active
-    model.eval()
-    total_loss, total_len, n_segments, n_tokens = 0., 0, 0, 0
-    # Each segment's memory is the previous one's tail: its keys and values are kept, not projected again.
-    with torch.no_grad(), kv_caching(new_kv_caches(model)):
-        mems = []
-        for data, target, seq_len in eval_iter:
-            if 0 < max_steps <= n_segments:
-                break
-            if sharded:
-                data, target = dist.local(data), dist.local(target)
-            with autocast():
-                ret = model(data, target, *mems)
-            loss, mems = ret[0], ret[1:]
-            if sharded:
-                total_loss = total_loss + loss.float().sum().double()
-                n_tokens += loss.numel()
-            else:
-                total_loss = total_loss + seq_len * loss.float().mean().double()
-            total_len += seq_len
-            n_segments += 1
-    if total_len == 0:
-        raise ValueError('the split yields no segment: it is too small for this batch size and length')
-    if sharded:
-        totals = dist.sum(torch.stack([torch.as_tensor(total_loss, dtype=torch.float64, device=loss.device),
-                                       torch.tensor(n_tokens, dtype=torch.float64, device=loss.device)]))
-        return float(totals[0] / totals[1]), n_segments
-    return float(total_loss) / total_len, n_segments
 
 
 def load_model(work_dir, device):
@@ -109,17 +68,9 @@ def main(argv=None):
         dist.check_eval_batch(args.batch_size, '--batch_size')
         device = dist.device(pick_device(args.cuda))
         model, saved = load_model(args.work_dir, device)
-        if (args.same_length or model.same_length) and args.mem_len == 0:
-            raise ValueError('same_length attention (--same_length, or the model was trained with it) needs '
-                             '--mem_len > 0: without a memory it masks every key')
-        train_args = saved.get('args', {})
-        dataset = args.dataset or train_args.get('dataset', 'wt103')
-        data_dir = args.data or train_args.get('data', '../data/wikitext-103')
-        corpus = data_utils.get_lm_corpus(data_dir, dataset, saved.get('vocab'))
-        if len(corpus.vocab) != model.n_token:
-            raise ValueError(f'{dataset} at {data_dir} has {len(corpus.vocab)} tokens but the model in '
-                             f'{args.work_dir}/model.pt has {model.n_token}: pass the --data/--dataset it '
-                             f'was trained on ({train_args.get("dataset")} at {train_args.get("data")})')
+        set_eval_lengths(model, args.tgt_len, args.mem_len, args.ext_len, args.clamp_len, args.same_length)
+        corpus, dataset, data_dir = data_utils.open_corpus(saved, os.path.join(args.work_dir, 'model.pt'),
+                                                           model.n_token, args.data, args.dataset)
         splits = ['test', 'valid'] if args.split == 'all' else [args.split]
         iters = {split: corpus.get_iterator(split, args.batch_size, args.tgt_len, device=device,
                                             ext_len=args.ext_len) for split in splits}
@@ -139,12 +90,6 @@ def evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist):
     log = Logger(None if args.no_log else os.path.join(args.work_dir, 'log.txt')) if dist.is_main else SilentLog()
     log(f'Evaluating with bsz {args.batch_size} tgt_len {args.tgt_len} ext_len {args.ext_len} '
         f'mem_len {args.mem_len} clamp_len {args.clamp_len}')
-    model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
-    if args.clamp_len > 0:
-        model.clamp_len = args.clamp_len
-    if args.same_length:
-        model.same_length = True
-
     results = {}
     for split in splits:
         start = time.time()
@@ -168,9 +113,8 @@ def evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist):
                                                               'clamp_len', 'same_length')},
                   **results}
         path = os.path.join(args.work_dir, 'eval.json')
-        with open(path + '.tmp', 'w') as f:
+        with atomic_write(path) as f:
             json.dump(report, f, indent=2)
-        os.replace(path + '.tmp', path)
         log(f'Wrote {path}')
     return 0
 

@@ -15,8 +15,11 @@ import time
 
 import torch
 
+from data_utils import open_corpus
+from utils.evaluation import set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, pick_device
-from utils.generation import Decoder, TextCodec, check_sampling, load_trained_model, open_corpus, sample_tokens
+from utils.files import atomic_write
+from utils.generation import Decoder, TextCodec, check_sampling, load_trained_model, sample_tokens
 
 
 def build_parser():
@@ -83,28 +86,13 @@ def read_prompt(args):
         raise ValueError(f'--prompt_file {args.prompt_file} is not UTF-8 text') from None
 
 
-def set_lengths(model, args):
-    """Generation lengths: the training ones unless the flags say otherwise (as eval.py)."""
-    config = model.config
-    tgt_len = args.tgt_len or config['tgt_len'] or 128
-    mem_len = (config['mem_len'] or 0) if args.mem_len is None else args.mem_len
-    model.reset_length(tgt_len, 0, mem_len)
-    if args.clamp_len > 0:
-        model.clamp_len = args.clamp_len
-    if args.same_length:
-        model.same_length = True
-    return tgt_len, mem_len
-
-
 def write_text(text, output):
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    tmp = f'{output}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
+    with atomic_write(output) as f:
         f.write(text)
-    os.replace(tmp, output)
 
 
 def main(argv=None):
@@ -115,6 +103,7 @@ def main(argv=None):
         prompt_text = read_prompt(args)
         device = pick_device(args.cuda, log)
         model, saved, path = load_trained_model(args.work_dir, device)
+        tgt_len, mem_len = set_eval_lengths(model, args.tgt_len, args.mem_len, 0, args.clamp_len, args.same_length)
         with contextlib.redirect_stdout(sys.stderr):  # the corpus loader reports on stdout
             corpus, dataset, _ = open_corpus(saved, path, model.n_token, args.data, args.dataset)
         codec = TextCodec(corpus.vocab, dataset)
@@ -123,7 +112,6 @@ def main(argv=None):
         print(f'generate.py: error: {e}', file=sys.stderr)
         return 2
 
-    tgt_len, mem_len = set_lengths(model, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)[:, None].repeat(1, args.num_samples)

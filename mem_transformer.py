@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import checkpoint as ckpt
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
 from utils.moe import GATES, FMoETransformerMLP, FusedExpertLinear
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
@@ -641,6 +642,18 @@ class MemTransformerLM(nn.Module):
             self.pos_emb = PositionalEmbedding(self.d_model)
         elif self.attn_type == 3:
             self.r_emb = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head, self.d_head))
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """(model, the file's dict) from a model.pt (utils.checkpoint.model_file's layout), on the CPU; a
+        one-line CheckpointError when the file, its configuration or its weights do not fit."""
+        saved = ckpt.load(path, 'model')
+        try:
+            model = cls(**saved['config'])
+        except (TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f'{path} holds a model configuration this code rejects: {e}') from None
+        ckpt.load_weights(model, saved['model_state'], path)
+        return model, saved
 
     def reset_length(self, tgt_len, ext_len, mem_len):
         self.tgt_len = tgt_len

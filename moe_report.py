@@ -23,9 +23,11 @@ import sys
 
 import torch
 
-from eval import evaluate
+from data_utils import CHAR_LEVEL, open_corpus
+from utils.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
-from utils.generation import CHAR_DATASETS, TextCodec, checkpoint_path, load_trained_model, open_corpus
+from utils.files import atomic_write
+from utils.generation import TextCodec, checkpoint_path, load_trained_model
 
 BYTE_CLASSES = ('letters', 'digits', 'whitespace', 'markup', 'punctuation', 'non-ASCII')
 MARKUP = set('<>[]{}|=&;#*/')  # XML tags and entities, wiki links, templates, tables, lists
@@ -180,10 +182,8 @@ def format_table(layers):
 
 
 def write_json(report, path):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
+    with atomic_write(path) as f:
         json.dump(report, f, indent=1)
-    os.replace(tmp, path)
 
 
 def write_heatmap(layers, path, title):
@@ -206,10 +206,9 @@ def write_heatmap(layers, path, title):
         fig.colorbar(image, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = f'{path}.tmp{os.getpid()}'
-    fig.savefig(tmp, format='png', dpi=100)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -262,15 +261,13 @@ def main(argv=None):
             raise ValueError(f'the model in {path} has no MoE layers (trained without --moe): nothing to report')
         with contextlib.redirect_stdout(sys.stderr):  # the corpus loader reports on stdout
             corpus, dataset, data = open_corpus(saved, path, model.n_token, args.data, args.dataset)
-        tgt_len = args.tgt_len or model.config['tgt_len']
-        mem_len = (model.config['mem_len'] or 0) if args.mem_len is None else args.mem_len
+        tgt_len, mem_len = set_eval_lengths(model, args.tgt_len, args.mem_len)
         split_iter = corpus.get_iterator(args.split, args.batch_size, tgt_len, device=device, ext_len=0)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
         print(f'moe_report.py: error: {e}', file=sys.stderr)
         return 2
 
-    model.reset_length(tgt_len, 0, mem_len)
-    classes = token_classes(TextCodec(corpus.vocab, dataset)) if dataset in CHAR_DATASETS else None
+    classes = token_classes(TextCodec(corpus.vocab, dataset)) if dataset in CHAR_LEVEL else None
     recorder = RoutingRecorder(model, classes)
     try:
         loss, n_segments = evaluate(model, split_iter, max_steps=args.max_segments)

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils.exp_utils import OneLineArgumentParser, read_metrics  # noqa: E402
+from utils.files import atomic_write  # noqa: E402
 
 
 def series(records, split, key):
@@ -43,10 +44,9 @@ def load_imbalance(records):
 
 
 def save(fig, path):
-    tmp = path + '.tmp'
-    fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_curves(records, path):

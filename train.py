@@ -24,13 +24,14 @@ import torch
 
 import data_utils
 import mem_transformer
-from eval import evaluate
 from utils import checkpoint as ckpt
 from utils import malloc
 from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
 from utils.distributed import fail as fail_distributed
+from utils.evaluation import evaluate, validation_lengths
 from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
-                             peak_memory_mb, pick_device, progress_bar, tensorboard_missing, use_tf32)
+                             metric_text, peak_memory_mb, pick_device, tensorboard_missing, use_tf32)
+from utils.files import progress_bar
 from utils.moe import GATES
 from utils.schedules import SCHEDULERS, PlateauDecay, learning_rate
 
@@ -42,10 +43,8 @@ RESUME_KEYS = ('dataset', 'batch_size', 'batch_chunk', 'tgt_len', 'ext_len', 'me
 RUNTIME_KEYS = ('dropout', 'dropatt', 'tgt_len', 'ext_len', 'mem_len', 'same_length', 'clamp_len',
                 'moe_capacity_factor', 'moe_eval_capacity_factor', 'moe_balance_coef', 'moe_zloss_coef',
                 'moe_switch_eps', 'moe_random_routing')
-# The original's adaptive-softmax clusters and whether the tail clusters tie their projections.
 # Batch size of the validation and test iterators during training (the original's).
 EVAL_BATCH_SIZE = 10
-ADAPTIVE_CUTOFFS = {'wt103': ([20000, 40000, 200000], True), 'lm1b': ([60000, 100000, 640000], False)}
 
 
 def build_parser():
@@ -183,8 +182,8 @@ def check_args(args, parser):
         fail(f'--batch_chunk {args.batch_chunk} must divide --batch_size {args.batch_size}')
     if not 1 <= args.moe_top_k <= args.moe_num_expert:
         fail(f'--moe-top-k {args.moe_top_k} must be between 1 and --moe-num-expert {args.moe_num_expert}')
-    if args.adaptive and args.dataset not in ADAPTIVE_CUTOFFS:
-        fail(f'--adaptive is for the large word-level vocabularies ({", ".join(ADAPTIVE_CUTOFFS)}), '
+    if args.adaptive and args.dataset not in data_utils.ADAPTIVE_CUTOFFS:
+        fail(f'--adaptive is for the large word-level vocabularies ({", ".join(data_utils.ADAPTIVE_CUTOFFS)}), '
              f'not --dataset {args.dataset}')
     if args.same_length and args.mem_len == 0:
         fail('--same_length needs a memory (--mem_len > 0): without one it masks every key and the loss is NaN')
@@ -240,7 +239,7 @@ def check_work_dir(args):
 def model_config(args, n_token):
     cutoffs, tie_projs = [], [False]
     if args.adaptive:
-        cutoffs, tie_tail = ADAPTIVE_CUTOFFS[args.dataset]
+        cutoffs, tie_tail = data_utils.ADAPTIVE_CUTOFFS[args.dataset]
         tie_projs = [False] + [tie_tail] * len(cutoffs)
     return dict(n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
                 d_head=args.d_head, d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt,
@@ -492,8 +491,7 @@ class Trainer:
         loss = w.loss_sum / w.n_losses if w.n_losses else math.nan
         line = (f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
                 f'| ms/batch {elapsed * 1000 / max(w.timed_steps, 1):5.2f} | loss {loss:5.2f}')
-        line += (f' | bpc {loss / math.log(2):9.5f}' if char_level(args.dataset)
-                 else f' | ppl {loss_fields(args.dataset, loss)["ppl"]:9.3f}')
+        line += ' | ' + metric_text(args.dataset, loss)
         record = dict(step=self.step, split='train', epoch=self.epoch, batch=self.batch, loss=loss,
                       **loss_fields(args.dataset, loss), lr=lr, ms_per_batch=elapsed * 1000 / max(w.timed_steps, 1),
                       tokens_per_s=w.timed_tokens / w.train_seconds(), peak_mem_mb=peak_memory_mb(self.device),
@@ -520,10 +518,7 @@ class Trainer:
         """The original's evaluation during training: eval_tgt_len segments, the lost context moved to
         the memory (or to the extended context without memory), then back to the training lengths."""
         args, model = self.args, self.model
-        if args.mem_len == 0:
-            model.reset_length(args.eval_tgt_len, args.ext_len + args.tgt_len - args.eval_tgt_len, args.mem_len)
-        else:
-            model.reset_length(args.eval_tgt_len, args.ext_len, args.mem_len + args.tgt_len - args.eval_tgt_len)
+        model.reset_length(*validation_lengths(args.tgt_len, args.eval_tgt_len, args.ext_len, args.mem_len))
         try:
             loss, _ = evaluate(model, eval_iter, args.max_eval_steps, self.autocast, self.dist)
         finally:
@@ -538,8 +533,8 @@ class Trainer:
         # time: since the previous validation ended (or training started), as the original's line.
         line = (f'| Eval {self.step // args.eval_interval:3d} at step {self.step:>8d} | time: '
                 f'{time.time() - self.eval_start:5.2f}s | valid loss {val_loss:5.2f}')
-        line += (f' | bpc {val_loss / math.log(2):9.5f}' if char_level(args.dataset)
-                 else f' | valid ppl {loss_fields(args.dataset, val_loss)["ppl"]:9.3f}')
+        # the original's validation line names the split for perplexity only
+        line += ' | ' + metric_text(args.dataset, val_loss, None if char_level(args.dataset) else 'valid')
         self.log('-' * 100)
         self.log(line)
         self.log('-' * 100)
@@ -559,14 +554,12 @@ class Trainer:
     # Under torchrun every rank takes part in gathering the expert shards and memories; rank 0 writes.
     def save_best(self, run_dir):
         dist = self.dist
-        model = {'format': ckpt.FORMAT, 'kind': 'model', 'config': self.model.config,
-                 'model_state': dist.full_model_state(self.model), 'args': vars(self.args), 'step': self.step,
-                 'val_loss': self.best_val_loss}
-        if self.vocab is not None:
-            model['vocab'] = self.vocab
+        model_state = dist.full_model_state(self.model)
         optimizer = {'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
                      'optimizer_state': dist.full_optimizer_state(self.optimizer)}
-        dist.write(lambda: (ckpt.atomic_save(model, os.path.join(run_dir, 'model.pt')),
+        dist.write(lambda: (ckpt.save_model(os.path.join(run_dir, 'model.pt'), self.model.config, model_state,
+                                            vocab=self.vocab, args=vars(self.args), step=self.step,
+                                            val_loss=self.best_val_loss),
                             ckpt.atomic_save(optimizer, os.path.join(run_dir, 'optimizer.pt'))))
 
     def state_dict(self):
@@ -629,7 +622,7 @@ class Trainer:
     def train(self, tr_iter, va_iter, run_dir, stop):
         """Train until max_step or a stop signal; checkpoints every save_interval steps and at each eval."""
         args = self.args
-        bar = progress_bar(args.max_step, self.step)
+        bar = progress_bar(args.max_step, 'step', initial=self.step)
         self.log.bar = bar
         self.eval_start = time.time()
         self.model.train()

@@ -111,7 +111,5 @@ def make_run(tmp_path, prepare=None, **config):
             prepare(model)
     run = tmp_path / 'run'
     run.mkdir()
-    ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config,
-                      'model_state': model.state_dict(), 'args': {'dataset': 'enwik8', 'data': data}},
-                     str(run / 'model.pt'))
+    ckpt.save_model(run / 'model.pt', model.config, model.state_dict(), args={'dataset': 'enwik8', 'data': data})
     return str(run), data, model

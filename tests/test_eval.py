@@ -13,6 +13,7 @@ import mem_transformer
 import train
 from conftest import MOE, TINY, write_corpus
 from utils import checkpoint as ckpt
+from utils.evaluation import evaluate
 from utils.exp_utils import format_loss
 
 
@@ -36,9 +37,7 @@ def eval_main(work, *flags):
 def reference_loss(work, corpus, split, batch_size, tgt_len, mem_len, clamp_len=-1, same_length=False):
     """Mean per-token NLL over the split, read in bsz parallel streams of consecutive tgt_len segments,
     each segment attending to the memory of the previous ones: the token-level definition of the metric."""
-    saved = ckpt.load(work / 'model.pt', 'model')
-    model = mem_transformer.MemTransformerLM(**saved['config'])
-    model.load_state_dict(saved['model_state'])
+    model, _ = mem_transformer.MemTransformerLM.from_checkpoint(work / 'model.pt')
     model.eval()
     model.reset_length(tgt_len, 0, mem_len)
     if clamp_len > 0:
@@ -96,11 +95,11 @@ def test_segments_reuse_the_keys_and_values_of_their_memory(trained, monkeypatch
     rows_projected = []
     model.layers[0].dec_attn.qkv_net.register_forward_hook(
         lambda module, args, out: rows_projected.append(args[0].shape[0]))
-    cached, n_segments = evaluation.evaluate(model, split)
+    cached, n_segments = evaluate(model, split)
     # the segment's rows only, never memory + segment (the first segment has no memory)
     assert len(rows_projected) == n_segments > 3 and max(rows_projected) <= 16
     monkeypatch.setattr(mem_transformer, 'KV_CACHE', False)
-    assert evaluation.evaluate(model, split)[0] == pytest.approx(cached, rel=1e-6)
+    assert evaluate(model, split)[0] == pytest.approx(cached, rel=1e-6)
     assert model.layers[0].dec_attn.kv_cache is None
 
 

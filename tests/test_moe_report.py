@@ -164,4 +164,6 @@ def test_report_errors(tmp_path, capsys):
     assert 'does not exist' in error('--work_dir', str(tmp_path / 'nope'))
     assert '--batch_size 0 must be at least 1' in error('--work_dir', run, '--batch_size', '0')
     assert 'its directory does not exist' in error('--work_dir', run, '--json', str(tmp_path / 'no' / 'r.json'))
+    moe_run, _, _ = make_run(tmp_path / 'moe', moe=True, moe_num_expert=2, same_length=True)
+    assert 'needs --mem_len > 0' in error('--work_dir', moe_run, '--mem_len', '0')  # trained with same_length
     assert not (tmp_path / 'run' / 'moe_report.json').exists()

@@ -10,6 +10,8 @@ import random
 import numpy as np
 import torch
 
+from utils.files import atomic_write
+
 FORMAT = 'txl-moe-checkpoint-1'
 
 
@@ -18,33 +20,23 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file next to `path`, fsync it, then rename it over `path`."""
-    path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """torch.save to `path` atomically (utils.files.atomic_write)."""
+    with atomic_write(path, 'wb') as f:
+        torch.save(obj, f)
 
 
-def _fsync_dir(dirname):
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        fd = os.open(dirname, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def model_file(config, model_state, vocab=None, **info):
+    """model.pt's layout: the configuration that rebuilds the model (MemTransformerLM(**config)), its
+    weights, an imported model's own vocabulary (symbols in id order; only when it has one), and what the
+    writer knows besides (args, step, val_loss, converted_from). MemTransformerLM.from_checkpoint reads it."""
+    saved = {'format': FORMAT, 'kind': 'model', 'config': config, 'model_state': model_state, **info}
+    if vocab is not None:
+        saved['vocab'] = vocab
+    return saved
+
+
+def save_model(path, config, model_state, vocab=None, **info):
+    atomic_save(model_file(config, model_state, vocab, **info), path)
 
 
 def load(path, what='checkpoint'):

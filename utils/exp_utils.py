@@ -8,6 +8,9 @@ import sys
 
 import torch
 
+import data_utils
+from utils.files import atomic_write
+
 
 class Logger:
     """Prints a line and appends it to log.txt (the original's `logging`), staying out of a progress bar's way."""
@@ -89,10 +92,8 @@ class MetricsWriter:
         if self.path is None or not os.path.exists(self.path):
             return
         kept = [line for line in read_lines(self.path) if json.loads(line).get('step', 0) <= step]
-        tmp = self.path + '.tmp'
-        with open(tmp, 'w') as f:
+        with atomic_write(self.path) as f:
             f.writelines(line + '\n' for line in kept)
-        os.replace(tmp, self.path)
 
 
 def tensorboard_missing():
@@ -139,7 +140,7 @@ def _jsonable(value, json_only=True):
 
 
 def char_level(dataset):
-    return dataset in ('enwik8', 'text8')
+    return dataset in data_utils.CHAR_LEVEL
 
 
 def loss_fields(dataset, loss):
@@ -149,11 +150,15 @@ def loss_fields(dataset, loss):
     return {'ppl': math.exp(loss) if loss < 700 else math.inf}
 
 
+def metric_text(dataset, loss, split=None):
+    """'bpc   1.05123' (character-level datasets) or 'ppl    23.456', the name prefixed by split if given."""
+    (name, value), = loss_fields(dataset, loss).items()
+    return f'{split + " " if split else ""}{name} {value:9.{5 if name == "bpc" else 3}f}'
+
+
 def format_loss(dataset, split, loss):
     """'| test loss 0.73 | test bpc   1.05123' as the original eval.py prints it."""
-    if char_level(dataset):
-        return f'| {split} loss {loss:5.2f} | {split} bpc {loss / math.log(2):9.5f}'
-    return f'| {split} loss {loss:5.2f} | {split} ppl {loss_fields(dataset, loss)["ppl"]:9.3f}'
+    return f'| {split} loss {loss:5.2f} | {metric_text(dataset, loss, split)}'
 
 
 def peak_memory_mb(device):
@@ -162,14 +167,6 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 2 ** 10  # bytes on macOS, KiB on Linux
-
-
-def progress_bar(total, initial):
-    """A tqdm bar on an interactive terminal, None in logs and CI (plain lines only)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, leave=False)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -14,10 +14,6 @@ import os
 import torch
 
 from mem_transformer import MemTransformerLM, kv_caching, new_kv_caches
-from utils import checkpoint as ckpt
-
-CHAR_DATASETS = ('enwik8', 'text8')
-
 
 # ----------------------------------------------------------------------------- loading
 
@@ -29,31 +25,8 @@ def checkpoint_path(path):
 def load_trained_model(path, device):
     """(model, checkpoint dict, file) from a run directory or a checkpoint file of this project."""
     path = checkpoint_path(path)
-    saved = ckpt.load(path, 'model')
-    try:
-        model = MemTransformerLM(**saved['config'])
-    except (TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f'{path} holds a model configuration this code rejects: {e}') from None
-    ckpt.load_weights(model, saved['model_state'], path)
+    model, saved = MemTransformerLM.from_checkpoint(path)
     return model.to(device).eval(), saved, path
-
-
-def open_corpus(saved, path, n_token, data=None, dataset=None):
-    """The corpus the model was trained on, as eval.py finds it: --data/--dataset, else the run's own."""
-    import data_utils  # here, so that the sampling core imports without the data pipeline
-
-    train_args = saved.get('args') or {}
-    dataset = dataset or train_args.get('dataset')
-    data = data or train_args.get('data')
-    if not dataset or not data:
-        raise ValueError(f'{path} does not say which corpus the model was trained on: '
-                         'pass --data DIR and --dataset NAME')
-    corpus = data_utils.get_lm_corpus(data, dataset, saved.get('vocab'))  # an imported model's own vocabulary
-    if len(corpus.vocab) != n_token:
-        raise ValueError(f'{dataset} at {data} has {len(corpus.vocab)} tokens but the model in {path} has '
-                         f'{n_token}: pass the --data/--dataset it was trained on '
-                         f'({train_args.get("dataset")} at {train_args.get("data")})')
-    return corpus, dataset, data
 
 
 # ----------------------------------------------------------------------------- choosing the next token

@@ -1,31 +1,19 @@
 """What prep_enwik8.py and prep_text8.py share: read the corpus (a zip as
 downloaded, or the bare file), cut the last `valid + test` units off for the
 valid and test splits as the original prep scripts do, and write
-train/valid/test.txt (plus the untokenized .raw files) atomically. Also the
-small file helpers the data loader uses (no torch here: the prep scripts
-start fast).
+train/valid/test.txt (plus the untokenized .raw files) atomically (no torch
+here: the prep scripts start fast).
 """
 
 import argparse
 import os
 import sys
-import tempfile
 import zipfile
 
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are a nicety, never a requirement
-    tqdm = None
+from utils.files import atomic_write, progress_bar
 
 SPLITS = ('train', 'valid', 'test')
 BLOCK = 1 << 22
-
-
-def progress_bar(total, desc):
-    """A tqdm bar on an interactive terminal; None in logs, CI and pipes."""
-    if tqdm is None or not sys.stderr.isatty():
-        return None
-    return tqdm(total=total, desc=desc, unit='B', unit_scale=True, leave=False)
 
 
 class PrepError(ValueError):
@@ -80,33 +68,15 @@ def split_parts(data, n_valid, n_test, path):
 
 
 def write_atomic(path, pieces, mode='w'):
-    """Write an iterable of str (or bytes) to a temporary file next to `path`,
-    then rename it: an interrupted run never leaves a partial `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private
-        with (open(fd, 'wb') if 'b' in mode else open(fd, 'w', encoding='utf-8')) as f:
-            for piece in pieces:
-                f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write an iterable of str (or bytes) to `path` atomically (utils.files.atomic_write)."""
+    with atomic_write(path, mode) as f:
+        for piece in pieces:
+            f.write(piece)
 
 
 def blocks(seq, desc):
     """seq in blocks of BLOCK units, with a progress bar on a terminal."""
-    bar = progress_bar(len(seq), desc)
+    bar = progress_bar(len(seq), 'B', desc=desc)
     for i in range(0, len(seq), BLOCK):
         yield i, seq[i:i + BLOCK]
         if bar is not None:

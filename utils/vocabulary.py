@@ -14,7 +14,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from utils.prep import progress_bar
+from utils.files import progress_bar
 
 
 class DataError(ValueError):
@@ -38,7 +38,7 @@ def read_line_blocks(path, desc=None):
     newlines are translated as Python's text mode does ('\\r\\n' and '\\r' become
     '\\n'), so a block splits into exactly the lines the original iterated over.
     """
-    bar = progress_bar(os.path.getsize(path), desc) if desc else None
+    bar = progress_bar(os.path.getsize(path), 'B', desc=desc) if desc else None
     line_no, carry = 1, b''
     try:
         with open(path, 'rb') as f:
