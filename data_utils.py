@@ -61,12 +61,17 @@ def _as_ids(x):
 # ---------------------------------------------------------------------------
 
 class LMOrderedIterator(object):
-    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None):
-        """data: 1-D tensor of ids, strictly ordered (any integer type)."""
+    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, varlen=False, seed=None):
+        """data: 1-D tensor of ids, strictly ordered (any integer type). varlen: batches of random lengths
+        around bptt (the original's --varlen), drawn from numpy.random.RandomState(seed), a generator of the
+        iterator's own, or without a seed from numpy's global RNG as the original did (the same stream for
+        the same seed either way)."""
         self.bsz = bsz
         self.bptt = bptt
         self.ext_len = ext_len if ext_len is not None else 0
         self.device = device
+        self.varlen = varlen
+        self.rng = _rng(seed)
 
         # bsz parallel streams, each a contiguous run of the data; the rest is trimmed.
         self.n_step = data.size(0) // bsz
@@ -103,48 +108,66 @@ class LMOrderedIterator(object):
             yield self.get_batch(i)
 
     def get_varlen_iter(self, start=None, std=5, min_len=5, max_deviation=3):
-        """Batches of random length; the same lengths for the same numpy RNG
-        state, so (position, RNG state) resumes the sequence exactly."""
+        """Batches of random length; the same lengths for the same RNG state,
+        so (position, RNG state) resumes the sequence exactly."""
         i = self._start(start)
         max_len = self.bptt + max_deviation * std
         # the original stops after the batch that reaches the end; a resumed
         # position already there must yield nothing, and draw nothing
         while i < self.data.size(0) - 2:
-            bptt = self.bptt if np.random.random() < 0.95 else self.bptt / 2.
-            bptt = min(max_len, max(min_len, int(np.random.normal(bptt, std))))
+            bptt = self.bptt if self.rng.random() < 0.95 else self.bptt / 2.
+            bptt = min(max_len, max(min_len, int(self.rng.normal(bptt, std))))
             data, target, seq_len = self.get_batch(i, bptt)
             i += seq_len
             self._next = i
             yield data, target, seq_len
 
     def __iter__(self):
-        return self.get_fixlen_iter()
+        """An epoch: from load_state_dict's position if one was loaded since, else from the start."""
+        return self.get_varlen_iter() if self.varlen else self.get_fixlen_iter()
 
     def state_dict(self):
-        """Where the next batch starts (a row of self.data, i.e. the original's
-        `start`). Restore the numpy RNG state along with it for --varlen."""
-        return {'position': int(self._next)}
+        """Plain data: where the next batch starts (a row of self.data, i.e. the original's `start`), and the
+        state of the iterator's own RNG (varlen with a seed; the global RNG is the caller's to save)."""
+        state = {'position': int(self._next)}
+        if self.rng is not np.random:
+            state['rng'] = _plain_rng_state(self.rng)
+        return state
 
     def load_state_dict(self, state):
-        """The next get_fixlen_iter()/get_varlen_iter()/iter() without an
-        explicit start continues from the saved position."""
+        """The next iteration continues from the saved position (and RNG state)."""
         position = state.get('position') if isinstance(state, dict) else None
         if not isinstance(position, int) or position < 0:
             raise DataError('data iterator state {!r} is not a saved position'.format(state))
         self._resume = self._next = position
+        _restore_rng(self.rng, state)
 
 
-def _plain_rng_state():
-    """numpy's global RNG state as plain data (lists and numbers)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+def _rng(seed):
+    """The iterator's generator: its own seeded one, or numpy's global RNG (the module) without a seed."""
+    return np.random if seed is None else np.random.RandomState(seed)
+
+
+def _plain_rng_state(rng=np.random):
+    """A numpy RNG's state as plain data (lists and numbers)."""
+    name, keys, pos, has_gauss, gauss = rng.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
 
 
 def _rng_from(plain):
     rng = np.random.RandomState()
-    rng.set_state((plain[0], np.asarray(plain[1], dtype=np.uint32),
-                   int(plain[2]), int(plain[3]), float(plain[4])))
+    rng.set_state(_state_from(plain))
     return rng
+
+
+def _state_from(plain):
+    return (plain[0], np.asarray(plain[1], dtype=np.uint32), int(plain[2]), int(plain[3]), float(plain[4]))
+
+
+def _restore_rng(rng, state):
+    """Set an iterator's own RNG to a saved state['rng'] (the global RNG is left to its owner)."""
+    if rng is not np.random and state.get('rng') is not None:
+        rng.set_state(_state_from(state['rng']))
 
 
 class _Sentences(object):
@@ -189,14 +212,17 @@ class _StreamPosition(object):
 
 
 class LMShuffledIterator(object):
-    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, shuffle=False):
-        """data: list of 1-D tensors (sentences), with no order among them."""
+    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, shuffle=False, seed=None):
+        """data: list of 1-D tensors (sentences), with no order among them. shuffle: a new sentence order
+        every epoch, from numpy.random.RandomState(seed) or without a seed from numpy's global RNG (the
+        original's; the same orders for the same seed either way)."""
         self.data = data
         self.bsz = bsz
         self.bptt = bptt
         self.ext_len = ext_len if ext_len is not None else 0
         self.device = device
         self.shuffle = shuffle
+        self.rng = _rng(seed)
         self._sents = None
         self._live = None    # the position of the epoch in progress (a dict)
         self._resume = None
@@ -207,13 +233,16 @@ class LMShuffledIterator(object):
         return self._sents
 
     def _epoch_order(self, n, rng_state):
-        """The original's np.random.permutation (on the global RNG), or the
-        same permutation replayed from a saved RNG state."""
+        """The original's np.random.permutation, or the same permutation
+        replayed from a saved RNG state (which the iterator's own RNG then
+        continues from, as in a run that never stopped)."""
         if not self.shuffle:
             return np.arange(n)
-        rng = np.random if rng_state is None else _rng_from(rng_state)
+        rng = self.rng if rng_state is None else _rng_from(rng_state)
         order = np.arange(n)
         rng.shuffle(order)
+        if rng_state is not None:
+            _restore_rng(self.rng, {'rng': _plain_rng_state(rng)})
         return order
 
     def stream_iterator(self, sents, order, pos):
@@ -255,7 +284,7 @@ class LMShuffledIterator(object):
         resume, self._resume = self._resume, None
         sents = self._sentences()
         if resume is None:
-            rng_state = _plain_rng_state() if self.shuffle else None
+            rng_state = _plain_rng_state(self.rng) if self.shuffle else None
             order = self._epoch_order(len(sents), None)
             pos = _StreamPosition(self.bsz)
         else:
@@ -269,13 +298,18 @@ class LMShuffledIterator(object):
 
     def state_dict(self):
         """Plain data: the position after the last batch yielded (None between
-        epochs). It stores the numpy RNG state the epoch's shuffle came from,
-        so restoring it draws nothing from the global RNG."""
-        return {'position': self._live() if self._live else None}
+        epochs), with the RNG state the epoch's shuffle came from, so restoring
+        it draws nothing from the global RNG; and between epochs the state of
+        the iterator's own RNG (with a seed), which the next shuffle draws from."""
+        state = {'position': self._live() if self._live else None}
+        if self._live is None and self.rng is not np.random:
+            state['rng'] = _plain_rng_state(self.rng)
+        return state
 
     def load_state_dict(self, state):
         """The next iteration continues the saved epoch where it stopped."""
         self._resume = _checked_position(state)
+        _restore_rng(self.rng, state)
 
 
 def _checked_position(state):
@@ -286,9 +320,9 @@ def _checked_position(state):
 
 class LMMultiFileIterator(LMShuffledIterator):
     def __init__(self, paths, vocab, bsz, bptt, device='cpu', ext_len=None,
-                 shuffle=False):
+                 shuffle=False, seed=None):
         super(LMMultiFileIterator, self).__init__(
-            None, bsz, bptt, device=device, ext_len=ext_len, shuffle=shuffle)
+            None, bsz, bptt, device=device, ext_len=ext_len, shuffle=shuffle, seed=seed)
         # the original shuffles this list in place every epoch, so epoch k's
         # file order starts from epoch k-1's: a copy keeps that, per iterator
         self.paths = list(paths)
@@ -304,7 +338,7 @@ class LMMultiFileIterator(LMShuffledIterator):
         first = 0
         if resume is None:
             if self.shuffle:
-                np.random.shuffle(self.paths)
+                self.rng.shuffle(self.paths)
         else:  # saved by file name, so the data directory may move
             by_name = {os.path.basename(p): p for p in self.paths}
             if sorted(resume['paths']) != sorted(by_name):
@@ -318,8 +352,8 @@ class LMMultiFileIterator(LMShuffledIterator):
             if resuming:
                 rng_state = resume['rng']
             else:
-                rng_state = _plain_rng_state() if self.shuffle else None
-            # a fresh file shuffles with the global RNG, as the original
+                rng_state = _plain_rng_state(self.rng) if self.shuffle else None
+            # a fresh file shuffles with the iterator's RNG (the global one, as the original, without a seed)
             order = self._epoch_order(len(sents), rng_state if resuming else None)
             pos = _StreamPosition(self.bsz, resume if resuming else None)
             self._live = (lambda pos=pos, rng=rng_state, k=k: dict(
@@ -424,6 +458,8 @@ class Corpus(object):
     def get_iterator(self, split, *args, **kwargs):
         if split not in SPLITS:
             raise DataError('unknown split {!r}: choose one of {}'.format(split, ', '.join(SPLITS)))
+        if self.dataset not in ORDERED and kwargs.pop('varlen', False):
+            raise DataError('varlen needs an ordered corpus; {} is read as shuffled sentences'.format(self.dataset))
         if split == 'train':
             if self.dataset in ORDERED:
                 return LMOrderedIterator(self.train, *args, **kwargs)

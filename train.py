@@ -187,8 +187,6 @@ def check_args(args, parser):
              f'not --dataset {args.dataset}')
     if args.same_length and args.mem_len == 0:
         fail('--same_length needs a memory (--mem_len > 0): without one it masks every key and the loss is NaN')
-    if args.varlen and args.dataset == 'lm1b':
-        fail('--varlen needs an ordered corpus; lm1b is read as shuffled sentences')
     if args.fp16:
         if args.amp == 'bf16':
             fail('--fp16 means --amp fp16 and contradicts --amp bf16')
@@ -385,9 +383,10 @@ class StopRequest:
 class Trainer:
     """The model, its optimizer and loss scaler, and every counter a checkpoint needs to continue exactly."""
 
-    def __init__(self, args, model, device, log, metrics, dist=None, vocab=None):
+    def __init__(self, args, model, device, log, metrics, dist=None, vocab=None, tr_iter=None):
         self.args, self.device, self.log, self.metrics = args, device, log, metrics
         self.vocab = vocab  # the symbols of an imported model's own vocabulary, kept in its checkpoints
+        self.tr_iter = tr_iter  # its state_dict() is the data position a checkpoint holds
         self.dist = dist or Dist()
         self.model = self.dist.shard_experts(model.to(device))
         self.forward_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
@@ -403,12 +402,11 @@ class Trainer:
         self.plateau = PlateauDecay(args.decay_rate, args.patience)
         self.base_lr = args.lr  # --restart_dir may change it (constant/dev_perf go on at the saved rate, see main)
         self.clip_params = non_embedding_parameters(model) if args.clip_nonemb else list(model.parameters())
-        self.step, self.epoch, self.batch, self.position = 0, 1, 0, None
+        self.step, self.epoch, self.batch = 0, 1, 0
         self.best_val_loss, self.last_eval_step, self.nonfinite_run = None, None, 0
         self.eval_start = time.time()  # the eval line's clock, restarted by train() and by each validation
         self.mems = self.fresh_mems()
         self.window = Window()
-        self.data_state = None
 
     def fresh_mems(self):
         return [[] for _ in range(self.args.batch_chunk)]
@@ -568,7 +566,7 @@ class Trainer:
                  'model_state': dist.full_model_state(self.model),
                  'optimizer_state': dist.full_optimizer_state(self.optimizer),
                  'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
-                 'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'position': self.position,
+                 'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'data': self.tr_iter.state_dict(),
                  'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
                  'nonfinite_run': self.nonfinite_run, 'base_lr': self.base_lr, 'window': self.window.state_dict(),
                  'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state()}
@@ -584,9 +582,10 @@ class Trainer:
         self.optimizer.load_state_dict(dist.local_optimizer_state(state['optimizer_state'], self.optimizer))
         self.scaler.load_state_dict(state['scaler_state'])
         self.plateau.load_state_dict(state['plateau'])
-        for key in ('step', 'epoch', 'batch', 'position', 'best_val_loss', 'last_eval_step', 'nonfinite_run'):
+        for key in ('step', 'epoch', 'batch', 'best_val_loss', 'last_eval_step', 'nonfinite_run'):
             setattr(self, key, state[key])
         self.base_lr = float(state.get('base_lr', self.args.lr))  # checkpoints before base_lr: --lr
+        self.tr_iter.load_state_dict(data_state(state))
         self.window.load_state_dict(state['window'], self.device)
         self.mems = dist.local_mems(state['mems'], self.device)
         dist.set_rng_state(state, self.args.seed, self.step)
@@ -597,29 +596,12 @@ class Trainer:
             self.dist.write(lambda: ckpt.atomic_save(state, os.path.join(run_dir, 'checkpoint.pt')))
 
     # ---------------------------------------------------------------- the loop
-    def epoch_batches(self, tr_iter):
-        """This epoch's remaining batches. Ordered corpora resume from a token offset (the varlen lengths
-        come from numpy's RNG, restored with the checkpoint); shuffled ones from their own saved state."""
-        if hasattr(tr_iter, 'get_fixlen_iter'):
-            start = self.position or 0
-            return tr_iter.get_varlen_iter(start) if self.args.varlen else tr_iter.get_fixlen_iter(start)
-        if self.position is not None:
-            tr_iter.load_state_dict(self.position)
-        return iter(tr_iter)
-
-    def epoch_over(self, tr_iter):
-        # Where the original's ordered generators stop; known from the position alone, so a checkpoint
-        # written after an epoch's last batch starts the next epoch on resume.
-        if not hasattr(tr_iter, 'get_fixlen_iter') or self.position is None:
-            return False
-        return self.position >= tr_iter.data.size(0) - (2 if self.args.varlen else 1)
-
     def next_epoch(self):
         self.epoch += 1
-        self.batch, self.position = 0, None
+        self.batch = 0
         self.mems = self.fresh_mems()
 
-    def train(self, tr_iter, va_iter, run_dir, stop):
+    def train(self, va_iter, run_dir, stop):
         """Train until max_step or a stop signal; checkpoints every save_interval steps and at each eval."""
         args = self.args
         bar = progress_bar(args.max_step, 'step', initial=self.step)
@@ -628,22 +610,17 @@ class Trainer:
         self.model.train()
         try:
             while self.step < args.max_step and stop.agreed is None:
-                if self.epoch_over(tr_iter):
-                    self.next_epoch()
-                exhausted = True
-                for data, target, seq_len in self.epoch_batches(tr_iter):
+                # The iterator continues from the position a checkpoint restored, else starts an epoch.
+                for data, target, seq_len in self.tr_iter:
                     loss = self.train_step(data, target)
                     if self.dist.stop_check_due(self.step):  # all ranks stop after the same step
                         stop.agreed = self.dist.agree(stop.signum)
                     self.batch += 1
-                    self.position = (self.position or 0) + seq_len if hasattr(tr_iter, 'get_fixlen_iter') \
-                        else tr_iter.state_dict()
                     self.after_step(loss, va_iter, run_dir, stop, bar)
-                    if self.step >= args.max_step or stop.agreed is not None or self.epoch_over(tr_iter):
-                        exhausted = False
+                    if self.step >= args.max_step or stop.agreed is not None:
                         break
-                if exhausted and not self.epoch_over(tr_iter):
-                    self.next_epoch()  # a shuffled corpus ran out of sentences
+                else:
+                    self.next_epoch()
         finally:
             if bar is not None:
                 bar.close()
@@ -674,6 +651,20 @@ class Trainer:
         self.log('=' * 100)
         self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.args.dataset, test_loss))
         return test_loss
+
+
+def data_state(state):
+    """The training iterator's state in a checkpoint. Checkpoints written before the iterators owned their
+    position and RNG hold `position` (a row, or the shuffled iterator's dict) and numpy's global RNG, which
+    drew the varlen lengths and shuffles: the same state in the iterator's terms."""
+    if 'data' in state:
+        return state['data']
+    numpy = state['rng']['numpy']
+    rng = [numpy['kind'], numpy['keys'].tolist(), numpy['pos'], numpy['has_gauss'], numpy['cached_gaussian']]
+    position = state['position']
+    if isinstance(position, dict):  # a shuffled corpus
+        return dict(position, rng=rng)
+    return {'position': position or 0, 'rng': rng}
 
 
 def seed_everything(seed, device):
@@ -724,7 +715,8 @@ def prepare(args, parser, notes, dist):
     symbols = (state or start or {}).get('vocab')
     corpus = data_utils.get_lm_corpus(args.data, args.dataset, symbols)
     # Every rank reads the same global batches and trains on its own columns of them.
-    iters = [corpus.get_iterator('train', args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len)]
+    iters = [corpus.get_iterator('train', args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len,
+                                 varlen=args.varlen, seed=args.seed)]
     iters += [corpus.get_iterator(split, EVAL_BATCH_SIZE, args.eval_tgt_len, device=device, ext_len=args.ext_len)
               for split in ('valid', 'test')]
     model = build_model(args, len(corpus.vocab), start)
@@ -751,7 +743,7 @@ def main(argv=None):
         dist = Dist.from_env(args.cuda, args.expert_parallel, args.dist_timeout)
         device, iters, model, state, symbols = prepare(args, parser, notes, dist)
         n_params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters()))
-        trainer = Trainer(args, model, device, None, None, dist, vocab=symbols)
+        trainer = Trainer(args, model, device, None, None, dist, vocab=symbols, tr_iter=iters[0])
         if state is not None:
             trainer.load_state_dict(state)
         elif args.restart_dir and os.path.exists(os.path.join(args.restart_dir, 'optimizer.pt')):
@@ -816,7 +808,7 @@ def run(args, trainer, iters, state, notes, n_params):
     stop = StopRequest()
     stop.install()
     try:
-        trainer.train(tr_iter, va_iter, run_dir, stop)
+        trainer.train(va_iter, run_dir, stop)
     except NonFiniteLoss as e:
         kept = f'; the last good checkpoint is {run_dir}/checkpoint.pt' if run_dir else ''
         log(f'Stopping: {e}{kept}. Lower --lr, use --amp bf16 or a loss scale, or check the data.')

@@ -175,6 +175,38 @@ def test_ordered_resume(ptb, varlen):
     assert torch.equal(next(batches(fresh))[1], full[0][1])
 
 
+def test_seeded_varlen_iterator_owns_its_rng_and_resumes_from_its_state(ptb):
+    """With a seed, varlen draws from the iterator's own RandomState: the lengths of numpy's global RNG seeded
+    alike (the original's), the global RNG untouched, and state_dict/load_state_dict alone resume exactly."""
+    np.random.seed(3)
+    original = as_lists(ptb.get_iterator('valid', 5, 25, varlen=True))
+    np.random.seed(0)
+    it = ptb.get_iterator('valid', 5, 25, varlen=True, seed=3)
+    gen = iter(it)
+    head = [next(gen) for _ in range(7)]
+    assert np.random.random() == np.random.RandomState(0).random()  # the global RNG drew nothing
+    fresh = ptb.get_iterator('valid', 5, 25, varlen=True, seed=99)
+    fresh.load_state_dict(json.loads(json.dumps(it.state_dict())))
+    assert as_lists(head) + as_lists(fresh) == original
+    assert torch.equal(next(iter(fresh))[0][:5], it.data[:5])  # then a new epoch, from row 0
+
+
+def test_seeded_multifile_iterator_gives_the_global_rngs_epochs_and_resumes(lm1b):
+    corpus, _ = lm1b
+    np.random.seed(4)
+    it = corpus.get_iterator('train', 4, 9)
+    original = as_lists(it) + as_lists(it)
+    it = corpus.get_iterator('train', 4, 9, seed=4)
+    np.random.seed(1234)
+    gen = iter(it)
+    head = [next(gen) for _ in range(60)]
+    fresh = corpus.get_iterator('train', 4, 9, seed=5)
+    fresh.load_state_dict(json.loads(json.dumps(it.state_dict())))
+    assert as_lists(head) + as_lists(fresh) + as_lists(fresh) == original
+    with pytest.raises(DataError, match='varlen needs an ordered corpus'):
+        corpus.get_iterator('train', 4, 9, varlen=True)
+
+
 def test_fixlen_start_is_a_row_offset(ptb):
     it = ptb.get_iterator('valid', 5, 25)
     assert torch.equal(next(it.get_fixlen_iter(start=50))[0], it.data[50:75])

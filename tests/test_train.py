@@ -221,9 +221,9 @@ def test_train_writes_the_run_directory(tmp_path, corpus, capsys):
 
     state = ckpt.load(work / 'checkpoint.pt')
     for key in ('model_state', 'optimizer_state', 'scaler_state', 'plateau', 'step', 'epoch', 'best_val_loss',
-                'rng', 'position', 'mems', 'config', 'args'):
+                'rng', 'data', 'mems', 'config', 'args'):
         assert key in state, key
-    assert state['step'] == 30 and state['position'] == 30 * 16
+    assert state['step'] == 30 and state['data']['position'] == 30 * 16
     assert len(state['mems']) == 1 and len(state['mems'][0]) == 3  # one memory per hidden state
     assert state['mems'][0][0].shape == (16, 4, 32)
 
@@ -327,6 +327,24 @@ def test_sigkill_then_restart_reproduces_every_loss(tmp_path, corpus):
         return [(r['step'], r['split'], r['loss'], r.get('lr'), r.get('moe_load')) for r in records(work_dir)]
     assert figures(work) == figures(reference)
     assert 'Resuming from' in (work / 'log.txt').read_text()
+
+
+def test_a_checkpoint_written_before_the_iterators_kept_their_state_resumes_exactly(tmp_path, corpus):
+    """Older checkpoints hold the data position as `position` and the varlen lengths' RNG as numpy's global
+    one: they resume with the same batches."""
+    flags = ['--max_step', '12', '--varlen', '--scheduler', 'constant', '--eval-interval', '100', '--save-interval', '6']
+    assert run(tmp_path / 'reference', corpus, *flags) == 0
+    work = tmp_path / 'old'
+    assert run(work, corpus, *flags[:-1], '6', '--max_step', '6') == 0
+    state = ckpt.load(work / 'checkpoint.pt')
+    data = state.pop('data')
+    state['position'] = data['position']
+    kind, keys, pos, has_gauss, cached = data['rng']
+    state['rng']['numpy'] = {'kind': kind, 'keys': torch.tensor(keys), 'pos': pos, 'has_gauss': has_gauss,
+                             'cached_gaussian': cached}
+    ckpt.atomic_save(state, work / 'checkpoint.pt')
+    assert run(work, corpus, *flags, '--restart') == 0
+    assert train_losses(work) == train_losses(tmp_path / 'reference')
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tmp_path, corpus):
