@@ -6,10 +6,11 @@ the memory semantics and every parameter name are the original's, so original
 and FastMoE checkpoints load with `strict=True`.
 
 Shapes follow the original: sequences are time-major, [len, bsz, d_model].
-Attention scores are the original's [qlen, klen, bsz, n_head], or, on the
-default fast path, [bsz, n_head, qlen, klen] (see Attention and the flags below).
+Attention runs heads-first, [bsz, n_head, len, d_head] with scores
+[bsz, n_head, qlen, klen]: the products are batched matmuls and the softmax runs
+over contiguous keys. tests/reference_attention.py holds the original's
+seq-first einsums, which tests/test_fast_paths.py checks this against.
 """
-import functools
 import warnings
 from contextlib import contextmanager
 
@@ -21,14 +22,6 @@ from utils import checkpoint as ckpt
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
 from utils.moe import GATES, FMoETransformerMLP, FusedExpertLinear
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
-
-# Fast paths. Each computes the same function as the plain code it replaces;
-# switching one off restores the original's computation, which
-# tests/test_fast_paths.py compares against. bench/README.md has the timings.
-FAST_ATTENTION = True  # scores as [bsz, n_head, qlen, klen]: batched matmuls, softmax over contiguous keys
-USE_SDPA = True        # F.scaled_dot_product_attention when no score needs a gradient (see use_sdpa)
-FAST_DROPOUT = True    # CPU dropout from one uniform draw per element: same law, other random stream
-KV_CACHE = True        # inside kv_caching(): keep the memory's keys and values between calls (see KVCache)
 
 ATTN_TYPES = {
     0: 'relative positions, global biases (Transformer-XL)',
@@ -52,14 +45,17 @@ class PositionalEmbedding(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, with a faster CPU training path (FAST_DROPOUT): one fp32
-    uniform draw per element, kept where it is >= p, instead of bernoulli_,
-    which is slower on CPUs (bench/README.md). The arithmetic is ATen's
-    (x * (keep / (1 - p))), so is the law; the random stream, from the same
-    generator, differs: FAST_DROPOUT = False gives nn.Dropout's masks."""
+    """nn.Dropout, with a faster CPU training path: one fp32 uniform draw per
+    element, kept where it is >= p, instead of bernoulli_, which is slower on
+    CPUs (bench/README.md). The arithmetic is ATen's (x * (keep / (1 - p))),
+    so is the law; the random stream, from the same generator, differs:
+    fast = False (MemTransformerLM.set_fast_paths(dropout=False)) gives
+    nn.Dropout's masks."""
+
+    fast = True
 
     def forward(self, x):
-        if not (FAST_DROPOUT and self.training and 0 < self.p < 1 and x.device.type == 'cpu'):
+        if not (self.fast and self.training and 0 < self.p < 1 and x.device.type == 'cpu'):
             return super().forward(x)
         noise = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).div_(1 - self.p)
         return x * noise
@@ -113,28 +109,17 @@ class MoEPositionwiseFF(FMoETransformerMLP):
 def rel_shift(x):
     """Turn scores indexed by relative distance into scores indexed by key position.
 
-    x[i, d] holds the score of query i against the key `klen - 1 - d` steps back
-    (positions are fed in decreasing order); the result holds at [i, j] the score
-    for key j, i.e. x[i, j + qlen - 1 - i]. Padding one zero column and
-    re-reading the buffer with one more row does this without a gather
-    (Transformer-XL, appendix B). Entries above the causal diagonal
-    (j > i + mlen) get other rows' values; they are always masked.
-    """
-    qlen, klen = x.shape[:2]
-    zero_pad = x.new_zeros((qlen, 1) + x.shape[2:])
-    x_padded = torch.cat([zero_pad, x], dim=1).view(klen + 1, qlen, *x.shape[2:])
-    return x_padded[1:].view_as(x)
-
-
-def rel_shift_heads_first(x):
-    """rel_shift for scores laid out [..., qlen, klen] (FAST_ATTENTION's layout).
+    x[..., i, d] holds the score of query i against the key `klen - 1 - d` steps
+    back (positions are fed in decreasing order); the result holds at [..., i, j]
+    the score for key j, i.e. x[..., i, j + qlen - 1 - i]. Entries above the
+    causal diagonal (j > i + mlen) get other rows' values; they are always masked.
 
     Without a gradient it is one strided view: row i of the result starts
-    qlen - 1 - i elements into row i of x (and, like the padded version, runs
-    into the next row in the masked part). With a gradient we pad as above,
-    because autograd's backward of an overlapping strided view is slower than
-    the pad's (bench/README.md); and inside torch.compile, which cannot trace
-    an overlapping view.
+    qlen - 1 - i elements into row i of x. With a gradient we pad one zero
+    column and re-read the buffer with one more row (Transformer-XL, appendix
+    B), because autograd's backward of an overlapping strided view is slower
+    than the pad's (bench/README.md); and inside torch.compile, which cannot
+    trace an overlapping view.
     """
     qlen, klen = x.shape[-2:]
     if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
@@ -153,18 +138,6 @@ def pad_or_trim_front(t, length):
     return t[t.size(0) - length:]
 
 
-def attention_seq_first(q, k, v, attn_mask, pos_score, dropatt):
-    """The original's computation, with queries (and so pos_score) already scaled by 1/sqrt(d_head).
-    q [qlen, bsz, n, d]; k, v [klen, bsz, n, d]; pos_score [qlen, klen, bsz|1, n] -> [qlen, bsz, n, d]."""
-    score = torch.einsum('ibnd,jbnd->ijbn', q, k)
-    if pos_score is not None:
-        score = score + pos_score
-    if attn_mask is not None:
-        score = score.masked_fill(attn_mask[:, :, None, None], -float('inf'))
-    prob = dropatt(F.softmax(score, dim=1))
-    return torch.einsum('ijbn,jbnd->ibnd', prob, v)
-
-
 def use_sdpa(q, pos_score, dropatt):
     """Whether F.scaled_dot_product_attention can stand in for the explicit softmax.
 
@@ -176,17 +149,23 @@ def use_sdpa(q, pos_score, dropatt):
     On the CPU it pays only in fp32 (its bf16 kernel is slower than the explicit
     path, bench/README.md).
     """
-    if not USE_SDPA or (dropatt.training and dropatt.p > 0):
+    if dropatt.training and dropatt.p > 0:
         return False
     if pos_score is not None and pos_score.requires_grad and torch.is_grad_enabled():
         return False
     return q.device.type != 'cpu' or q.dtype in (torch.float32, torch.float64)
 
 
-def attention_heads_first(q, k, v, attn_mask, pos_score, dropatt):
-    """The same function in FAST_ATTENTION's layout. q [bsz, n, qlen, d];
-    k, v [bsz, n, klen, d]; pos_score [bsz|1, n, qlen, klen] -> [bsz, n, qlen, d]."""
-    if use_sdpa(q, pos_score, dropatt):
+def attention(q, k, v, attn_mask, pos_score, dropatt, sdpa=True):
+    """softmax(q·k + pos_score, masked) · v, the probabilities through dropatt, with q and pos_score
+    already scaled by 1/sqrt(d_head) (Attention.scaled).
+
+    q [bsz, n_head, qlen, d_head]; k, v [bsz, n_head, klen, d_head]; pos_score
+    [bsz|1, n_head, qlen, klen] or None; attn_mask [qlen, klen] bool, True where
+    a query may not attend -> [bsz, n_head, qlen, d_head]. sdpa: through
+    F.scaled_dot_product_attention where it is exact and faster (use_sdpa).
+    """
+    if sdpa and use_sdpa(q, pos_score, dropatt):
         if pos_score is None:  # SDPA's boolean mask marks the keys that may be attended
             bias = None if attn_mask is None else ~attn_mask
         else:
@@ -202,15 +181,12 @@ def attention_heads_first(q, k, v, attn_mask, pos_score, dropatt):
 
 
 class Attention(nn.Module):
-    """What the four attention types share: heads, output projection, masked
-    softmax over keys, dropout, residual and LayerNorm.
+    """What the four attention types share: heads [bsz, n_head, len, d_head],
+    the masked softmax over keys (scores [bsz, n_head, qlen, klen]), the output
+    projection, dropout, residual and LayerNorm. An attention type adds its
+    input projections and its position scores."""
 
-    Heads come in one of two layouts: the original's, [len, bsz, n_head, d_head]
-    with scores [qlen, klen, bsz, n_head], or, with FAST_ATTENTION,
-    [bsz, n_head, len, d_head] with scores [bsz, n_head, qlen, klen], where the
-    products are plain batched matmuls and the softmax runs over contiguous keys.
-    The helpers below hide the difference from the attention types.
-    """
+    sdpa = True  # MemTransformerLM.set_fast_paths(sdpa=False): the explicit softmax only
 
     def __init__(self, n_head, d_model, d_head, dropout, dropatt=0, pre_lnorm=False):
         super().__init__()
@@ -227,45 +203,38 @@ class Attention(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model)
         self.scale = 1 / (d_head ** 0.5)
         self.pre_lnorm = pre_lnorm
+        self.kv_cache = None  # relative attention, inside kv_caching(): a KVCache
 
     def _make_input_nets(self):
         raise NotImplementedError
 
     def heads(self, x):
-        """[len, bsz, n_head * d_head] -> heads in the current layout."""
-        x = x.view(x.size(0), x.size(1), self.n_head, self.d_head)
-        return x.permute(1, 2, 0, 3) if FAST_ATTENTION else x
+        """[len, bsz, n_head * d_head] -> [bsz, n_head, len, d_head]."""
+        return x.view(x.size(0), x.size(1), self.n_head, self.d_head).permute(1, 2, 0, 3)
 
     @staticmethod
     def per_head(bias):
-        """A [n_head, d_head] bias, broadcastable against heads in the current layout."""
-        return bias[:, None] if FAST_ATTENTION else bias
+        """A [n_head, d_head] bias, broadcast over the positions of heads."""
+        return bias[:, None]
 
     @staticmethod
     def position_scores(q, r):
-        """q·r for every query and relative distance: r [klen, n_head, d_head] -> scores."""
-        if FAST_ATTENTION:
-            return torch.matmul(q, r.permute(1, 2, 0))
-        return torch.einsum('ibnd,jnd->ijbn', q, r)
+        """q·r for every query and relative distance: r [klen, n_head, d_head] -> [bsz, n_head, qlen, klen]."""
+        return torch.matmul(q, r.permute(1, 2, 0))
 
     def scaled(self, *xs):
         """xs times 1/sqrt(d_head). Queries (and the biases added to them) are scaled before the
         products rather than the scores after them: the same function, but fp16 scores stay in range."""
         return [x * self.scale for x in xs]
 
-    @staticmethod
-    def rel_shift(x):
-        return rel_shift_heads_first(x) if FAST_ATTENTION else rel_shift(x)
+    rel_shift = staticmethod(rel_shift)
+    attention = staticmethod(attention)
 
     def attend(self, h, q, k, v, attn_mask, pos_score=None):
-        """h [qlen, bsz, d_model] residual input; q, k, v heads and pos_score scores in
-        the current layout, q and pos_score scaled by 1/sqrt(d_head) (see scaled);
-        attn_mask [qlen, klen] bool, True = may not attend."""
-        if FAST_ATTENTION:
-            vec = attention_heads_first(q, k, v, attn_mask, pos_score, self.dropatt)
-            vec = vec.permute(2, 0, 1, 3)
-        else:
-            vec = attention_seq_first(q, k, v, attn_mask, pos_score, self.dropatt)
+        """h [qlen, bsz, d_model] residual input; q, k, v heads, pos_score scores, q and pos_score
+        scaled by 1/sqrt(d_head) (see scaled); attn_mask [qlen, klen] bool, True = may not attend."""
+        vec = self.attention(q, k, v, attn_mask, pos_score, self.dropatt, self.sdpa)
+        vec = vec.permute(2, 0, 1, 3)
         out = self.drop(self.o_net(vec.reshape(vec.size(0), vec.size(1), -1)))
         return h + out if self.pre_lnorm else self.layer_norm(h + out)
 
@@ -345,15 +314,13 @@ class RelMultiHeadAttn(Attention):
     """Relative-position attention: one projection for queries, keys and values
     over [memory; segment], queries kept for the segment only."""
 
-    kv_cache = None   # a KVCache inside kv_caching() (evaluation, generation)
-
     def _make_input_nets(self):
         self.qkv_net = nn.Linear(self.d_model, 3 * self.n_head * self.d_head, bias=False)
 
     def active_cache(self):
         # Never in training (the weights change between steps), nor in a compiled graph (the cache is
         # Python state that a graph would freeze).
-        if torch.is_grad_enabled() or not KV_CACHE or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         return self.kv_cache
 
@@ -367,17 +334,20 @@ class RelMultiHeadAttn(Attention):
             k, v = torch.cat([cached[0], k], 0), torch.cat([cached[1], v], 0)
         else:
             normed = self.layer_norm(cat) if self.pre_lnorm else cat
-            if FAST_ATTENTION and mems is not None:
-                # Only the segment needs queries: project memory to keys and values alone.
-                inner = self.n_head * self.d_head
-                q = F.linear(normed[-w.size(0):], self.qkv_net.weight[:inner])
-                k, v = torch.chunk(F.linear(normed, self.qkv_net.weight[inner:]), 2, dim=-1)
-            else:
-                q, k, v = torch.chunk(self.qkv_net(normed), 3, dim=-1)
-                q = q[-w.size(0):]
+            q, k, v = self.project_rows(normed, w.size(0))
         if cache is not None:
             cache.store(cat, k, v)
         return self.heads(q), self.heads(k), self.heads(v)
+
+    def project_rows(self, rows, qlen):
+        """Queries of the last qlen rows, keys and values of all: with a memory only the segment
+        needs queries, so the memory is projected to keys and values alone."""
+        if qlen == rows.size(0):
+            return torch.chunk(self.qkv_net(rows), 3, dim=-1)
+        inner = self.n_head * self.d_head
+        q = F.linear(rows[-qlen:], self.qkv_net.weight[:inner])
+        k, v = torch.chunk(F.linear(rows, self.qkv_net.weight[inner:]), 2, dim=-1)
+        return q, k, v
 
 
 class RelPartialLearnableMultiHeadAttn(RelMultiHeadAttn):
@@ -412,7 +382,7 @@ class RelLearnableMultiHeadAttn(RelMultiHeadAttn):
         q, k, v = self.project(w, mems)
         klen = w.size(0) + (0 if mems is None else mems.size(0))
         r_emb, r_bias = pad_or_trim_front(r_emb, klen), pad_or_trim_front(r_bias, klen)
-        D_ = r_bias.t()[:, None] if FAST_ATTENTION else r_bias[None, :, None]  # per distance and head
+        D_ = r_bias.t()[:, None]  # per head and distance
         q, u, D_ = self.scaled(q, self.per_head(r_w_bias), D_)
         B_ = self.position_scores(q, r_emb)
         return self.attend(w, q + u, k, v, attn_mask, self.rel_shift(B_ + D_))
@@ -481,15 +451,9 @@ class AdaptiveEmbedding(nn.Module):
         return embed * self.emb_scale
 
 
-@functools.lru_cache(maxsize=16)
-def attention_mask(qlen, mlen, mem_len, same_length, device, inference_mode=False):
+def attention_mask(qlen, mlen, mem_len, same_length, device):
     """[qlen, klen] bool, True where query i may not see key j: keys after it and,
-    with same_length, keys more than mem_len back, so every query sees as many keys.
-
-    Built once per shape and cached (the step is then free of mask building):
-    callers must not modify it. inference_mode is part of the key because a
-    tensor made under torch.inference_mode cannot be saved for backward later.
-    """
+    with same_length, keys more than mem_len back, so every query sees as many keys."""
     klen = mlen + qlen
     dist = torch.arange(klen, device=device)[None, :] - torch.arange(qlen, device=device)[:, None]
     mask = dist > mlen
@@ -625,7 +589,7 @@ class MemTransformerLM(nn.Module):
         self.clamp_len = clamp_len
         self.moe_balance_coef = moe_balance_coef
         self.moe_zloss_coef = moe_zloss_coef
-        self._pos_emb_cache = {}
+        self._shape_cache = {}  # masks and position tables by shape (see _cached)
         self._create_params()
 
     def _create_params(self):
@@ -655,6 +619,18 @@ class MemTransformerLM(nn.Module):
         ckpt.load_weights(model, saved['model_state'], path)
         return model, saved
 
+    def set_fast_paths(self, sdpa=True, dropout=True):
+        """This model's fast paths (both on unless switched off here). Each computes the same function
+        as the plain code it replaces (tests/test_fast_paths.py): sdpa, F.scaled_dot_product_attention
+        where it is exact and faster (see use_sdpa); dropout, the CPU dropout from one uniform draw per
+        element (the same law, another random stream). The key/value cache is kv_caching()'s."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.sdpa = sdpa
+            elif isinstance(module, Dropout):
+                module.fast = dropout
+        return self
+
     def reset_length(self, tgt_len, ext_len, mem_len):
         self.tgt_len = tgt_len
         self.mem_len = mem_len
@@ -682,12 +658,24 @@ class MemTransformerLM(nn.Module):
             return [(h if mlen == 0 else torch.cat([m, h], 0))[beg_idx:end_idx].detach()
                     for h, m in zip(hids, mems)]
 
+    def _cached(self, key, build):
+        """build() once per key, so that a step of a known shape builds no mask or position table.
+        Inside a compiled graph building is fused, and nothing is kept. Callers must not modify
+        the result. Inference mode is part of every key: a tensor made under it cannot be saved
+        for backward by a later step."""
+        if torch.compiler.is_compiling():
+            return build()
+        key = key + (torch.is_inference_mode_enabled(),)
+        if key not in self._shape_cache:
+            if len(self._shape_cache) >= 32:  # varying lengths: keep the cache small
+                self._shape_cache.clear()
+            self._shape_cache[key] = build()
+        return self._shape_cache[key]
+
     def _attn_mask(self, qlen, mlen, device):
         """[qlen, klen] bool, True where query i may not see key j (see attention_mask)."""
         args = (qlen, mlen, self.mem_len, self.same_length, torch.device(device))
-        if torch.compiler.is_compiling():  # inside a compiled graph, building it is fused
-            return attention_mask.__wrapped__(*args)
-        return attention_mask(*args, torch.is_inference_mode_enabled())
+        return self._cached(('mask',) + args, lambda: attention_mask(*args))
 
     def _position_sequence(self, klen, like):
         """Distances klen-1 ... 0 (the original's decreasing order), clamped to clamp_len.
@@ -704,20 +692,12 @@ class MemTransformerLM(nn.Module):
     def _position_embedding(self, klen, like):
         """[klen, 1, d_model] sinusoids of _position_sequence, built once per shape.
 
-        The cache key holds everything the values depend on: inv_freq's storage
-        and version (load_state_dict and .to() change them) and inference mode
-        (an inference tensor cannot be saved for backward by a later step).
+        The cache key holds everything the values depend on, inv_freq's storage
+        and version included (load_state_dict and .to() change them).
         """
         inv_freq = self.pos_emb.inv_freq
-        if torch.compiler.is_compiling():
-            return self.pos_emb(self._position_sequence(klen, like))
-        key = (klen, self.clamp_len, like.dtype, like.device, inv_freq.data_ptr(),
-               inv_freq._version, torch.is_inference_mode_enabled())
-        if key not in self._pos_emb_cache:
-            if len(self._pos_emb_cache) >= 16:  # varying lengths: keep the cache small
-                self._pos_emb_cache.clear()
-            self._pos_emb_cache[key] = self.pos_emb(self._position_sequence(klen, like))
-        return self._pos_emb_cache[key]
+        key = ('pos', klen, self.clamp_len, like.dtype, like.device, inv_freq.data_ptr(), inv_freq._version)
+        return self._cached(key, lambda: self.pos_emb(self._position_sequence(klen, like)))
 
     def _forward(self, dec_inp, mems=None):
         qlen, bsz = dec_inp.size()

@@ -35,7 +35,7 @@ class EvalStep:
         self.kv_caches = mt.new_kv_caches(self.model)  # as eval.py: the memory's keys and values are kept
 
     def __call__(self):
-        with fast_paths(self.fast), torch.no_grad(), mt.kv_caching(self.kv_caches), \
+        with fast_paths(self.model, self.fast), torch.no_grad(), mt.kv_caching(self.kv_caches if self.fast else {}), \
                 torch.autocast('cpu', dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             out = self.model(self.batch[:-1], self.batch[1:], *self.mems)
         self.mems = out[1:]

@@ -3,7 +3,7 @@
 For a context of L tokens, the next token's log-probabilities come either from
   cached     one token fed with the memory of the L tokens before it and each layer's keys and values of
              that memory (what generate.py does)
-  no-KV      the same step projecting the memory to keys and values again (mem_transformer.KV_CACHE off)
+  no-KV      the same step projecting the memory to keys and values again (Decoder(kv_cache=False))
   recompute  a forward pass over all L + 1 tokens without memory (what a model without a cache must do)
 All give the same distribution when the memory holds the whole context (tested in tests/test_generate.py);
 the cached step attends over L + 1 keys for one query, the recompute over (L + 1)^2. The variants are timed
@@ -29,7 +29,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-import mem_transformer as mt  # noqa: E402
 from mem_transformer import MemTransformerLM, init_weights  # noqa: E402
 from utils.generation import Decoder, generate  # noqa: E402
 
@@ -53,14 +52,6 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def feed_one(decoder, token, kv_cache):
-    mt.KV_CACHE = kv_cache
-    try:
-        decoder.feed(token)
-    finally:
-        mt.KV_CACHE = True
-
-
 @torch.no_grad()
 def step_times(model, context_len, repeats, warmup):
     """Median seconds of a decoding step with a full memory of context_len states, with and without the
@@ -69,9 +60,9 @@ def step_times(model, context_len, repeats, warmup):
     model.reset_length(128, 0, context_len)
     steps = {}
     for name, kv_cache in (('cached', True), ('no_kv_cache', False)):
-        decoder = Decoder(model, chunk_len=128)
+        decoder = Decoder(model, chunk_len=128, kv_cache=kv_cache)
         decoder.feed(tokens[:context_len])  # the memory is full from here on; every step slides it by one
-        steps[name] = functools.partial(feed_one, decoder, tokens[context_len:], kv_cache)
+        steps[name] = functools.partial(decoder.feed, tokens[context_len:])
 
     def recompute():
         hidden, _ = model._forward(tokens, mems=None)

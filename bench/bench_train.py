@@ -5,8 +5,8 @@
    of repeated steps, with a full memory. Configurations: a CPU-sized model,
    dense and MoE (16 and 64 experts, top-2), and the enwik8 base shape at
    tgt_len 128; fp32 and bf16 autocast of one configuration run side by side,
-   as do the plain paths (mem_transformer's fast paths switched off) for the
-   dense CPU model, so their ratios are measured under the same load.
+   as do the plain paths (the original's attention arithmetic from
+   tests/reference_attention.py, nn.Dropout, no SDPA) for the dense CPU model, so their ratios are measured under the same load.
 2. Model FLOPs per token (bench/flops.py) and the achieved fraction of the
    matrix-product peak measured in the same run.
 3. bf16 against fp32 on real text: the same model, data and seed trained for
@@ -30,6 +30,7 @@ import mem_transformer as mt
 import original
 import train
 from flops import flops_per_token
+from tests.reference_attention import original_layout
 from utils import malloc
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
@@ -43,22 +44,16 @@ CONFIGS = {
     'enwik8-base': dict(CPU_SIZED, n_layer=12, n_head=8, d_model=512, d_head=64, d_inner=2048),
 }
 DROPOUT, DROPATT, LR, CLIP = 0.1, 0.0, 2.5e-4, 0.25  # run_enwik8_base.sh's
-FAST_PATH_FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT', 'KV_CACHE')
 SAMPLE = ROOT / 'samples' / 'enwik8-sample.zip'
 
 
 @contextlib.contextmanager
-def fast_paths(enabled):
-    """Switch mem_transformer's fast paths on or off for the duration of a step
-    (None leaves the flags as they are, for experiments with single flags)."""
-    saved = {name: getattr(mt, name) for name in FAST_PATH_FLAGS}
-    for name in FAST_PATH_FLAGS:
-        setattr(mt, name, saved[name] if enabled is None else enabled)
-    try:
+def fast_paths(model, enabled):
+    """For the duration of a step, the model's fast paths on, or off: the original's seq-first attention
+    arithmetic (tests/reference_attention.py), nn.Dropout's masks, no SDPA."""
+    model.set_fast_paths(sdpa=enabled, dropout=enabled)
+    with contextlib.nullcontext() if enabled else original_layout():
         yield
-    finally:
-        for name, value in saved.items():
-            setattr(mt, name, value)
 
 
 def build_model(config, seed=0, dropout=DROPOUT):
@@ -115,7 +110,7 @@ class TrainStep:
     def __call__(self, batch=None):
         """One step on `batch` [tgt_len + 1, bsz] (inputs then shifted targets); returns the mean loss."""
         batch = self.batch if batch is None else batch
-        with fast_paths(self.fast):
+        with fast_paths(self.trainer.model, self.fast):
             return self.trainer.train_step(batch[:-1], batch[1:])
 
 

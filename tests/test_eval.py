@@ -98,8 +98,7 @@ def test_segments_reuse_the_keys_and_values_of_their_memory(trained, monkeypatch
     cached, n_segments = evaluate(model, split)
     # the segment's rows only, never memory + segment (the first segment has no memory)
     assert len(rows_projected) == n_segments > 3 and max(rows_projected) <= 16
-    monkeypatch.setattr(mem_transformer, 'KV_CACHE', False)
-    assert evaluate(model, split)[0] == pytest.approx(cached, rel=1e-6)
+    assert evaluate(model, split, kv_cache=False)[0] == pytest.approx(cached, rel=1e-6)
     assert model.layers[0].dec_attn.kv_cache is None
 
 

@@ -1,4 +1,6 @@
-"""Each fast path of mem_transformer against the plain computation it replaces.
+"""Each fast path of mem_transformer against the plain computation it replaces: the heads-first attention
+against the original's seq-first einsums (tests/reference_attention.py), SDPA and the fast dropout against the
+explicit paths (MemTransformerLM.set_fast_paths), the key/value cache against projecting the memory again.
 
 Exact rewrites are compared in fp32 at |diff| < 1e-5 (outputs and gradients);
 bf16 autocast, whose products round to 8 bits of mantissa, is compared with
@@ -6,6 +8,7 @@ fp32 at a tolerance stated where it is used.
 """
 import functools
 import itertools
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,23 +16,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mem_transformer as mt
+import reference_attention as reference
 from conftest import tiny_model
+from reference_attention import original_layout
 from utils import moe
-
-FLAGS = ('FAST_ATTENTION', 'USE_SDPA', 'FAST_DROPOUT', 'KV_CACHE')
-
-
-@pytest.fixture(autouse=True)
-def restore_flags():
-    saved = {name: getattr(mt, name) for name in FLAGS}
-    yield
-    for name, value in saved.items():
-        setattr(mt, name, value)
-
-
-def set_paths(**flags):
-    for name, value in flags.items():
-        setattr(mt, name, value)
 
 
 make_model = functools.partial(tiny_model, init_std=0.1, tgt_len=5)
@@ -72,11 +62,10 @@ def test_fast_attention_equals_the_original_layout(kw, device):
     model = make_model(**kw).to(device)
     data = torch.randint(0, 40, (16, 3)).to(device)
     for train in (True, False):
-        set_paths(FAST_ATTENTION=False, USE_SDPA=False)
-        plain_loss, plain_grads = segments_and_grads(model, data, train=train)
+        with original_layout():
+            plain_loss, plain_grads = segments_and_grads(model.set_fast_paths(sdpa=False), data, train=train)
         for sdpa in (False, True):
-            set_paths(FAST_ATTENTION=True, USE_SDPA=sdpa)
-            loss, grads = segments_and_grads(model, data, train=train)
+            loss, grads = segments_and_grads(model.set_fast_paths(sdpa=sdpa), data, train=train)
             torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=0)
             assert_close_dicts(grads, plain_grads, atol=1e-5)
 
@@ -87,12 +76,9 @@ def test_kv_cache_equals_projecting_the_memory_again(kw, device):
     so the memory slides within the cached rows) against projecting memory + segment every time."""
     model = make_model(**kw).to(device)
     data = torch.randint(0, 40, (16, 3)).to(device)
-    set_paths(KV_CACHE=False)
     plain, _ = segments_and_grads(model, data, train=False)
-    set_paths(KV_CACHE=True)
-    for fast_attention in (False, True):
-        set_paths(FAST_ATTENTION=fast_attention)
-        with mt.kv_caching(mt.new_kv_caches(model)) as caches:
+    for layout in (original_layout, nullcontext):
+        with layout(), mt.kv_caching(mt.new_kv_caches(model)) as caches:
             cached, _ = segments_and_grads(model, data, train=False)
         torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
         assert len(caches) == (model.n_layer if kw['attn_type'] in (0, 1) else 0)
@@ -108,15 +94,15 @@ class ReplayedDropout(nn.Module):
 
     def __init__(self, p):
         super().__init__()
-        self.p, self.masks, self.calls = p, [], 0
+        self.p, self.masks, self.calls, self.replay = p, [], 0, False
 
     def forward(self, prob):
         if not self.training:
             return prob
-        if mt.FAST_ATTENTION:  # [bsz, n_head, qlen, klen]: recorded here
+        if not self.replay:  # the model's [bsz, n_head, qlen, klen]: recorded here
             keep = torch.rand(prob.shape) >= self.p
             self.masks.append(keep)
-        else:  # [qlen, klen, bsz, n_head]: the recorded mask of the same call
+        else:  # the original's [qlen, klen, bsz, n_head]: the recorded mask of the same call
             keep = self.masks[self.calls].permute(2, 3, 0, 1)
         self.calls += 1
         return prob * keep / (1 - self.p)
@@ -127,25 +113,25 @@ def test_fast_attention_with_adaptive_softmax_and_attention_dropout():
     the same entries dropped, the heads-first layout gives the original layout's losses and gradients."""
     model = make_model(cutoffs=[10, 25], div_val=2, d_embed=16, tie_projs=[False, True, True])
     data = torch.randint(0, 40, (16, 3))
-    set_paths(FAST_ATTENTION=True)
     fast_eval, _ = segments_and_grads(model, data, train=False)
     dropatt = ReplayedDropout(0.3)  # one for every layer: the calls come in the same order in both layouts
     for layer in model.layers:
         layer.dec_attn.dropatt = dropatt
     fast, fast_grads = segments_and_grads(model, data, train=True)
-    set_paths(FAST_ATTENTION=False)
-    dropatt.calls = 0
-    plain, plain_grads = segments_and_grads(model, data, train=True)
+    dropatt.calls, dropatt.replay = 0, True
+    with original_layout():
+        plain, plain_grads = segments_and_grads(model, data, train=True)
     dropped = 1 - torch.cat([m.flatten() for m in dropatt.masks]).float().mean()
     assert dropatt.calls == len(dropatt.masks) == 3 * model.n_layer and 0.2 < dropped < 0.4
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     assert_close_dicts(fast_grads, plain_grads, atol=1e-5)
     assert not torch.allclose(fast, fast_eval)  # the dropped entries changed the losses
-    plain_eval, _ = segments_and_grads(model, data, train=False)
+    with original_layout():
+        plain_eval, _ = segments_and_grads(model, data, train=False)
     torch.testing.assert_close(plain_eval, fast_eval, atol=1e-5, rtol=0)
 
 
-def test_sdpa_is_used_only_where_exact():
+def test_sdpa_is_used_only_where_exact(monkeypatch):
     q = torch.randn(2, 2, 3, 4)
     bias = torch.randn(2, 2, 3, 5, requires_grad=True)
     off, on = nn.Dropout(0.0), nn.Dropout(0.5)
@@ -158,8 +144,14 @@ def test_sdpa_is_used_only_where_exact():
     gpu_q, gpu_bias = q.to('meta'), bias.to('meta')  # a device other than the CPU, without a GPU
     assert not mt.use_sdpa(gpu_q, gpu_bias, off)  # never with a bias that needs a gradient
     assert mt.use_sdpa(gpu_q.bfloat16(), gpu_bias.detach(), off) and mt.use_sdpa(gpu_q.half(), None, off)
-    set_paths(USE_SDPA=False)
-    assert not mt.use_sdpa(q, None, off)
+    sdpa, calls = mt.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(mt.F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    model, data = make_model(attn_type=2), torch.randint(0, 40, (6, 2))
+    with torch.no_grad():
+        model(data[:5], data[1:6])
+        assert len(calls) == model.n_layer
+        model.set_fast_paths(sdpa=False)(data[:5], data[1:6])
+    assert len(calls) == model.n_layer  # switched off: no further call
 
 
 def test_fp16_scores_stay_in_range_where_q_dot_k_alone_would_overflow():
@@ -184,10 +176,10 @@ def test_strided_and_padded_rel_shift_agree_on_the_visible_scores():
     qlen, mlen = 5, 4
     klen = qlen + mlen
     x = torch.randn(2, 3, qlen, klen)
-    strided = mt.rel_shift_heads_first(x)                      # no gradient: a strided view
-    padded = mt.rel_shift_heads_first(x.clone().requires_grad_())  # with one: padding
+    strided = mt.rel_shift(x)                      # no gradient: a strided view
+    padded = mt.rel_shift(x.clone().requires_grad_())  # with one: padding
     assert strided.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-    seq_first = mt.rel_shift(x.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)
+    seq_first = reference.rel_shift(x.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)
     for i in range(qlen):
         visible = slice(0, i + mlen + 1)
         expected = x[..., i, qlen - 1 - i:qlen - 1 - i + i + mlen + 1]
@@ -225,10 +217,14 @@ def test_fast_dropout_law_gradient_and_dtype():
 
 
 def test_plain_dropout_is_reachable_and_is_nn_dropout():
-    set_paths(FAST_DROPOUT=False)
+    model = make_model(moe=True, moe_num_expert=2).set_fast_paths(dropout=False)
+    dropouts = [m for m in model.modules() if isinstance(m, mt.Dropout)]
+    assert len(dropouts) > 2 * model.n_layer and not any(m.fast for m in dropouts)  # experts' too
     x = torch.randn(50, 20)
     torch.manual_seed(5)
-    ours = mt.Dropout(0.4).train()(x)
+    plain = mt.Dropout(0.4).train()
+    plain.fast = False
+    ours = plain(x)
     torch.manual_seed(5)
     assert torch.equal(ours, nn.Dropout(0.4).train()(x))
 
@@ -292,9 +288,11 @@ def test_an_moe_training_step_has_no_host_sync_where_grouped_mm_runs(device):
 
 
 def test_mask_cache_returns_the_mask_of_its_key():
-    mask = mt.attention_mask(4, 3, 5, False, torch.device('cpu'))
-    assert mt.attention_mask(4, 3, 5, False, torch.device('cpu')) is mask
-    same = mt.attention_mask(4, 5, 5, True, torch.device('cpu'))
+    model = make_model(mem_len=5)
+    mask = model._attn_mask(4, 3, 'cpu')
+    assert model._attn_mask(4, 3, 'cpu') is mask
+    model.same_length = True
+    same = model._attn_mask(4, 5, 'cpu')
     assert same is not mask
     for i in range(4):  # causal; with same_length, every query sees mem_len keys
         assert torch.equal(torch.nonzero(~mask[i]).flatten(), torch.arange(i + 4))
@@ -359,9 +357,8 @@ def test_fast_and_plain_paths_agree_under_bf16(device):
     data = torch.randint(0, 40, (16, 3)).to(device)
     results = {}
     for fast in (False, True):
-        set_paths(FAST_ATTENTION=fast, USE_SDPA=fast)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            results[fast], _ = segments_and_grads(model, data, train=False)
+        with (nullcontext() if fast else original_layout()), torch.autocast(device.type, dtype=torch.bfloat16):
+            results[fast], _ = segments_and_grads(model.set_fast_paths(sdpa=fast), data, train=False)
     torch.testing.assert_close(results[True].float(), results[False].float(), atol=0.05, rtol=0)
 
 

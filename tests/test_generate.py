@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 import generate
-import mem_transformer
 from conftest import make_enwik8_dir, make_run, tiny_model
 from utils.generation import Decoder, TextCodec, generate as generate_tokens, next_token_probs, sample_next
 from utils.vocabulary import Vocab
@@ -79,28 +78,20 @@ def test_cached_steps_equal_recomputing_the_full_context(kw):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def kv_cache_switch(monkeypatch):
-    def switch(on):
-        monkeypatch.setattr(mem_transformer, 'KV_CACHE', on)
-    return switch
-
-
 @pytest.mark.parametrize('kw', [dict(), dict(pre_lnorm=True, same_length=True), dict(attn_type=1),
                                 dict(clamp_len=5, moe=True, moe_num_expert=4, moe_top_k=2),
                                 dict(attn_type=2), dict(untie_r=True)],
                          ids=['attn0', 'pre-lnorm-same-length', 'attn1', 'clamp-moe', 'attn2-uncached', 'untie-r'])
-def test_key_value_cache_equals_projecting_the_memory_again(kw, kv_cache_switch):
+def test_key_value_cache_equals_projecting_the_memory_again(kw):
     # mem_len 12 < 40 tokens: the memory slides, so the cache must drop its oldest rows as the memory does
     model = make_model(mem_len=12, **kw)
     tokens = torch.randint(0, 30, (40, 2), generator=torch.Generator().manual_seed(5))
-    fast, plain = Decoder(model, chunk_len=5), Decoder(model, chunk_len=5)
-    assert bool(fast.kv_caches) == (model.attn_type in (0, 1))
+    fast, plain = Decoder(model, chunk_len=5), Decoder(model, chunk_len=5, kv_cache=False)
+    assert bool(fast.kv_caches) == (model.attn_type in (0, 1)) and not plain.kv_caches
     rows_projected = []  # in a cached step the layer projects the new token's rows only
     hook = model.layers[1].dec_attn.get_submodule('qkv_net' if fast.kv_caches else 'kv_net').register_forward_hook(
         lambda module, args, out: rows_projected.append(args[0].shape[0]))
-    for decoder, cache_on in ((fast, True), (plain, False)):
-        kv_cache_switch(cache_on)
+    for decoder in (fast, plain):
         decoder.out = [decoder.feed(tokens[:13])] + [decoder.feed(tokens[t:t + 1]) for t in range(13, 40)]
         hook.remove()
     torch.testing.assert_close(torch.stack(fast.out), torch.stack(plain.out), atol=1e-5, rtol=1e-5)
@@ -108,15 +99,14 @@ def test_key_value_cache_equals_projecting_the_memory_again(kw, kv_cache_switch)
     assert all(getattr(layer.dec_attn, 'kv_cache', None) is None for layer in model.layers)  # only while feeding
 
 
-def test_key_value_cache_is_not_used_for_another_memory(kv_cache_switch):
+def test_key_value_cache_is_not_used_for_another_memory():
     model = make_model(mem_len=12)
     tokens = torch.randint(0, 30, (20, 1), generator=torch.Generator().manual_seed(6))
-    fast, plain = Decoder(model, chunk_len=4), Decoder(model, chunk_len=4)
+    fast, plain = Decoder(model, chunk_len=4), Decoder(model, chunk_len=4, kv_cache=False)
     for decoder in (fast, plain):
         decoder.feed(tokens[:16])
         decoder.mems = [m.flip(0) for m in decoder.mems]  # e.g. a caller that edits the memory
     expected = fast.feed(tokens[16:17])
-    kv_cache_switch(False)
     torch.testing.assert_close(expected, plain.feed(tokens[16:17]), atol=1e-5, rtol=1e-5)
 
 

@@ -102,11 +102,11 @@ def test_config_rebuilds_the_same_model():
 def test_rel_shift_indexes_by_key_position():
     qlen, mlen = 4, 3
     klen = qlen + mlen
-    x = torch.randn(qlen, klen, 2, 3)
-    y = rel_shift(x)
-    for i in range(qlen):
-        for j in range(i + mlen + 1):  # the visible (unmasked) part
-            assert torch.equal(y[i, j], x[i, j + qlen - 1 - i])
+    x = torch.randn(2, 3, qlen, klen)
+    for y in (rel_shift(x), rel_shift(x.clone().requires_grad_())):  # a strided view, or padded for autograd
+        for i in range(qlen):
+            for j in range(i + mlen + 1):  # the visible (unmasked) part
+                assert torch.equal(y[..., i, j], x[..., i, j + qlen - 1 - i])
 
 
 def test_causal_and_same_length_masks():

@@ -37,7 +37,7 @@ def validation_lengths(tgt_len, eval_tgt_len, ext_len, mem_len):
     return eval_tgt_len, ext_len, mem_len + tgt_len - eval_tgt_len
 
 
-def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None):
+def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None, kv_cache=True):
     """Mean per-token loss in nats over a split, and the number of segments read.
 
     The memory of each segment is carried into the next; each segment's mean loss counts in proportion to its
@@ -49,8 +49,9 @@ def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None):
     sharded = dist is not None and dist.active
     model.eval()
     total_loss, total_len, n_segments, n_tokens = 0., 0, 0, 0
-    # Each segment's memory is the previous one's tail: its keys and values are kept, not projected again.
-    with torch.no_grad(), kv_caching(new_kv_caches(model)):
+    # Each segment's memory is the previous one's tail: its keys and values are kept, not projected again
+    # (kv_cache=False projects them again: the plain computation, for comparison).
+    with torch.no_grad(), kv_caching(new_kv_caches(model) if kv_cache else {}):
         mems = []
         for data, target, seq_len in eval_iter:
             if 0 < max_steps <= n_segments:

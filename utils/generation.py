@@ -81,7 +81,7 @@ class Decoder:
     the memory forward. Without memory every call re-runs the last `chunk_len` tokens seen.
     """
 
-    def __init__(self, model, chunk_len):
+    def __init__(self, model, chunk_len, kv_cache=True):
         if chunk_len < 1:
             raise ValueError(f'chunk length {chunk_len} must be at least 1')
         self.model = model.eval()
@@ -89,7 +89,8 @@ class Decoder:
         self.cached = model.mem_len > 0
         self.mems = model.init_mems() if self.cached else None
         self.history = None  # the recent tokens, for the no-memory fallback
-        self.kv_caches = new_kv_caches(model) if self.cached else {}
+        # Relative attention keeps the memory's keys and values (kv_cache=False: projects them again).
+        self.kv_caches = new_kv_caches(model) if self.cached and kv_cache else {}
 
     @torch.no_grad()
     def feed(self, tokens):
