@@ -23,14 +23,6 @@ from utils.log_uniform_sampler import LogUniformSampler, sample_logits
 from utils.moe import GATES, FMoETransformerMLP, FusedExpertLinear
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
 
-ATTN_TYPES = {
-    0: 'relative positions, global biases (Transformer-XL)',
-    1: 'relative learnable embeddings (Shaw et al.)',
-    2: 'absolute sinusoids (vanilla Transformer)',
-    3: 'absolute learnable embeddings per layer (Al-Rfou et al.)',
-}
-
-
 class PositionalEmbedding(nn.Module):
     def __init__(self, demb):
         super().__init__()
@@ -401,6 +393,135 @@ class DecoderLayer(nn.Module):
         return self.pos_ff(out)
 
 
+class Positions:
+    """How an attention type brings positions into one forward pass; one subclass per attn_type.
+
+    The class says which attention layer the type uses and creates the model's position parameters (with
+    the original's names, in the original's order); an instance, made per forward, gives the first hidden
+    state, each layer's input, the memory it attends to and the position arguments of its attention.
+    """
+
+    attention = None     # the attention layer class
+    description = ''
+
+    @staticmethod
+    def create_params(model):
+        pass
+
+    def __init__(self, model, word_emb, qlen, mlen):
+        self.model, self.qlen, self.mlen = model, qlen, mlen
+        self.klen = qlen + mlen
+
+    def embed(self, word_emb):
+        """The first hidden state."""
+        return self.model.drop(word_emb)
+
+    def layer_input(self, i, h):
+        """Layer i's input, kept as hidden state i (in the memory too)."""
+        return h
+
+    def memory(self, i, mem):
+        """The memory layer i attends to; the original added positions to it in place, so it is also what
+        the next memory keeps."""
+        return mem
+
+    def layer_args(self, i):
+        """The position arguments of layer i's attention."""
+        return ()
+
+
+class RelativeSinusoids(Positions):
+    """attn_type 0 (Transformer-XL): sinusoids of relative distances, projected per layer; biases u, v
+    shared by the layers (or each layer's own with untie_r)."""
+
+    attention = RelPartialLearnableMultiHeadAttn
+    description = 'relative positions, global biases (Transformer-XL)'
+
+    @staticmethod
+    def create_params(model):
+        model.pos_emb = PositionalEmbedding(model.d_model)
+        if not model.untie_r:  # else each layer has its own (RelPartialLearnableMultiHeadAttn)
+            model.r_w_bias = nn.Parameter(torch.empty(model.n_head, model.d_head))
+            model.r_r_bias = nn.Parameter(torch.empty(model.n_head, model.d_head))
+
+    def __init__(self, model, word_emb, qlen, mlen):
+        super().__init__(model, word_emb, qlen, mlen)
+        self.pos_emb = model._position_embedding(self.klen, word_emb)
+
+    def embed(self, word_emb):
+        core_out = self.model.drop(word_emb)
+        self.pos_emb = self.model.drop(self.pos_emb)  # after the embedding's dropout, as the original
+        return core_out
+
+    def layer_args(self, i):
+        biases = self.model.layers[i].dec_attn if self.model.untie_r else self.model
+        return self.pos_emb, biases.r_w_bias, biases.r_r_bias
+
+
+class RelativeLearnt(Positions):
+    """attn_type 1 (Shaw et al.): a learnt embedding and bias per relative distance and layer."""
+
+    attention = RelLearnableMultiHeadAttn
+    description = 'relative learnable embeddings (Shaw et al.)'
+
+    @staticmethod
+    def create_params(model):
+        model.r_emb = nn.Parameter(torch.empty(model.n_layer, model.max_klen, model.n_head, model.d_head))
+        model.r_w_bias = nn.Parameter(torch.empty(model.n_layer, model.n_head, model.d_head))
+        model.r_bias = nn.Parameter(torch.empty(model.n_layer, model.max_klen, model.n_head))
+
+    def layer_args(self, i):
+        model = self.model
+        r_emb, r_bias = model.r_emb[i], model.r_bias[i]
+        if model.clamp_len > 0:
+            r_emb, r_bias = r_emb[-model.clamp_len:], r_bias[-model.clamp_len:]
+        return r_emb, model.r_w_bias[i], r_bias
+
+
+class AbsoluteSinusoids(Positions):
+    """attn_type 2 (vanilla Transformer): sinusoids of absolute positions added to the embeddings (and to
+    the embeddings' memory)."""
+
+    attention = MultiHeadAttn
+    description = 'absolute sinusoids (vanilla Transformer)'
+
+    @staticmethod
+    def create_params(model):
+        model.pos_emb = PositionalEmbedding(model.d_model)
+
+    def __init__(self, model, word_emb, qlen, mlen):
+        super().__init__(model, word_emb, qlen, mlen)
+        self.pos_emb = model._position_embedding(self.klen, word_emb)
+
+    def embed(self, word_emb):
+        return self.model.drop(word_emb + self.pos_emb[-self.qlen:])
+
+    def memory(self, i, mem):
+        return mem + self.pos_emb[:self.mlen] if i == 0 else mem
+
+
+class AbsoluteLearnt(Positions):
+    """attn_type 3 (Al-Rfou et al.): a learnt embedding per absolute position, added to every layer's input
+    and memory."""
+
+    attention = MultiHeadAttn
+    description = 'absolute learnable embeddings per layer (Al-Rfou et al.)'
+
+    @staticmethod
+    def create_params(model):
+        model.r_emb = nn.Parameter(torch.empty(model.n_layer, model.max_klen, model.n_head, model.d_head))
+
+    def layer_input(self, i, h):
+        return h + self.model.r_emb[i][-self.qlen:].view(self.qlen, 1, -1)
+
+    def memory(self, i, mem):
+        emb = pad_or_trim_front(self.model.r_emb[i][:-self.qlen], self.mlen)
+        return mem + emb.view(self.mlen, 1, -1)
+
+
+ATTN_TYPES = {0: RelativeSinusoids, 1: RelativeLearnt, 2: AbsoluteSinusoids, 3: AbsoluteLearnt}
+
+
 class AdaptiveEmbedding(nn.Module):
     def __init__(self, n_token, d_embed, d_proj, cutoffs, div_val=1):
         super().__init__()
@@ -481,7 +602,7 @@ def check_config(n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dr
             bad(name, value, 'must be in [0, 1)')
     if attn_type not in ATTN_TYPES:
         bad('attn_type', attn_type, 'unknown attention type; known: '
-            + ', '.join(f'{k} ({v})' for k, v in ATTN_TYPES.items()))
+            + ', '.join(f'{k} ({v.description})' for k, v in ATTN_TYPES.items()))
     for name, value in [('tgt_len', tgt_len), ('ext_len', ext_len), ('mem_len', mem_len)]:
         if value is not None and value < 0:
             bad(name, value, 'must be >= 0')
@@ -547,8 +668,7 @@ class MemTransformerLM(nn.Module):
         self.max_klen = (tgt_len or 0) + self.ext_len + self.mem_len
         self.attn_type = attn_type
 
-        attn_class = {0: RelPartialLearnableMultiHeadAttn, 1: RelLearnableMultiHeadAttn,
-                      2: MultiHeadAttn, 3: MultiHeadAttn}[attn_type]
+        attn_class = ATTN_TYPES[attn_type].attention
         moe_options = dict(moe_num_expert=moe_num_expert, moe_top_k=moe_top_k, gate=moe_gate,
                            capacity_factor=(moe_capacity_factor, moe_eval_capacity_factor),
                            gate_bias=moe_gate_bias, switch_eps=moe_switch_eps,
@@ -590,22 +710,7 @@ class MemTransformerLM(nn.Module):
         self.moe_balance_coef = moe_balance_coef
         self.moe_zloss_coef = moe_zloss_coef
         self._shape_cache = {}  # masks and position tables by shape (see _cached)
-        self._create_params()
-
-    def _create_params(self):
-        if self.attn_type == 0:
-            self.pos_emb = PositionalEmbedding(self.d_model)
-            if not self.untie_r:  # else each layer has its own (RelPartialLearnableMultiHeadAttn)
-                self.r_w_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
-                self.r_r_bias = nn.Parameter(torch.empty(self.n_head, self.d_head))
-        elif self.attn_type == 1:
-            self.r_emb = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head, self.d_head))
-            self.r_w_bias = nn.Parameter(torch.empty(self.n_layer, self.n_head, self.d_head))
-            self.r_bias = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head))
-        elif self.attn_type == 2:
-            self.pos_emb = PositionalEmbedding(self.d_model)
-        elif self.attn_type == 3:
-            self.r_emb = nn.Parameter(torch.empty(self.n_layer, self.max_klen, self.n_head, self.d_head))
+        ATTN_TYPES[attn_type].create_params(self)
 
     @classmethod
     def from_checkpoint(cls, path):
@@ -703,57 +808,21 @@ class MemTransformerLM(nn.Module):
         qlen, bsz = dec_inp.size()
         word_emb = self.word_emb(dec_inp)
         mlen = mems[0].size(0) if mems is not None else 0
-        klen = mlen + qlen
         dec_attn_mask = self._attn_mask(qlen, mlen, word_emb.device)
+        positions = ATTN_TYPES[self.attn_type](self, word_emb, qlen, mlen)
         # Memories as the layers see them; types 2 and 3 add position embeddings
         # to them, and the original did so in place, so its stored memory keeps
         # those additions: we reproduce that without mutating the caller's tensors.
         layer_mems = list(mems) if mems is not None else None
-
-        def mem(i):
-            return layer_mems[i] if mlen > 0 else None
-
-        hids = []
-        if self.attn_type == 0:
-            pos_emb = self._position_embedding(klen, word_emb)
-            core_out = self.drop(word_emb)
-            pos_emb = self.drop(pos_emb)
-            hids.append(core_out)
-            for i, layer in enumerate(self.layers):
-                biases = layer.dec_attn if self.untie_r else self
-                core_out = layer(core_out, pos_emb, biases.r_w_bias, biases.r_r_bias,
-                                 dec_attn_mask=dec_attn_mask, mems=mem(i))
-                hids.append(core_out)
-        elif self.attn_type == 1:
-            core_out = self.drop(word_emb)
-            hids.append(core_out)
-            for i, layer in enumerate(self.layers):
-                r_emb, r_bias = self.r_emb[i], self.r_bias[i]
-                if self.clamp_len > 0:
-                    r_emb, r_bias = r_emb[-self.clamp_len:], r_bias[-self.clamp_len:]
-                core_out = layer(core_out, r_emb, self.r_w_bias[i], r_bias,
-                                 dec_attn_mask=dec_attn_mask, mems=mem(i))
-                hids.append(core_out)
-        elif self.attn_type == 2:
-            pos_emb = self._position_embedding(klen, word_emb)
-            core_out = self.drop(word_emb + pos_emb[-qlen:])
-            hids.append(core_out)
+        core_out = positions.embed(word_emb)
+        hids = [core_out]
+        for i, layer in enumerate(self.layers):
+            core_out = hids[-1] = positions.layer_input(i, core_out)
+            mem = None
             if mlen > 0:
-                layer_mems[0] = layer_mems[0] + pos_emb[:mlen]
-            for i, layer in enumerate(self.layers):
-                core_out = layer(core_out, dec_attn_mask=dec_attn_mask, mems=mem(i))
-                hids.append(core_out)
-        elif self.attn_type == 3:
-            core_out = self.drop(word_emb)
+                mem = layer_mems[i] = positions.memory(i, layer_mems[i])
+            core_out = layer(core_out, *positions.layer_args(i), dec_attn_mask=dec_attn_mask, mems=mem)
             hids.append(core_out)
-            for i, layer in enumerate(self.layers):
-                if mlen > 0:
-                    cur_emb = pad_or_trim_front(self.r_emb[i][:-qlen], mlen)
-                    layer_mems[i] = layer_mems[i] + cur_emb.view(mlen, 1, -1)
-                core_out = core_out + self.r_emb[i][-qlen:].view(qlen, 1, -1)
-                hids[-1] = core_out
-                core_out = layer(core_out, dec_attn_mask=dec_attn_mask, mems=mem(i))
-                hids.append(core_out)
 
         core_out = self.drop(core_out)
         new_mems = self._update_mems(hids, layer_mems, qlen, mlen)
