@@ -382,6 +382,13 @@ def test_all_copies_dropped_and_empty_input():
 
 # ----------------------------------------------------------------------------- parameters
 
+def test_default_activation_is_each_layers_own_gelu():
+    a, b = FMoETransformerMLP(2, 4, 6), FMoETransformerMLP(2, 4, 6)
+    assert a.experts.activation is not b.experts.activation  # not one default instance shared by every layer
+    x = torch.linspace(-3, 3, 7)
+    torch.testing.assert_close(a.experts.activation(x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))
+
+
 def test_fused_parameter_layout_and_init():
     layer = FMoETransformerMLP(5, 16, 24)
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}

@@ -521,7 +521,7 @@ class FMoETransformerMLP(nn.Module):
     every token goes through beside its routed experts.
     """
 
-    def __init__(self, num_expert, d_model, d_hidden, activation=nn.GELU(), top_k=2, gate='naive',
+    def __init__(self, num_expert, d_model, d_hidden, activation=None, top_k=2, gate='naive',
                  capacity_factor=(1.2, 2.4), gate_bias=True, switch_eps=0.1, random_routing=True,
                  shared_expert=0):
         super().__init__()
@@ -531,6 +531,8 @@ class FMoETransformerMLP(nn.Module):
         self.gate_type = gate
         self.gate = _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias,
                                switch_eps, random_routing)
+        # FastMoE's default activation, a module of this layer's own (a default instance would be shared)
+        activation = nn.GELU() if activation is None else activation
         self.experts = ExpertFFN(num_expert, d_model, d_hidden, activation)
         self.shared_expert = (SharedExpert(d_model, shared_expert * d_hidden, activation)
                               if shared_expert else None)
