@@ -60,18 +60,26 @@ def _as_ids(x):
 # Iterators
 # ---------------------------------------------------------------------------
 
-class LMOrderedIterator(object):
-    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, varlen=False, seed=None):
-        """data: 1-D tensor of ids, strictly ordered (any integer type). varlen: batches of random lengths
-        around bptt (the original's --varlen), drawn from numpy.random.RandomState(seed), a generator of the
-        iterator's own, or without a seed from numpy's global RNG as the original did (the same stream for
-        the same seed either way)."""
+class _LMIterator(object):
+    """What every iterator holds: bsz columns of bptt rows (plus ext_len rows of extended context), the device
+    batches go to, and the RNG of its random choices: numpy.random.RandomState(seed), a generator of the
+    iterator's own, or without a seed numpy's global RNG as the original used (the same stream for the same
+    seed either way)."""
+
+    def __init__(self, bsz, bptt, device='cpu', ext_len=None, seed=None):
         self.bsz = bsz
         self.bptt = bptt
         self.ext_len = ext_len if ext_len is not None else 0
         self.device = device
+        self.rng = np.random if seed is None else np.random.RandomState(seed)
+
+
+class LMOrderedIterator(_LMIterator):
+    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, varlen=False, seed=None):
+        """data: 1-D tensor of ids, strictly ordered (any integer type). varlen: batches of random lengths
+        around bptt (the original's --varlen)."""
+        super(LMOrderedIterator, self).__init__(bsz, bptt, device, ext_len, seed)
         self.varlen = varlen
-        self.rng = _rng(seed)
 
         # bsz parallel streams, each a contiguous run of the data; the rest is trimmed.
         self.n_step = data.size(0) // bsz
@@ -143,11 +151,6 @@ class LMOrderedIterator(object):
         _restore_rng(self.rng, state)
 
 
-def _rng(seed):
-    """The iterator's generator: its own seeded one, or numpy's global RNG (the module) without a seed."""
-    return np.random if seed is None else np.random.RandomState(seed)
-
-
 def _plain_rng_state(rng=np.random):
     """A numpy RNG's state as plain data (lists and numbers)."""
     name, keys, pos, has_gauss, gauss = rng.get_state()
@@ -211,18 +214,13 @@ class _StreamPosition(object):
                 'retained': None if self.retained is None else self.retained.tolist()}
 
 
-class LMShuffledIterator(object):
+class LMShuffledIterator(_LMIterator):
     def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, shuffle=False, seed=None):
         """data: list of 1-D tensors (sentences), with no order among them. shuffle: a new sentence order
-        every epoch, from numpy.random.RandomState(seed) or without a seed from numpy's global RNG (the
-        original's; the same orders for the same seed either way)."""
+        every epoch."""
+        super(LMShuffledIterator, self).__init__(bsz, bptt, device, ext_len, seed)
         self.data = data
-        self.bsz = bsz
-        self.bptt = bptt
-        self.ext_len = ext_len if ext_len is not None else 0
-        self.device = device
         self.shuffle = shuffle
-        self.rng = _rng(seed)
         self._sents = None
         self._live = None    # the position of the epoch in progress (a dict)
         self._resume = None
