@@ -22,7 +22,6 @@ import eval as evaluation
 import generate
 import train
 from mem_transformer import MemTransformerLM, init_weights
-from tests.test_train import one_thread  # noqa: F401 (an autouse fixture)
 from utils import checkpoint as ckpt
 from utils import hf_transfo_xl as hf_xl
 from utils.generation import Decoder, load_trained_model
