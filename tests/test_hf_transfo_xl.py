@@ -363,7 +363,7 @@ def test_evaluate_generate_and_fine_tune_with_the_models_own_vocabulary(tmp_path
              '--tgt_len', '6', '--mem_len', '8', '--eval_tgt_len', '6', '--batch_size', '4', '--max_step', '4',
              '--eval-interval', '4', '--log-interval', '1', '--same_length', '--clamp_len', '5', '--max_eval_steps', '3']
     with pytest.MonkeyPatch.context() as mp:  # the model's own cutoffs and projection tying for this tiny corpus
-        mp.setitem(train.ADAPTIVE_CUTOFFS, 'wt103', ([12, 40], True))
+        mp.setitem(data_utils.ADAPTIVE_CUTOFFS, 'wt103', ([12, 40], True))
         assert train.main([*flags, '--adaptive', '--work_dir', str(tuned), '--restart_dir', str(run)]) == 0
     saved = ckpt.load(tuned / 'model.pt', 'model')
     assert saved['vocab'] == symbols(N_TOKEN)
