@@ -4,12 +4,16 @@ Test modules import the plain helpers (`from conftest import tiny_model, TINY`) 
 """
 import os
 import random
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from mem_transformer import MemTransformerLM, init_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ('the of and in to a was is for as on by with he that at from his it an were are which this be or '
          'first new also after has had not two their its been one who but they her all she other time').split()
@@ -113,3 +117,22 @@ def make_run(tmp_path, prepare=None, **config):
     run.mkdir()
     ckpt.save_model(run / 'model.pt', model.config, model.state_dict(), args={'dataset': 'enwik8', 'data': data})
     return str(run), data, model
+
+
+def fake_python(folder):
+    """An interpreter that prints its command line; asked for the GPU count (-c) it answers FAKE_GPUS."""
+    path = folder / 'python'
+    path.write_text('#!/bin/sh\n'
+                    'if [ "$1" = -c ]; then echo "${FAKE_GPUS:-0}"; exit; fi\n'
+                    'for a in "$@"; do echo "$a"; done\n')
+    path.chmod(0o755)
+    return path
+
+
+def launch(tmp_path, script, mode, *flags, **env):
+    """The command lines a run script (`bash run_x.sh train|eval flags`) launches, as lines."""
+    env = dict(dict(os.environ, PYTHON=str(fake_python(tmp_path)), DATA_ROOT='data', NPROC='', TORCHRUN_ARGS='', AMP=''),
+               **env)
+    done = subprocess.run(['bash', str(ROOT / script), mode, *flags], env=env, capture_output=True, text=True,
+                          check=True)
+    return done.stdout.splitlines()

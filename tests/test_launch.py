@@ -1,32 +1,12 @@
 """utils/launch.sh, the run scripts' launcher: python, or torchrun with one process per GPU (--multi_gpu) or NPROC.
 
-The scripts run with PYTHON set to a fake interpreter that prints its command line; asked for the number of
-visible GPUs (`python -c ...`) it answers FAKE_GPUS, so a machine with any number of GPUs can be pretended.
+The scripts run with PYTHON set to a fake interpreter that prints its command line (conftest.launch); asked for
+the number of visible GPUs (`python -c ...`) it answers FAKE_GPUS, so a machine with any number of GPUs can be
+pretended.
 """
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def fake_python(folder):
-    path = folder / 'python'
-    path.write_text('#!/bin/sh\n'
-                    'if [ "$1" = -c ]; then echo "${FAKE_GPUS:-0}"; exit; fi\n'
-                    'for a in "$@"; do echo "$a"; done\n')
-    path.chmod(0o755)
-    return path
-
-
-def launch(tmp_path, script, mode, *flags, **env):
-    env = dict(dict(os.environ, PYTHON=str(fake_python(tmp_path)), DATA_ROOT='data', NPROC='', TORCHRUN_ARGS='', AMP=''),
-               **env)
-    done = subprocess.run(['bash', str(ROOT / script), mode, *flags], env=env, capture_output=True, text=True,
-                          check=True)
-    return done.stdout.splitlines()
+from conftest import ROOT, launch
 
 
 def test_multi_gpu_launches_one_process_per_visible_gpu(tmp_path):

@@ -12,7 +12,6 @@ import sys
 import time
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +19,10 @@ import torch
 import eval as evaluation
 import mem_transformer
 import train
-from conftest import MOE, TINY, WORDS, write_corpus
+from conftest import MOE, ROOT, TINY, WORDS, launch, write_corpus
 from utils import checkpoint as ckpt
-from tests import test_launch
 from utils import malloc
 from utils.schedules import learning_rate
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run(work_dir, corpus_dir, *flags):
     """train.main in this process; returns the exit code (argparse's SystemExit included)."""
@@ -879,7 +874,7 @@ DATA_DIRS = {'enwik8': 'enwik8', 'text8': 'text8', 'wt103': 'wikitext-103', 'lm1
 
 @pytest.mark.parametrize('script,mode', sorted(SCRIPT_FLAGS))
 def test_run_scripts_pass_the_original_flags(script, mode, tmp_path):
-    out = test_launch.launch(tmp_path, script, mode, '--work_dir', 'W', DATA_ROOT=str(tmp_path / 'data'),
+    out = launch(tmp_path, script, mode, '--work_dir', 'W', DATA_ROOT=str(tmp_path / 'data'),
                              NPROC='1')  # prints the command line instead of running it
     assert out[0] == ('Run training...' if mode == 'train' else 'Run evaluation...')
     parser = train.build_parser() if mode == 'train' else evaluation.build_parser()
