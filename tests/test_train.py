@@ -24,6 +24,7 @@ from utils import checkpoint as ckpt
 from utils import malloc
 from utils.schedules import learning_rate
 
+
 def run(work_dir, corpus_dir, *flags):
     """train.main in this process; returns the exit code (argparse's SystemExit included)."""
     try:
