@@ -69,6 +69,23 @@ def tiny_model(n_token=40, seed=0, init_std=0.2, router_bias_std=None, **config)
     return model.eval()
 
 
+def segments_and_grads(model, data, tgt_len=5, train=True):
+    """Per-token losses of three consecutive segments (memory carried) and the parameter gradients."""
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    mems, losses = (), []
+    with torch.set_grad_enabled(train):
+        for i in range(0, 3 * tgt_len, tgt_len):
+            out = model(data[i:i + tgt_len], data[i + 1:i + 1 + tgt_len], *mems)
+            losses.append(out[0])
+            mems = out[1:]
+        total = torch.stack(losses)
+        if train:
+            total.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total.detach(), grads
+
+
 def write_corpus(directory, sizes=(40000, 4000, 4000), seed=0):
     """A character corpus in the prepared enwik8 format: byte ids separated by spaces, one text line a line."""
     rng = random.Random(seed)

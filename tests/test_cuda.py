@@ -6,8 +6,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import CUDA
-from tests.test_fast_paths import make_model, segments_and_grads
+from conftest import CUDA, segments_and_grads, tiny_model
 
 pytestmark = CUDA
 
@@ -41,7 +40,7 @@ def deterministic_routing(model):
 @pytest.mark.parametrize('name', CONFIGS)
 def test_cuda_matches_float64_on_the_cpu(name, precision):
     dtype, loss_tol, least_cosine = PRECISIONS[precision]
-    model = deterministic_routing(make_model(**CONFIGS[name]))
+    model = deterministic_routing(tiny_model(init_std=0.1, tgt_len=5, **CONFIGS[name]))
     data = torch.randint(0, 40, (16, 3))
     want_loss, want_grads = segments_and_grads(copy.deepcopy(model).double(), data)
     gpu = copy.deepcopy(model).cuda()

@@ -17,29 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mem_transformer as mt
 import reference_attention as reference
-from conftest import tiny_model
+from conftest import segments_and_grads, tiny_model
 from reference_attention import original_layout
 from utils import moe
 
 
 make_model = functools.partial(tiny_model, init_std=0.1, tgt_len=5)
-
-
-def segments_and_grads(model, data, tgt_len=5, train=True):
-    """Per-token losses of three consecutive segments (memory carried) and the parameter gradients."""
-    model.train(train)
-    model.zero_grad(set_to_none=True)
-    mems, losses = (), []
-    with torch.set_grad_enabled(train):
-        for i in range(0, 3 * tgt_len, tgt_len):
-            out = model(data[i:i + tgt_len], data[i + 1:i + 1 + tgt_len], *mems)
-            losses.append(out[0])
-            mems = out[1:]
-        total = torch.stack(losses)
-        if train:
-            total.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return total.detach(), grads
 
 
 def assert_close_dicts(a, b, atol):
