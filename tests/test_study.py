@@ -7,7 +7,7 @@ import pytest
 
 import mem_transformer
 import study
-from tests.test_train import one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from conftest import write_corpus
 
 TINY = ['--steps', '4', '--n_layer', '1', '--d_model', '16', '--n_head', '2', '--d_inner', '32', '--tgt_len', '8',
         '--mem_len', '8', '--batch_size', '2', '--eval_interval', '2', '--max_eval_steps', '2']

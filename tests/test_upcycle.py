@@ -8,7 +8,7 @@ import torch
 import convert_checkpoint as cc
 import eval as evaluation
 import train
-from tests.test_train import MOE, TINY, one_thread, write_corpus  # noqa: F401 (one_thread is an autouse fixture)
+from conftest import MOE, TINY, write_corpus
 from utils import checkpoint as ckpt
 
 
