@@ -26,11 +26,9 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from timing import time_side_by_side  # noqa: E402
 from utils import malloc  # noqa: E402
 from utils.moe import FMoETransformerMLP, grouped_mm_available  # noqa: E402
 
@@ -155,14 +154,8 @@ def step_fn(module, dtype, args):
 
 
 def time_variants(steps, repeats, warmup):
-    times = {name: [] for name in steps}
-    for i in range(warmup + repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    """Milliseconds of each step, timed side by side (timing.time_side_by_side)."""
+    return {name: seconds * 1e3 for name, seconds in time_side_by_side(steps, repeats, warmup).items()}
 
 
 def peak_memory_child(variant, num_expert, dtype_name, args):
