@@ -32,6 +32,7 @@ import torch
 from data_utils import ADAPTIVE_CUTOFFS, open_corpus
 from mem_transformer import MemTransformerLM
 from utils import checkpoint as ckpt
+from utils import files
 from utils import hf_transfo_xl as hf_xl
 from utils.exp_utils import OneLineArgumentParser
 from utils.moe import GATES
@@ -142,6 +143,10 @@ def load_pickled_model(path):
     except pickle.UnpicklingError as e:
         raise ConversionError(f'{path} was not unpickled: it contains {e}; only tensors, torch.nn modules and '
                               'the original classes are allowed') from None
+    except Exception as e:  # allowed classes called with arguments they do not take (a hand-made REDUCE...)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f'{path} was not unpickled ({type(e).__name__}: {reason}): it is not a pickled '
+                              'Transformer-XL model') from None
 
 
 def tree_state_dict(root):
@@ -569,12 +574,23 @@ FLAG_KEYS = ('n_head', 'tgt_len', 'ext_len', 'mem_len', 'dropout', 'dropatt', 'p
              'clamp_len', 'cutoffs', 'sample_softmax', 'moe_top_k', 'moe_gate')
 
 
+def write_out(saved, out):
+    """Write model.pt (and its directory); a failed write, such as a full disk, is one line on stderr."""
+    try:
+        os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+        ckpt.atomic_save(saved, out)
+    except OSError as e:  # files.WriteError says what happened; another OSError: the directory changed under us
+        print(f'convert_checkpoint.py: error: {e if isinstance(e, files.WriteError) else files.write_error(e, out)}',
+              file=sys.stderr)
+        return False
+    return True
+
+
 def check_out(args):
     out = os.path.join(args.work_dir, 'model.pt')
     if os.path.exists(out) and not args.overwrite:
         raise ConversionError(f'{out} exists: pass --overwrite to replace it or choose another --work_dir')
-    if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
-        raise ConversionError(f'--work_dir {args.work_dir} is a file, not a directory')
+    files.check_writable_dir(args.work_dir, '--work_dir')
     return out
 
 
@@ -631,9 +647,9 @@ def main_upcycle(args):
     if gate in ('gshard', 'switch'):
         print(f'NOTE: the {gate} gate does not start equal to the dense model: '
               + ('its capacity limit drops copies' if gate == 'gshard' else 'it scales its expert by its probability'))
-    os.makedirs(args.work_dir, exist_ok=True)
     how = {'noise': args.upcycle_noise, 'seed': args.seed}
-    ckpt.atomic_save(checkpoint_dict(model, how, args.upcycle, 'upcycled dense model', dataset, data, vocab), out)
+    if not write_out(checkpoint_dict(model, how, args.upcycle, 'upcycled dense model', dataset, data, vocab), out):
+        return 2
     flags = (f'--moe --moe-num-expert {args.moe_num_expert} --moe-top-k {args.moe_top_k} --moe-gate {gate}')
     print(f'Wrote {out}\nContinue training with: python train.py --restart_dir {args.work_dir} {flags} '
           '(and the dense run\'s model flags) --work_dir NEW_RUN')
@@ -665,8 +681,8 @@ def main(argv=None):
           f'{sum(p.numel() for p in model.parameters()):,} parameters')
     print('Inferred configuration (value, from):')
     print(describe(model.config, sources))
-    os.makedirs(args.work_dir, exist_ok=True)
-    ckpt.atomic_save(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data, vocab), out)
+    if not write_out(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data, vocab), out):
+        return 2
     print(f'Wrote {out}')
     return 0
 

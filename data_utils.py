@@ -453,6 +453,26 @@ class Corpus(object):
                 setattr(self, split, self.vocab.encode_file(
                     files[split], ordered=False, add_double_eos=True))
 
+    def check_batches(self, split, iterator, varlen=False):
+        """Raise DataError (one line: the split, its size, what it needs) if `iterator` would yield no batch:
+        a training loop would otherwise wait forever for one, and an evaluation divide by zero."""
+        if split == 'train' and self.dataset not in ORDERED:
+            return  # lm1b's training shards are read as training goes (each is checked to be non-empty)
+        data, bsz = getattr(self, split), iterator.bsz
+        if self.dataset in ORDERED:
+            # bsz streams of at least 2 rows give one target; --varlen stops a row before the end
+            rows = 3 if varlen else 2
+            if len(data) >= rows * bsz:
+                return
+            size, need = '{} tokens'.format(len(data)), 'at least {} ({} rows of the batch)'.format(rows * bsz, rows)
+        else:
+            if next(iter(LMShuffledIterator(data, bsz, iterator.bptt)), None) is not None:
+                return
+            size = '{} sentences of {} tokens'.format(len(data), sum(len(x) for x in data))
+            need = 'enough to fill {} columns of {} tokens'.format(bsz, iterator.bptt)
+        raise DataError('the {} split has {}, too few for a batch of {}: it needs {}'.format(
+            split, size, bsz, need))
+
     def get_iterator(self, split, *args, **kwargs):
         if split not in SPLITS:
             raise DataError('unknown split {!r}: choose one of {}'.format(split, ', '.join(SPLITS)))
@@ -477,7 +497,7 @@ def _unknown_dataset(dataset):
 # The cache: plain arrays + JSON, keyed on the sources, written atomically
 # ---------------------------------------------------------------------------
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json holds a fingerprint of each cache file
 _KEY_HEX = 16
 
 
@@ -549,6 +569,18 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
+def _file_stamp(path):
+    # Size and modification time, kept by the rename into place (and by cp -a): an edited array is noticed
+    # without reading hundreds of MB at every start.
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _save_cache(corpus, root, key):
     """Write into a temporary directory, then rename it into place: a killed
     build leaves only a `.tmp` directory, which is never loaded."""
@@ -560,17 +592,19 @@ def _save_cache(corpus, root, key):
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private
         disk = _disk_dtype(len(corpus.vocab))
-        shapes = {}
+        shapes, stamps = {}, {}
         for name, array in _corpus_arrays(corpus).items():
             if not name.endswith('.lengths'):  # ids are >= 0: same-size types are a view
                 array = array.view(disk) if array.itemsize == disk.itemsize \
                     else array.astype(disk)
             _write_npy(os.path.join(tmp, name + '.npy'), array)
             shapes[name] = len(array)
+            stamps[name] = _file_stamp(os.path.join(tmp, name + '.npy'))
         _write_json(os.path.join(tmp, 'vocab.json'), corpus.vocab.idx2sym)
         _write_json(os.path.join(tmp, 'meta.json'), {
             'format': CACHE_FORMAT, 'dataset': dataset, 'key': key,
-            'vocab_size': len(corpus.vocab), 'arrays': shapes})
+            'vocab_size': len(corpus.vocab), 'arrays': shapes, 'stamps': stamps,
+            'vocab_sha256': _sha256(os.path.join(tmp, 'vocab.json'))})
         try:
             os.rename(tmp, final)
         except OSError:
@@ -624,6 +658,8 @@ def _load_cache(root, datadir, dataset, key, given=False):
             raise ValueError('written for other sources')
         if not isinstance(idx2sym, list) or len(idx2sym) != meta['vocab_size']:
             raise ValueError('vocab.json does not match meta.json')
+        if _sha256(os.path.join(where, 'vocab.json')) != meta['vocab_sha256']:
+            raise ValueError('vocab.json was changed after the cache was written')
         vocab = Vocab(**_vocab_options(datadir, dataset))
         if given:
             vocab.set_given_symbols(idx2sym)
@@ -633,6 +669,8 @@ def _load_cache(root, datadir, dataset, key, given=False):
         for name, length in meta['arrays'].items():
             # memory-mapped copy-on-write: loads at once, and processes on one
             # machine (torchrun) share the pages
+            if _file_stamp(os.path.join(where, name + '.npy')) != meta['stamps'][name]:
+                raise ValueError('{}.npy was changed after the cache was written'.format(name))
             array = np.load(os.path.join(where, name + '.npy'), allow_pickle=False,
                             mmap_mode='c' if length else None)
             if array.shape != (length,):
@@ -646,7 +684,7 @@ def _load_cache(root, datadir, dataset, key, given=False):
                     else array.astype(memory)
             arrays[name] = array
         return _corpus_from_arrays(datadir, dataset, vocab, arrays)
-    except (OSError, ValueError, KeyError, TypeError, DataError) as err:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, DataError) as err:  # EOFError: an empty .npy
         print('Ignoring damaged cache {} ({}); rebuilding it'.format(where, err))
         return None
 
@@ -715,9 +753,13 @@ def open_corpus(saved, path, n_token, data=None, dataset=None):
                         '--dataset NAME'.format(path))
     corpus = get_lm_corpus(data, dataset, saved.get('vocab'))  # an imported model's own vocabulary
     if len(corpus.vocab) != n_token:
+        known = train_args.get('dataset') and train_args.get('data')  # a converted model may not say
         raise DataError('{} at {} has {} tokens but the model in {} has {}: pass the --data/--dataset it was '
-                        'trained on ({} at {})'.format(dataset, data, len(corpus.vocab), path, n_token,
-                                                       train_args.get('dataset'), train_args.get('data')))
+                        'trained on{}'.format(dataset, data, len(corpus.vocab), path, n_token,
+                                              ' ({} at {})'.format(train_args['dataset'], train_args['data'])
+                                              if known else ''))
+    from utils.checkpoint import check_vocab  # as many symbols is not enough: the same ids
+    check_vocab(saved, corpus.vocab.idx2sym, path, '{} at {}'.format(dataset, data))
     return corpus, dataset, data
 
 if __name__ == '__main__':

@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 OUT=${DEMO_DIR:-demo_run}
+# Only ever delete or rewrite what the demo made: a directory that holds anything else is left alone (the demo
+# marks the directories it makes; the default demo_run/ is its own).
+if [[ -e $OUT && ! -f $OUT/.made-by-demo.sh && $OUT != demo_run && -n $(ls -A "$OUT" 2>/dev/null) ]]; then
+    echo "demo.sh: error: DEMO_DIR $OUT already holds files that demo.sh did not make; they are left alone: set DEMO_DIR to a new or empty directory" >&2
+    exit 2
+fi
+mkdir -p "$OUT" && touch "$OUT/.made-by-demo.sh"
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads slow a step down tenfold.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 

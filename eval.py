@@ -14,6 +14,7 @@ import sys
 import time
 
 import data_utils
+from utils import files
 from utils.distributed import Dist, SilentLog
 from utils.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device
@@ -55,8 +56,12 @@ def check_args(args):
     for name in ('ext_len', 'mem_len'):
         if getattr(args, name) < 0:
             raise ValueError(f'--{name} {getattr(args, name)} must be non-negative')
+    if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        raise ValueError(f'--work_dir {args.work_dir} is a file: give the run directory (it holds model.pt)')
     if not os.path.isdir(args.work_dir):
         raise ValueError(f'--work_dir {args.work_dir} does not exist')
+    if not args.no_log:  # log.txt and eval.json go there
+        files.check_writable_dir(args.work_dir, '--work_dir (add --no_log to write nothing)')
 
 
 def main(argv=None):
@@ -74,6 +79,11 @@ def main(argv=None):
         splits = ['test', 'valid'] if args.split == 'all' else [args.split]
         iters = {split: corpus.get_iterator(split, args.batch_size, args.tgt_len, device=device,
                                             ext_len=args.ext_len) for split in splits}
+        for split in splits:
+            try:
+                corpus.check_batches(split, iters[split])
+            except data_utils.DataError as e:
+                raise data_utils.DataError(f'{data_dir}: {e}: pass a smaller --batch_size') from None
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
         if dist.is_main:
             print(f'eval.py: error: {e}', file=sys.stderr)
@@ -93,12 +103,7 @@ def evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist):
     results = {}
     for split in splits:
         start = time.time()
-        try:
-            loss, n_segments = evaluate(model, iters[split], dist=dist)
-        except ValueError as e:
-            if dist.is_main:
-                print(f'eval.py: error: {split} split of {data_dir}: {e}', file=sys.stderr)
-            return 2
+        loss, n_segments = evaluate(model, iters[split], dist=dist)  # main() checked that every split has a batch
         elapsed = time.time() - start
         log(f'Time : {elapsed:.2f}s, {1000 * elapsed / n_segments:.2f}ms/segment')
         results[split] = {'loss': loss, **loss_fields(dataset, loss)}
@@ -113,8 +118,12 @@ def evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist):
                                                               'clamp_len', 'same_length')},
                   **results}
         path = os.path.join(args.work_dir, 'eval.json')
-        with atomic_write(path) as f:
-            json.dump(report, f, indent=2)
+        try:
+            with atomic_write(path) as f:
+                json.dump(report, f, indent=2)
+        except files.WriteError as e:
+            print(f'eval.py: error: {e}', file=sys.stderr)
+            return 2
         log(f'Wrote {path}')
     return 0
 

@@ -16,6 +16,7 @@ import time
 import torch
 
 from data_utils import open_corpus
+from utils import files
 from utils.evaluation import set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, pick_device
 from utils.files import atomic_write
@@ -70,10 +71,12 @@ def check_args(args):
     check_sampling(args.temperature, args.top_k, args.top_p)
     if not os.path.exists(args.work_dir):
         raise ValueError(f'--work_dir {args.work_dir} does not exist')
+    if args.prompt_file is not None and os.path.isdir(args.prompt_file):
+        raise ValueError(f'--prompt_file {args.prompt_file} is a directory: give the file holding the prompt')
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
         raise ValueError(f'--prompt_file {args.prompt_file} does not exist')
-    if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise ValueError(f'--output {args.output}: its directory does not exist')
+    if args.output is not None:
+        files.check_output_file(args.output, '--output')
 
 
 def read_prompt(args):
@@ -140,7 +143,11 @@ def main(argv=None):
         text = samples[0] + '\n'
     else:
         text = ''.join(f'=== sample {i + 1} ===\n{s}\n' for i, s in enumerate(samples))
-    write_text(text, args.output)
+    try:
+        write_text(text, args.output)
+    except files.WriteError as e:  # a disk that filled up while generating
+        print(f'generate.py: error: {e}', file=sys.stderr)
+        return 2
     n_new = args.max_tokens * args.num_samples
     log(f'| prompt {len(prompt_ids)} tokens in {prompt_done - start:.2f}s | generated {n_new} tokens in '
         f'{sampling:.2f}s, {n_new / sampling:.1f} tokens/s |' + (f' wrote {args.output}' if args.output else ''))

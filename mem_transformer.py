@@ -716,7 +716,7 @@ class MemTransformerLM(nn.Module):
     def from_checkpoint(cls, path):
         """(model, the file's dict) from a model.pt (utils.checkpoint.model_file's layout), on the CPU; a
         one-line CheckpointError when the file, its configuration or its weights do not fit."""
-        saved = ckpt.load(path, 'model')
+        saved = ckpt.load_run_file(path, 'model')
         try:
             model = cls(**saved['config'])
         except (TypeError, ValueError) as e:

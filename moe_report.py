@@ -24,6 +24,7 @@ import sys
 import torch
 
 from data_utils import CHAR_LEVEL, open_corpus
+from utils import files
 from utils.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
 from utils.files import atomic_write
@@ -206,9 +207,11 @@ def write_heatmap(layers, path, title):
         fig.colorbar(image, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_write(path, 'wb') as f:
-        fig.savefig(f, format='png', dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(path, 'wb') as f:
+            fig.savefig(f, format='png', dpi=100)
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -245,10 +248,13 @@ def check_args(args):
             raise ValueError(f'--{name} {value} must be non-negative')
     if not os.path.exists(args.work_dir):
         raise ValueError(f'--work_dir {args.work_dir} does not exist')
-    for name in ('json', 'png'):
-        path = getattr(args, name)
-        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f'--{name} {path}: its directory does not exist')
+    for name in ('json', 'png'):  # where the report goes, checked before the work
+        files.check_output_file(output_path(args, name), f'--{name}')
+
+
+def output_path(args, name):
+    """--json/--png, or moe_report.json/.png next to the model."""
+    return getattr(args, name) or os.path.join(os.path.dirname(checkpoint_path(args.work_dir)), f'moe_report.{name}')
 
 
 def main(argv=None):
@@ -284,11 +290,13 @@ def main(argv=None):
     print(format_table(layers))
     print(format_loss(dataset, args.split, loss) + f' | {n_segments} segments of {args.batch_size}x{tgt_len}')
 
-    out_dir = os.path.dirname(checkpoint_path(args.work_dir))
-    json_path = args.json or os.path.join(out_dir, 'moe_report.json')
-    png_path = args.png or os.path.join(out_dir, 'moe_report.png')
-    write_json(report, json_path)
-    write_heatmap(layers, png_path, f'Expert routing on {dataset} {args.split} ({layers[0]["tokens"]} tokens)')
+    json_path, png_path = output_path(args, 'json'), output_path(args, 'png')
+    try:
+        write_json(report, json_path)
+        write_heatmap(layers, png_path, f'Expert routing on {dataset} {args.split} ({layers[0]["tokens"]} tokens)')
+    except files.WriteError as e:
+        print(f'moe_report.py: error: {e}', file=sys.stderr)
+        return 2
     print(f'Wrote {json_path} and {png_path}')
     return 0
 

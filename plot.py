@@ -15,6 +15,7 @@ matplotlib.use('Agg')  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from utils import files  # noqa: E402
 from utils.exp_utils import OneLineArgumentParser, read_metrics  # noqa: E402
 from utils.files import atomic_write  # noqa: E402
 
@@ -44,9 +45,11 @@ def load_imbalance(records):
 
 
 def save(fig, path):
-    with atomic_write(path, 'wb') as f:
-        fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
-    plt.close(fig)
+    try:
+        with atomic_write(path, 'wb') as f:
+            fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(records, path):
@@ -106,11 +109,15 @@ def make_plots(work_dir, out_dir=None):
     path = os.path.join(work_dir, 'metrics.jsonl')
     if not os.path.isfile(path):
         raise ValueError(f'{path} does not exist: is {work_dir} a run directory of train.py?')
-    records = read_metrics(path)
+    try:
+        records = read_metrics(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path} is not UTF-8 text (byte {e.start}): is it the metrics.jsonl of a run?') from None
+    out_dir = out_dir or work_dir
+    files.check_writable_dir(out_dir, '--out' if out_dir != work_dir else '--work_dir')
     if not any(r.get('split') in ('train', 'valid', 'test') for r in records):
         raise ValueError(f'{path} has no training or evaluation line yet (training writes one every '
                          '--log-interval steps, and evaluates every --eval-interval steps and at the end)')
-    out_dir = out_dir or work_dir
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, 'curves.png')]
     plot_curves(records, written[0])
@@ -127,7 +134,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         written = make_plots(args.work_dir, args.out)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # files.WriteError (a full disk...) is an OSError
         print(f'plot.py: error: {e}', file=sys.stderr)
         return 2
     for path in written:

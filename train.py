@@ -25,6 +25,7 @@ import torch
 import data_utils
 import mem_transformer
 from utils import checkpoint as ckpt
+from utils import files
 from utils import malloc
 from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
 from utils.distributed import fail as fail_distributed
@@ -176,8 +177,21 @@ def check_args(args, parser):
                  'moe_switch_eps', 'moe_bias_update_rate'):
         if getattr(args, dest) < 0:
             fail(f'{flag(parser, dest)} {getattr(args, dest)} must be non-negative')
-    if args.lr <= 0:
-        fail(f'--lr {args.lr} must be positive')
+    if not args.work_dir:
+        fail('--work_dir is empty (an unset shell variable?): name the run directory')
+    # Real numbers with their meaningful ranges; `not low < x` also refuses NaN.
+    for dest, low, high, low_ok in (('lr', 0, math.inf, False), ('clip', 0, math.inf, False),
+                                    ('mom', 0, math.inf, True), ('decay_rate', 0, 1, False),
+                                    ('lr_min', 0, math.inf, True), ('eta_min', 0, math.inf, True),
+                                    ('init_range', 0, math.inf, False), ('init_std', 0, math.inf, False),
+                                    ('proj_init_std', 0, math.inf, False),
+                                    ('moe_capacity_factor', 0, math.inf, False),
+                                    ('moe_eval_capacity_factor', 0, math.inf, False),
+                                    ('moe_balance_coef', 0, math.inf, True), ('moe_zloss_coef', 0, math.inf, True)):
+        value = getattr(args, dest)
+        if not (math.isfinite(value) and (low <= value if low_ok else low < value) and value <= high):
+            bounds = f'{"at least" if low_ok else "above"} {low}' + (f' and at most {high}' if high < math.inf else '')
+            fail(f'{flag(parser, dest)} {value} must be a finite number {bounds}')
     if args.batch_size % args.batch_chunk:
         fail(f'--batch_chunk {args.batch_chunk} must divide --batch_size {args.batch_size}')
     if not 1 <= args.moe_top_k <= args.moe_num_expert:
@@ -212,11 +226,17 @@ def check_args(args, parser):
     if args.d_embed < 0:
         args.d_embed = args.d_model
     args.tied = not args.not_tied
+    # The model's own checks (dropout range, attention type...) before the corpus is read or cached; the
+    # vocabulary size is not known yet, so the adaptive cutoffs are checked against it later.
+    cutoffs = data_utils.ADAPTIVE_CUTOFFS[args.dataset][0] if args.adaptive else [0]
+    mem_transformer.check_config(**model_config(args, max(cutoffs) + 1))
 
 
 def check_work_dir(args):
     """Refuse to mix a new run into a directory that holds another one; --restart needs a checkpoint."""
     checkpoint_path = os.path.join(args.work_dir, 'checkpoint.pt')
+    if not args.debug:
+        files.check_writable_dir(args.work_dir, '--work_dir')
     if args.restart_dir:
         if not os.path.isfile(os.path.join(args.restart_dir, 'model.pt')):
             raise ValueError(f'--restart_dir {args.restart_dir} holds no model.pt to start from')
@@ -232,6 +252,29 @@ def check_work_dir(args):
             if os.path.exists(os.path.join(args.work_dir, name)):
                 raise ValueError(f'--work_dir {args.work_dir} already holds a run ({name}): pass --restart to '
                                  'resume it or choose another --work_dir')
+
+
+def claim_work_dir(args, dist, notes):
+    """Once every check has passed: create the run directory and lock it for this run (torchrun's processes
+    are one run: rank 0 holds the lock), then remove the temporary files of a run killed while writing.
+    Returns the lock, to be kept for the whole run (None in debug mode)."""
+    if args.debug:
+        return None
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            os.makedirs(args.work_dir, exist_ok=True)
+            lock = files.lock_directory(args.work_dir, '--work_dir')
+            check_work_dir(args)  # again under the lock: another run may have started here meanwhile
+            removed = files.remove_orphans(args.work_dir, ckpt.RUN_FILES, extra=(ckpt.PENDING,))
+            if removed:
+                notes.append(f'Removed the temporary files of an interrupted run: {", ".join(removed)}')
+        except (ValueError, OSError) as e:
+            error = str(e)
+    error = dist.gather_objects(error)[0]  # every rank stops if rank 0 could not claim the directory
+    if error:
+        raise ValueError(error)
+    return lock
 
 
 def model_config(args, n_token):
@@ -262,12 +305,27 @@ def build_model(args, n_token, saved=None):
                                  proj_init_std=args.proj_init_std)
     if args.restart_dir:
         path = os.path.join(args.restart_dir, 'model.pt')
-        saved = saved or ckpt.load(path, 'model')
+        saved = saved or ckpt.load_run_file(path, 'model')
         arch = [k for k in model.config if k not in RUNTIME_KEYS]
         ckpt.check_config(saved['config'], model.config, path, keys=arch,
                           hint=' (the architecture flags must match the run it comes from)')
         ckpt.load_weights(model, saved['model_state'], path)
     return model
+
+
+def restart_dir_optimizer_state(restart_dir, saved):
+    """The optimizer state in --restart_dir's optimizer.pt (None if there is none), checked to come from the
+    same step as its model.pt (`saved`): they are two writes, and a run killed between them leaves a pair from
+    two steps."""
+    path = os.path.join(restart_dir, 'optimizer.pt')
+    if not os.path.exists(path):
+        return None
+    optimizer = ckpt.load_run_file(path, 'optimizer')
+    if optimizer.get('step') != saved.get('step'):
+        raise ckpt.CheckpointError(f'{path} is from step {optimizer.get("step")} but {restart_dir}/model.pt from '
+                                   f'step {saved.get("step")} (the run stopped between the two writes): delete '
+                                   f'{path} to start from the weights with a fresh optimizer')
+    return optimizer['optimizer_state']
 
 
 OPTIMIZERS = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD, 'adagrad': torch.optim.Adagrad}
@@ -407,6 +465,8 @@ class Trainer:
         self.eval_start = time.time()  # the eval line's clock, restarted by train() and by each validation
         self.mems = self.fresh_mems()
         self.window = Window()
+        self.symbols = None  # the corpus's vocabulary, kept in checkpoints to refuse another one with as many symbols
+        self.saved_step = self.pending_step = None  # of checkpoint.pt, and of a state not yet known good
 
     def fresh_mems(self):
         return [[] for _ in range(self.args.batch_chunk)]
@@ -538,7 +598,7 @@ class Trainer:
         self.log('-' * 100)
         self.metrics.write(step=self.step, split='valid', loss=val_loss, **loss_fields(args.dataset, val_loss),
                            time_s=time.time() - start)
-        if self.best_val_loss is None or val_loss < self.best_val_loss:
+        if math.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss):
             self.best_val_loss = val_loss
             if run_dir:
                 self.save_best(run_dir)
@@ -557,7 +617,7 @@ class Trainer:
                      'optimizer_state': dist.full_optimizer_state(self.optimizer)}
         dist.write(lambda: (ckpt.save_model(os.path.join(run_dir, 'model.pt'), self.model.config, model_state,
                                             vocab=self.vocab, args=vars(self.args), step=self.step,
-                                            val_loss=self.best_val_loss),
+                                            val_loss=self.best_val_loss, vocab_symbols=self.symbols),
                             ckpt.atomic_save(optimizer, os.path.join(run_dir, 'optimizer.pt'))))
 
     def state_dict(self):
@@ -569,7 +629,7 @@ class Trainer:
                  'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'data': self.tr_iter.state_dict(),
                  'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
                  'nonfinite_run': self.nonfinite_run, 'base_lr': self.base_lr, 'window': self.window.state_dict(),
-                 'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state()}
+                 'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state(), 'vocab_symbols': self.symbols}
         if self.vocab is not None:
             state['vocab'] = self.vocab
         if dist.active:  # each rank's own dropout stream, for an exact resume with the same world size
@@ -589,11 +649,31 @@ class Trainer:
         self.window.load_state_dict(state['window'], self.device)
         self.mems = dist.local_mems(state['mems'], self.device)
         dist.set_rng_state(state, self.args.seed, self.step)
+        self.saved_step = self.step
 
-    def save_checkpoint(self, run_dir):
-        if run_dir:
-            state = self.state_dict()
-            self.dist.write(lambda: ckpt.atomic_save(state, os.path.join(run_dir, 'checkpoint.pt')))
+    # A state is known to be good only once the step after it has a finite loss (weights of 1e30 are finite
+    # but poison the next forward): it is written to checkpoint.pt.next, which becomes checkpoint.pt then.
+    # At the end of training or on a signal there is no next step, and the state is kept at once.
+    def save_checkpoint(self, run_dir, confirmed=False):
+        """Write the state unless it follows a non-finite step; returns whether it was written."""
+        if not run_dir or self.nonfinite_run:
+            return False
+        state = self.state_dict()
+        self.dist.write(lambda: ckpt.atomic_save(state, os.path.join(run_dir, ckpt.PENDING)))
+        self.pending_step = self.step
+        if confirmed:
+            self.settle_checkpoint(run_dir, good=True)
+        return True
+
+    def settle_checkpoint(self, run_dir, good):
+        """After a step: a pending state becomes checkpoint.pt if the step's loss was finite, else it is dropped."""
+        if self.pending_step is None:
+            return
+        pending, path = os.path.join(run_dir, ckpt.PENDING), os.path.join(run_dir, 'checkpoint.pt')
+        self.dist.write(lambda: os.replace(pending, path) if good else os.remove(pending))
+        if good:
+            self.saved_step = self.pending_step
+        self.pending_step = None
 
     # ---------------------------------------------------------------- the loop
     def next_epoch(self):
@@ -616,6 +696,8 @@ class Trainer:
                     if self.dist.stop_check_due(self.step):  # all ranks stop after the same step
                         stop.agreed = self.dist.agree(stop.signum)
                     self.batch += 1
+                    if run_dir:
+                        self.settle_checkpoint(run_dir, good=math.isfinite(loss))
                     self.after_step(loss, va_iter, run_dir, stop, bar)
                     if self.step >= args.max_step or stop.agreed is not None:
                         break
@@ -636,20 +718,24 @@ class Trainer:
         evaluated = self.step % args.eval_interval == 0
         if evaluated:
             self.validate(va_iter, run_dir)
-        if (evaluated or stop.agreed is not None or self.step == args.max_step
-                or (args.save_interval and self.step % args.save_interval == 0)):
-            self.save_checkpoint(run_dir)
+        last = stop.agreed is not None or self.step == args.max_step
+        if last or evaluated or (args.save_interval and self.step % args.save_interval == 0):
+            self.save_checkpoint(run_dir, confirmed=last)
 
     def test(self, te_iter, run_dir):
         """The original's end of training: the best model (model.pt) on the test split."""
         if run_dir and os.path.exists(os.path.join(run_dir, 'model.pt')):
-            best = ckpt.load(os.path.join(run_dir, 'model.pt'), 'model')['model_state']
+            best = ckpt.load_run_file(os.path.join(run_dir, 'model.pt'), 'model')['model_state']
             ckpt.load_weights(self.model, self.dist.local_model_state(best, self.model), 'model.pt')
         test_loss = self.validation_loss(te_iter)
         self.log('=' * 100)
         self.log('| End of training ' + format_loss(self.args.dataset, 'test', test_loss))
         self.log('=' * 100)
         self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.args.dataset, test_loss))
+        uniform = math.log(self.model.n_token)  # the loss of knowing nothing
+        if not test_loss <= uniform:
+            self.log(f'WARNING: the test loss {test_loss:.4g} is worse than a uniform guess over the '
+                     f'{self.model.n_token} symbols ({uniform:.2f}): training diverged; try a lower --lr')
         return test_loss
 
 
@@ -708,9 +794,9 @@ def prepare(args, parser, notes, dist):
     seed_everything(args.seed, device)
     state = start = None
     if args.restart and not args.restart_dir:
-        state = ckpt.load(os.path.join(args.work_dir, 'checkpoint.pt'))
+        state = ckpt.load_run_file(os.path.join(args.work_dir, 'checkpoint.pt'), 'checkpoint')
     elif args.restart_dir:
-        start = ckpt.load(os.path.join(args.restart_dir, 'model.pt'), 'model')
+        start = ckpt.load_run_file(os.path.join(args.restart_dir, 'model.pt'), 'model')
     # A model imported with its own vocabulary (convert_checkpoint.py) keeps those ids through fine-tuning.
     symbols = (state or start or {}).get('vocab')
     corpus = data_utils.get_lm_corpus(args.data, args.dataset, symbols)
@@ -719,49 +805,68 @@ def prepare(args, parser, notes, dist):
                                  varlen=args.varlen, seed=args.seed)]
     iters += [corpus.get_iterator(split, EVAL_BATCH_SIZE, args.eval_tgt_len, device=device, ext_len=args.ext_len)
               for split in ('valid', 'test')]
+    for split, it in zip(('train', 'valid', 'test'), iters):
+        try:
+            corpus.check_batches(split, it, varlen=args.varlen and split == 'train')
+        except data_utils.DataError as e:
+            what = '--batch_size' if split == 'train' else f'the evaluation batch of train.py ({EVAL_BATCH_SIZE})'
+            raise data_utils.DataError(f'--data {args.data}: {e} ({what}); use a smaller batch or more data') \
+                from None
+    optimizer_state = None
+    if start is not None:
+        ckpt.check_vocab(start, corpus.vocab.idx2sym, f'{args.restart_dir}/model.pt', f'--data {args.data}')
+        optimizer_state = restart_dir_optimizer_state(args.restart_dir, start)
     model = build_model(args, len(corpus.vocab), start)
     dist.seed_rank(args.seed)  # identical weights everywhere, then each rank its own dropout stream
     if state is not None:
         path = os.path.join(args.work_dir, 'checkpoint.pt')
         hint = ' (resume with the flags of that run, or start a new run in another --work_dir)'
         ckpt.check_config(state['config'], model.config, path, hint=hint)
+        ckpt.check_vocab(state, corpus.vocab.idx2sym, path, f'--data {args.data}')
         ckpt.check_config(state['args'], vars(args), path, keys=RESUME_KEYS, hint=hint)
         others = [k for k in vars(args) if k not in RESUME_KEYS and k != 'restart']
         changed = ckpt.config_diff(state['args'], vars(args), keys=others)
         if changed:  # allowed (e.g. a longer --max_step), but said
             notes.append('NOTE: flags changed since the checkpoint: ' + '; '.join(changed))
-    return device, iters, model, state, symbols
+    lock = claim_work_dir(args, dist, notes)
+    return device, iters, model, state, (symbols, corpus.vocab.idx2sym), optimizer_state, lock
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     notes = list(filter(None, [malloc.tune()]))   # before the first large tensor; logged with the notes
-    dist = Dist()
+    dist, lock = Dist(), None
     try:
         check_args(args, parser)
         dist = Dist.from_env(args.cuda, args.expert_parallel, args.dist_timeout)
-        device, iters, model, state, symbols = prepare(args, parser, notes, dist)
+        device, iters, model, state, vocabs, optimizer_state, lock = prepare(args, parser, notes, dist)
+        symbols, corpus_symbols = vocabs  # an imported model's own vocabulary (or None), the corpus's
         n_params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters()))
         trainer = Trainer(args, model, device, None, None, dist, vocab=symbols, tr_iter=iters[0])
+        trainer.symbols = corpus_symbols
         if state is not None:
             trainer.load_state_dict(state)
-        elif args.restart_dir and os.path.exists(os.path.join(args.restart_dir, 'optimizer.pt')):
-            path = os.path.join(args.restart_dir, 'optimizer.pt')
-            saved = ckpt.load(path, 'optimizer')['optimizer_state']
-            trainer.optimizer.load_state_dict(dist.local_optimizer_state(saved, trainer.optimizer))
+        elif optimizer_state is not None:  # --restart_dir's
+            trainer.optimizer.load_state_dict(dist.local_optimizer_state(optimizer_state, trainer.optimizer))
             if args.scheduler in ('constant', 'dev_perf'):
                 # As the original: loading optimizer.pt restored the rate, and these schedules never reset it.
-                trainer.base_lr = float(saved['param_groups'][0]['lr'])
-                notes.append(f'NOTE: --scheduler {args.scheduler} continues at the rate saved in {path}: '
-                             f'{trainer.base_lr:.3g} (as the original)')
+                trainer.base_lr = float(optimizer_state['param_groups'][0]['lr'])
+                notes.append(f'NOTE: --scheduler {args.scheduler} continues at the rate saved in '
+                             f'{args.restart_dir}/optimizer.pt: {trainer.base_lr:.3g} (as the original)')
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
         if dist.is_main:  # every rank finds the same fault; one line is enough
             print(f'train.py: error: {e}', file=sys.stderr)
+        if lock is not None:
+            lock.release()
         dist.close()
         return 2
     try:
         return run(args, trainer, iters, state, notes, n_params)
+    except OSError as e:  # a full disk, or the run directory taken away: one line, the checkpoint is kept
+        message = str(e) if isinstance(e, files.WriteError) else files.write_error(e, e.filename or args.work_dir)
+        print(f'train.py: error: {message}', file=sys.stderr)
+        return 2
     except RuntimeError as e:
         if not (dist.active and is_peer_failure(e)):
             raise
@@ -772,7 +877,18 @@ def main(argv=None):
     finally:
         if trainer.metrics is not None:
             trainer.metrics.close()
+        if lock is not None:
+            lock.release()
         dist.close()
+
+
+def kept_checkpoint(trainer, run_dir):
+    """Which checkpoint a stopped run leaves, for its last message."""
+    if run_dir is None:
+        return 'debug mode: no checkpoint'
+    if trainer.saved_step is None:
+        return 'no checkpoint was kept (no state before the failure was known good): start a new run'
+    return f'the last good checkpoint is {run_dir}/checkpoint.pt (step {trainer.saved_step}): resume with --restart'
 
 
 def run(args, trainer, iters, state, notes, n_params):
@@ -792,8 +908,8 @@ def run(args, trainer, iters, state, notes, n_params):
         log('Debug mode: nothing is written')
     for note in notes:
         log(note)
+    trainer.metrics.truncate_after(trainer.step)  # a fresh run (step 0) does not add to a killed run's lines
     if state is not None:
-        trainer.metrics.truncate_after(trainer.step)
         log(f'Resuming from {run_dir}/checkpoint.pt at step {trainer.step} (epoch {trainer.epoch}, '
             f'batch {trainer.batch})')
     elif args.restart_dir:
@@ -810,20 +926,21 @@ def run(args, trainer, iters, state, notes, n_params):
     try:
         trainer.train(va_iter, run_dir, stop)
     except NonFiniteLoss as e:
-        kept = f'; the last good checkpoint is {run_dir}/checkpoint.pt' if run_dir else ''
-        log(f'Stopping: {e}{kept}. Lower --lr, use --amp bf16 or a loss scale, or check the data.')
+        log(f'Stopping: {e}; {kept_checkpoint(trainer, run_dir)}. Lower --lr, use --amp bf16 or a loss scale, '
+            'or check the data.')
         return 1
     finally:
         stop.uninstall()
     log('-' * 100)
     if stop.agreed == signal.SIGTERM:
-        log(f'Exiting from training early (SIGTERM) at step {trainer.step}: checkpoint saved, resume with --restart')
+        log(f'Exiting from training early (SIGTERM) at step {trainer.step}: {kept_checkpoint(trainer, run_dir)}')
         return 128 + signal.SIGTERM
     log('Exiting from training early' if stop.agreed is not None else 'End of training')
     if trainer.best_val_loss is None:
         # No validation yet (a run shorter than --eval-interval: the original crashed on the missing model.pt), so
         # validate once to have a best model. Otherwise, as the original, the best periodic validation is tested.
         trainer.validate(va_iter, run_dir)
+        trainer.save_checkpoint(run_dir, confirmed=True)  # with this evaluation: a resumed finished run only tests
     trainer.test(te_iter, run_dir)
     return 0
 

@@ -1,4 +1,5 @@
 """Plain-data checkpoints: atomic writes that survive SIGKILL, loads that never run code, clear errors."""
+import errno
 import os
 import pickle
 import random
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from utils import checkpoint as ckpt
+from utils import files
 
 
 def test_round_trip_of_plain_data(tmp_path):
@@ -38,6 +40,27 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 2}, path)
     assert ckpt.load(path)['step'] == 1
     assert os.listdir(tmp_path) == ['c.pt']
+
+
+def test_a_full_disk_is_said_in_one_line(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as `unexpected pos`: the error says what happened and what is kept."""
+    path = tmp_path / 'c.pt'
+    ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 1}, path)
+
+    def fill_the_disk(obj, f):
+        f.write(b'PK\x03\x04 partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 791616 vs 791508')
+    monkeypatch.setattr(ckpt.torch, 'save', fill_the_disk)
+    monkeypatch.setattr(files, 'disk_full', lambda directory: True)
+    with pytest.raises(files.WriteError) as error:
+        ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 2}, path)
+    assert str(error.value) == (f'no space left on device writing {path}: the previous file is kept; free some '
+                                'space and run again')
+    assert ckpt.load(path)['step'] == 1 and os.listdir(tmp_path) == ['c.pt']
+    monkeypatch.setattr(files, 'disk_full', lambda directory: False)  # the real errno says it too
+    monkeypatch.setattr(ckpt.torch, 'save', lambda obj, f: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space')))
+    with pytest.raises(files.WriteError, match='^no space left on device writing'):
+        ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 2}, path)
 
 
 def test_sigkill_during_saves_leaves_a_complete_checkpoint(tmp_path):
@@ -93,6 +116,22 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
         ckpt.load(foreign)
     for error in (ckpt.CheckpointError('x'),):
         assert isinstance(error, ValueError)  # the drivers turn ValueErrors into exit code 2
+
+
+@pytest.mark.parametrize('what, obj, message', [
+    ('model', {'model_state': {}}, "nothing under 'config'"),
+    ('model', {'config': {}, 'model_state': {}, 'args': ['--lr', '1']}, "a list under 'args'"),
+    ('model', {'config': 'big', 'model_state': {}}, "a str under 'config'"),
+    ('optimizer', {'step': 3}, "nothing under 'optimizer_state'"),
+    ('checkpoint', {'config': {}, 'model_state': {}, 'optimizer_state': {}, 'scaler_state': {}, 'window': {},
+                    'args': {}}, 'but no plateau, step, epoch'),
+])
+def test_hand_made_checkpoints_with_the_format_tag_are_one_line(what, obj, message, tmp_path):
+    path = tmp_path / 'c.pt'
+    torch.save({'format': ckpt.FORMAT, **obj}, path)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_run_file(path, what)
+    assert message in str(error.value) and 'use a file train.py wrote' in str(error.value)
 
 
 def test_config_check_says_what_differs():

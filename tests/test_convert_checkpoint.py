@@ -301,6 +301,44 @@ def test_restricted_unpickler_runs_no_code_of_the_file(tmp_path, capsys):
     assert 'makedirs is not part of a Transformer-XL or FastMoE model' in err and len(err.splitlines()) == 1
 
 
+class CallsAStandIn:
+    """Pickles as a REDUCE that calls FastMoE's FMoE (a stand-in when unpickled) with an argument."""
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __reduce__(self):
+        return self.cls, (1, 2)
+
+
+def test_a_reduce_on_a_stand_in_is_one_line(tmp_path, monkeypatch, capsys):
+    fakes = FakeModules()
+    cls = fakes.cls('fmoe.layers', 'FMoE')
+    with monkeypatch.context() as m:
+        fakes.install(m)
+        torch.save({'model': CallsAStandIn(cls)}, tmp_path / 'odd.pt')
+    err = run_error(tmp_path, capsys, str(tmp_path / 'odd.pt'), '--work_dir', str(tmp_path / 'out'), '--trust-pickle')
+    assert 'was not unpickled (TypeError' in err and 'not a pickled Transformer-XL model' in err
+
+
+def test_an_unwritable_work_dir_is_refused_before_reading(tmp_path, capsys):
+    src = save(make_model().state_dict(), tmp_path / 'sd.pt')
+    (tmp_path / 'file').write_text('x')
+    assert 'is a file, not a directory' in run_error(tmp_path, capsys, str(src), '--work_dir', str(tmp_path / 'file'))
+    assert 'is not writable' in run_error(tmp_path, capsys, str(src), '--work_dir', '/proc/txl-import')
+
+
+def test_a_vocabulary_mismatch_names_no_missing_run(tmp_path, capsys):
+    """A converted state dict has no training run to point at: the message ended '(None at None)'."""
+    src = save(make_model().state_dict(), tmp_path / 'sd.pt')
+    data = tmp_path / 'data'
+    data.mkdir()
+    for split in ('train', 'valid', 'test'):
+        (data / f'{split}.txt').write_text('65 66 67 68\n' * 50)
+    err = run_error(tmp_path, capsys, str(src), '--work_dir', str(tmp_path / 'out'), '--data', str(data),
+                    '--dataset', 'enwik8')
+    assert err.endswith('pass the --data/--dataset it was trained on'), err
+
+
 def test_unknown_fastmoe_gate_is_refused(tmp_path, monkeypatch):
     fakes = FakeModules()
     original = as_original(make_model(moe=True, moe_num_expert=2), fakes)

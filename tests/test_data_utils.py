@@ -380,17 +380,25 @@ def test_dataset_name_is_part_of_the_key(tmp_path):
     assert ptb_corpus.vocab.lower_case and not wt2_corpus.vocab.lower_case
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'vocab'])
+@pytest.mark.parametrize('damage', ['truncate', 'vocab', 'empty', 'swapped symbols', 'edited ids'])
 def test_damaged_cache_is_rebuilt(tmp_path, capsys, damage):
+    """Also the damage that keeps every size: an edited vocab.json of the same length or an edited .npy."""
     root, _ = make_enwik8(tmp_path / 'enwik8')
     built = get_lm_corpus(str(root), 'enwik8')
     cache = root / cache_dirs(root)[0]
+    data = (cache / 'train.npy').read_bytes()
+    vocab = json.loads((cache / 'vocab.json').read_text())
     if damage == 'truncate':
-        data = (cache / 'train.npy').read_bytes()
         (cache / 'train.npy').write_bytes(data[:len(data) // 2])
-    else:
-        vocab = json.loads((cache / 'vocab.json').read_text())
+    elif damage == 'vocab':
         (cache / 'vocab.json').write_text(json.dumps(vocab[:-1]))
+    elif damage == 'empty':
+        (cache / 'train.npy').write_bytes(b'')
+    elif damage == 'swapped symbols':
+        vocab[0], vocab[1] = vocab[1], vocab[0]
+        (cache / 'vocab.json').write_text(json.dumps(vocab))
+    else:  # the same size, ids still in the vocabulary
+        (cache / 'train.npy').write_bytes(data[:-1] + bytes([data[-2]]))
     capsys.readouterr()
     again = get_lm_corpus(str(root), 'enwik8')
     assert 'Ignoring damaged cache' in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """eval.py against a token-level reference computed here, its output formats and its bad-input cases."""
+import errno
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import mem_transformer
 import train
 from conftest import MOE, TINY, write_corpus
 from utils import checkpoint as ckpt
+from utils import files
 from utils.evaluation import evaluate
 from utils.exp_utils import format_loss
 
@@ -125,6 +127,17 @@ def test_no_log_writes_nothing(trained):
     assert {name: (work / name).read_bytes() for name in os.listdir(work)} == before
 
 
+def test_a_read_only_run_directory_needs_no_log(trained, capsys, monkeypatch):
+    """Evaluating a run on a read-only mount gave a traceback after the whole evaluation."""
+    work, _ = trained
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, 'Read-only file system')
+    monkeypatch.setattr(files.tempfile, 'mkstemp', read_only)
+    expect_error(capsys, work, 'is not writable (Read-only file system', '--split', 'valid')
+    assert eval_main(work, '--split', 'valid', '--no_log') == 0
+
+
 def test_word_level_datasets_report_perplexity():
     assert format_loss('wt103', 'test', 3.0) == f'| test loss  3.00 | test ppl {math.exp(3):9.3f}'
     assert format_loss('text8', 'valid', 1.0) == f'| valid loss  1.00 | valid bpc {1 / math.log(2):9.5f}'
@@ -142,6 +155,8 @@ def expect_error(capsys, work, message, *flags):
 def test_bad_input(trained, tmp_path, capsys):
     work, corpus = trained
     expect_error(capsys, tmp_path / 'nowhere', 'nowhere does not exist')
+    (tmp_path / 'a-file').write_text('x')
+    expect_error(capsys, tmp_path / 'a-file', 'a-file is a file: give the run directory')
     expect_error(capsys, work, '--tgt_len 0 must be at least 1', '--tgt_len', '0')
     expect_error(capsys, work, 'needs --mem_len > 0', '--same_length', '--mem_len', '0')
     expect_error(capsys, work, 'data directory', '--data', str(tmp_path / 'missing'))
@@ -149,6 +164,9 @@ def test_bad_input(trained, tmp_path, capsys):
     other = write_corpus(tmp_path / 'digits', sizes=(3000, 1000, 1000), seed=1)
     (other / 'test.txt').write_text('48 49 50 51 52 53 54 55 56 57 ' * 50)  # more symbols than the model knows
     expect_error(capsys, work, 'tokens but the model in', '--data', str(other))
+    # too small a split for the batch: refused before log.txt is touched (expect_error compares the files)
+    expect_error(capsys, work, 'the test split has 2427 tokens, too few for a batch of 2000: it needs at least 4000',
+                 '--batch_size', '2000')
 
     broken = tmp_path / 'broken'
     broken.mkdir()

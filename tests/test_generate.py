@@ -246,6 +246,9 @@ def test_cli_errors(tmp_path, capsys):
         return last
 
     assert 'does not exist' in error('--work_dir', str(tmp_path / 'nope'))
+    assert f'--prompt_file {tmp_path} is a directory' in error('--work_dir', run, '--prompt_file', str(tmp_path))
+    assert f'--output {tmp_path} is a directory' in error('--work_dir', run, '--output', str(tmp_path))
+    assert 'is not writable' in error('--work_dir', run, '--output', '/proc/out.txt')
     assert '--temperature -1.0 must be >= 0' in error('--work_dir', run, '--temperature', '-1')
     assert '--top_p 0.0 must be in (0, 1]' in error('--work_dir', run, '--top_p', '0')
     assert '--max_tokens 0 must be at least 1' in error('--work_dir', run, '--max_tokens', '0')

@@ -2,6 +2,7 @@
 known in advance (fixed gate biases), including the tokens a capacity-limited gate drops."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -163,7 +164,10 @@ def test_report_errors(tmp_path, capsys):
     assert 'has no MoE layers' in error('--work_dir', run)
     assert 'does not exist' in error('--work_dir', str(tmp_path / 'nope'))
     assert '--batch_size 0 must be at least 1' in error('--work_dir', run, '--batch_size', '0')
-    assert 'its directory does not exist' in error('--work_dir', run, '--json', str(tmp_path / 'no' / 'r.json'))
+    assert 'its directory' in error('--work_dir', run, '--json', str(tmp_path / 'no' / 'r.json'))
     moe_run, _, _ = make_run(tmp_path / 'moe', moe=True, moe_num_expert=2, same_length=True)
     assert 'needs --mem_len > 0' in error('--work_dir', moe_run, '--mem_len', '0')  # trained with same_length
+    assert f'--json {tmp_path} is a directory' in error('--work_dir', moe_run, '--json', str(tmp_path))
+    assert 'is not writable' in error('--work_dir', moe_run, '--png', '/proc/r.png')
+    assert not [n for n in os.listdir(tmp_path / 'moe' / 'run') if n != 'model.pt']
     assert not (tmp_path / 'run' / 'moe_report.json').exists()

@@ -1,5 +1,6 @@
 """plot.py: the load matrix by hand, PNG files from synthetic and real metrics, errors."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,6 +76,20 @@ def test_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'no training or evaluation line yet' in err
     assert not (tmp_path / 'curves.png').exists()
+
+
+def test_unwritable_out_and_undecodable_metrics_are_one_line(tmp_path, capsys):
+    write_metrics(tmp_path / 'metrics.jsonl', moe_records())
+    (tmp_path / 'file').write_text('x')
+    for out, message in ((tmp_path / 'file', '--out {} is a file, not a directory'), ('/proc/txl', 'is not writable')):
+        assert plot.main(['--work_dir', str(tmp_path), '--out', str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and message.format(out) in err, err
+    (tmp_path / 'metrics.jsonl').write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    assert plot.main(['--work_dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f'{tmp_path}/metrics.jsonl is not UTF-8 text (byte' in err, err
+    assert sorted(os.listdir(tmp_path)) == ['file', 'metrics.jsonl']
 
 
 def test_a_run_shorter_than_its_log_interval_still_plots(tmp_path):

@@ -91,6 +91,31 @@ def test_prep_enwik8_bad_input(tmp_path, args, message):
     assert not (tmp_path / 'out').exists()
 
 
+def test_prep_enwik8_refuses_a_truncated_zip(tmp_path):
+    """A download cut short is no zip any more (its directory is at the end): it was read as raw text, and the
+    compressed bytes became the corpus."""
+    cut = tmp_path / 'enwik8.zip'
+    cut.write_bytes(ENWIK8_SAMPLE.read_bytes()[:200000])
+    r = prep('prep_enwik8.py', '--input', str(cut), '--out', str(tmp_path / 'out'), '--valid', '10', '--test', '10')
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert 'is a damaged or incomplete zip (it does not open): delete it and download it again' in r.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_prep_keeps_a_partial_corpus_without_force_and_checks_out(tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'train.txt').write_text('mine')
+    args = ['--input', str(ENWIK8_SAMPLE), '--valid', '1000', '--test', '1000', '--no-raw']
+    r = prep('prep_enwik8.py', *args, '--out', str(out))
+    assert r.returncode == 2 and 'already holds train.txt but not all three splits: pass --force' in r.stderr
+    assert os.listdir(out) == ['train.txt'] and (out / 'train.txt').read_text() == 'mine'
+    (tmp_path / 'file').write_text('x')
+    for where, message in ((tmp_path / 'file', 'is a file, not a directory'), ('/proc/txl', 'is not writable')):
+        r = prep('prep_enwik8.py', *args, '--out', str(where))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # ---- prep_text8.py --------------------------------------------------------------------
 
 def test_prep_text8_on_a_text8_sample_from_real_wikipedia(tmp_path):

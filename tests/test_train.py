@@ -1,11 +1,13 @@
 """train.py end to end on tiny configurations: flags, run directory, resume after SIGKILL, batch_chunk,
 mixed precision on the CPU, non-finite steps and every bad-input case."""
+import errno
 import importlib.util
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,9 @@ import warnings
 import pytest
 import torch
 
+import data_utils
 import eval as evaluation
+import generate
 import mem_transformer
 import train
 from conftest import MOE, ROOT, TINY, WORDS, launch, write_corpus
@@ -756,6 +760,37 @@ def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path, corpus, poisoned_st
     assert all(torch.isfinite(w).all() for w in state['model_state'].values())
 
 
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    """Step 7 blows the weights up to ~1e30 (as a huge learning rate does): finite, but every later loss is NaN. No
+    state after step 6 may be kept, and the message must name a checkpoint that resumes."""
+    train_step = train.Trainer.train_step
+
+    def blow_up_at_step_7(self, data, target):
+        loss = train_step(self, data, target)
+        if self.step == 7:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.mul_(1e30)
+        return loss
+    monkeypatch.setattr(train.Trainer, 'train_step', blow_up_at_step_7)
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '30', '--save-interval', '1') == 1
+    log = (work / 'log.txt').read_text()
+    assert f'the last good checkpoint is {work}/checkpoint.pt (step 6): resume with --restart' in log
+    state = ckpt.load(work / 'checkpoint.pt')
+    assert (state['step'], state['nonfinite_run']) == (6, 0)
+    assert all(torch.isfinite(m).all() for chunk in state['mems'] for m in chunk)
+    assert max(w.abs().max() for w in state['model_state'].values() if w.is_floating_point()) < 100
+    assert sorted(os.listdir(work)) == ['checkpoint.pt', 'log.txt', 'metrics.jsonl']
+    monkeypatch.setattr(train.Trainer, 'train_step', train_step)
+    assert run(work, corpus, '--restart', '--max_step', '10') == 0  # as the message says
+
+    fresh = tmp_path / 'fresh'  # diverges from the first step: nothing good to keep, and the message says so
+    assert run(fresh, corpus, '--lr', '1e30', '--max_step', '30', '--save-interval', '1') == 1
+    assert 'no checkpoint was kept' in (fresh / 'log.txt').read_text()
+    assert not (fresh / 'checkpoint.pt').exists() and not (fresh / 'model.pt').exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 BAD_INPUT = {
@@ -773,6 +808,12 @@ BAD_INPUT = {
     'switch gate with top-2': (['--moe', '--moe-num-expert', '4', '--moe-gate', 'switch'], "top_k must be 1"),
     'model rejects': (['--attn_type', '7'], 'attn_type=7'),
     'restart without checkpoint': (['--restart'], 'checkpoint.pt does not exist'),
+    'empty work_dir': (['--work_dir', ''], '--work_dir is empty (an unset shell variable?)'),
+    'negative clip': (['--clip', '-1'], '--clip -1.0 must be a finite number above 0'),
+    'infinite lr': (['--lr', 'inf'], '--lr inf must be a finite number above 0'),
+    'nan decay rate': (['--decay_rate', 'nan'], '--decay_rate nan must be a finite number'),
+    'negative momentum': (['--mom', '-0.5'], '--mom -0.5 must be a finite number at least 0'),
+    'zero capacity': (['--moe-capacity-factor', '0'], '--moe-capacity-factor 0.0 must be a finite number above 0'),
     'missing restart_dir model': (['--restart_dir', '/nonexistent/run'], 'holds no model.pt'),
 }
 
@@ -785,6 +826,39 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, corp
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('train.py: error: ') and message in err, err
     assert not work.exists()
+
+
+def test_model_flags_are_checked_before_the_corpus_is_read(tmp_path, capsys):
+    data = write_corpus(tmp_path / 'data')
+    before = sorted(os.listdir(data))
+    assert run(tmp_path / 'run', data, '--dropout', '1.5') == 2
+    assert 'dropout=1.5: must be in [0, 1)' in capsys.readouterr().err
+    assert sorted(os.listdir(data)) == before  # no cache built into --data
+
+
+@pytest.mark.parametrize('sizes, flags, message', [
+    ((100, 4000, 4000), ['--batch_size', '60'], 'the train split has 98 tokens, too few for a batch of 60: '
+                                                'it needs at least 120 (2 rows of the batch) (--batch_size)'),
+    ((150, 4000, 4000), ['--batch_size', '60', '--varlen'], 'needs at least 180 (3 rows of the batch)'),
+    ((40000, 15, 4000), [], 'the valid split has 15 tokens, too few for a batch of 10: it needs at least 20'),
+    ((40000, 4000, 19), [], 'the test split has 19 tokens'),
+])  # (the corpus's newlines are no tokens)
+def test_splits_too_small_for_their_batch_are_refused_at_start_up(sizes, flags, message, tmp_path):
+    """A training split without one batch looped forever; a small evaluation split crashed at the first
+    evaluation. In a subprocess: before the check, the first case never ended."""
+    data = write_corpus(tmp_path / 'data', sizes=sizes)
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--data', str(data), '--work_dir',
+                           str(tmp_path / 'run'), *TINY, *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_diverged_run_says_so(tmp_path, corpus):
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--lr', '1000', '--max_step', '10') == 0
+    assert re.search(r'WARNING: the test loss [\d.e+]+ is worse than a uniform guess over the 3\d symbols',
+                     (work / 'log.txt').read_text())
 
 
 def test_missing_data_directory(tmp_path, capsys):
@@ -830,10 +904,135 @@ def test_restart_from_a_corrupt_checkpoint(tmp_path, finished_run, corpus, capsy
         (work / name).write_bytes((finished_run / name).read_bytes())
     (work / 'checkpoint.pt').write_bytes((finished_run / 'checkpoint.pt').read_bytes()[:1000])
     code, err = unchanged_after(work, corpus, capsys, '--restart')
-    assert code == 2 and 'checkpoint.pt is unreadable' in err
+    assert code == 2 and 'checkpoint.pt is unreadable' in err and 'use an intact copy (or start again without it)' in err
     torch.save({'model': torch.nn.Linear(1, 1)}, work / 'checkpoint.pt')
     code, err = unchanged_after(work, corpus, capsys, '--restart')
     assert code == 2 and 'pickled Python objects' in err
+
+
+# ----------------------------------------------------------------------------- one run per directory, its files
+
+def test_a_second_process_on_a_work_dir_is_refused_until_the_first_is_killed(tmp_path, corpus, capsys):
+    """Two runs started together (no checkpoint yet) both trained into one directory, as did a second --restart:
+    the directory is locked, and the kernel drops the lock with a SIGKILLed holder."""
+    never = ['--max_step', '100000', '--save-interval', '0', '--eval-interval', '100000']
+    work = tmp_path / 'run'
+    proc = train_subprocess(work, corpus, *never)
+    try:
+        wait_for_train_lines(work, 1, proc)
+        assert run(work, corpus, '--max_step', '3') == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and f'--work_dir {work} is in use by another process' in err, err
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert run(work, corpus, '--max_step', '3') == 0
+    assert [r['step'] for r in records(work, 'train')] == [1, 2, 3]  # the killed run's lines are not mixed in
+
+    proc = train_subprocess(work, corpus, '--restart', *never)
+    try:
+        wait_for_train_lines(work, 4, proc)
+        assert run(work, corpus, '--restart', '--max_step', '6') == 2
+        assert 'is in use by another process' in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert run(work, corpus, '--restart', '--max_step', '5') == 0
+
+
+def test_temporary_files_of_a_killed_save_are_removed_at_start_up(tmp_path, finished_run, corpus):
+    work = tmp_path / 'copy'
+    shutil.copytree(finished_run, work)
+    orphans = ['checkpoint.pt.tmp4242', 'model.pt.tmp17', 'optimizer.pt.tmp99', 'metrics.jsonl.tmp',
+               'checkpoint.pt.next', 'checkpoint.pt.next.tmp5', '.checkpoint.pt.next.k3j_x1.tmp', '.model.pt.a8c.tmp']
+    for name in orphans + ['notes.txt', 'eval.json.tmp5']:  # not train.py's: left alone
+        (work / name).write_bytes(b'x' * 1000)
+    assert run(work, corpus, '--restart', '--max_step', '5') == 0
+    assert sorted(os.listdir(work)) == ['checkpoint.pt', 'eval.json.tmp5', 'log.txt', 'metrics.jsonl', 'model.pt',
+                                        'notes.txt', 'optimizer.pt']
+    assert 'Removed the temporary files of an interrupted run: ' + ', '.join(sorted(orphans)) in \
+        (work / 'log.txt').read_text()
+
+
+def test_resuming_a_finished_run_does_not_repeat_its_test_line(tmp_path, finished_run, corpus):
+    work = tmp_path / 'copy'
+    shutil.copytree(finished_run, work)
+    expected = [(r['step'], r['split'], r['loss']) for r in records(work)]
+    for _ in range(2):
+        assert run(work, corpus, '--restart', '--max_step', '4') == 0
+        assert [(r['step'], r['split'], r['loss']) for r in records(work)] == expected
+
+
+def test_another_vocabulary_of_the_same_size_is_refused_everywhere(tmp_path, finished_run, corpus, capsys):
+    """A corpus with the same symbols in another order (e and t swapped: other counts, other ids) has as many
+    symbols: sizes alone let every driver read it with the wrong ids."""
+    swapped = tmp_path / 'swapped'
+    swapped.mkdir()
+    for split in ('train', 'valid', 'test'):
+        swap = {'101': '116', '116': '101'}
+        lines = (corpus / f'{split}.txt').read_text().split('\n')
+        (swapped / f'{split}.txt').write_text('\n'.join(' '.join(swap.get(t, t) for t in line.split(' '))
+                                                        for line in lines))
+    work = tmp_path / 'copy'
+    shutil.copytree(finished_run, work)
+    message = "has another vocabulary than the one"
+
+    def refused(main, *argv):
+        capsys.readouterr()
+        assert main(list(argv)) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in last and re.search(r"symbol \d+ is '(101|116)' there, '(116|101)' in the checkpoint", last)
+    refused(train.main, '--data', str(swapped), '--work_dir', str(work), *TINY, '--max_step', '6', '--restart')
+    refused(train.main, '--data', str(swapped), '--work_dir', str(tmp_path / 'new'), *TINY, '--restart_dir',
+            str(finished_run))
+    refused(evaluation.main, '--work_dir', str(work), '--data', str(swapped))
+    refused(generate.main, '--work_dir', str(work), '--data', str(swapped), '--prompt', 'the')
+    assert ckpt.load(work / 'model.pt', 'model')['vocab_symbols'] == \
+        data_utils.get_lm_corpus(str(corpus), 'enwik8').vocab.idx2sym
+
+
+def test_restart_dir_refuses_weights_and_optimizer_of_different_steps(tmp_path, finished_run, corpus, capsys):
+    """model.pt and optimizer.pt are two writes: a kill between them pairs weights with another step's moments."""
+    other = tmp_path / 'other'
+    shutil.copytree(finished_run, other)
+    optimizer = ckpt.load(other / 'optimizer.pt', 'optimizer')
+    optimizer['step'] = 2
+    ckpt.atomic_save(optimizer, other / 'optimizer.pt')
+    assert run(tmp_path / 'run', corpus, '--restart_dir', str(other), '--max_step', '6') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f'optimizer.pt is from step 2 but {other}/model.pt from step 4' in err, err
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('where, message', [
+    ('file', 'is a file, not a directory'),
+    ('/proc/txl-run', 'is not writable'),
+    ('file/run', 'cannot be created: '),
+])
+def test_an_unwritable_work_dir_is_refused_before_any_work(where, message, tmp_path, corpus, capsys):
+    (tmp_path / 'file').write_text('a file')
+    work = where if where.startswith('/') else tmp_path / where
+    assert run(work, corpus, '--max_step', '2') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and message in err, err
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, finished_run, corpus, capsys,
+                                                                 monkeypatch):
+    work = tmp_path / 'copy'
+    shutil.copytree(finished_run, work)
+    before = {name: (work / name).read_bytes() for name in ('checkpoint.pt', 'metrics.jsonl', 'model.pt')}
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', no_space)
+    assert run(work, corpus, '--restart', '--max_step', '8', '--save-interval', '1') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'no space left on device writing' in err, err
+    assert {name: (work / name).read_bytes() for name in before} == before
+    assert not [name for name in os.listdir(work) if '.tmp' in name or name.endswith('.next')]
 
 
 # ----------------------------------------------------------------------------- run scripts

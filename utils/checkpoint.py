@@ -2,7 +2,8 @@
 
 Everything saved here is tensors, numbers, strings, lists, tuples and dicts, so files load with
 torch.load(..., weights_only=True): opening a checkpoint never runs code. A file is written under a temporary
-name, fsynced and renamed over the old one, so a run killed mid-save leaves the previous checkpoint intact.
+name, fsynced and renamed over the old one (utils.files.atomic_write), so a run killed mid-save leaves the previous
+checkpoint intact.
 """
 import os
 import random
@@ -13,6 +14,10 @@ import torch
 from utils.files import atomic_write
 
 FORMAT = 'txl-moe-checkpoint-1'
+# train.py's newest state until the step after it shows it is good; then it is renamed to checkpoint.pt.
+PENDING = 'checkpoint.pt.next'
+# What train.py writes atomically into a run directory (each through NAME.tmpPID).
+RUN_FILES = ('checkpoint.pt', PENDING, 'model.pt', 'optimizer.pt', 'metrics.jsonl')
 
 
 class CheckpointError(ValueError):
@@ -20,7 +25,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path):
-    """torch.save to `path` atomically (utils.files.atomic_write)."""
+    """torch.save to `path` atomically (utils.files.atomic_write): a run killed mid-save keeps the previous file;
+    a failed write (a full disk: torch says `unexpected pos`) raises files.WriteError with one line."""
     with atomic_write(path, 'wb') as f:
         torch.save(obj, f)
 
@@ -52,12 +58,35 @@ def load(path, what='checkpoint'):
             raise CheckpointError(
                 f'{what} {path} holds pickled Python objects, not plain data (a checkpoint of the original '
                 f'Transformer-XL?); it is not opened because unpickling runs code: convert it first') from None
-        raise CheckpointError(f'{what} {path} is unreadable ({reason}): it is truncated or not a checkpoint') \
-            from None
+        raise CheckpointError(f'{what} {path} is unreadable ({reason}): it is truncated or not a checkpoint; '
+                              'use an intact copy (or start again without it)') from None
     if not isinstance(obj, dict) or obj.get('format') != FORMAT:
         raise CheckpointError(f'{what} {path} is not a checkpoint written by this project '
                               f'(expected format {FORMAT!r})')
     return obj
+
+
+def load_run_file(path, what):
+    """load() of one of train.py's files, what = 'model' (model.pt), 'optimizer' (optimizer.pt) or 'checkpoint'
+    (checkpoint.pt), checked to hold what each needs: a hand-made file with the format tag is one line too."""
+    obj = load(path, what)
+    for key in REQUIRED[what] + ('args',):
+        if not isinstance(obj.get(key, {} if key == 'args' else None), dict):  # 'args' may be absent
+            found = 'nothing' if key not in obj else f'a {type(obj[key]).__name__}'
+            raise CheckpointError(f'{what} {path} has the format tag but {found} under {key!r} (a dict is '
+                                  'expected): it was not written by this project; use a file train.py wrote')
+    missing = [key for key in PRESENT.get(what, ()) if key not in obj]
+    if missing:
+        raise CheckpointError(f'{what} {path} has the format tag but no {", ".join(missing)}: it was not written '
+                              'by this project; use a file train.py wrote')
+    return obj
+
+
+# The dicts each kind of file must hold (the rest is checked where it is used).
+REQUIRED = {'model': ('config', 'model_state'), 'optimizer': ('optimizer_state',),
+            'checkpoint': ('config', 'model_state', 'optimizer_state', 'scaler_state', 'window')}
+PRESENT = {'checkpoint': ('args', 'plateau', 'step', 'epoch', 'batch', 'position', 'best_val_loss',
+                          'last_eval_step', 'nonfinite_run', 'mems', 'rng')}
 
 
 def config_diff(saved, current, keys=None):
@@ -90,6 +119,22 @@ def check_config(saved, current, path, keys=None, hint=''):
     if diffs:
         shown = '; '.join(diffs[:4]) + ('; ...' if len(diffs) > 4 else '')
         raise CheckpointError(f'{path} does not match this run: {shown}{hint}')
+
+
+def check_vocab(saved, symbols, path, data):
+    """CheckpointError (one line, naming the first symbols that differ) if the checkpoint was trained on another
+    vocabulary than `symbols`: a corpus with as many symbols but other ids would be read silently wrong. Older
+    checkpoints hold no vocabulary and are not checked."""
+    known = saved.get('vocab_symbols')
+    if known is None or list(known) == list(symbols):
+        return
+    i = next((i for i, (a, b) in enumerate(zip(known, symbols)) if a != b), min(len(known), len(symbols)))
+
+    def show(seq):
+        return repr(seq[i]) if i < len(seq) else 'absent'
+    raise CheckpointError(f'{data} has another vocabulary than the one {path} was trained on: symbol {i} is '
+                          f'{show(symbols)} there, {show(known)} in the checkpoint ({len(symbols)} and {len(known)} '
+                          'symbols): pass the --data it was trained on')
 
 
 def rng_state():

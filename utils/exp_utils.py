@@ -87,11 +87,13 @@ class MetricsWriter:
             self.board = None
 
     def truncate_after(self, step):
-        """Drop records of steps after `step` (a resumed run logs them again), atomically."""
+        """Drop records of steps after `step` and the test at `step` (a resumed run logs them again; a fresh run,
+        step 0, starts an empty file), atomically."""
         self.purge_step = step + 1
         if self.path is None or not os.path.exists(self.path):
             return
-        kept = [line for line in read_lines(self.path) if json.loads(line).get('step', 0) <= step]
+        kept = [line for line in read_lines(self.path) for r in [json.loads(line)]
+                if r.get('step', 0) < step or (r.get('step', 0) == step and r.get('split') != 'test')]
         with atomic_write(self.path) as f:
             f.writelines(line + '\n' for line in kept)
 

@@ -10,7 +10,7 @@ import os
 import sys
 import zipfile
 
-from utils.files import atomic_write, progress_bar
+from utils.files import WriteError, atomic_write, check_writable_dir, progress_bar
 
 SPLITS = ('train', 'valid', 'test')
 BLOCK = 1 << 22
@@ -43,7 +43,14 @@ def read_corpus(path, member):
         raise PrepError('input {} does not exist: `bash getdata.sh {}` downloads it, or pass '
                         '--input PATH'.format(path, member))
     if not zipfile.is_zipfile(path):
-        return open(path, 'rb').read()
+        with open(path, 'rb') as f:
+            head = f.read(4)
+        # A zip cut short (a download stopped early) has lost its directory but still starts like a zip.
+        if head == b'PK\x03\x04' or path.lower().endswith('.zip'):
+            raise PrepError('{} is a damaged or incomplete zip (it does not open): delete it and download it '
+                            'again'.format(path))
+        with open(path, 'rb') as f:
+            return f.read()
     try:
         with zipfile.ZipFile(path) as z:
             if member not in z.namelist():
@@ -95,16 +102,25 @@ def run(name, unit, description, decode, tokenize):
               .format(name, args.out))
         return 0
     try:
+        existing = [os.path.basename(f) for f in outputs if os.path.exists(f)]
+        if existing and not args.force:  # a part of a corpus is still someone's files
+            raise PrepError('{} already holds {} but not all three splits: pass --force to rewrite them'.format(
+                args.out, ', '.join(existing)))
+        check_writable_dir(args.out, '--out')
         data = decode(read_corpus(args.input, name), args.input)
         parts = split_parts(data, args.valid, args.test, args.input)
-    except PrepError as err:
+    except (PrepError, ValueError) as err:  # ValueError: an --out that cannot be written
         print('{}: error: {}'.format(os.path.basename(sys.argv[0]), err), file=sys.stderr)
         return 2
     print('Length of {}: {}'.format(name, len(data)))
     os.makedirs(args.out, exist_ok=True)
-    for path, part in zip(outputs, parts):
-        print('{} will have {} {}'.format(os.path.basename(path), len(part), unit))
-        if not args.no_raw:
-            write_atomic(path + '.raw', [part], 'wb' if isinstance(part, bytes) else 'w')
-        write_atomic(path, tokenize(part, os.path.basename(path)))
+    try:
+        for path, part in zip(outputs, parts):
+            print('{} will have {} {}'.format(os.path.basename(path), len(part), unit))
+            if not args.no_raw:
+                write_atomic(path + '.raw', [part], 'wb' if isinstance(part, bytes) else 'w')
+            write_atomic(path, tokenize(part, os.path.basename(path)))
+    except WriteError as err:  # a full disk: the files written so far are whole, the rest untouched
+        print('{}: error: {}'.format(os.path.basename(sys.argv[0]), err), file=sys.stderr)
+        return 2
     return 0
