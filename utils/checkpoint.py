@@ -85,7 +85,7 @@ def load_run_file(path, what):
 # The dicts each kind of file must hold (the rest is checked where it is used).
 REQUIRED = {'model': ('config', 'model_state'), 'optimizer': ('optimizer_state',),
             'checkpoint': ('config', 'model_state', 'optimizer_state', 'scaler_state', 'window')}
-PRESENT = {'checkpoint': ('args', 'plateau', 'step', 'epoch', 'batch', 'position', 'best_val_loss',
+PRESENT = {'checkpoint': ('args', 'plateau', 'step', 'epoch', 'batch', 'best_val_loss',
                           'last_eval_step', 'nonfinite_run', 'mems', 'rng')}
 
 
