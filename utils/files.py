@@ -36,8 +36,12 @@ def atomic_write(path, mode='w'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+    except OSError as e:
         raise WriteError(write_error(e, path)) from None
+    except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as `unexpected pos ...`
+        if 'unexpected pos' in str(e) or 'PytorchStreamWriter' in str(e) or disk_full(directory):
+            raise WriteError(write_error(e, path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
