@@ -11,6 +11,7 @@ Attention runs heads-first, [bsz, n_head, len, d_head] with scores
 over contiguous keys. tests/reference_attention.py holds the original's
 seq-first einsums, which tests/test_fast_paths.py checks this against.
 """
+import inspect
 import warnings
 from contextlib import contextmanager
 
@@ -711,6 +712,14 @@ class MemTransformerLM(nn.Module):
         self.moe_zloss_coef = moe_zloss_coef
         self._shape_cache = {}  # masks and position tables by shape (see _cached)
         ATTN_TYPES[attn_type].create_params(self)
+
+    @classmethod
+    def full_config(cls, config):
+        """A saved config with the constructor's defaults for the options it predates (a checkpoint written before
+        untie_r or moe_shared_expert existed is the same model as one that says untie_r=False)."""
+        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return {**defaults, **config}
 
     @classmethod
     def from_checkpoint(cls, path):

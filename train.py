@@ -307,7 +307,7 @@ def build_model(args, n_token, saved=None):
         path = os.path.join(args.restart_dir, 'model.pt')
         saved = saved or ckpt.load_run_file(path, 'model')
         arch = [k for k in model.config if k not in RUNTIME_KEYS]
-        ckpt.check_config(saved['config'], model.config, path, keys=arch,
+        ckpt.check_config(model.full_config(saved['config']), model.config, path, keys=arch,
                           hint=' (the architecture flags must match the run it comes from)')
         ckpt.load_weights(model, saved['model_state'], path)
     return model
@@ -644,7 +644,10 @@ class Trainer:
         self.plateau.load_state_dict(state['plateau'])
         for key in ('step', 'epoch', 'batch', 'best_val_loss', 'last_eval_step', 'nonfinite_run'):
             setattr(self, key, state[key])
-        self.base_lr = float(state.get('base_lr', self.args.lr))  # checkpoints before base_lr: --lr
+        # The saved rate (constant/dev_perf may have taken it from --restart_dir's optimizer), unless --lr was
+        # changed for this resume (as the divergence message advises): then the new --lr.
+        if state['args'].get('lr') == self.args.lr:
+            self.base_lr = float(state.get('base_lr', self.args.lr))  # checkpoints before base_lr: --lr
         self.tr_iter.load_state_dict(data_state(state))
         self.window.load_state_dict(state['window'], self.device)
         self.mems = dist.local_mems(state['mems'], self.device)
@@ -821,7 +824,7 @@ def prepare(args, parser, notes, dist):
     if state is not None:
         path = os.path.join(args.work_dir, 'checkpoint.pt')
         hint = ' (resume with the flags of that run, or start a new run in another --work_dir)'
-        ckpt.check_config(state['config'], model.config, path, hint=hint)
+        ckpt.check_config(model.full_config(state['config']), model.config, path, hint=hint)
         ckpt.check_vocab(state, corpus.vocab.idx2sym, path, f'--data {args.data}')
         ckpt.check_config(state['args'], vars(args), path, keys=RESUME_KEYS, hint=hint)
         others = [k for k in vars(args) if k not in RESUME_KEYS and k != 'restart']

@@ -267,8 +267,9 @@ def part_moe_layer(check, args, device):
         sync(device)
         check(f'moe layer {backend}', None, ms=(time.perf_counter() - start) / args.repeats * 1e3)
     if len(results) == 2:
-        diff = max(((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-                   for a, b in zip(results['grouped_mm'], results['slices']))
+        # One tensor of relative differences, so that a NaN anywhere makes the maximum NaN (and the check fail).
+        diff = torch.stack([(a - b).abs().max() / b.abs().max().clamp(min=1e-12)
+                            for a, b in zip(results['grouped_mm'], results['slices'])]).max().item()
         check('moe layer grouped_mm = slices', diff < (2e-2 if cuda else 1e-5), max_rel_diff=diff)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils import moe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +32,10 @@ def test_dry_run_writes_every_check(tmp_path):
         for name in ('dense', 'moe64'):
             row = checks[f'train step {name} {precision}']
             assert row['tokens_per_s'] > 0 and 0 < row['bf16_peak_fraction']
-    assert checks['moe layer grouped_mm = slices']['ok']
+    if moe.grouped_mm_fits(torch.device('cpu'), torch.float32, (32, 64)):  # torch >= 2.8 on the CPU
+        assert checks['moe layer grouped_mm = slices']['ok']
+    else:
+        assert 'moe layer grouped_mm = slices' not in checks and 'moe layer slices' in checks
     assert checks['host syncs in a moe training step']['read_back_ops'] >= 0
     assert f"wrote {tmp_path / 'gpu_check.json'}" in done.stdout
 

@@ -347,6 +347,35 @@ def test_a_checkpoint_written_before_the_iterators_kept_their_state_resumes_exac
     assert train_losses(work) == train_losses(tmp_path / 'reference')
 
 
+def test_a_checkpoint_from_before_the_newer_model_options_resumes_exactly(tmp_path, corpus):
+    """A checkpoint (and a --restart_dir model.pt) written before untie_r, moe_shared_expert and the gate flags
+    existed has no such keys in its config: they mean the constructor's defaults, so it resumes."""
+    flags = ['--max_step', '12', '--scheduler', 'constant', '--eval-interval', '6', '--save-interval', '6']
+    assert run(tmp_path / 'reference', corpus, *flags) == 0
+    work = tmp_path / 'old'
+    assert run(work, corpus, *flags[:-1], '6', '--max_step', '6') == 0
+    newer = ('untie_r', 'moe_shared_expert', 'moe_gate_bias', 'moe_switch_eps', 'moe_random_routing')
+    for name in ('checkpoint.pt', 'model.pt'):
+        state = ckpt.load(work / name)
+        assert all(key in state['config'] for key in newer)
+        for key in newer:
+            del state['config'][key]
+        ckpt.atomic_save(state, work / name)
+    assert run(tmp_path / 'finetune', corpus, *flags, '--restart_dir', str(work)) == 0
+    assert run(work, corpus, *flags, '--restart') == 0
+    assert train_losses(work) == train_losses(tmp_path / 'reference')
+
+
+def test_a_lower_lr_given_at_resume_is_used(tmp_path, corpus):
+    """The divergence message advises resuming with a lower --lr: the resumed run trains at it (with the same
+    --lr, the saved rate is kept: the resume tests above)."""
+    flags = ['--scheduler', 'constant', '--eval-interval', '100', '--save-interval', '4']
+    assert run(tmp_path / 'run', corpus, *flags, '--max_step', '4') == 0
+    assert run(tmp_path / 'run', corpus, *flags, '--max_step', '8', '--restart', '--lr', '1e-5') == 0
+    resumed = [r['lr'] for r in records(tmp_path / 'run', 'train') if r['step'] > 4]
+    assert resumed and all(lr == pytest.approx(1e-5) for lr in resumed)
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tmp_path, corpus):
     flags = [*MOE, '--max_step', '16', '--save-interval', '1000', '--dropout', '0.1', '--batch_chunk', '2']
     reference = tmp_path / 'reference'
