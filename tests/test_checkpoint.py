@@ -28,14 +28,18 @@ def test_round_trip_of_plain_data(tmp_path):
     assert os.listdir(tmp_path) == ['c.pt']  # no temporary file left behind
 
 
+def save_half_then_raise(monkeypatch, error):
+    """torch.save writes the start of a file, then fails with `error`."""
+    def save(obj, f):
+        f.write(b'PK\x03\x04 partial')
+        raise error
+    monkeypatch.setattr(ckpt.torch, 'save', save)
+
+
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / 'c.pt'
     ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 1}, path)
-
-    def save_half_then_fail(obj, f):
-        f.write(b'PK\x03\x04 partial')
-        raise OSError('disk full')
-    monkeypatch.setattr(ckpt.torch, 'save', save_half_then_fail)
+    save_half_then_raise(monkeypatch, OSError('disk full'))
     with pytest.raises(OSError):
         ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 2}, path)
     assert ckpt.load(path)['step'] == 1
@@ -46,11 +50,8 @@ def test_a_full_disk_is_said_in_one_line(tmp_path, monkeypatch):
     """torch's zip writer reports a full disk as `unexpected pos`: the error says what happened and what is kept."""
     path = tmp_path / 'c.pt'
     ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 1}, path)
-
-    def fill_the_disk(obj, f):
-        f.write(b'PK\x03\x04 partial')
-        raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 791616 vs 791508')
-    monkeypatch.setattr(ckpt.torch, 'save', fill_the_disk)
+    save_half_then_raise(monkeypatch, RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos '
+                                                   '791616 vs 791508'))
     monkeypatch.setattr(files, 'disk_full', lambda directory: True)
     with pytest.raises(files.WriteError) as error:
         ckpt.atomic_save({'format': ckpt.FORMAT, 'step': 2}, path)
