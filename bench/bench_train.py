@@ -28,10 +28,10 @@ from timing import (ROOT, add_common_args, check_common_args, describe, machine,
                     time_side_by_side, write_json)
 import mem_transformer as mt
 import original
-import train
 from flops import flops_per_token
 from tests.reference_attention import original_layout
 from utils import malloc
+from utils import training
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
 CPU_SIZED = dict(n_token=204, n_layer=4, n_head=4, d_model=256, d_head=64, d_inner=1024,
@@ -72,7 +72,7 @@ def trainer_args(dtype, batch_chunk=1, compiled=False, optim='adam'):
     """train.py's flags for a benchmark step: run_enwik8_base.sh's clip, a constant learning rate."""
     flags = ['--optim', optim, '--lr', str(LR), '--clip', str(CLIP), '--scheduler', 'constant',
              '--batch_chunk', str(batch_chunk), '--amp', 'none' if DTYPES[dtype] is None else dtype]
-    return train.build_parser().parse_args(flags + ['--compile'] * compiled)
+    return training.build_parser().parse_args(flags + ['--compile'] * compiled)
 
 
 class OptimizerClock:
@@ -100,7 +100,7 @@ class TrainStep:
     def __init__(self, config, dtype='fp32', paths='fast', batch_chunk=1, seed=0, optimizer='train.py'):
         model = build_model(config, seed).train()
         args = trainer_args(dtype, batch_chunk, paths == 'compiled')
-        self.trainer = train.Trainer(args, model, torch.device('cpu'), log=None, metrics=None)
+        self.trainer = training.Trainer(args, model, torch.device('cpu'), log=None, metrics=None)
         if optimizer == 'per-parameter loop':
             self.trainer.optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=False)
         self.model, self.fast = self.trainer.model, paths != 'plain'
@@ -121,7 +121,7 @@ class OriginalStep:
     def __init__(self, module, config, dtype='fp32', seed=0):
         ours = build_model(config, seed)
         self.model = original.build_model(module, config, DROPOUT, DROPATT, ours.state_dict()).train()
-        self.optimizer = train.build_optimizer(trainer_args(dtype), self.model)
+        self.optimizer = training.build_optimizer(trainer_args(dtype), self.model)
         self.amp_dtype, self.mems, self.batch = DTYPES[dtype], (), random_batch(config, seed)
 
     def __call__(self):

@@ -30,8 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from timing import ROOT, write_json
 from flops import flops_per_token
-import train
 from utils import moe
+from utils import training
 
 # Ops that read a device value back to the host (each a synchronisation on a GPU).
 SYNC_OPS = {'_local_scalar_dense', 'is_nonzero', 'nonzero', 'masked_select', 'unique', 'item'}
@@ -168,11 +168,11 @@ def part_train(check, args):
 
 def make_trainer(flags, device, n_token=204):
     """train.py's Trainer (optimizer, scaler, clipping, memory) for a model given by train.py flags."""
-    parser = train.build_parser()
+    parser = training.build_parser()
     args = parser.parse_args(['--log-interval', '1000000', *(['--cuda'] if device.type == 'cuda' else []),
                               *flags])
-    train.check_args(args, parser)
-    return train.Trainer(args, train.build_model(args, n_token), device, print, None), args
+    training.check_args(args, parser)
+    return training.Trainer(args, training.build_model(args, n_token), device, print, None), args
 
 
 def batch_for(args, device, n_token=204):
@@ -181,7 +181,7 @@ def batch_for(args, device, n_token=204):
 
 
 def model_config(args, n_token=204):
-    return dict(train.model_config(args, n_token), bsz=args.batch_size)
+    return dict(training.model_config(args, n_token), bsz=args.batch_size)
 
 
 def matmul_peak(device, dtype, n, repeats):

@@ -139,7 +139,7 @@ def test_ddp_gradients_are_views_into_its_buckets_and_compile_wraps_ddp(monkeypa
     """DDP with gradient_as_bucket_view (no copy of every gradient after the backward), and train.py compiles
     the DDP module, not the model inside it, so the compiled graph lets the all-reduce overlap the backward."""
     import mem_transformer
-    import train
+    from utils import training
     monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', RecordedDDP)
     two_ranks = Dist(rank=0, world_size=2)
     wrapped = two_ranks.wrap(torch.nn.Linear(2, 2))
@@ -147,11 +147,11 @@ def test_ddp_gradients_are_views_into_its_buckets_and_compile_wraps_ddp(monkeypa
 
     compiled = []
     monkeypatch.setattr(mem_transformer, 'maybe_compile', compiled.append)
-    parser = train.build_parser()
+    parser = training.build_parser()
     args = parser.parse_args(['--n_layer', '1', '--d_model', '8', '--n_head', '1', '--d_head', '8',
                               '--d_inner', '8', '--compile', '--work_dir', str(tmp_path)])
-    train.check_args(args, parser)
-    trainer = train.Trainer(args, train.build_model(args, 10), torch.device('cpu'), None, None, two_ranks)
+    training.check_args(args, parser)
+    trainer = training.Trainer(args, training.build_model(args, 10), torch.device('cpu'), None, None, two_ranks)
     assert compiled == [trainer.forward_model] and isinstance(trainer.forward_model, RecordedDDP)
 
 
