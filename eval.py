@@ -17,7 +17,7 @@ import data_utils
 from utils import files
 from utils.distributed import Dist, SilentLog
 from utils.evaluation import evaluate, set_eval_lengths
-from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device
+from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device, set_deterministic
 from utils.files import atomic_write
 from utils.generation import load_trained_model
 
@@ -36,6 +36,9 @@ def build_parser():
     parser.add_argument('--mem_len', type=int, default=0, help='length of the retained previous heads')
     parser.add_argument('--clamp_len', type=int, default=-1, help='max positional embedding index')
     parser.add_argument('--cuda', action='store_true', help='use CUDA')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic kernels only (as train.py --deterministic): on a GPU the figures repeat '
+                             'bitwise on the same machine')
     parser.add_argument('--work_dir', type=str, required=True, help='path to the work_dir')
     parser.add_argument('--no_log', action='store_true',
                         help='do not log the eval result (nothing is written to work_dir)')
@@ -72,6 +75,7 @@ def main(argv=None):
         dist = Dist.from_env(args.cuda)
         dist.check_eval_batch(args.batch_size, '--batch_size')
         device = dist.device(pick_device(args.cuda))
+        set_deterministic(args.deterministic)  # before the first product on a GPU
         model, saved = load_model(args.work_dir, device)
         set_eval_lengths(model, args.tgt_len, args.mem_len, args.ext_len, args.clamp_len, args.same_length)
         corpus, dataset, data_dir = data_utils.open_corpus(saved, os.path.join(args.work_dir, 'model.pt'),

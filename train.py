@@ -22,7 +22,7 @@ from utils import files
 from utils import malloc
 from utils.distributed import Dist, SilentLog, is_peer_failure
 from utils.distributed import fail as fail_distributed
-from utils.exp_utils import Logger, MetricsWriter, pick_device, use_tf32
+from utils.exp_utils import Logger, MetricsWriter, pick_device, set_deterministic, use_tf32
 from utils.training import (NonFiniteLoss, StopRequest, Trainer, build_model, build_parser, check_args,
                             seed_everything)
 
@@ -113,6 +113,8 @@ def prepare(args, parser, notes, dist):
     if args.amp != 'fp16' and (args.dynamic_loss_scale or args.static_loss_scale is not None):
         # The original accepted them and ignored them without --fp16; bf16 and fp32 need no scaling.
         notes.append('NOTE: --static-loss-scale/--dynamic-loss-scale are ignored without --fp16 (or --amp fp16)')
+    if args.deterministic:  # before the first product on a GPU: cuBLAS reads its workspace setting then
+        set_deterministic(True)
     if use_tf32(device, not args.no_tf32):
         notes.append('NOTE: fp32 matrix products in TF32 on this GPU (--no-tf32 for full fp32, as the original)')
     if args.fp16 and not args.dynamic_loss_scale and args.static_loss_scale == 1:

@@ -8,7 +8,8 @@ the CUDA test tier's result; train.py on the enwik8 sample for 40 steps in bf16 
 fall), killed with SIGKILL and resumed with --restart; eval.py and generate.py on the trained run; the
 training-step throughput of train.py's Trainer on the enwik8-base shape (12 x 512, d_inner 2048, tgt/mem 512,
 batch 22 or the largest that fits), dense and with 64 experts (top-2, d_inner 1024 each), in fp32, tf32 and
-bf16, as tokens/s and as a fraction of the bf16 matrix-product peak measured in the same run; the MoE layer
+bf16, as tokens/s and as a fraction of the bf16 matrix-product peak measured in the same run; the dense bf16 step
+with --deterministic (its cost, and whether two runs repeat bitwise); the MoE layer
 with grouped_mm against per-expert slices; the host synchronisations of one training step. A part that fails
 is recorded and the others still run. Nothing in the repository is written; runs go to DIR/work.
 
@@ -32,6 +33,7 @@ from timing import ROOT, write_json
 from flops import flops_per_token
 from utils import moe
 from utils import training
+from utils.exp_utils import CUBLAS_DETERMINISTIC, set_deterministic
 
 # Ops that read a device value back to the host (each a synchronisation on a GPU).
 SYNC_OPS = {'_local_scalar_dense', 'is_nonzero', 'nonzero', 'masked_select', 'unique', 'item'}
@@ -197,14 +199,26 @@ def matmul_peak(device, dtype, n, repeats):
 
 
 def time_steps(trainer, data, target, device, repeats):
-    for _ in range(2):
-        trainer.train_step(data, target)
+    """Seconds per training step after two warm-up steps, and the losses of all the steps (read after timing)."""
+    losses = [trainer.train_step(data, target) for _ in range(2)]
     sync(device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        trainer.train_step(data, target)
+    losses += [trainer.train_step(data, target) for _ in range(repeats)]
     sync(device)
-    return (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / repeats, [float(loss) for loss in losses]
+
+
+def time_fitting(flags, device, repeats):
+    """train.py's step for these flags at their batch, halved until it fits: (args, seconds per step, losses)."""
+    batch = 0
+    while True:
+        try:
+            trainer, targs = make_trainer([*flags, *(['--batch_size', str(batch)] if batch else [])], device)
+            return (targs, *time_steps(trainer, *batch_for(targs, device), device, repeats))
+        except torch.OutOfMemoryError:
+            trainer = None
+            torch.cuda.empty_cache()
+            batch = targs.batch_size // 2
 
 
 def part_throughput(check, args, device):
@@ -215,26 +229,35 @@ def part_throughput(check, args, device):
         torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
         # dense d_inner 2048 and 64 experts top-2 of d_inner 1024: the same active FLOPs per token
         for name, extra in (('dense', []), ('moe64', MOE64 if device.type == 'cuda' else MOE_TINY)):
-            flags, batch = [*args.model, *extra, *(['--amp', 'bf16'] if precision == 'bf16' else [])], 0
-            while True:  # the original's batch, halved until it fits
-                try:
-                    trainer, targs = make_trainer([*flags, *(['--batch_size', str(batch)] if batch else [])],
-                                                  device)
-                    seconds = time_steps(trainer, *batch_for(targs, device), device, args.repeats)
-                    break
-                except torch.OutOfMemoryError:
-                    trainer = None
-                    torch.cuda.empty_cache()
-                    batch = targs.batch_size // 2
+            flags = [*args.model, *extra, *(['--amp', 'bf16'] if precision == 'bf16' else [])]
+            targs, seconds, _ = time_fitting(flags, device, args.repeats)  # the original's batch where it fits
             tokens = targs.tgt_len * targs.batch_size
             tokens_per_s[name] = tokens / seconds
             tflops = flops_per_token(model_config(targs)) * tokens / seconds / 1e12
             check(f'train step {name} {precision}', None, batch=targs.batch_size, tokens_per_s=tokens / seconds,
                   tflops=tflops, bf16_peak_fraction=tflops / peak)
-            del trainer
         check(f'train step moe64/dense {precision}', None, tokens_per_s_ratio=tokens_per_s['moe64'] /
               tokens_per_s['dense'])
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def part_deterministic(check, args, device):
+    """train.py --deterministic on the enwik8-base dense step in bf16: its cost against the default kernels,
+    measured side by side, and its promise: the same steps from the same seed twice give bitwise the same losses.
+    An op of the step without a deterministic kernel on this device raises here (the part fails)."""
+    flags = [*args.model, '--amp', 'bf16']
+    seconds, losses = {}, {}
+    try:
+        for run in ('default', 'deterministic', 'deterministic again'):
+            set_deterministic(run != 'default')
+            torch.manual_seed(1)  # weights, batch and dropout
+            targs, seconds[run], losses[run] = time_fitting(flags, device, args.repeats)
+    finally:
+        set_deterministic(False)
+    check('train step dense bf16 deterministic', losses['deterministic'] == losses['deterministic again'],
+          batch=targs.batch_size, tokens_per_s=targs.tgt_len * targs.batch_size / seconds['deterministic'],
+          time_ratio=seconds['deterministic'] / seconds['default'],
+          losses_as_default_kernels=losses['default'] == losses['deterministic'])
 
 
 def part_moe_layer(check, args, device):
@@ -333,11 +356,14 @@ def parse_args(argv=None):
     return args
 
 
-PARTS = ('env', 'tests', 'train', 'throughput', 'moe_layer', 'syncs')
+PARTS = ('env', 'tests', 'train', 'throughput', 'deterministic', 'moe_layer', 'syncs')
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # cuBLAS takes its workspace setting at the first product on the GPU: the deterministic one from the start
+    # (for every row), so that part_deterministic can switch torch's deterministic mode on in this process.
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC[0])
     os.makedirs(os.path.join(args.out, 'work'), exist_ok=True)
     check = Check(args.out)
     device = torch.device(args.device)
@@ -347,8 +373,9 @@ def main(argv=None):
     skip = set(args.skip.split(','))
     small = argparse.Namespace(**{**vars(args), 'model': TINY if args.dry_run else DEMO})  # for the train runs
     runs = dict(env=(part_env, check, device), tests=(part_tests, check, device), train=(part_train, check, small),
-                throughput=(part_throughput, check, args, device), moe_layer=(part_moe_layer, check, args, device),
-                syncs=(part_syncs, check, args, device))
+                throughput=(part_throughput, check, args, device),
+                deterministic=(part_deterministic, check, args, device),
+                moe_layer=(part_moe_layer, check, args, device), syncs=(part_syncs, check, args, device))
     for name, (fn, *fn_args) in runs.items():
         if name not in skip:
             check.part(name, fn, *fn_args)

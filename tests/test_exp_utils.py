@@ -1,11 +1,12 @@
 """utils/exp_utils.py: metrics.jsonl and its TensorBoard copy; the device-wide precision switches."""
 import json
 import math
+import os
 
 import pytest
 import torch
 
-from utils.exp_utils import MetricsWriter, demo_device_flags, use_tf32
+from utils.exp_utils import MetricsWriter, demo_device_flags, set_deterministic, use_tf32
 
 
 def board_scalars(directory, tag):
@@ -67,3 +68,24 @@ def test_demo_trains_in_bf16_only_on_gpus_with_bf16_units(monkeypatch, capabilit
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)  # also on V100/T4 (emulated)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
     assert demo_device_flags() == ['--cuda', '--amp', amp]
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)  # monkeypatch restores the variable afterwards
+    yield
+    set_deterministic(False)
+
+
+@pytest.mark.parametrize('exported, kept', [(None, ':4096:8'), (':16:8', ':16:8'), (':0:0', ':4096:8')])
+def test_deterministic_sets_torch_cudnn_and_a_deterministic_cublas_workspace(restore_determinism, monkeypatch,
+                                                                            exported, kept):
+    if exported is not None:
+        monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', exported)
+    torch.backends.cudnn.benchmark = True
+    set_deterministic(True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark
+    assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == kept  # one of cuBLAS's two reproducible settings
+    set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic

@@ -32,6 +32,8 @@ def test_dry_run_writes_every_check(tmp_path):
         for name in ('dense', 'moe64'):
             row = checks[f'train step {name} {precision}']
             assert row['tokens_per_s'] > 0 and 0 < row['bf16_peak_fraction']
+    deterministic = checks['train step dense bf16 deterministic']
+    assert deterministic['ok'] and deterministic['time_ratio'] > 0  # two runs of the same steps repeat bitwise
     if moe.grouped_mm_fits(torch.device('cpu'), torch.float32, (32, 64)):  # torch >= 2.8 on the CPU
         assert checks['moe layer grouped_mm = slices']['ok']
     else:

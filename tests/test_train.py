@@ -27,6 +27,7 @@ from conftest import MOE, ROOT, TINY, WORDS, launch, write_corpus
 from utils import checkpoint as ckpt
 from utils import malloc
 from utils import training
+from utils.exp_utils import set_deterministic
 from utils.schedules import learning_rate
 
 
@@ -723,6 +724,24 @@ def test_fp16_loss_scaling_on_the_cpu(tmp_path, corpus, capsys):
     assert run(fp32, corpus, '--max_step', '6') == 0
     assert [r['loss'] for r in dynamic] == pytest.approx([l for _, l in train_losses(fp32)], rel=0.01)
 
+
+def test_deterministic_switches_torch_to_its_deterministic_kernels_and_keeps_the_cpu_losses(tmp_path, corpus,
+                                                                                             monkeypatch):
+    """--deterministic (train.py and eval.py): torch raises for an op without a deterministic kernel, so every op
+    of a MoE training step, its validation and eval.py has one on the CPU; the CPU's results stay the same."""
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    flags = [*MOE, '--max_step', '4', '--eval-interval', '2']
+    try:
+        assert run(tmp_path / 'deterministic', corpus, *flags, '--deterministic') == 0
+        assert torch.are_deterministic_algorithms_enabled() and os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+        set_deterministic(False)
+        assert evaluation.main(['--work_dir', str(tmp_path / 'deterministic'), '--split', 'test', '--no_log',
+                                '--deterministic']) == 0
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        set_deterministic(False)
+    assert run(tmp_path / 'default', corpus, *flags) == 0
+    assert train_losses(tmp_path / 'deterministic') == train_losses(tmp_path / 'default')
 
 def test_compile_trains_like_eager(tmp_path, corpus, monkeypatch):
     # The aot_eager backend traces forward and backward as inductor does, without needing a C++

@@ -189,6 +189,24 @@ def use_tf32(device, allowed=True):
     return on
 
 
+# cuBLAS's documented setting for reproducible products: 8 fixed workspaces of 4 MiB (':16:8' also qualifies).
+CUBLAS_DETERMINISTIC = (':4096:8', ':16:8')
+
+
+def set_deterministic(on):
+    """--deterministic: every op picks its deterministic kernel (torch raises for an op that has none on this
+    device), cuDNN neither autotunes nor picks non-deterministic algorithms, and cuBLAS gets a fixed workspace.
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when a process makes its first matrix product on a GPU, so this runs
+    before that (a setting the user exported is kept when it is one of the deterministic ones). Off restores
+    torch's defaults."""
+    if on and os.environ.get('CUBLAS_WORKSPACE_CONFIG') not in CUBLAS_DETERMINISTIC:
+        os.environ['CUBLAS_WORKSPACE_CONFIG'] = CUBLAS_DETERMINISTIC[0]
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    return on
+
+
 def demo_device_flags():
     """demo.sh's train.py flags for this machine: the GPU with bf16 autocast where it has bf16 units (compute
     capability 8.0+; is_bf16_supported() is also true on V100/T4, which emulate it slowly), else fp16 with

@@ -110,6 +110,9 @@ def build_parser():
         help='autocast precision; bf16 also runs on CPUs, fp16 uses a gradient scaler')
     add('--no-tf32', action='store_true',
         help='full fp32 matrix products on GPUs, as the original (default: TF32 on Ampere and newer)')
+    add('--deterministic', action='store_true',
+        help="deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS's fixed workspace, no cuDNN "
+             'autotuning): on a GPU, runs and resumes repeat bitwise on the same machine, at a cost')
     add('--compile', action='store_true',
         help='torch.compile the model (runs eagerly, with a warning, where it cannot compile); '
              'measured slower than the eager fast paths on CPUs')
