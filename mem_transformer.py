@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from utils import checkpoint as ckpt
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
-from utils.moe import GATES, FMoETransformerMLP, FusedExpertLinear
+from utils.moe import GATES, FMoETransformerMLP, FusedExpertLinear, check_expert_backend
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
 
 class PositionalEmbedding(nn.Module):
@@ -94,9 +94,14 @@ class MoEPositionwiseFF(FMoETransformerMLP):
         self.dropout = Dropout(dropout)
 
     def forward(self, inp):
-        mixture = super().forward
-        return residual_norm(inp, lambda x: self.dropout(mixture(x)),
-                             self.layer_norm, self.pre_lnorm)
+        """-> (output, the mixture's utils.moe.MoEStats)."""
+        mixture, stats = super().forward, []
+
+        def branch(x):
+            out, layer_stats = mixture(x)
+            stats.append(layer_stats)
+            return self.dropout(out)
+        return residual_norm(inp, branch, self.layer_norm, self.pre_lnorm), stats[0]
 
 
 def rel_shift(x):
@@ -390,8 +395,11 @@ class DecoderLayer(nn.Module):
         self.pos_ff = pos_ff
 
     def forward(self, dec_inp, *pos_args, dec_attn_mask=None, mems=None):
+        """-> (output, the MoE feed-forward's utils.moe.MoEStats, or None for a dense one)."""
         out = self.dec_attn(dec_inp, *pos_args, attn_mask=dec_attn_mask, mems=mems)
-        return self.pos_ff(out)
+        if isinstance(self.pos_ff, MoEPositionwiseFF):
+            return self.pos_ff(out)
+        return self.pos_ff(out), None
 
 
 class Positions:
@@ -710,6 +718,7 @@ class MemTransformerLM(nn.Module):
         self.clamp_len = clamp_len
         self.moe_balance_coef = moe_balance_coef
         self.moe_zloss_coef = moe_zloss_coef
+        self.moe_stats = None   # [MoEStats] of the MoE layers in the last forward: see aux_loss
         self._shape_cache = {}  # masks and position tables by shape (see _cached)
         ATTN_TYPES[attn_type].create_params(self)
 
@@ -733,16 +742,20 @@ class MemTransformerLM(nn.Module):
         ckpt.load_weights(model, saved['model_state'], path)
         return model, saved
 
-    def set_fast_paths(self, sdpa=True, dropout=True):
-        """This model's fast paths (both on unless switched off here). Each computes the same function
+    def set_fast_paths(self, sdpa=True, dropout=True, expert_backend='auto'):
+        """This model's fast paths (all on unless switched off here). Each computes the same function
         as the plain code it replaces (tests/test_fast_paths.py): sdpa, F.scaled_dot_product_attention
         where it is exact and faster (see use_sdpa); dropout, the CPU dropout from one uniform draw per
-        element (the same law, another random stream). The key/value cache is kv_caching()'s."""
+        element (the same law, another random stream); expert_backend, the MoE layers' expert compute
+        (utils.moe.EXPERT_BACKENDS: 'auto' is grouped_mm where it runs). The key/value cache is kv_caching()'s."""
+        check_expert_backend(expert_backend)
         for module in self.modules():
             if isinstance(module, Attention):
                 module.sdpa = sdpa
             elif isinstance(module, Dropout):
                 module.fast = dropout
+            elif isinstance(module, FMoETransformerMLP):
+                module.expert_backend = expert_backend
         return self
 
     def reset_length(self, tgt_len, ext_len, mem_len):
@@ -824,14 +837,19 @@ class MemTransformerLM(nn.Module):
         # those additions: we reproduce that without mutating the caller's tensors.
         layer_mems = list(mems) if mems is not None else None
         core_out = positions.embed(word_emb)
-        hids = [core_out]
+        hids, moe_stats = [core_out], []
         for i, layer in enumerate(self.layers):
             core_out = hids[-1] = positions.layer_input(i, core_out)
             mem = None
             if mlen > 0:
                 mem = layer_mems[i] = positions.memory(i, layer_mems[i])
-            core_out = layer(core_out, *positions.layer_args(i), dec_attn_mask=dec_attn_mask, mems=mem)
+            core_out, stats = layer(core_out, *positions.layer_args(i), dec_attn_mask=dec_attn_mask, mems=mem)
             hids.append(core_out)
+            if stats is not None:
+                moe_stats.append(stats)
+        # The one record of the routing, replaced by every forward (the training loop reads it through
+        # aux_loss/moe_load/moe_balance_loss after calling the model, whose return value stays [loss, *mems]).
+        self.moe_stats = moe_stats
 
         core_out = self.drop(core_out)
         new_mems = self._update_mems(hids, layer_mems, qlen, mlen)
@@ -867,21 +885,29 @@ class MemTransformerLM(nn.Module):
             out = self.crit.log_prob(flat)
         return out.view(*hidden.shape[:-1], -1)
 
-    # Mixture-of-Experts bookkeeping for the training loop.
+    # Mixture-of-Experts bookkeeping for the training loop: the routing statistics of the last forward.
     def moe_layers(self):
         return [layer.pos_ff for layer in self.layers if isinstance(layer.pos_ff, MoEPositionwiseFF)]
 
+    def _last_moe_stats(self):
+        if self.moe_stats is None:
+            raise RuntimeError('the MoE statistics are those of the last forward: call the model first')
+        return self.moe_stats
+
     def aux_loss(self):
-        """Balance and router z-losses of the last forward, weighted by their coefficients."""
+        """Balance and router z-losses of the last forward, weighted by their coefficients (in its graph)."""
         total = torch.zeros((), device=next(self.parameters()).device)
-        for ff in self.moe_layers():
-            total = total + self.moe_balance_coef * ff.balance_loss + self.moe_zloss_coef * ff.z_loss
+        if not self.moe_layers():
+            return total
+        for stats in self._last_moe_stats():
+            total = total + self.moe_balance_coef * stats.balance_loss + self.moe_zloss_coef * stats.z_loss
         return total
 
     def moe_load(self):
         """Tokens routed to each expert in the last forward, [n_moe_layers, num_expert] (None if dense)."""
-        layers = self.moe_layers()
-        return torch.stack([ff.last_load for ff in layers]) if layers else None
+        if not self.moe_layers():
+            return None
+        return torch.stack([stats.load for stats in self._last_moe_stats()])
 
     def update_expert_bias(self, load, rate):
         """After an optimizer step: move the aux-loss-free gates' biases toward balance, given the
@@ -892,8 +918,9 @@ class MemTransformerLM(nn.Module):
 
     def moe_balance_loss(self):
         """Raw balance loss of each MoE layer in the last forward (None if dense)."""
-        layers = self.moe_layers()
-        return torch.stack([ff.balance_loss.detach().float() for ff in layers]) if layers else None
+        if not self.moe_layers():
+            return None
+        return torch.stack([stats.balance_loss.detach().float() for stats in self._last_moe_stats()])
 
 
 def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_std=0.01):

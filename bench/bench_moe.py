@@ -49,6 +49,17 @@ MIXTRAL_VARIANTS = ('mixtral-grouped_mm', 'mixtral-eager')
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
 
 
+class MixtureOnly(nn.Module):
+    """The MoE layer's output without its routing statistics, as the other variants return."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        return self.moe(x)[0]
+
+
 class LoopMoE(nn.Module):
     """The per-expert loop most MoE code uses, on the MoE layer's own gate and weights."""
 
@@ -119,18 +130,17 @@ def build(variant, num_expert, args):
     torch.manual_seed(0)
     if variant in MIXTRAL_VARIANTS:
         return MixtralBlock(num_expert, args, variant.split('-', 1)[1])
-    moe = FMoETransformerMLP(num_expert, args.d_model, args.d_hidden, activation=nn.ReLU(),
-                             top_k=args.top_k)
+    moe = FMoETransformerMLP(num_expert, args.d_model, args.d_hidden, activation=nn.ReLU(), top_k=args.top_k,
+                             expert_backend='slices' if variant == 'moe-slices' else 'auto')
     if variant == 'dense':
         d_inner = args.top_k * args.d_hidden
         return nn.Sequential(nn.Linear(args.d_model, d_inner), nn.ReLU(),
                              nn.Linear(d_inner, args.d_model))
     if variant == 'loop':
         return LoopMoE(moe)
-    moe.expert_backend = 'slices' if variant == 'moe-slices' else 'auto'
     if variant == 'moe-no-bias':   # not the same function: what the experts' biases cost
         moe.experts.htoh4.bias = moe.experts.h4toh.bias = None
-    return moe
+    return MixtureOnly(moe)
 
 
 def step_fn(module, dtype, args):

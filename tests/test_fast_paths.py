@@ -246,13 +246,17 @@ def test_a_training_step_has_no_host_sync_and_builds_no_mask(attn_type, device):
     assert not {'arange', 'sin', 'cos'} & set(log.ops)
 
 
-def test_an_moe_training_step_has_no_host_sync_where_grouped_mm_runs(device):
-    """FastMoE's setting (naive top-2 gate) on the grouped_mm path: routing, dispatch (counts from the sorted
-    keys), experts, combine and the balance losses read nothing back to the host, forward or backward."""
+@pytest.mark.parametrize('gate,top_k', [('naive', 2), ('gshard', 2), ('switch', 1)])
+def test_an_moe_training_step_has_no_host_sync_where_grouped_mm_runs(gate, top_k, device):
+    """FastMoE's setting (naive top-2 gate) and the capacity-limited gates with copies dropped, on the grouped_mm
+    path: routing, dispatch (counts from the sorted keys; dropped copies kept as padding rows), experts,
+    combine and the balance losses read nothing back to the host, forward or backward."""
     dtype = torch.float32 if device.type == 'cpu' else torch.bfloat16
     if not moe.grouped_mm_fits(device, dtype, (16, 24)):
         pytest.skip(f'grouped_mm does not run {dtype} on this {device.type}')
-    model = make_model(moe=True, moe_num_expert=4, moe_top_k=2, dropout=0.1).to(device).train()
+    # capacity 0.5: at most half the copies fit (15 tokens; gshard 4 per expert of 30, switch 2 of 15)
+    model = make_model(moe=True, moe_num_expert=4, moe_top_k=top_k, moe_gate=gate, moe_capacity_factor=0.5,
+                       dropout=0.1).to(device).train()
     data = torch.randint(0, 40, (6, 3)).to(device)
 
     def step(*mems):
@@ -268,6 +272,8 @@ def test_an_moe_training_step_has_no_host_sync_where_grouped_mm_runs(device):
         load = model.moe_load()
     assert not SYNCS & set(log.ops)
     assert 'grouped_mm' in ' '.join(log.ops) and load.sum() > 0
+    dropped = sum(stats.dropped for stats in model.moe_stats)
+    assert dropped > 0 if gate != 'naive' else dropped == 0
 
 
 def test_mask_cache_returns_the_mask_of_its_key():

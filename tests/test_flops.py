@@ -20,9 +20,7 @@ def counted_flops(config, train):
     torch.manual_seed(0)
     kwargs = {k: v for k, v in config.items() if k != 'bsz'}
     model = mt.MemTransformerLM(dropout=0.0, dropatt=0.0, ext_len=0, **kwargs).train(train)
-    model.set_fast_paths(sdpa=False)
-    for ff in model.moe_layers():
-        ff.expert_backend = 'slices'  # plain matmuls, which the counter knows
+    model.set_fast_paths(sdpa=False, expert_backend='slices')  # slices: plain matmuls, which the counter knows
     qlen, bsz = config['tgt_len'], config['bsz']
     data = torch.randint(0, config['n_token'], (qlen + 1, bsz))
     mems = [torch.randn(config['mem_len'], bsz, config['d_model']) for _ in range(config['n_layer'] + 1)]

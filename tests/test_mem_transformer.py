@@ -187,7 +187,7 @@ def test_untie_r_gives_each_layer_its_own_biases():
     w, mems = torch.randn(3, 2, 16), torch.randn(4, 2, 16)
     with torch.no_grad():
         fast = untied.layers[1](w, untied.pos_emb(untied._position_sequence(7, w)), layer.r_w_bias,
-                                layer.r_r_bias, dec_attn_mask=untied._attn_mask(3, 4, 'cpu'), mems=mems)
+                                layer.r_r_bias, dec_attn_mask=untied._attn_mask(3, 4, 'cpu'), mems=mems)[0]
         slow = untied.layers[1].pos_ff(slow_relative_attention(layer, w, mems, layer.r_w_bias, layer.r_r_bias))
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
@@ -284,7 +284,7 @@ def test_absolute_attention_memory_holds_the_position_additions(attn_type):
     data = torch.randint(0, 40, (9, 2), generator=torch.Generator().manual_seed(0))
     outputs = []
     for layer in model.layers:
-        layer.register_forward_hook(lambda module, args, out: outputs.append(out))
+        layer.register_forward_hook(lambda module, args, out: outputs.append(out[0]))  # (hidden, MoE stats)
     with torch.no_grad():
         mems = model(data[:4], data[1:5])[1:]
         outputs.clear()
@@ -509,9 +509,9 @@ def test_moe_aux_loss_uses_the_coefficients():
                        moe_balance_coef=0.5, moe_zloss_coef=0.25).train()
     data = torch.randint(0, 40, (7, 3))
     model(data[:6], data[1:7])
-    layers = model.moe_layers()
-    expected = sum(0.5 * ff.balance_loss + 0.25 * ff.z_loss for ff in layers)
+    expected = sum(0.5 * stats.balance_loss + 0.25 * stats.z_loss for stats in model.moe_stats)
     torch.testing.assert_close(model.aux_loss(), expected)
+    assert len(model.moe_stats) == 2 and all(stats.z_loss > 0 for stats in model.moe_stats)
     assert model.moe_balance_loss().shape == (2,) and (model.moe_balance_loss() > 0).all()
     assert tiny_model().aux_loss().item() == 0 and tiny_model().moe_load() is None
 

@@ -119,6 +119,7 @@ def reference_output(layer, x, seed):
 
 
 def run_layer(layer, x, seed):
+    """The layer's output and MoEStats, with the random stream at `seed`."""
     torch.manual_seed(seed)
     return layer(x)
 
@@ -129,15 +130,14 @@ def run_layer(layer, x, seed):
 @pytest.mark.parametrize('training', [True, False])
 @pytest.mark.parametrize('gate', GATES)
 def test_output_matches_slow_reference(gate, training, backend):
-    layer = make_layer(gate).train(training)
-    layer.expert_backend = backend
+    layer = make_layer(gate, expert_backend=backend).train(training)
     x = torch.randn(40, 16)
-    out = run_layer(layer, x, seed=7)
+    out, stats = run_layer(layer, x, seed=7)
     with torch.no_grad():
         ref, routes, dropped, load = reference_output(layer, x, seed=7)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert layer.last_load.tolist() == load
-    assert layer.last_dropped.item() == dropped
+    assert stats.load.tolist() == load
+    assert stats.dropped.item() == dropped
     if gate == 'naive':
         assert dropped == 0 and sum(load) == 40 * 2
 
@@ -146,15 +146,14 @@ def test_output_matches_slow_reference(gate, training, backend):
 @pytest.mark.parametrize('gate', ['gshard', 'switch'])
 def test_capacity_drops_contribute_exactly_zero(gate, backend):
     # a gate bias that sends every token to expert 0 first overflows its capacity
-    layer = make_layer(gate, random_routing=False).eval()
-    layer.expert_backend = backend
+    layer = make_layer(gate, random_routing=False, expert_backend=backend).eval()
     with torch.no_grad():
         layer.gate.gate.bias.copy_(torch.tensor([9., 5., 0., 0., 0., 0.]))
     x = torch.randn(30, 16, requires_grad=True)
-    out = layer(x)
+    out, stats = layer(x)
     with torch.no_grad():
         ref, routes, dropped, _ = reference_output(layer, x, seed=0)
-    assert dropped > 0 and layer.last_dropped.item() == dropped
+    assert dropped > 0 and stats.dropped.item() == dropped
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     fully_dropped = [n for n, copies in enumerate(routes) if not copies]
     assert fully_dropped, 'the example must drop whole tokens'
@@ -163,8 +162,9 @@ def test_capacity_drops_contribute_exactly_zero(gate, backend):
     assert x.grad[fully_dropped].eq(0).all()   # no gradient through a dropped copy
 
 
-def test_top_k_equal_num_expert_with_identical_experts_is_a_dense_ffn():
-    layer = make_layer('naive', num_expert=4, top_k=4)
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_top_k_equal_num_expert_with_identical_experts_is_a_dense_ffn(backend):
+    layer = make_layer('naive', num_expert=4, top_k=4, expert_backend=backend)
     ex = layer.experts
     with torch.no_grad():
         for p in (ex.htoh4.weight, ex.htoh4.bias, ex.h4toh.weight, ex.h4toh.bias):
@@ -172,9 +172,7 @@ def test_top_k_equal_num_expert_with_identical_experts_is_a_dense_ffn():
     x = torch.randn(3, 5, 16)
     dense = F.linear(torch.relu(F.linear(x, ex.htoh4.weight[0], ex.htoh4.bias[0])),
                      ex.h4toh.weight[0], ex.h4toh.bias[0])
-    for backend in BACKENDS:
-        layer.expert_backend = backend
-        torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x)[0], dense, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('gate,training', [('naive', True), ('gshard', False), ('switch', False),
@@ -189,12 +187,12 @@ def test_gradcheck_float64(gate, training):
 
     def f(x, *params):
         torch.manual_seed(0)   # the same noise (noisy gate) at every evaluation
-        out = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
-        return out, layer.balance_loss, layer.z_loss
+        out, stats = torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+        return out, stats.balance_loss, stats.z_loss
 
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
     if gate == 'gshard':
-        assert layer.last_dropped.item() > 0
+        assert run_layer(layer, x, seed=0)[1].dropped.item() > 0
 
 
 # ----------------------------------------------------------------------------- losses
@@ -220,12 +218,12 @@ LOGITS = [[2., 1., 0.], [0., 3., 1.], [1., 0., -1.], [0., .5, 2.]]
 
 def test_gshard_balance_loss_by_hand():
     layer, x = tiny_layer('gshard', LOGITS)
-    layer(x)
+    stats = layer(x)[1]
     c = [2 / 4, 1 / 4, 1 / 4]                   # top-1 experts: 0, 1, 0, 2
     m = [sum(softmax_row(r)[e] for r in LOGITS) / 4 for e in range(3)]
     expected = sum(ci * mi for ci, mi in zip(c, m)) / 3 * 3 ** 2
-    assert layer.balance_loss.item() == pytest.approx(expected, rel=1e-6)
-    assert layer.gate.get_loss() is layer.balance_loss and not layer.gate.has_loss
+    assert stats.balance_loss.item() == pytest.approx(expected, rel=1e-6)
+    assert layer.gate(x).balance_loss.item() == stats.balance_loss.item()   # the gate returns it
 
 
 def test_switch_balance_loss_by_hand_with_a_drop():
@@ -233,25 +231,25 @@ def test_switch_balance_loss_by_hand_with_a_drop():
     # kept fractions are 1/3 each and the prob mass per expert is its column sum / 3, so
     # loss = 3 * sum_e (1/3) * colsum_e / 3 = (total prob mass) / 3 = 4 / 3.
     layer, x = tiny_layer('switch', LOGITS, capacity_factor=(1.2, 0.75))
-    out = layer(x)
-    assert layer.balance_loss.item() == pytest.approx(4 / 3, rel=1e-6)
-    assert layer.last_dropped.item() == 1 and layer.last_load.tolist() == [1, 1, 1]
+    out, stats = layer(x)
+    assert stats.balance_loss.item() == pytest.approx(4 / 3, rel=1e-6)
+    assert stats.dropped.item() == 1 and stats.load.tolist() == [1, 1, 1]
     assert out[2].eq(0).all() and out[[0, 1, 3]].ne(0).any(dim=1).all()
 
 
 def test_naive_balance_loss_is_zero_and_z_loss_by_hand():
     layer, x = tiny_layer('naive', LOGITS)
     layer.top_k = layer.gate.top_k = 2
-    layer(x)
-    assert layer.balance_loss.item() == 0
+    stats = layer(x)[1]
+    assert stats.balance_loss.item() == 0
     z = [math.log(sum(math.exp(v) for v in r)) ** 2 for r in LOGITS]
-    assert layer.z_loss.item() == pytest.approx(sum(z) / 4, rel=1e-6)
+    assert stats.z_loss.item() == pytest.approx(sum(z) / 4, rel=1e-6)
 
 
 def test_losses_are_in_the_graph():
     layer = make_layer('gshard').train()
-    layer(torch.randn(20, 16))
-    (layer.balance_loss + layer.z_loss).backward()
+    stats = layer(torch.randn(20, 16))[1]
+    (stats.balance_loss + stats.z_loss).backward()
     assert layer.gate.gate.weight.grad.abs().sum() > 0
 
 
@@ -260,18 +258,59 @@ def test_losses_are_in_the_graph():
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch._grouped_mm does not run here')
 @pytest.mark.parametrize('gate', GATES)
 def test_grouped_mm_equals_slices_fp32(gate):
-    layer = make_layer(gate, num_expert=8, d_model=32, d_hidden=64).train()
     x = torch.randn(64, 32)
     results = {}
     for backend in ('grouped_mm', 'slices'):
-        layer.expert_backend = backend
-        layer.zero_grad()
+        layer = make_layer(gate, num_expert=8, d_model=32, d_hidden=64, expert_backend=backend).train()
         xb = x.clone().requires_grad_()
-        out = run_layer(layer, xb, seed=3)
+        out = run_layer(layer, xb, seed=3)[0]
         (out * torch.linspace(-1, 1, 32)).sum().backward()
         results[backend] = [out, xb.grad] + [p.grad for p in layer.parameters()]
     for a, b in zip(results['grouped_mm'], results['slices']):
         assert (a - b).abs().max() < 1e-5
+
+
+def nan_past_the_groups(real):
+    """grouped_mm writing NaN into the output rows past the last group end (which the kernel leaves
+    undefined: uninitialised memory on CPUs), as garbage there may be."""
+    def grouped_mm(a, b, offs):
+        out = real(a, b, offs=offs)
+        if out.dim() == 2:   # [rows, out]: the forward and the input gradient
+            past = torch.arange(out.shape[0]) >= offs[-1]
+            out = out.masked_fill(past[:, None], float('nan'))
+        return out
+    return grouped_mm
+
+
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch._grouped_mm does not run here')
+@pytest.mark.parametrize('gate,training', [('gshard', True), ('gshard', False), ('switch', True)])
+def test_grouped_mm_with_capacity_drops_keeps_static_rows_and_equals_slices(gate, training, monkeypatch):
+    """The sync-free path: the dropped copies stay as padding rows after the last expert's (N * k rows whatever
+    the drops, no count read back to the host) and give exactly zero output and gradient, even where the
+    kernel leaves NaN in those rows. Outputs, input and parameter gradients equal the slices path, which cuts
+    the dropped copies off; tokens that lost every copy get zero output and zero gradient on both."""
+    monkeypatch.setattr(moe, 'grouped_mm', nan_past_the_groups(moe.grouped_mm))
+    x = torch.randn(48, 16)
+    grad_out = torch.randn(48, 16)
+    results = {}
+    for backend in ('grouped_mm', 'slices'):
+        layer = make_layer(gate, capacity_factor=(0.5, 0.5), expert_backend=backend).train(training)
+        xb = x.clone().requires_grad_()
+        out, stats = run_layer(layer, xb, seed=11)
+        (out * grad_out).sum().backward()
+        results[backend] = [out, xb.grad] + [p.grad for p in layer.parameters()]
+        assert stats.dropped > 0
+    with torch.no_grad():
+        torch.manual_seed(11)
+        routing = layer.gate(x)
+    plan = moe.dispatch(routing, 6, need_host_counts=False)
+    assert plan.padded and plan.num_rows == plan.num_copies == 48 * TOP_K[gate] > plan.counts.sum()
+    lost = (routing.expert < 0).all(1)
+    assert lost.any(), 'the example must drop whole tokens'
+    for a, b in zip(results['grouped_mm'], results['slices']):
+        assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-5
+    out, x_grad = results['grouped_mm'][:2]
+    assert out[lost].eq(0).all() and x_grad[lost].eq(0).all()
 
 
 def test_grouped_mm_probe_is_right_under_no_grad(monkeypatch):
@@ -309,11 +348,11 @@ def test_experts_without_rows_get_zero_gradients_whatever_the_kernel_leaves(monk
         return out
 
     monkeypatch.setattr(moe, 'grouped_mm', garbage_in_empty_groups)
-    layer = make_layer('naive', num_expert=8, d_model=16, d_hidden=32, top_k=1).train()
-    layer.expert_backend = 'grouped_mm'
+    layer = make_layer('naive', num_expert=8, d_model=16, d_hidden=32, top_k=1, expert_backend='grouped_mm').train()
     x = torch.randn(3, 16)  # 3 tokens, top-1: at least 5 of the 8 experts receive none
-    layer(x).sum().backward()
-    used = layer.last_load > 0
+    out, stats = layer(x)
+    out.sum().backward()
+    used = stats.load > 0
     for linear in (layer.experts.htoh4, layer.experts.h4toh):
         assert torch.isfinite(linear.weight.grad).all() and torch.isfinite(linear.bias.grad).all()
         assert (linear.weight.grad[~used] == 0).all() and (linear.bias.grad[~used] == 0).all()
@@ -339,29 +378,27 @@ BF16_RTOL = 2e-2
 def test_grouped_mm_equals_slices_bf16_autocast(device):
     if not grouped_mm_available(device, torch.bfloat16):
         pytest.skip(f'grouped_mm does not run bf16 on this {device.type}')
-    layer = make_layer('naive', num_expert=8, d_model=32, d_hidden=64).to(device)
     x = torch.randn(64, 32).to(device)
     outs = {}
     for backend in ('grouped_mm', 'slices'):
-        layer.expert_backend = backend
+        layer = make_layer('naive', num_expert=8, d_model=32, d_hidden=64, expert_backend=backend).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            outs[backend] = layer(x)
+            outs[backend] = layer(x)[0]
         assert outs[backend].dtype == torch.float32   # combine returns the input's dtype
     scale = outs['slices'].abs().max()
     assert (outs['grouped_mm'] - outs['slices']).abs().max() <= BF16_RTOL * scale
-    fp32 = layer(x)
+    fp32 = layer(x)[0]
     assert (outs['slices'] - fp32).abs().max() <= 4 * BF16_RTOL * scale
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_experts_without_tokens_forward_and_backward(backend):
-    layer = make_layer('naive', num_expert=8)
-    layer.expert_backend = backend
+    layer = make_layer('naive', num_expert=8, expert_backend=backend)
     with torch.no_grad():
         layer.gate.gate.bias.copy_(torch.tensor([20., 20., 0, 0, 0, 0, 0, 0]))
     x = torch.randn(10, 16, requires_grad=True)
-    out = layer(x)
-    assert layer.last_load.tolist() == [10, 10, 0, 0, 0, 0, 0, 0]
+    out, stats = layer(x)
+    assert stats.load.tolist() == [10, 10, 0, 0, 0, 0, 0, 0]
     with torch.no_grad():
         torch.testing.assert_close(out, reference_output(layer, x, seed=0)[0], atol=1e-5, rtol=1e-5)
     out.sum().backward()
@@ -373,11 +410,11 @@ def test_all_copies_dropped_and_empty_input():
     layer = make_layer('gshard', num_expert=6).eval()   # 1 token: capacity ceil(2.4) * 2 // 6 = 1
     layer.gate.capacity = (1.2, 0.4)                    # ceil(0.4) * 2 // 6 = 0: all dropped
     x = torch.randn(1, 16, requires_grad=True)
-    out = layer(x)
-    assert out.eq(0).all() and layer.last_dropped.item() == 2
+    out, stats = layer(x)
+    assert out.eq(0).all() and stats.dropped.item() == 2
     out.sum().backward()
-    empty = layer(torch.randn(0, 4, 16))
-    assert empty.shape == (0, 4, 16) and layer.last_load.sum().item() == 0
+    empty, stats = layer(torch.randn(0, 4, 16))
+    assert empty.shape == (0, 4, 16) and stats.load.sum().item() == 0 and stats.balance_loss.item() == 0
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -467,9 +504,8 @@ def test_wrong_input_width_and_backend_are_value_errors():
     layer = make_layer()
     with pytest.raises(ValueError, match='d_model=16'):
         layer(torch.randn(3, 8))
-    layer.expert_backend = 'fast'
-    with pytest.raises(ValueError, match="expert_backend.*'fast'"):
-        layer(torch.randn(3, 16))
+    with pytest.raises(ValueError, match="expert_backend must be one of auto, grouped_mm, slices, got 'fast'"):
+        make_layer(expert_backend='fast')
 
 
 # ----------------------------------------------------------------------------- newer gates and shared experts
@@ -484,7 +520,7 @@ def cv_squared_by_hand(values):
 def test_noisy_gate_importance_and_load_losses_by_hand(training):
     layer = make_layer('noisy', num_expert=5).train(training)
     x = torch.randn(12, 16)
-    run_layer(layer, x, seed=4)
+    stats = run_layer(layer, x, seed=4)[1]
     gate, n_exp, k = layer.gate, 5, 2
     with torch.no_grad():
         torch.manual_seed(4)
@@ -503,8 +539,8 @@ def test_noisy_gate_importance_and_load_losses_by_hand(training):
                 threshold = row[ranked[k]] if e in ranked[:k] else row[ranked[k - 1]]
                 load[e] += 0.5 * (1 + math.erf((clean[n][e] - threshold) / std[n][e] / math.sqrt(2)))
     want = cv_squared_by_hand(importance) + cv_squared_by_hand(load)
-    assert layer.balance_loss.item() == pytest.approx(want, rel=1e-5)
-    assert layer.balance_loss.requires_grad
+    assert stats.balance_loss.item() == pytest.approx(want, rel=1e-5)
+    assert stats.balance_loss.requires_grad
 
 
 def test_noisy_gate_has_fastmoes_parameters_and_no_noise_in_evaluation():
@@ -513,7 +549,7 @@ def test_noisy_gate_has_fastmoes_parameters_and_no_noise_in_evaluation():
     assert layer.gate.w_gate.shape == (16, 5)
     layer.eval()
     x = torch.randn(9, 16)
-    torch.testing.assert_close(run_layer(layer, x, seed=1), run_layer(layer, x, seed=2))
+    torch.testing.assert_close(run_layer(layer, x, seed=1)[0], run_layer(layer, x, seed=2)[0])
 
 
 def test_auxfree_bias_picks_experts_but_not_scores_and_updates_by_sign():
@@ -521,15 +557,15 @@ def test_auxfree_bias_picks_experts_but_not_scores_and_updates_by_sign():
     with torch.no_grad():
         layer.gate.expert_bias.copy_(torch.tensor([0., 0., 100., 100.]))   # force experts 2 and 3
     x = torch.randn(6, 16)
-    out = layer(x)
-    assert layer.last_load.tolist() == [0, 0, 6, 6]
+    out, stats = layer(x)
+    assert stats.load.tolist() == [0, 0, 6, 6]
     with torch.no_grad():
         ref = reference_output(layer, x, seed=0)[0]
         routing = layer.gate(x)
         unbiased = layer.gate.compute_logits(x).gather(1, routing.expert)
         assert torch.allclose(F.softmax(unbiased, -1), routing.score)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert layer.balance_loss.item() == 0
+    assert stats.balance_loss.item() == 0
     layer.gate.update_bias(torch.tensor([0, 0, 6, 6]), rate=0.5)     # mean 3: under-loaded up, others down
     assert layer.gate.expert_bias.tolist() == [0.5, 0.5, 99.5, 99.5]
     layer.gate.update_bias(torch.tensor([3, 3, 3, 3]), rate=0.5)     # balanced: no change
@@ -544,7 +580,7 @@ def test_shared_expert_adds_a_dense_ffn_of_n_times_the_expert_width(gate):
     assert shared.htoh4.weight.shape == (2 * 24, 16) and shared.h4toh.weight.shape == (16, 2 * 24)
     assert 'shared_expert.htoh4.weight' in layer.state_dict()
     x = torch.randn(20, 16)
-    out = run_layer(layer, x, seed=5)
+    out = run_layer(layer, x, seed=5)[0]
     with torch.no_grad():
         routed = reference_output(layer, x, seed=5)[0]
         dense = shared.h4toh(torch.relu(shared.htoh4(x)))
@@ -554,14 +590,13 @@ def test_shared_expert_adds_a_dense_ffn_of_n_times_the_expert_width(gate):
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch._grouped_mm does not run here')
 @pytest.mark.parametrize('num_expert', [128, 256])
 def test_fine_grained_experts_use_the_grouped_path_and_equal_slices(num_expert):
-    layer = make_layer('naive', num_expert=num_expert, d_model=32, d_hidden=16, top_k=8)
-    assert layer._use_grouped_mm(torch.device('cpu'), torch.float32)
+    auto = make_layer('naive', num_expert=num_expert, d_model=32, d_hidden=16, top_k=8)
+    assert auto._use_grouped_mm(torch.device('cpu'), torch.float32)
     x = torch.randn(96, 32)
     outs = {}
     for backend in ('grouped_mm', 'slices'):
-        layer.expert_backend = backend
-        layer.zero_grad()
-        outs[backend] = out = layer(x)
+        layer = make_layer('naive', num_expert=num_expert, d_model=32, d_hidden=16, top_k=8, expert_backend=backend)
+        outs[backend] = out = layer(x)[0]
         out.square().sum().backward()
         outs[backend + '_grad'] = layer.experts.htoh4.weight.grad.clone()
     assert (outs['grouped_mm'] - outs['slices']).abs().max() < 1e-5

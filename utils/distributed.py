@@ -24,6 +24,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils import checkpoint as ckpt
 from utils.moe import Dispatch, FMoETransformerMLP
@@ -215,16 +216,9 @@ class Dist:
             return model
         for layer in model.modules():
             if isinstance(layer, FMoETransformerMLP):
-                layer.expert_parallel = ExpertParallel(layer.num_expert, self.rank, self.world_size)
-                start, stop = layer.expert_parallel.local_range
-                for linear in (layer.experts.htoh4, layer.experts.h4toh):
-                    linear.num_expert = stop - start
-                    for name in ('weight', 'bias'):
-                        full = getattr(linear, name)
-                        if full is not None:
-                            shard = nn.Parameter(full.detach()[start:stop].clone())
-                            shard.dp_comm = EXPERT_COMM
-                            setattr(linear, name, shard)
+                layer.shard(ExpertParallel(layer.num_expert, self.rank, self.world_size))
+                for shard in layer.experts.parameters():
+                    shard.dp_comm = EXPERT_COMM
         return model
 
     def expert_names(self, model):
@@ -438,24 +432,30 @@ class ExpertParallel:
         # 1. counts: send_counts[r, e] rows go to local expert e of rank r; receive the transpose of that.
         send_counts = plan.counts.view(world, n_local)
         recv_counts = exchange(send_counts.reshape(-1), [n_local] * world, [n_local] * world).view(world, n_local)
-        send_splits = send_counts.sum(1).tolist()
-        recv_counts_host = recv_counts.tolist()   # the one host sync of the exchange
+        # The one host sync of an expert-parallel layer: all_to_all_single takes its split sizes as Python
+        # ints (NCCL needs them on the host to post the sends and receives).
+        counts_host = torch.cat([send_counts.sum(1), recv_counts.reshape(-1)]).tolist()
+        send_splits = counts_host[:world]
+        recv_counts_host = [counts_host[world + r * n_local:world + (r + 1) * n_local] for r in range(world)]
         recv_splits = [sum(c) for c in recv_counts_host]
+        local_counts_host = [sum(c) for c in zip(*recv_counts_host)]
         # 2. rows: they arrive grouped by source rank, then by local expert; regroup them by local expert.
-        received = AllToAll.apply(rows, send_splits, recv_splits)
+        # Padding rows (dropped copies after the kept ones, see utils.moe.dispatch) are not sent.
+        kept = sum(send_splits)
+        received = AllToAll.apply(rows[:kept], send_splits, recv_splits)
         expert_of_row = torch.repeat_interleave(
             torch.arange(n_local, device=rows.device).repeat(world), recv_counts.reshape(-1).to(rows.device),
             output_size=sum(recv_splits))
         local_expert, by_expert = torch.sort(expert_of_row, stable=True)
-        local_counts = recv_counts.sum(0)
-        local_plan = Dispatch(order=None, token=None, expert=local_expert, counts=local_counts.to(rows.device),
-                              counts_host=local_counts.tolist(), num_rows=sum(recv_splits),
-                              num_copies=sum(recv_splits))
+        local_plan = Dispatch(order=None, token=None, expert=local_expert, counts=recv_counts.sum(0).to(rows.device),
+                              counts_host=local_counts_host, num_rows=sum(recv_splits),
+                              num_copies=sum(recv_splits), padded=False)
         out = experts(received.index_select(0, by_expert), local_plan, use_grouped_mm)
-        # 3. results: back to the arrival order, then to the ranks the rows came from.
+        # 3. results: back to the arrival order, then to the ranks the rows came from; zeros for padding rows.
         arrival = torch.empty_like(by_expert)
         arrival[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
-        return AllToAll.apply(out.index_select(0, arrival), recv_splits, send_splits)
+        returned = AllToAll.apply(out.index_select(0, arrival), recv_splits, send_splits)
+        return F.pad(returned, (0, 0, 0, rows.shape[0] - kept))
 
 
 def fail(prog, message, code=3):

@@ -33,11 +33,21 @@ def at_least_fp32(t):
 
 
 class Routing(NamedTuple):
-    expert: torch.Tensor   # [N, k] long, -1 where the copy is dropped
-    score: torch.Tensor    # [N, k] weight of each copy in the output
-    logits: torch.Tensor   # [N, E] raw gate logits (before any noise), for the z-loss
-    dropped: torch.Tensor  # 0-d long: copies dropped by the capacity limit
-    may_drop: bool         # False when no copy can ever be -1 (lets dispatch skip a host sync)
+    """What a gate returns."""
+    expert: torch.Tensor        # [N, k] long, -1 where the copy is dropped
+    score: torch.Tensor         # [N, k] weight of each copy in the output
+    logits: torch.Tensor        # [N, E] raw gate logits (before any noise), for the z-loss
+    balance_loss: torch.Tensor  # 0-d, in the graph: the gate's load-balancing loss (0 for gates without one)
+    dropped: torch.Tensor       # 0-d long: copies dropped by the capacity limit
+    may_drop: bool              # False when no copy can ever be -1 (dispatch then has no padding rows)
+
+
+class MoEStats(NamedTuple):
+    """What one MoE layer's forward reports beside its output."""
+    balance_loss: torch.Tensor  # 0-d, in the graph: the gate's balance loss
+    z_loss: torch.Tensor        # 0-d, in the graph: the router z-loss (ST-MoE), mean logsumexp(logits)^2
+    load: torch.Tensor          # [E] long, detached: token copies each expert computed
+    dropped: torch.Tensor       # 0-d long, detached: copies dropped by the capacity limit
 
 
 def sort_by_expert(expert, num_expert):
@@ -76,27 +86,13 @@ def limit_by_capacity(expert, capacity, num_expert):
 
 
 class BaseGate(nn.Module):
-    """What every gate shares: its sizes and FastMoE's loss accessors (for code written against fmoe.gates)."""
+    """What every gate shares: its sizes (with FastMoE's names). forward(x [N, d_model]) -> Routing."""
 
     def __init__(self, num_expert, top_k):
         super().__init__()
         self.num_expert = self.tot_expert = num_expert
         self.world_size = 1
         self.top_k = top_k
-        self.loss = None
-
-    def set_loss(self, loss):
-        self.loss = loss
-
-    def get_loss(self, clear=True):
-        loss = self.loss
-        if clear:
-            self.loss = None
-        return loss
-
-    @property
-    def has_loss(self):
-        return self.loss is not None
 
 
 class NaiveGate(BaseGate):
@@ -115,8 +111,7 @@ class NaiveGate(BaseGate):
     def forward(self, x):
         logits = self.compute_logits(x)
         top_logits, expert = torch.topk(logits, self.top_k, dim=-1)
-        self.set_loss(logits.new_zeros(()))
-        return Routing(expert, F.softmax(top_logits, dim=-1), logits,
+        return Routing(expert, F.softmax(top_logits, dim=-1), logits, logits.new_zeros(()),
                        expert.new_zeros(()), may_drop=False)
 
 
@@ -135,7 +130,7 @@ class GShardGate(NaiveGate):
         # c_e: fraction of tokens whose first choice is e (no gradient); m_e: mean router probability.
         c_e = sort_by_expert(naive.expert[:, 0], n_exp)[2][:n_exp].to(naive.logits.dtype) / n_tok
         m_e = F.softmax(naive.logits, dim=-1).mean(0)
-        self.set_loss((c_e * m_e).mean() * n_exp ** 2)
+        balance_loss = (c_e * m_e).mean() * n_exp ** 2
 
         cap_rate = self.capacity[0 if self.training else 1]
         capacity = math.ceil(cap_rate * n_tok) * self.top_k // n_exp
@@ -144,7 +139,7 @@ class GShardGate(NaiveGate):
             # keep the 2nd expert with probability 2 * its score (GShard's random routing)
             unlucky = 2 * naive.score[:, 1] < torch.rand(n_tok, device=x.device)
             expert = torch.cat([expert[:, :1], expert[:, 1:].masked_fill(unlucky[:, None], -1)], 1)
-        return Routing(expert, naive.score, naive.logits, dropped, may_drop=True)
+        return Routing(expert, naive.score, naive.logits, balance_loss, dropped, may_drop=True)
 
 
 class SwitchGate(NaiveGate):
@@ -174,8 +169,8 @@ class SwitchGate(NaiveGate):
         n_kept = kept_per_expert.sum().clamp(min=1)   # a tensor: no host sync
         fraction = kept_per_expert / n_kept
         prob_mass = prob.sum(0) / n_kept
-        self.set_loss((fraction * prob_mass).sum() * n_exp)
-        return Routing(expert, top1_prob.to(logits.dtype), logits, dropped, may_drop=True)
+        balance_loss = (fraction * prob_mass).sum() * n_exp
+        return Routing(expert, top1_prob.to(logits.dtype), logits, balance_loss, dropped, may_drop=True)
 
 
 
@@ -223,9 +218,9 @@ class NoisyGate(BaseGate):
         if std is not None and self.top_k < self.num_expert:
             load = self.prob_in_top_k(clean, noisy, std, top_values).sum(0)
         else:
-            load = torch.bincount(expert.reshape(-1), minlength=self.num_expert).to(clean.dtype)
-        self.set_loss(cv_squared(importance) + cv_squared(load))
-        return Routing(expert, score, clean, expert.new_zeros(()), may_drop=False)
+            load = sort_by_expert(expert.reshape(-1), self.num_expert)[2][:self.num_expert].to(clean.dtype)
+        return Routing(expert, score, clean, cv_squared(importance) + cv_squared(load), expert.new_zeros(()),
+                       may_drop=False)
 
     def prob_in_top_k(self, clean, noisy, std, top_values):
         """P(expert e is in the top k when only its own noise is drawn again), [N, E].
@@ -255,8 +250,7 @@ class AuxFreeGate(NaiveGate):
     def forward(self, x):
         logits = self.compute_logits(x)
         expert = torch.topk(logits + self.expert_bias.to(logits.dtype), self.top_k, dim=-1)[1]
-        self.set_loss(logits.new_zeros(()))
-        return Routing(expert, F.softmax(logits.gather(1, expert), dim=-1), logits,
+        return Routing(expert, F.softmax(logits.gather(1, expert), dim=-1), logits, logits.new_zeros(()),
                        expert.new_zeros(()), may_drop=False)
 
     @torch.no_grad()
@@ -271,38 +265,40 @@ class AuxFreeGate(NaiveGate):
 class Dispatch(NamedTuple):
     order: torch.Tensor         # [M] flat copy index (token * k + slot) of each row, expert-major
     token: torch.Tensor         # [M] token each row was gathered from
-    expert: torch.Tensor        # [M] expert of each row (non-decreasing)
+    expert: torch.Tensor        # [M] expert of each row (non-decreasing; num_expert for a padding row)
     counts: torch.Tensor        # [E] rows per expert
     counts_host: Optional[list]  # the same on the host, when some step needs it
-    num_rows: int               # M = copies kept
+    num_rows: int               # M: the copies kept, or all N * k when padded
     num_copies: int             # N * k
+    padded: bool                # rows past counts.sum() are dropped copies, whose expert output must be 0
 
 
 def dispatch(routing, num_expert, need_host_counts):
-    """Stable-sort the token copies by expert (dropped ones last, then cut off)."""
+    """Stable-sort the token copies by expert, dropped ones last.
+
+    With the counts on the host (the slices backend's one host sync: it splits the rows by them) the
+    dropped copies are cut off. Without, the number of rows stays N * k whatever the capacity limit
+    dropped, so nothing is read back to the host: the dropped copies stay as padding rows after the
+    last expert's, and the expert compute gives them exactly zero output and gradient (GroupedLinear)."""
     n_tok, top_k = routing.expert.shape
     flat = routing.expert.reshape(-1)
     sorted_key, order, counts = sort_by_expert(flat, num_expert)
     counts = counts[:num_expert]
-
-    counts_host = counts.tolist() if need_host_counts else None   # the one host sync
-    if counts_host is not None:
-        num_rows = sum(counts_host)
-    elif routing.may_drop:
-        num_rows = int(counts.sum())
-    else:
-        num_rows = flat.numel()
+    counts_host = counts.tolist() if need_host_counts else None
+    num_rows = flat.numel() if counts_host is None else sum(counts_host)
     order = order[:num_rows]
     return Dispatch(order, torch.div(order, top_k, rounding_mode='floor'), sorted_key[:num_rows],
-                    counts, counts_host, num_rows, flat.numel())
+                    counts, counts_host, num_rows, flat.numel(),
+                    padded=counts_host is None and routing.may_drop)
 
 
 def combine(rows_out, score, plan):
-    """Rows back to token order; output[n] = sum_j score[n, j] * copy (n, j). Dropped copies give 0."""
+    """Rows back to token order; output[n] = sum_j score[n, j] * copy (n, j). Dropped copies give 0
+    (cut off: they point at one zero row; padding rows: the expert compute left them 0)."""
     n_tok, top_k = score.shape
     d_out = rows_out.shape[-1]
     if plan.num_rows < plan.num_copies:
-        rows_out = F.pad(rows_out, (0, 0, 0, 1))   # a zero row for every dropped copy to point at
+        rows_out = F.pad(rows_out, (0, 0, 0, 1))   # a zero row for every cut-off copy to point at
     row_of_copy = torch.full((plan.num_copies,), plan.num_rows, dtype=torch.long,
                              device=score.device)
     row_of_copy[plan.order] = torch.arange(plan.num_rows, device=score.device)
@@ -366,36 +362,48 @@ class GroupedLinear(torch.autograd.Function):
     Written out rather than left to autograd because _grouped_mm's own backward rejects
     incoming gradients with zero strides (e.g. from out.sum()); here the gradient is made
     contiguous, the bias is added in place and its gradient is a scatter-add per expert.
+
+    With `padded`, rows past offs[-1] (dropped copies, see dispatch) belong to no expert: grouped_mm
+    leaves their output rows undefined (uninitialised memory, possibly NaN), so they are replaced by
+    zeros with torch.where (a product with 0 would keep a NaN), and so are their gradients.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, offs, expert):
+    def forward(ctx, rows, weight, bias, offs, expert, padded):
         rows, w = rows.contiguous(), weight.to(rows.dtype)
         out = grouped_mm(rows, w.transpose(1, 2), offs=offs)
+        expert = expert.clamp(max=w.shape[0] - 1)   # a padding row's id is num_expert: index anything
         if bias is not None:
             out += bias.to(out.dtype).index_select(0, expert)
-        ctx.save_for_backward(rows, w, offs, expert)
+        in_group = torch.arange(out.shape[0], device=out.device) < offs[-1] if padded else None
+        out = kept_rows(out, in_group)
+        ctx.save_for_backward(rows, w, offs, expert, in_group)
         ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, w, offs, expert = ctx.saved_tensors
-        grad = grad.contiguous()
+        rows, w, offs, expert, in_group = ctx.saved_tensors
+        grad = kept_rows(grad.contiguous(), in_group)
         grad_rows = grad_weight = grad_bias = None
         # Experts that received no rows get a zero gradient: on sm100 the kernel leaves garbage in their
         # slots of the per-group products (PyTorch issue 172439). A mask, not a branch: no host sync.
         empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
         if ctx.needs_input_grad[0]:
-            grad_rows = grouped_mm(grad, w, offs=offs)
+            grad_rows = kept_rows(grouped_mm(grad, w, offs=offs), in_group)
         if ctx.needs_input_grad[1]:
             grad_weight = grouped_mm(grad.t(), rows, offs=offs).masked_fill(empty[:, None, None], 0)
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = per_expert_column_sums(grad, expert, offs).masked_fill(empty[:, None], 0)
             grad_bias = grad_bias.to(ctx.weight_dtype)
-        return grad_rows, grad_weight, grad_bias, None, None
+        return grad_rows, grad_weight, grad_bias, None, None, None
+
+
+def kept_rows(t, in_group):
+    """t with the rows outside every group (in_group False) set to exactly 0; t itself without a mask."""
+    return t if in_group is None else torch.where(in_group[:, None], t, t.new_zeros(()))
 
 
 def per_expert_column_sums(grad, expert, offs):
@@ -425,7 +433,7 @@ class FusedExpertLinear(nn.Module):
     def forward(self, rows, plan, use_grouped_mm):
         if use_grouped_mm:
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
-            return GroupedLinear.apply(rows, self.weight, self.bias, offs, plan.expert)
+            return GroupedLinear.apply(rows, self.weight, self.bias, offs, plan.expert, plan.padded)
         weight = self.weight.to(rows.dtype)
         bias = None if self.bias is None else self.bias.to(rows.dtype)
         # unbind/split have cheap backwards (stack/cat), unlike indexing weight[e] per expert
@@ -433,6 +441,13 @@ class FusedExpertLinear(nn.Module):
         outs = [F.linear(x_e, w_e, b_e)
                 for x_e, w_e, b_e in zip(rows.split(plan.counts_host), weight.unbind(0), biases)]
         return torch.cat(outs)
+
+    def keep_experts(self, start, stop):
+        """Keep experts [start, stop) only (new parameters holding their weights): an expert-parallel shard."""
+        self.num_expert = stop - start
+        self.weight = nn.Parameter(self.weight.detach()[start:stop].clone())
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach()[start:stop].clone())
 
     def extra_repr(self):
         return (f'num_expert={self.num_expert}, in_features={self.in_feat}, '
@@ -455,8 +470,14 @@ class ExpertFFN(nn.Module):
 
 # ----------------------------------------------------------------------------- the layer
 
+def check_expert_backend(expert_backend):
+    if expert_backend not in EXPERT_BACKENDS:
+        raise ValueError(f'expert_backend must be one of {", ".join(EXPERT_BACKENDS)}, got {expert_backend!r}')
+
+
 def _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps,
-                  shared_expert):
+                  shared_expert, expert_backend):
+    check_expert_backend(expert_backend)
     if not isinstance(num_expert, int) or num_expert < 1:
         raise ValueError(f'num_expert must be an integer >= 1, got {num_expert!r}')
     for name, value in (('d_model', d_model), ('d_hidden', d_hidden)):
@@ -512,21 +533,22 @@ class SharedExpert(nn.Module):
 
 
 class FMoETransformerMLP(nn.Module):
-    """MoE branch of a Transformer FFN block: [..., d_model] -> [..., d_model] (no residual, no norm).
+    """MoE branch of a Transformer FFN block: [..., d_model] -> ([..., d_model], MoEStats).
 
-    After each forward: ``balance_loss`` and ``z_loss`` (0-d tensors in the graph), ``last_load``
-    ([E] copies each expert computed) and ``last_dropped`` (copies dropped by capacity), detached.
-    ``expert_backend`` picks the expert compute: 'auto' (grouped_mm where it runs), 'grouped_mm'
-    or 'slices'. ``shared_expert`` N > 0 adds ``shared_expert``, a dense FFN of N * d_hidden that
-    every token goes through beside its routed experts.
+    The mixture alone (no residual, no norm), and the routing statistics of this call: the balance and
+    z-losses (in the graph, for the training loss) and each expert's load and the dropped copies.
+    ``expert_backend`` picks the expert compute: 'auto' (grouped_mm where it runs), 'grouped_mm' or
+    'slices'. ``shared_expert`` N > 0 adds ``shared_expert``, a dense FFN of N * d_hidden that every token
+    goes through beside its routed experts. ``shard(exchange)`` makes the layer one process's part of an
+    expert-parallel layer (utils.distributed).
     """
 
     def __init__(self, num_expert, d_model, d_hidden, activation=None, top_k=2, gate='naive',
                  capacity_factor=(1.2, 2.4), gate_bias=True, switch_eps=0.1, random_routing=True,
-                 shared_expert=0):
+                 shared_expert=0, expert_backend='auto'):
         super().__init__()
         _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps,
-                      shared_expert)
+                      shared_expert, expert_backend)
         self.num_expert, self.d_model, self.d_hidden, self.top_k = num_expert, d_model, d_hidden, top_k
         self.gate_type = gate
         self.gate = _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias,
@@ -536,42 +558,44 @@ class FMoETransformerMLP(nn.Module):
         self.experts = ExpertFFN(num_expert, d_model, d_hidden, activation)
         self.shared_expert = (SharedExpert(d_model, shared_expert * d_hidden, activation)
                               if shared_expert else None)
-        self.expert_backend = 'auto'
-        # Set by utils.distributed.Dist.shard_experts: this layer then holds a slice of the experts and
-        # exchanges rows with the other ranks between dispatch and the expert compute.
-        self.expert_parallel = None
-        self.balance_loss = self.z_loss = None
-        self.last_load = self.last_dropped = None
+        self.expert_backend = expert_backend
+        self.exchange = None   # see shard
         self.register_load_state_dict_pre_hook(_fuse_per_expert_layout)
+
+    def shard(self, exchange):
+        """Keep only experts [start, stop) = exchange.local_range (utils.distributed.ExpertParallel): the
+        forward then sends each row to its expert's process with exchange.run, between dispatch and combine.
+        The gate still routes over all num_expert experts."""
+        start, stop = exchange.local_range
+        self.experts.htoh4.keep_experts(start, stop)
+        self.experts.h4toh.keep_experts(start, stop)
+        self.exchange = exchange
+        return self
 
     def forward(self, inp):
         if inp.shape[-1] != self.d_model:
             raise ValueError(f'MoE input must end in d_model={self.d_model}, got shape {tuple(inp.shape)}')
         x = inp.reshape(-1, self.d_model)
         if x.shape[0] == 0:
-            return self._empty_forward(inp)
+            return torch.zeros_like(inp), self._empty_stats(inp.device)
         compute_dtype = (torch.get_autocast_dtype(x.device.type)
                          if torch.is_autocast_enabled(x.device.type) else x.dtype)
 
         routing = self.gate(x)
         use_grouped_mm = self._use_grouped_mm(x.device, compute_dtype)
-        plan = dispatch(routing, self.num_expert, need_host_counts=not use_grouped_mm)
+        # The exchange reads the counts it needs in its own host sync.
+        plan = dispatch(routing, self.num_expert, need_host_counts=not use_grouped_mm and self.exchange is None)
         rows = x.to(compute_dtype).index_select(0, plan.token)   # cast the N rows, not the N*k
-        if self.expert_parallel is None:
+        if self.exchange is None:
             rows_out = self.experts(rows, plan, use_grouped_mm)
         else:
-            rows_out = self.expert_parallel.run(self.experts, rows, plan, use_grouped_mm)
+            rows_out = self.exchange.run(self.experts, rows, plan, use_grouped_mm)
         out = combine(rows_out, routing.score, plan)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
-
-        self._record(routing, plan)
-        return out.to(inp.dtype).reshape(inp.shape)
+        return out.to(inp.dtype).reshape(inp.shape), self._stats(routing, plan)
 
     def _use_grouped_mm(self, device, dtype):
-        if self.expert_backend not in EXPERT_BACKENDS:
-            raise ValueError(f'expert_backend must be one of {EXPERT_BACKENDS}, '
-                             f'got {self.expert_backend!r}')
         if self.expert_backend == 'slices':
             return False
         fits = grouped_mm_fits(device, dtype, (self.d_model, self.d_hidden))
@@ -581,20 +605,16 @@ class FMoETransformerMLP(nn.Module):
                              'use "auto" or "slices"')
         return fits
 
-    def _record(self, routing, plan):
+    @staticmethod
+    def _stats(routing, plan):
         # router z-loss (ST-MoE): keeps the logits small; on the raw logits, before switch jitter
-        self.z_loss = (torch.logsumexp(at_least_fp32(routing.logits), dim=-1) ** 2).mean()
-        self.balance_loss = self.gate.loss
-        self.last_load = plan.counts.detach()
-        self.last_dropped = routing.dropped.detach()
+        z_loss = (torch.logsumexp(at_least_fp32(routing.logits), dim=-1) ** 2).mean()
+        return MoEStats(routing.balance_loss, z_loss, plan.counts.detach(), routing.dropped.detach())
 
-    def _empty_forward(self, inp):
-        zero = inp.new_zeros((), dtype=torch.float32)
-        self.gate.set_loss(zero)
-        self.balance_loss = self.z_loss = zero
-        self.last_load = torch.zeros(self.num_expert, dtype=torch.long, device=inp.device)
-        self.last_dropped = torch.zeros((), dtype=torch.long, device=inp.device)
-        return torch.zeros_like(inp)
+    def _empty_stats(self, device):
+        zero = torch.zeros((), device=device)
+        return MoEStats(zero, zero, torch.zeros(self.num_expert, dtype=torch.long, device=device),
+                        torch.zeros((), dtype=torch.long, device=device))
 
 
 def _fuse_per_expert_layout(module, state_dict, prefix, local_metadata, strict, missing_keys,

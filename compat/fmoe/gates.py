@@ -7,6 +7,31 @@ class Unsupported(ValueError):
     """A FastMoE option this compatibility layer does not provide; the message names it."""
 
 
+class FastMoELoss:
+    """FastMoE's gate loss accessors (fmoe.gates.BaseGate): each forward stores the gate's balance loss for
+    code that reads it with get_loss() (this repository's layer takes it from the gate's Routing instead)."""
+
+    loss = None
+
+    def forward(self, x):
+        routing = super().forward(x)
+        self.set_loss(routing.balance_loss)
+        return routing
+
+    def set_loss(self, loss):
+        self.loss = loss
+
+    def get_loss(self, clear=True):
+        loss = self.loss
+        if clear:
+            self.loss = None
+        return loss
+
+    @property
+    def has_loss(self):
+        return self.loss is not None
+
+
 def check_world_size(world_size):
     if world_size != 1:
         raise Unsupported(f'fmoe (compat/fmoe): world_size={world_size!r} is not supported: FastMoE\'s expert '
@@ -14,13 +39,13 @@ def check_world_size(world_size):
                           '--expert-parallel under torchrun')
 
 
-class NaiveGate(moe.NaiveGate):
+class NaiveGate(FastMoELoss, moe.NaiveGate):
     def __init__(self, d_model, num_expert, world_size=1, top_k=2, gate_bias=True):
         check_world_size(world_size)
         super().__init__(d_model, num_expert, top_k, gate_bias)
 
 
-class GShardGate(moe.GShardGate):
+class GShardGate(FastMoELoss, moe.GShardGate):
     def __init__(self, d_model, num_expert, world_size=1, topk=2, capacity=(1.2, 2.4), random_routing=True,
                  gate_bias=True):
         check_world_size(world_size)
@@ -29,7 +54,7 @@ class GShardGate(moe.GShardGate):
         super().__init__(d_model, num_expert, 2, tuple(capacity), random_routing, gate_bias)
 
 
-class SwitchGate(moe.SwitchGate):
+class SwitchGate(FastMoELoss, moe.SwitchGate):
     def __init__(self, d_model, num_expert, world_size=1, topk=1, switch_eps=.1, capacity=(1.2, 2.4),
                  gate_bias=True):
         check_world_size(world_size)
@@ -38,7 +63,7 @@ class SwitchGate(moe.SwitchGate):
         super().__init__(d_model, num_expert, 1, switch_eps, tuple(capacity), gate_bias)
 
 
-class NoisyGate(moe.NoisyGate):
+class NoisyGate(FastMoELoss, moe.NoisyGate):
     def __init__(self, d_model, num_expert, world_size=1, top_k=2, gate_bias=True):
         check_world_size(world_size)   # FastMoE's NoisyGate has no bias: gate_bias is accepted and unused
         super().__init__(d_model, num_expert, top_k)

@@ -47,5 +47,4 @@ class FMoETransformerMLP(moe.FMoETransformerMLP):
         self.gate_hook = self.mask = self.mask_dict = None
 
     def forward(self, inp):
-        out = super().forward(inp)
-        return out[0] if isinstance(out, tuple) else out  # the mixture, whatever else this repository's returns
+        return super().forward(inp)[0]   # FastMoE's returns the mixture alone (its gate keeps the loss)
