@@ -9,47 +9,18 @@ of each expert over training as a multiple of an even share (1 = every expert ge
 import os
 import sys
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use('Agg')  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from utils import files  # noqa: E402
-from utils.exp_utils import OneLineArgumentParser, read_metrics  # noqa: E402
-from utils.files import atomic_write  # noqa: E402
+from utils import files
+from utils.exp_utils import OneLineArgumentParser, read_metrics
+from utils.plots import expert_load, load_imbalance, save  # files only: the Agg backend
 
 
 def series(records, split, key):
     """(steps, values) of one field over the records of a split."""
     chosen = [r for r in records if r.get('split') == split and key in r]
     return np.array([r['step'] for r in chosen]), np.array([float(r[key]) for r in chosen])
-
-
-def expert_load(records):
-    """Steps of the MoE log lines and the load of each expert relative to an even share,
-    as an array [n_layer, n_expert, n_lines]: tokens routed to the expert / (tokens routed in the layer / E)."""
-    chosen = [r for r in records if r.get('split') == 'train' and 'moe_load' in r]
-    if not chosen:
-        return None, None
-    load = np.array([r['moe_load'] for r in chosen], dtype=np.float64)  # [n_lines, n_layer, n_expert]
-    even = load.sum(axis=2, keepdims=True) / load.shape[2]
-    return np.array([r['step'] for r in chosen]), (load / np.maximum(even, 1e-12)).transpose(1, 2, 0)
-
-
-def load_imbalance(records):
-    """Steps of the MoE log lines and each layer's load imbalance there, max/mean of the experts' copy
-    counts (1 = even), as an array [n_layer, n_lines]; (None, None) for a dense run."""
-    steps, load = expert_load(records)
-    return (None, None) if steps is None else (steps, load.max(axis=1))
-
-
-def save(fig, path):
-    try:
-        with atomic_write(path, 'wb') as f:
-            fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
-    finally:
-        plt.close(fig)
 
 
 def plot_curves(records, path):

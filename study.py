@@ -23,18 +23,15 @@ import subprocess
 import sys
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import train  # noqa: E402
-from mem_transformer import MemTransformerLM  # noqa: E402
-from plot import load_imbalance, save  # noqa: E402
-from utils import checkpoint as ckpt  # noqa: E402
-from utils.exp_utils import OneLineArgumentParser, read_metrics  # noqa: E402
-from utils.upcycle import upcycle  # noqa: E402
+from mem_transformer import MemTransformerLM
+from utils import checkpoint as ckpt
+from utils import training
+from utils.exp_utils import OneLineArgumentParser, read_metrics
+from utils.plots import load_imbalance, save  # files only: the Agg backend
+from utils.upcycle import upcycle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(HERE, 'samples', 'enwik8-sample.zip')
@@ -166,7 +163,7 @@ def run_one(args, name, config, seed, runs, data):
         print(f'== {name} seed {seed}: training')
         if 'start' in config:
             argv += ['--restart_dir', prepare_start(args, config, seed, work_dir, runs)]
-    code = train.main(argv)
+    code = training.main(argv)   # train.py's run, in this process
     if code == 0 and not finished(work_dir, steps):
         code = 128 + signal.SIGINT   # Ctrl-C: train.py stopped early and tested; the study stops too
     return code

@@ -1,4 +1,4 @@
-"""plot.py: the load matrix by hand, PNG files from synthetic and real metrics, errors."""
+"""plot.py and utils/plots.py: the load matrix by hand, PNG files from synthetic and real metrics, errors."""
 import json
 import os
 
@@ -8,6 +8,7 @@ import pytest
 import plot
 import train
 from conftest import MOE, TINY, write_corpus
+from utils import plots
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -27,20 +28,20 @@ def moe_records():
 
 
 def test_expert_load_is_relative_to_an_even_share():
-    steps, load = plot.expert_load(moe_records())
+    steps, load = plots.expert_load(moe_records())
     assert steps.tolist() == [10, 20]
     # layer 0: 30 and 10 of 40 copies over 2 experts (even share 20) -> 1.5, 0.5; then 0 and 40 -> 0, 2.
     expected = np.array([[[1.5, 0.0], [0.5, 2.0]],
                          [[1.0, 0.5], [1.0, 1.5]]])
     np.testing.assert_allclose(load, expected)
-    assert plot.expert_load([{'step': 1, 'split': 'train', 'loss': 1.0}]) == (None, None)
+    assert plots.expert_load([{'step': 1, 'split': 'train', 'loss': 1.0}]) == (None, None)
 
 
 def test_load_imbalance_is_max_over_mean_per_layer():
-    steps, imbalance = plot.load_imbalance(moe_records())
+    steps, imbalance = plots.load_imbalance(moe_records())
     assert steps.tolist() == [10, 20]
     np.testing.assert_allclose(imbalance, [[1.5, 2.0], [1.0, 1.5]])   # max of the even-share ratios above
-    assert plot.load_imbalance([{'step': 1, 'split': 'train', 'loss': 1.0}]) == (None, None)
+    assert plots.load_imbalance([{'step': 1, 'split': 'train', 'loss': 1.0}]) == (None, None)
 
 
 def test_pngs_for_moe_and_dense_runs(tmp_path, capsys):
