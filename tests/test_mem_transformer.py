@@ -508,7 +508,12 @@ def test_moe_aux_loss_uses_the_coefficients():
     model = tiny_model(moe=True, moe_num_expert=4, moe_top_k=2, moe_gate='gshard',
                        moe_balance_coef=0.5, moe_zloss_coef=0.25).train()
     data = torch.randint(0, 40, (7, 3))
+    with pytest.raises(RuntimeError, match='call the model first'):
+        model.aux_loss()
+    model(data[:3], data[1:4])
+    first = model.moe_stats
     model(data[:6], data[1:7])
+    assert model.moe_stats is not first and len(model.moe_stats) == len(first) == 2   # the last forward's only
     expected = sum(0.5 * stats.balance_loss + 0.25 * stats.z_loss for stats in model.moe_stats)
     torch.testing.assert_close(model.aux_loss(), expected)
     assert len(model.moe_stats) == 2 and all(stats.z_loss > 0 for stats in model.moe_stats)

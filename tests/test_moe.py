@@ -246,6 +246,19 @@ def test_naive_balance_loss_is_zero_and_z_loss_by_hand():
     assert stats.z_loss.item() == pytest.approx(sum(z) / 4, rel=1e-6)
 
 
+@pytest.mark.parametrize('gate', GATES)
+def test_the_layer_keeps_no_tensor_between_forwards(gate):
+    """What a forward computes leaves through its return value only: no tensor attribute on the layer or its
+    modules afterwards (parameters and buffers aside), so a second forward cannot see the first's routing."""
+    layer = make_layer(gate).train()
+    before = {name: set(vars(m)) for name, m in layer.named_modules()}
+    stats = layer(torch.randn(20, 16))[1]
+    assert isinstance(stats, moe.MoEStats) and stats.load.sum() > 0
+    for name, module in layer.named_modules():
+        assert set(vars(module)) == before[name], name
+        assert not [k for k, v in vars(module).items() if torch.is_tensor(v)], name
+
+
 def test_losses_are_in_the_graph():
     layer = make_layer('gshard').train()
     stats = layer(torch.randn(20, 16))[1]
