@@ -289,7 +289,7 @@ def nan_past_the_groups(real):
     def grouped_mm(a, b, offs):
         out = real(a, b, offs=offs)
         if out.dim() == 2:   # [rows, out]: the forward and the input gradient
-            past = torch.arange(out.shape[0]) >= offs[-1]
+            past = torch.arange(out.shape[0], device=out.device) >= offs[-1]
             out = out.masked_fill(past[:, None], float('nan'))
         return out
     return grouped_mm
@@ -388,20 +388,30 @@ def test_counts_from_the_sorted_keys_equal_bincount(num_expert):
 BF16_RTOL = 2e-2
 
 
-def test_grouped_mm_equals_slices_bf16_autocast(device):
+@pytest.mark.parametrize('gate,capacity', [('naive', 1.2), ('gshard', 0.5)], ids=['naive', 'gshard-drops'])
+def test_grouped_mm_equals_slices_bf16_autocast(gate, capacity, device):
+    """Outputs and input gradients; with gshard at capacity 0.5 about half the copies are dropped (padding rows
+    on the grouped path)."""
     if not grouped_mm_available(device, torch.bfloat16):
         pytest.skip(f'grouped_mm does not run bf16 on this {device.type}')
     x = torch.randn(64, 32).to(device)
     outs = {}
     for backend in ('grouped_mm', 'slices'):
-        layer = make_layer('naive', num_expert=8, d_model=32, d_hidden=64, expert_backend=backend).to(device)
+        layer = make_layer(gate, num_expert=8, d_model=32, d_hidden=64, capacity_factor=(capacity, capacity),
+                           expert_backend=backend).to(device)
+        xb = x.clone().requires_grad_()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            outs[backend] = layer(x)[0]
-        assert outs[backend].dtype == torch.float32   # combine returns the input's dtype
-    scale = outs['slices'].abs().max()
-    assert (outs['grouped_mm'] - outs['slices']).abs().max() <= BF16_RTOL * scale
-    fp32 = layer(x)[0]
-    assert (outs['slices'] - fp32).abs().max() <= 4 * BF16_RTOL * scale
+            out, stats = run_layer(layer, xb, seed=2)
+        out.square().sum().backward()
+        assert out.dtype == torch.float32   # combine returns the input's dtype
+        assert (stats.dropped > 0) == (gate == 'gshard')
+        outs[backend], outs[backend + '_grad'] = out, xb.grad
+    for name in ('slices', 'slices_grad'):
+        scale = outs[name].abs().max()
+        assert torch.isfinite(outs[name.replace('slices', 'grouped_mm')]).all()
+        assert (outs[name.replace('slices', 'grouped_mm')] - outs[name]).abs().max() <= BF16_RTOL * scale
+    fp32 = run_layer(layer, x, seed=2)[0]
+    assert (outs['slices'] - fp32).abs().max() <= 4 * BF16_RTOL * outs['slices'].abs().max()
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

@@ -13,6 +13,13 @@ the expert compute:
     experts   each expert's FFN on its contiguous slice of rows
               (one grouped_mm where it runs fast, else per-expert slices)
     combine   put the rows back in token order, weighted sum over the k copies
+
+The forward returns the output and the call's routing statistics (MoEStats: the
+balance and z-losses in the graph, the load, the dropped copies); nothing is kept
+on the layer between forwards. Host synchronisations: none on the grouped_mm path,
+capacity drops included; the slices path reads the per-expert counts once (it
+splits the rows by them); an expert-parallel layer reads its all_to_all split
+sizes once.
 """
 import math
 from typing import NamedTuple, Optional
