@@ -20,6 +20,7 @@ import reference_attention as reference
 from conftest import segments_and_grads, tiny_model
 from reference_attention import original_layout
 from utils import moe
+from utils import training
 
 
 make_model = functools.partial(tiny_model, init_std=0.1, tgt_len=5)
@@ -396,3 +397,25 @@ def test_maybe_compile_lets_model_errors_through(monkeypatch):
     data = torch.randint(0, 40, (6, 2))
     with pytest.raises(RuntimeError, match='same size'):
         model(data[:5], data[1:6, :1])  # targets for one of the two sequences
+
+
+def test_a_whole_trainer_step_has_no_host_sync_with_a_fused_optimizer(device):
+    """train.py's whole step between log lines (forward and backward, clipping, the fused optimizer that skips
+    a non-finite step on the device, the loss and skip accounting) reads no value back to the host."""
+    parser = training.build_parser()
+    args = parser.parse_args(['--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
+                              '--d_inner', '64', '--tgt_len', '8', '--mem_len', '8', '--batch_size', '3',
+                              '--dropout', '0.1', *(['--cuda'] if device.type == 'cuda' else [])])
+    training.check_args(args, parser)
+    trainer = training.Trainer(args, training.build_model(args, 40), device, print, None)
+    assert training.skips_on_device(trainer.optimizer)  # torch's fused Adam, on the CPU as on GPUs
+    data = torch.randint(0, 40, (9, 3), device=device)
+    for _ in range(2):
+        trainer.train_step(data[:-1], data[1:])
+    log = OpLog()
+    with log:
+        loss = trainer.train_step(data[:-1], data[1:])
+    assert not SYNCS & set(log.ops)
+    assert '_fused_adam_' in log.ops and torch.isfinite(loss)
+    assert trainer.window.totals() == dict(loss_sum=pytest.approx(trainer.window.totals()['loss_sum']), n_losses=3,
+                                           n_nonfinite=0, n_skipped=0)

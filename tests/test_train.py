@@ -1194,3 +1194,81 @@ def test_progress_bar_on_a_terminal_only(tmp_path, corpus, capfd):
     assert run(tmp_path / 'plain', corpus, '--max_step', '3') == 0  # stdout/stderr are not terminals here
     out, err = capfd.readouterr()
     assert '| epoch   1 step        3 ' in out and 'tok_s' not in out + err
+
+
+def step_trainer(*flags, n_token=40):
+    """A Trainer of the tiny model (no dropout, no memory: two trainers given the same batches take the same steps)
+    and one batch of it."""
+    parser = training.build_parser()
+    args = parser.parse_args([*TINY, '--mem_len', '0', *flags])
+    training.check_args(args, parser)
+    torch.manual_seed(0)
+    trainer = training.Trainer(args, training.build_model(args, n_token), torch.device('cpu'), print, None)
+    data = torch.randint(0, n_token, (args.tgt_len + 1, args.batch_size))
+    return trainer, data[:-1], data[1:]
+
+
+def nan_loss_step(trainer, data, target):
+    """One training step whose loss is NaN (so are its gradients)."""
+    forward = trainer.forward_model
+    trainer.forward_model = lambda *inputs: [forward(*inputs)[0] * float('nan'), *forward(*inputs)[1:]]
+    try:
+        return trainer.train_step(data, target)
+    finally:
+        trainer.forward_model = forward
+
+
+def trainer_tensors(trainer):
+    state = trainer.optimizer.state_dict()['state']
+    return [p.detach().clone() for p in trainer.model.parameters()] + \
+        [v.clone() for s in state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+@pytest.mark.parametrize('optim', ['adam', 'sgd', 'adagrad'])
+def test_the_fused_optimizer_skips_a_nonfinite_step_on_the_device(optim):
+    """torch's fused kernels take the non-finite flag as a device tensor (GradScaler's found_inf) and leave the
+    weights, the moments and the step count as they were, with no host read (the test of test_fast_paths)."""
+    trainer, data, target = step_trainer('--optim', optim, '--mom', '0.9', '--lr', '0.01')
+    trainer.train_step(data, target)
+    before = trainer_tensors(trainer)
+    assert training.skips_on_device(trainer.optimizer)
+    from test_fast_paths import SYNCS, OpLog
+    log = OpLog()
+    with log:
+        loss = nan_loss_step(trainer, data, target)
+    assert not SYNCS & set(log.ops) and not torch.isfinite(loss)
+    after = trainer_tensors(trainer)
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+    assert trainer.window.totals()['n_skipped'] == trainer.window.totals()['n_nonfinite'] == 1
+    assert (int(trainer.nonfinite_run), trainer.step) == (1, 2)
+
+
+def test_fused_sgd_with_momentum_reads_the_flag_on_its_first_step():
+    """Fused SGD allocates its momentum buffers in its first step and leaves them uninitialised when it skips
+    that step on the device; so that first step reads the flag on the host and does not call the optimizer."""
+    trainer, data, target = step_trainer('--optim', 'sgd', '--mom', '0.9', '--lr', '0.1')
+    assert not training.skips_on_device(trainer.optimizer)
+    nan_loss_step(trainer, data, target)
+    trainer.train_step(data, target)
+    assert training.skips_on_device(trainer.optimizer)
+    fresh, _, _ = step_trainer('--optim', 'sgd', '--mom', '0.9', '--lr', '0.1')
+    fresh.train_step(data, target)  # the same good step, without the skipped one before it
+    assert all(torch.equal(a, b) for a, b in zip(trainer_tensors(trainer), trainer_tensors(fresh)))
+    # torch's behaviour that the rule works around: a skipped first step leaves the buffers uninitialised
+    p = torch.nn.Parameter(torch.zeros(1000))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True)
+    p.grad, sgd.found_inf = torch.ones(1000), torch.ones(())
+    sgd.step()
+    assert 'momentum_buffer' in sgd.state[p]  # allocated by a step that did not run
+
+
+def test_the_nonfinite_stop_comes_at_the_next_log_line(tmp_path, corpus, poisoned_steps, monkeypatch):
+    """The limit is checked where the host reads anyway: at log lines and checkpoints (on a GPU a read is a sync)."""
+    monkeypatch.setattr(training, 'NONFINITE_LIMIT', 4)
+    poisoned_steps.update(range(7, 100))
+    work = tmp_path / 'run'
+    assert run(work, corpus, '--max_step', '30', '--log-interval', '6', '--save-interval', '20',
+               '--eval-interval', '100') == 1
+    log = (work / 'log.txt').read_text()
+    assert 'non-finite for 4 steps in a row (up to step 10; seen at step 12)' in log
+    assert [r['step'] for r in records(work, 'train')] == [6]

@@ -302,6 +302,19 @@ def build_optimizer(args, model):
     return optimizer
 
 
+def skips_on_device(optimizer):
+    """Whether optimizer.step() skips a non-finite step by itself, given the device flag `found_inf` that
+    GradScaler hands to optimizers marked `_step_supports_amp_scaling` (torch's fused kernels): the update and
+    the step count stay as they were, and the host never reads whether the step was finite. Not the first step
+    of fused SGD with momentum: it allocates its momentum buffers then and leaves them uninitialised when it
+    skips (tests/test_train.py shows it)."""
+    if not getattr(optimizer, '_step_supports_amp_scaling', False):
+        return False
+    return all(not group.get('momentum') or
+               all('momentum_buffer' in optimizer.state.get(p, {}) for p in group['params'])
+               for group in optimizer.param_groups)
+
+
 def non_embedding_parameters(model):
     embedding = {id(p) for name in ('word_emb', 'crit', 'out_layer') if hasattr(model, name)
                  for p in getattr(model, name).parameters()}
@@ -313,18 +326,37 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Window:
-    """Sums since the last log line; they go into checkpoints so a resumed run logs the same averages."""
+    """Sums since the last log line. What a step adds is added where the step computed it, so that on a GPU nothing
+    is read back to the host until the log line; checkpoints hold the sums as plain numbers, so that a resumed run
+    logs the same averages."""
 
-    saved = ('loss_sum', 'n_losses', 'n_nonfinite', 'n_skipped', 'n_steps', 'aux_sum', 'moe_load', 'moe_balance')
+    counted = ('loss_sum', 'n_losses', 'n_nonfinite', 'n_skipped')  # in `sums`, one float64 tensor
+    kept = ('n_steps', 'aux_sum', 'moe_load', 'moe_balance')
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.loss_sum, self.aux_sum = 0., 0.
-        self.n_losses = self.n_nonfinite = self.n_skipped = self.n_steps = 0
+        self.sums = None  # float64 on the losses' device: their sum rounds as the Python floats it replaced
+        self.aux_sum, self.n_steps = 0., 0
         self.moe_load = self.moe_balance = None
         self.restart_clock()
+
+    def add_step(self, loss, applied):
+        """A step's mean loss (a 0-dim tensor) and whether its update was applied (a device bool, or a bool the
+        host has read). Returns whether the loss is finite, as a device bool."""
+        finite = torch.isfinite(loss)
+        skipped = ~applied if torch.is_tensor(applied) else torch.full_like(finite, not applied)  # no host copy
+        step = torch.stack([torch.where(finite, loss.double(), 0.), finite.double(), (~finite).double(),
+                            skipped.double()])
+        self.sums = step if self.sums is None else self.sums + step
+        self.n_steps += 1
+        return finite
+
+    def totals(self):
+        """The sums as plain numbers: the one read of the window from the device."""
+        loss_sum, *counts = [0.] * len(self.counted) if self.sums is None else self.sums.tolist()
+        return dict(loss_sum=loss_sum, **{k: int(n) for k, n in zip(self.counted[1:], counts)})
 
     def restart_clock(self):
         # Speed is measured over the steps this process ran, so a resumed window still reports true figures.
@@ -342,10 +374,12 @@ class Window:
         self.moe_balance = balance if self.moe_balance is None else self.moe_balance + balance
 
     def state_dict(self):
-        return {k: (v.cpu() if torch.is_tensor(v) else v) for k in self.saved for v in [getattr(self, k)]}
+        kept = {k: (v.cpu() if torch.is_tensor(v) else v) for k in self.kept for v in [getattr(self, k)]}
+        return dict(self.totals(), **kept)
 
     def load_state_dict(self, state, device):
-        for k in self.saved:
+        self.sums = torch.tensor([state[k] for k in self.counted], dtype=torch.float64, device=device)
+        for k in self.kept:
             v = state[k]
             setattr(self, k, v.to(device) if torch.is_tensor(v) else v)
         self.restart_clock()
@@ -395,7 +429,11 @@ class Trainer:
         self.base_lr = args.lr  # --restart_dir may change it (constant/dev_perf go on at the saved rate, see main)
         self.clip_params = non_embedding_parameters(model) if args.clip_nonemb else list(model.parameters())
         self.step, self.epoch, self.batch = 0, 1, 0
-        self.best_val_loss, self.last_eval_step, self.nonfinite_run = None, None, 0
+        self.best_val_loss, self.last_eval_step = None, None
+        # Steps in a row with a non-finite loss, and the step at which they reached NONFINITE_LIMIT (0: not yet):
+        # device tensors once a step has run, read where the host reads anyway (check_nonfinite).
+        self.nonfinite_run = self.limit_step = 0
+        self.logged_loss = None  # the last log line's, for the progress bar
         self.eval_start = time.time()  # the eval line's clock, restarted by train() and by each validation
         self.mems = self.fresh_mems()
         self.window = Window()
@@ -417,8 +455,11 @@ class Trainer:
     def train_step(self, data, target):
         """Forward and backward over the batch chunks (each with its own memory), then one optimizer step.
 
-        Returns the step's mean loss in nats. A step whose gradients are not finite (fp16 overflow, or a
-        non-finite loss) is skipped and counted; a loss non-finite NONFINITE_LIMIT times in a row stops the run.
+        Returns the step's mean loss in nats over every process, a 0-dim tensor on the device. A step whose
+        gradients are not finite (fp16 overflow, or a non-finite loss) is skipped and counted; a loss non-finite
+        NONFINITE_LIMIT times in a row stops the run (check_nonfinite). Nothing is read back to the host (a GPU
+        sync) where the optimizer skips a step itself (torch's fused kernels: skips_on_device); the window's
+        sums and the counters stay on the device until a log line, a validation or a checkpoint reads them.
         """
         args, model, window, dist = self.args, self.model, self.window, self.dist
         for group in self.optimizer.param_groups:
@@ -448,48 +489,70 @@ class Trainer:
         finite = torch.isfinite(grad_norm)
         if args.clip_nonemb:  # the unclipped embedding gradients must be finite too
             finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
-        if bool(finite):
-            self.scaler.step(self.optimizer)
-            if step_load is not None:  # every rank applies the same update from the global load
-                model.update_expert_bias(dist.sum(step_load), args.moe_bias_update_rate)
-        else:
-            window.n_skipped += 1
+        applied = self.optimizer_step(finite)
+        if step_load is not None:  # every rank the same update from the global load; a skipped step's rate is 0
+            model.update_expert_bias(dist.sum(step_load), args.moe_bias_update_rate * applied)
         self.scaler.update(self.static_scale)
         self.step += 1
 
-        step_loss = float(dist.mean(step_loss))  # every rank logs the global mean
-        window.n_steps += 1
+        step_loss = dist.mean(step_loss)  # every rank logs the global mean (an all-reduce; nothing is read)
         window.timed_steps += 1
         window.timed_tokens += n_tokens
-        if math.isfinite(step_loss):
-            window.loss_sum += step_loss
-            window.n_losses += 1
-            self.nonfinite_run = 0
-        else:
-            window.n_nonfinite += 1
-            self.nonfinite_run += 1
-            if self.nonfinite_run >= NONFINITE_LIMIT:
-                raise NonFiniteLoss(f'the loss was non-finite for {self.nonfinite_run} steps in a row '
-                                    f'(up to step {self.step})')
+        finite_loss = window.add_step(step_loss, applied)
+        self.nonfinite_run = torch.where(finite_loss, 0, self.nonfinite_run + 1)
+        self.limit_step = torch.where((self.nonfinite_run >= NONFINITE_LIMIT) & (self.limit_step == 0), self.step,
+                                      self.limit_step)
         return step_loss
+
+    def optimizer_step(self, finite):
+        """The optimizer's update, unless `finite` (a device bool) is False. With the scaler of --amp fp16 the
+        gradients are already unscaled, and a step with an overflow has a non-finite norm, so `finite` decides
+        as GradScaler.step would. Returns whether the update was applied: the device flag itself where the
+        optimizer skips on the device, else the bool read from it (one host sync)."""
+        optimizer = self.optimizer
+        if skips_on_device(optimizer):
+            optimizer.found_inf = (~finite).float()  # GradScaler's contract with torch's fused optimizers
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            return finite
+        if bool(finite):
+            optimizer.step()
+            return True
+        return False
+
+    def check_nonfinite(self):
+        """Stop the run once the loss has been non-finite NONFINITE_LIMIT steps in a row. Called where the host
+        reads from the device anyway (log lines, checkpoints), so on a GPU the stop can come up to --log-interval
+        steps after the step that reached the limit."""
+        limit_step = int(self.limit_step)
+        if limit_step:
+            later = f'; seen at step {self.step}' if self.step > limit_step else ''
+            raise NonFiniteLoss(f'the loss was non-finite for {NONFINITE_LIMIT} steps in a row (up to step '
+                                f'{limit_step}{later})')
 
     # ---------------------------------------------------------------- logging and evaluation
     def log_train(self):
         args, w = self.args, self.window
         # As the original's line: the rate of the next update, and the wall time since the last line (any
         # validation included) per step; tokens_per_s counts training time only.
+        self.check_nonfinite()
         lr = self.lr()
         elapsed = time.time() - w.start
-        loss = w.loss_sum / w.n_losses if w.n_losses else math.nan
+        sums = w.totals()
+        n_skipped, n_nonfinite = sums['n_skipped'], sums['n_nonfinite']
+        loss = sums['loss_sum'] / sums['n_losses'] if sums['n_losses'] else math.nan
+        self.logged_loss = loss
         line = (f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
                 f'| ms/batch {elapsed * 1000 / max(w.timed_steps, 1):5.2f} | loss {loss:5.2f}')
         line += ' | ' + metric_text(args.dataset, loss)
         record = dict(step=self.step, split='train', epoch=self.epoch, batch=self.batch, loss=loss,
                       **loss_fields(args.dataset, loss), lr=lr, ms_per_batch=elapsed * 1000 / max(w.timed_steps, 1),
                       tokens_per_s=w.timed_tokens / w.train_seconds(), peak_mem_mb=peak_memory_mb(self.device),
-                      skipped_steps=w.n_skipped, nonfinite_losses=w.n_nonfinite)
-        if w.n_skipped or w.n_nonfinite:
-            line += f' | skipped {w.n_skipped} steps ({w.n_nonfinite} non-finite losses)'
+                      skipped_steps=n_skipped, nonfinite_losses=n_nonfinite)
+        if n_skipped or n_nonfinite:
+            line += f' | skipped {n_skipped} steps ({n_nonfinite} non-finite losses)'
         if self.scaler.is_enabled():
             record['loss_scale'] = self.scaler.get_scale()
         if w.moe_load is not None:  # over all ranks: the load adds up, the losses are averaged
@@ -562,7 +625,7 @@ class Trainer:
                  'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
                  'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'data': self.tr_iter.state_dict(),
                  'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
-                 'nonfinite_run': self.nonfinite_run, 'base_lr': self.base_lr, 'window': self.window.state_dict(),
+                 'nonfinite_run': int(self.nonfinite_run), 'base_lr': self.base_lr, 'window': self.window.state_dict(),
                  'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state(), 'vocab_symbols': self.symbols}
         if self.vocab is not None:
             state['vocab'] = self.vocab
@@ -593,7 +656,8 @@ class Trainer:
     # At the end of training or on a signal there is no next step, and the state is kept at once.
     def save_checkpoint(self, run_dir, confirmed=False):
         """Write the state unless it follows a non-finite step; returns whether it was written."""
-        if not run_dir or self.nonfinite_run:
+        self.check_nonfinite()
+        if not run_dir or int(self.nonfinite_run):
             return False
         state = self.state_dict()
         self.dist.write(lambda: ckpt.atomic_save(state, os.path.join(run_dir, ckpt.PENDING)))
@@ -633,8 +697,8 @@ class Trainer:
                     if self.dist.stop_check_due(self.step):  # all ranks stop after the same step
                         stop.agreed = self.dist.agree(stop.signum)
                     self.batch += 1
-                    if run_dir:
-                        self.settle_checkpoint(run_dir, good=math.isfinite(loss))
+                    if run_dir and self.pending_step is not None:  # the loss is read after a save only
+                        self.settle_checkpoint(run_dir, good=bool(torch.isfinite(loss)))
                     self.after_step(loss, va_iter, run_dir, stop, bar)
                     if self.step >= args.max_step or stop.agreed is not None:
                         break
@@ -649,7 +713,9 @@ class Trainer:
         args = self.args
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f'{loss:.3f}', tok_s=f'{self.window.timed_tokens / self.window.train_seconds():.0f}')
+            # the loss of the last log line: reading each step's would make the host wait for the GPU every step
+            shown = {} if self.logged_loss is None else {'loss': f'{self.logged_loss:.3f}'}
+            bar.set_postfix(**shown, tok_s=f'{self.window.timed_tokens / self.window.train_seconds():.0f}')
         if self.step % args.log_interval == 0:
             self.log_train()
         evaluated = self.step % args.eval_interval == 0
