@@ -975,33 +975,33 @@ def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_
 
 
 def maybe_compile(model, **options):
-    """Compile model.forward with torch.compile, in place, and return the model.
+    """Compile the model in place with nn.Module.compile and return it.
 
-    State-dict keys stay as they are (torch.compile(model) would prefix them
-    with `_orig_mod.`). Where torch.compile is missing, or fails to compile at
-    the first call (no C++ compiler, an unsupported platform), this warns once
-    and the model runs eagerly; errors of the model itself still propagate.
-    Compile a model after copying it: a copy would share the compiled forward.
+    State-dict keys stay as they are (torch.compile(model) would wrap the model and prefix them with
+    `_orig_mod.`), and model.forward stays the class's method. Where torch.compile is missing, or fails to
+    compile at the first call (no C++ compiler, an unsupported platform), this warns once and the model runs
+    eagerly; errors of the model itself still propagate. Compile a model after copying it: a copy would share
+    the compiled call.
     """
     if not hasattr(torch, 'compile'):
         warnings.warn('torch.compile is not available in this version of torch; running eagerly')
         return model
-    eager = model.forward
     try:
-        compiled = torch.compile(eager, **options)
+        model.compile(**options)
     except Exception as err:  # e.g. a Python version torch.compile does not support
         warnings.warn(f'torch.compile unavailable ({type(err).__name__}: {err}); running eagerly')
         return model
     from torch._dynamo.exc import TorchDynamoException  # compiler and backend failures
+    compiled = model._compiled_call_impl  # what nn.Module.compile set, and __call__ runs when it is set
 
-    def forward(*args, **kwargs):
+    def call(*args, **kwargs):
         try:
             return compiled(*args, **kwargs)
         except TorchDynamoException as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ''
             warnings.warn(f'torch.compile failed ({type(err).__name__}: {reason}); running eagerly')
-            model.forward = eager
-            return eager(*args, **kwargs)
+            model._compiled_call_impl = None  # an uncompiled module's: __call__ runs the eager forward
+            return model(*args, **kwargs)
 
-    model.forward = forward
+    model._compiled_call_impl = call
     return model

@@ -1,7 +1,7 @@
 """Evaluation benchmark with the long-memory settings (issue 6, item 4).
 
 enwik8's evaluation settings (run_enwik8_base.sh: tgt_len 80, mem_len 2100,
-clamp_len 820, same_length) on the CPU-sized model of bench_train.py, batch 10
+clamp_len 820, same_length) on the CPU-sized model of bench/steps.py, batch 10
 (eval.py's default), under torch.no_grad as eval.py runs. The memory is full
 from the first timed segment (2100 states per layer), so every segment costs
 what it costs in the middle of a test set. fp32 and bf16 autocast, fast and
@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from timing import add_common_args, check_common_args, describe, machine, time_side_by_side, write_json
-from bench_train import CPU_SIZED, DTYPES, build_model, fast_paths
+from steps import CPU_SIZED, DTYPES, build_model, fast_paths
 from flops import flops_per_token
 import mem_transformer as mt
 

@@ -1,6 +1,6 @@
 """Peak resident memory of a training step, with and without --batch_chunk 2 (issue 6, item 5).
 
-Each row runs in a fresh Python process that builds the model (bench_train.py's
+Each row runs in a fresh Python process that builds the model (bench/steps.py's
 TrainStep: MemTransformerLM, Adam, a full memory) and takes --steps optimizer
 steps; the figure is that process's peak resident set size (resource-based, not
 tracemalloc, so it sees every allocator, torch's included): Linux's VmHWM, or
@@ -43,7 +43,7 @@ def maxrss_mib():
 
 def child(config_name, dtype, batch_chunk, steps):
     """In the fresh process: build, measure, step, measure; print one JSON line."""
-    from bench_train import CONFIGS, TrainStep
+    from steps import CONFIGS, TrainStep
     step = TrainStep(CONFIGS[config_name], dtype, batch_chunk=batch_chunk)
     before = maxrss_mib()
     for _ in range(steps):

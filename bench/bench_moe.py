@@ -23,12 +23,10 @@ glibc's malloc is tuned as train.py tunes it (utils/malloc.py; TXL_MALLOC_DEFAUL
 import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -39,7 +37,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from timing import time_side_by_side  # noqa: E402
+from report import moe_target_lines  # noqa: E402
+from timing import time_side_by_side, write_json  # noqa: E402
 from utils import malloc  # noqa: E402
 from utils.moe import FMoETransformerMLP, grouped_mm_available  # noqa: E402
 
@@ -245,25 +244,6 @@ def run(args):
     return rows
 
 
-TARGETS = ((64, 'vs_dense', 1.5, '<='), (64, 'loop_speedup', 10.0, '>='), (8, 'vs_dense', 1.3, '<='),
-           (8, 'vs_mixtral', 1.0, '<='), (64, 'vs_mixtral', 1.0, '<='))
-TARGET_WHAT = {'vs_dense': 'time / dense', 'loop_speedup': 'loop time / moe time',
-               'vs_mixtral': "time / transformers' grouped_mm Mixtral experts"}
-
-
-def target_lines(rows):
-    lines = []
-    for row in rows:
-        if row['variant'] != 'moe':
-            continue
-        for experts, key, bound, op in TARGETS:
-            if row['experts'] == experts and row.get(key) is not None:
-                ok = row[key] <= bound if op == '<=' else row[key] >= bound
-                lines.append(f"{experts:>3} experts {row['dtype']}: {TARGET_WHAT[key]} = {row[key]:.2f} "
-                             f"(target {op} {bound}) {'holds' if ok else 'MISSED'}")
-    return lines
-
-
 def print_table(rows, meta):
     print(f"MoE layer fwd+bwd: {meta['tokens']} tokens, d_model {meta['d_model']}, d_hidden "
           f"{meta['d_hidden']}, top-{meta['top_k']}; median of {meta['repeats']} after "
@@ -285,16 +265,8 @@ def print_table(rows, meta):
           f"1-min load average {meta['loadavg_before']:.2f} before, {meta['loadavg_after']:.2f} after")
     diffs = {r['experts']: r['max_abs_diff_vs_loop_fp32'] for r in rows if r['variant'] == 'moe'}
     print('max |moe - loop| output, fp32: ' + ', '.join(f'{e} experts {d:.1e}' for e, d in diffs.items()))
-    for line in target_lines(rows):
+    for line in moe_target_lines(rows):
         print(line)
-
-
-def write_json(path, payload):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

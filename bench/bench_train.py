@@ -16,102 +16,21 @@
     python bench/bench_train.py [--quick] [--json out.json]
 """
 import argparse
-import contextlib
 import math
 import statistics
-import time
 import zipfile
 
 import torch
 
-from timing import (ROOT, add_common_args, check_common_args, describe, machine, matmul_products,
+from timing import (SAMPLE, add_common_args, check_common_args, describe, machine, matmul_products,
                     time_side_by_side, write_json)
-import mem_transformer as mt
 import original
 from flops import flops_per_token
-from tests.reference_attention import original_layout
+from report import print_loss_check
+from steps import (CLIP, CONFIGS, DROPATT, DROPOUT, DTYPES, MOE_VS_DENSE, TrainStep, add_train_args, build_model,
+                   check_train_args, random_batch, trainer_args)
 from utils import malloc
 from utils import training
-
-DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
-CPU_SIZED = dict(n_token=204, n_layer=4, n_head=4, d_model=256, d_head=64, d_inner=1024,
-                 tgt_len=128, mem_len=128, bsz=8)
-CONFIGS = {
-    'cpu-dense': CPU_SIZED,
-    'cpu-moe16': dict(CPU_SIZED, d_inner=512, moe=True, moe_num_expert=16, moe_top_k=2),
-    'cpu-moe64': dict(CPU_SIZED, d_inner=512, moe=True, moe_num_expert=64, moe_top_k=2),
-    # The enwik8 base model (run_enwik8_base.sh) at tgt_len = mem_len = 128 and batch 8.
-    'enwik8-base': dict(CPU_SIZED, n_layer=12, n_head=8, d_model=512, d_head=64, d_inner=2048),
-}
-DROPOUT, DROPATT, LR, CLIP = 0.1, 0.0, 2.5e-4, 0.25  # run_enwik8_base.sh's
-SAMPLE = ROOT / 'samples' / 'enwik8-sample.zip'
-
-
-@contextlib.contextmanager
-def fast_paths(model, enabled):
-    """For the duration of a step, the model's fast paths on, or off: the original's seq-first attention
-    arithmetic (tests/reference_attention.py), nn.Dropout's masks, no SDPA."""
-    model.set_fast_paths(sdpa=enabled, dropout=enabled)
-    with contextlib.nullcontext() if enabled else original_layout():
-        yield
-
-
-def build_model(config, seed=0, dropout=DROPOUT):
-    torch.manual_seed(seed)
-    kwargs = {k: v for k, v in config.items() if k != 'bsz'}
-    model = mt.MemTransformerLM(dropout=dropout, dropatt=DROPATT, ext_len=0, **kwargs)
-    return mt.init_weights(model)
-
-
-def random_batch(config, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, config['n_token'], (config['tgt_len'] + 1, config['bsz']), generator=gen)
-
-
-def trainer_args(dtype, batch_chunk=1, compiled=False, optim='adam'):
-    """train.py's flags for a benchmark step: run_enwik8_base.sh's clip, a constant learning rate."""
-    flags = ['--optim', optim, '--lr', str(LR), '--clip', str(CLIP), '--scheduler', 'constant',
-             '--batch_chunk', str(batch_chunk), '--amp', 'none' if DTYPES[dtype] is None else dtype]
-    return training.build_parser().parse_args(flags + ['--compile'] * compiled)
-
-
-class OptimizerClock:
-    """Seconds of each optimizer.step(), from the optimizer's own step hooks."""
-
-    def __init__(self, optimizer):
-        self.seconds, self.start = [], None
-        optimizer.register_step_pre_hook(self.started)
-        optimizer.register_step_post_hook(self.stopped)
-
-    def started(self, *unused):
-        self.start = time.perf_counter()
-
-    def stopped(self, *unused):
-        self.seconds.append(time.perf_counter() - self.start)
-
-
-class TrainStep:
-    """train.py's own Trainer (its optimizer, gradient scaler, clipping, MoE statistics) on a model of
-    `config`, with a full memory; each call is one Trainer.train_step on a fixed batch.
-    paths: 'fast' (the default), 'plain' (fast paths off) or 'compiled' (fast, under torch.compile as
-    train.py --compile; the first two calls compile). optimizer: 'train.py' (build_optimizer's) or
-    'per-parameter loop' (torch.optim.Adam(foreach=False), what train.py ran before it chose)."""
-
-    def __init__(self, config, dtype='fp32', paths='fast', batch_chunk=1, seed=0, optimizer='train.py'):
-        model = build_model(config, seed).train()
-        args = trainer_args(dtype, batch_chunk, paths == 'compiled')
-        self.trainer = training.Trainer(args, model, torch.device('cpu'), log=None, metrics=None)
-        if optimizer == 'per-parameter loop':
-            self.trainer.optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=False)
-        self.model, self.fast = self.trainer.model, paths != 'plain'
-        self.clock = OptimizerClock(self.trainer.optimizer)
-        self.batch = random_batch(config, seed)
-
-    def __call__(self, batch=None):
-        """One step on `batch` [tgt_len + 1, bsz] (inputs then shifted targets); returns the mean loss."""
-        batch = self.batch if batch is None else batch
-        with fast_paths(self.trainer.model, self.fast):
-            return self.trainer.train_step(batch[:-1], batch[1:])
 
 
 class OriginalStep:
@@ -184,11 +103,6 @@ def versus_original(dtypes, repeats, warmup, config_name='cpu-dense'):
                          original_ms=seconds['original'] * 1e3, speedup=seconds['original'] / seconds['train.py'],
                          max_loss_diff=diff))
     return rows
-
-
-# Equal active FLOPs: two experts of 512 per token against one feed-forward of 1024 (the MoE step's gate
-# adds 1.5% to its FLOPs, not counted in the ratio).
-MOE_VS_DENSE = ('cpu-moe64', 'cpu-dense')
 
 
 def moe_versus_dense(dtypes, repeats, warmup, threads=(1, 2)):
@@ -288,20 +202,6 @@ def print_rows(rows):
     print('peak: TFLOP/s of a 2048^3 matrix product in the same dtype, timed side by side with the steps')
 
 
-def print_loss_check(check):
-    if check is None:
-        print(f'bf16 loss check skipped: {SAMPLE} not found')
-        return
-    print(f"bf16 vs fp32 on the enwik8 sample, {check['config']}, {check['steps']} steps "
-          f"(loss at step 1: {check['first_loss']:.3f} nats):")
-    for what in ('train', 'heldout'):
-        loss = check[f'{what}_loss']
-        label = f"mean training loss of the last {check['last']} steps" if what == 'train' \
-            else 'held-out loss (fp32 evaluation)'
-        print(f"  {label}: fp32 {loss['fp32']:.4f}, bf16 {loss['bf16']:.4f}, "
-              f"relative difference {100 * check[f'{what}_rel_diff']:.2f}%")
-
-
 def print_original(rows):
     if not rows:
         print(f'(a) skipped: the original Transformer-XL is not at {original.WHERE}')
@@ -318,21 +218,6 @@ def print_moe_versus_dense(rows):
               f"{r['optimizer_ms']:>12.1f} {100 * r['optimizer_share']:>5.0f}%")
     print('(c) x dense: the dense step time over this step\'s (throughput ratio, equal active FLOPs); '
           '(d) share: optimizer.step() time over the step\'s')
-
-
-def add_train_args(p):
-    """The options of the training-step benchmark that run_all.py takes too."""
-    p.add_argument('--loss-steps', type=int, default=200, help='steps of the bf16 loss check (0 skips it)')
-    p.add_argument('--compile', action='store_true',
-                   help='add torch.compile rows (train.py --compile) for cpu-dense; compiling takes minutes')
-
-
-def check_train_args(p, args):
-    if args.loss_steps < 0:
-        p.error(f'--loss-steps must be >= 0, got {args.loss_steps}')
-    if args.quick:
-        args.loss_steps = min(args.loss_steps, 40)
-    args.compiled = ('cpu-dense',) if args.compile else ()   # the configurations with compiled rows
 
 
 def parse_args(argv=None):

@@ -49,6 +49,6 @@ def flops_per_token(config, train=True):
 
 
 if __name__ == '__main__':
-    from bench_train import CONFIGS
+    from steps import CONFIGS
     for name, config in CONFIGS.items():
         print(f'{name:>12}: {flops_per_token(config) / 1e6:8.1f} MFLOP per token (training step)')

@@ -1,27 +1,17 @@
 """The original Transformer-XL's model (../shared/reference/transformer-xl/pytorch, or $ORIGINAL_TXL), loaded
-as tests/test_parity_with_original.py loads it (its loader and its patches for today's torch, reused), for
-the side-by-side rows of bench_train.py. Nothing of the original is copied into this repository.
+as tests/test_parity_with_original.py loads it (tests/original_code.py: its loader and its patches for today's
+torch, reused), for the side-by-side rows of bench_train.py. Nothing of the original is copied into this
+repository.
 """
-import pytest
-
 from timing import ROOT  # noqa: F401  (puts the repository on sys.path for `tests`)
+from tests.original_code import load_model
 
 WHERE = '../shared/reference/transformer-xl/pytorch (or $ORIGINAL_TXL)'
 
 
 def load():
     """The original's mem_transformer module, or None when its code is not there."""
-    try:
-        from tests import test_parity_with_original as parity
-    except pytest.skip.Exception:   # the module skips itself when the reference code is absent
-        return None
-    utils = parity.ORIGINAL / 'utils'
-    softmax = parity.load_source('original_proj_adaptive_softmax', utils / 'proj_adaptive_softmax.py',
-                                 [parity.CUDA_VERSION_PATCH])
-    sampler = parity.load_source('original_log_uniform_sampler', utils / 'log_uniform_sampler.py')
-    with parity.isolated_imports({'proj_adaptive_softmax': softmax, 'log_uniform_sampler': sampler}):
-        return parity.load_source('original_mem_transformer', parity.ORIGINAL / 'mem_transformer.py',
-                                  parity.MODEL_PATCHES)
+    return load_model()
 
 
 def build_model(module, config, dropout, dropatt, state_dict):

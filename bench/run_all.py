@@ -15,35 +15,51 @@
 4    long-memory evaluation (bench_eval.py)
 5    peak resident memory of a training step, --batch_chunk 1 and 2 (bench_memory.py)
 
-Every comparison the targets make is between figures measured side by side in
-one loop (the variants take turns in every repeat), so load from other
-processes on a shared machine slows them alike; each figure is a median.
+Each part is its bench script, run in a process of its own with --json (what it
+prints goes to stderr; stdout holds the report). Every comparison the targets make
+is between figures measured side by side in one loop (the variants take turns in
+every repeat), so load from other processes on a shared machine slows them alike;
+each figure is a median.
 --quick shortens every part (a smoke run of a few minutes, not for the README).
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from timing import add_common_args, check_common_args, describe, machine, matmul_peak, write_json
 from utils import malloc
-import bench_eval
-import bench_memory
-import bench_moe
-import bench_train
+import original
+from report import moe_target_lines, print_loss_check
+from steps import MOE_VS_DENSE, add_train_args, check_train_args
 
+BENCH = Path(__file__).resolve().parent
 QUICK_TRAIN_CONFIGS = ('cpu-dense', 'cpu-moe16')
 
 
-def moe_layer(args):
-    flags = ['--repeats', str(args.repeats), '--warmup', str(args.warmup)]
-    if args.threads:
-        flags += ['--threads', str(args.threads)]
-    if args.quick:
-        flags += ['--experts', '8', '64', '--no-memory']
-    return bench_moe.run(bench_moe.parse_args(flags))
+def run_script(name, flags, folder):
+    """The figures of bench/NAME.py, run in a process of its own with --json. What it prints goes to stderr
+    with the progress lines, so that stdout holds this suite's report."""
+    path = Path(folder) / f'{name}.json'
+    subprocess.run([sys.executable, str(BENCH / f'{name}.py'), *flags, '--json', str(path)], stdout=sys.stderr,
+                   check=True)
+    with open(path) as f:
+        return json.load(f)
+
+
+def script_flags(args):
+    """Each script's flags for this suite's --quick, --repeats, --warmup, --threads and training options."""
+    timing = ['--repeats', str(args.repeats), '--warmup', str(args.warmup)]
+    threads = ['--threads', str(args.threads)] if args.threads else []
+    train = ['--loss-steps', str(args.loss_steps)] + ['--compile'] * args.compile
+    return {'bench_train': timing + threads + train + (['--configs', *QUICK_TRAIN_CONFIGS] if args.quick else []),
+            'bench_moe': timing + threads + (['--experts', '8', '64', '--no-memory'] if args.quick else []),
+            'bench_eval': timing + threads,
+            'bench_memory': threads + ['--quick'] * args.quick}
 
 
 def table_rows(peaks, train, moe, evaluation, memory, versus=(), moe_dense=()):
@@ -108,11 +124,11 @@ def target_lines(train, check, moe, versus=(), moe_dense=()):
         lines.append(f"train, (a) dense step {r['dtype']}: {r['speedup']:.2f}x the original's model step "
                      f"(target >= 1.5x) {verdict(r['speedup'] >= 1.5)}")
     for r in moe_dense:
-        if r['step'] == bench_train.MOE_VS_DENSE[0]:
+        if r['step'] == MOE_VS_DENSE[0]:
             bound = 0.85 if r['threads'] == 1 else 0.8
             lines.append(f"train, (c) 64-expert step {r['dtype']}, {r['threads']} thread(s): {r['vs_dense']:.2f}x "
                          f"the dense step's throughput (target >= {bound}x) {verdict(r['vs_dense'] >= bound)}")
-    lines += ['MoE layer, ' + line.strip() for line in bench_moe.target_lines(moe)]
+    lines += ['MoE layer, ' + line.strip() for line in moe_target_lines(moe)]
     return lines
 
 
@@ -120,13 +136,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_common_args(p, repeats=10)
     p.set_defaults(json='bench_results.json')
-    bench_train.add_train_args(p)
+    add_train_args(p)
     p.add_argument('--from-json', metavar='PATH', help='print the table and targets of an earlier run, run nothing')
     args = p.parse_args(argv)
     if args.from_json and not Path(args.from_json).is_file():
         p.error(f'--from-json {args.from_json}: no such file')
     check_common_args(p, args)
-    bench_train.check_train_args(p, args)
+    check_train_args(p, args)
     return args
 
 
@@ -146,23 +162,19 @@ def main(argv=None):
 
     progress('matrix-product peak')
     peaks = matmul_peak(repeats=args.repeats)
-    configs = QUICK_TRAIN_CONFIGS if args.quick else tuple(bench_train.CONFIGS)
-    progress(f'training steps: {", ".join(configs)}')
-    train = bench_train.throughput(configs, list(bench_train.DTYPES), args.repeats, args.warmup,
-                                   compiled=args.compiled)
-    progress('(a) dense step against the original\'s model')
-    versus = bench_train.versus_original(list(bench_train.DTYPES), args.repeats, args.warmup)
-    progress('(c, d) 64-expert step against the dense step, 1 and 2 threads')
-    moe_dense = bench_train.moe_versus_dense(list(bench_train.DTYPES), args.repeats, args.warmup)
-    progress(f'bf16 loss check, {args.loss_steps} steps')
-    check = bench_train.bf16_loss_check(args.loss_steps) if args.loss_steps else None
-    progress('MoE layer (bench_moe.py)')
-    moe = moe_layer(args)
-    progress('long-memory evaluation')
-    evaluation = bench_eval.throughput(list(bench_train.DTYPES), args.repeats, args.warmup)
-    progress('peak memory, one process per row')
-    memory = bench_memory.run(['cpu-dense'] if args.quick else bench_memory.CONFIG_NAMES,
-                              ['fp32', 'bf16'], threads=args.threads)
+    flags = script_flags(args)
+    with tempfile.TemporaryDirectory() as folder:
+        progress('bench_train.py: training steps, (a) against the original\'s model, (c, d) the 64-expert step '
+                 'against the dense step, bf16 loss check')
+        trained = run_script('bench_train', flags['bench_train'], folder)
+        progress('bench_moe.py: the MoE layer')
+        moe = run_script('bench_moe', flags['bench_moe'], folder)['rows']
+        progress('bench_eval.py: long-memory evaluation')
+        evaluation = run_script('bench_eval', flags['bench_eval'], folder)['rows']
+        progress('bench_memory.py: peak memory, one process per row')
+        memory = run_script('bench_memory', flags['bench_memory'], folder)['rows']
+    train, versus, moe_dense, check = (trained[key] for key in ('rows', 'versus_original', 'moe_versus_dense',
+                                                                'bf16_loss_check'))
 
     results = dict(machine=about, malloc=malloc_line, loadavg=(load_before, os.getloadavg()[0]),
                    repeats=args.repeats, warmup=args.warmup, quick=args.quick,
@@ -181,9 +193,9 @@ def report(r):
                               versus, moe_dense)))
     print()
     if r['bf16_loss_check']:
-        bench_train.print_loss_check(r['bf16_loss_check'])
+        print_loss_check(r['bf16_loss_check'])
     if not versus:
-        print(f'(a) skipped: the original Transformer-XL is not at {bench_train.original.WHERE}')
+        print(f'(a) skipped: the original Transformer-XL is not at {original.WHERE}')
     if not any(row.get('vs_mixtral') for row in r['moe_layer']):
         print('(b) skipped: transformers (with MixtralExperts\' grouped_mm) is not installed')
     for line in target_lines(r['train'], r['bf16_loss_check'], r['moe_layer'], versus, moe_dense):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / 'samples' / 'enwik8-sample.zip'   # real text, for the bf16 loss check
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -1,5 +1,6 @@
-"""bench/bench_train.py times train.py's own step: its TrainStep is utils/training.py's Trainer.train_step, its
-optimizer clock sees every optimizer step, and the original's model it compares with computes the same losses."""
+"""bench/bench_train.py times train.py's own step: the TrainStep of bench/steps.py is utils/training.py's
+Trainer.train_step, its optimizer clock sees every optimizer step, and the original's model it compares with
+computes the same losses."""
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from utils import training
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 import bench_train  # noqa: E402
 import original  # noqa: E402
+import steps  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -29,7 +31,7 @@ def test_a_benchmark_step_is_the_trainers_step(config, monkeypatch):
     calls = []
     real = training.Trainer.train_step
     monkeypatch.setattr(training.Trainer, 'train_step', lambda self, *a: calls.append(a) or real(self, *a))
-    step = bench_train.TrainStep(config)
+    step = steps.TrainStep(config)
     assert step.trainer.optimizer.param_groups[0]['fused'] == training.fused_available(torch.optim.Adam, 'cpu')
     losses = [step() for _ in range(3)]
     assert len(calls) == 3 and len(step.clock.seconds) == 3 and all(s > 0 for s in step.clock.seconds)
@@ -38,7 +40,7 @@ def test_a_benchmark_step_is_the_trainers_step(config, monkeypatch):
 
 
 def test_the_per_parameter_loop_variant_is_timed_too():
-    step = bench_train.TrainStep(TINY, optimizer='per-parameter loop')
+    step = steps.TrainStep(TINY, optimizer='per-parameter loop')
     step()
     assert step.trainer.optimizer.param_groups[0]['foreach'] is False and len(step.clock.seconds) == 1
 
@@ -47,6 +49,6 @@ def test_the_original_model_computes_the_same_losses():
     module = original.load()
     if module is None:
         pytest.skip(f'the original Transformer-XL is not at {original.WHERE}')
-    ours, theirs = bench_train.TrainStep(TINY), bench_train.OriginalStep(module, TINY)
+    ours, theirs = steps.TrainStep(TINY), bench_train.OriginalStep(module, TINY)
     assert bench_train.same_function(ours.model, theirs.model, theirs.batch) < 1e-5
     assert theirs() == pytest.approx(ours(), rel=0.2)   # both train; dropout streams differ

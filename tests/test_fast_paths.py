@@ -384,6 +384,28 @@ def test_maybe_compile_falls_back_to_eager_and_keeps_the_state_dict(monkeypatch)
         assert torch.equal(model(data[:5], data[1:6])[0], expected)
 
 
+def test_maybe_compile_compiles_the_call_in_place(monkeypatch):
+    """nn.Module.compile: the options reach torch.compile, the calls go through the compiled function, and
+    the model keeps its class's forward (no instance attribute shadows it)."""
+    seen = []
+
+    def recording_compile(fn, **options):
+        def compiled(*args, **kwargs):
+            seen.append(options)
+            return fn(*args, **kwargs)
+        return compiled
+
+    model = make_model().eval()
+    data = torch.randint(0, 40, (6, 2))
+    with torch.no_grad():
+        expected = model(data[:5], data[1:6])[0]
+    monkeypatch.setattr(torch, 'compile', recording_compile)
+    assert mt.maybe_compile(model, mode='max-autotune') is model and 'forward' not in vars(model)
+    with torch.no_grad():
+        assert torch.equal(model(data[:5], data[1:6])[0], expected)
+    assert seen == [{'mode': 'max-autotune'}]
+
+
 def test_maybe_compile_without_torch_compile(monkeypatch):
     monkeypatch.delattr(torch, 'compile')
     model = make_model()

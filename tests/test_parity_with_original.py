@@ -17,10 +17,8 @@ be built, which is all the initialization test needs.
 Run with `-s` to print the largest differences measured.
 """
 import ast
-import os
 import sys
 import types
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,61 +28,18 @@ import torch.nn as nn
 
 import data_utils
 import mem_transformer
+from tests.original_code import CUDA_VERSION_PATCH, FASTMOE, ORIGINAL, isolated_imports, load_model, load_source
 from tests.sample_corpora import enwik8_bytes, enwik8_format, make_lm1b, make_wikitext, shared, split3, \
     text8_format, wikifil
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO / '..' / 'shared' / 'reference'
-ORIGINAL = Path(os.environ.get('ORIGINAL_TXL') or REFERENCE / 'transformer-xl' / 'pytorch')
-FASTMOE = Path(os.environ.get('ORIGINAL_FASTMOE') or REFERENCE / 'fastmoe')
-
 if not (ORIGINAL / 'mem_transformer.py').is_file():
     pytest.skip(f'the original Transformer-XL code is not at {ORIGINAL} (set $ORIGINAL_TXL)', allow_module_level=True)
-
-CUDA_VERSION_PATCH = ('torch.version.cuda.split', "(torch.version.cuda or '0.0').split")
-MODEL_PATCHES = [
-    (').byte()[:, :, None] # -1', ').bool()[:, :, None] # -1'),
-    ('diagonal=1+mlen).byte()[:,:,None]', 'diagonal=1+mlen).bool()[:,:,None]'),
-    ('if mems_i is not None and i == 0:', 'if mems_i is not None and mlen > 0 and i == 0:'),
-    ('self._update_mems(hids, mems, mlen, qlen)', 'self._update_mems(hids, mems, qlen, mlen)'),
-    ('self.out_layer.weight = self.word_emb.weight', 'self.out_layer.weight = self.word_emb.emb_layers[0].weight'),
-    ('sample_logits(self.word_emb,', 'sample_logits(self.word_emb.emb_layers[0],'),
-]
 
 # Largest |ours - original| per kind of value, printed at the end of the module (pytest -s).
 LARGEST = {}
 
 
 # ----------------------------------------------------------------------------- importing the originals
-
-def load_source(name, path, patches=()):
-    """Execute a reference file as module `name`, after replacing each (old, new) in its text."""
-    source = Path(path).read_text(encoding='utf-8')
-    for old, new in patches:
-        assert old in source, f'{path} has no {old!r}: not the reference copy this test was written for'
-        source = source.replace(old, new)
-    module = types.ModuleType(name)
-    module.__file__ = str(path)
-    exec(compile(source, str(path), 'exec'), module.__dict__)
-    return module
-
-
-@contextmanager
-def isolated_imports(modules, path=()):
-    """Let the reference code import `modules` (name -> module) and `path`; afterwards sys.modules and sys.path
-    are as before, so the originals' top-level names (utils, proj_adaptive_softmax, fmoe) never leak into this
-    repository's imports, nor this repository's `utils/` into theirs."""
-    saved_path, saved_modules = list(sys.path), dict(sys.modules)
-    sys.path[:0] = [str(p) for p in path]
-    sys.modules.update(modules)
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        for name in set(sys.modules) - set(saved_modules):
-            del sys.modules[name]
-        sys.modules.update(saved_modules)
-
 
 def weights_init_of(train_py, init='normal', init_range=0.1, init_std=0.02, proj_init_std=0.01):
     """`weights_init` as defined in a reference train.py (with its init_weight/init_bias), bound to these args."""
@@ -100,12 +55,8 @@ def weights_init_of(train_py, init='normal', init_range=0.1, init_std=0.02, proj
 
 @pytest.fixture(scope='module')
 def original():
-    utils = ORIGINAL / 'utils'
-    softmax = load_source('original_proj_adaptive_softmax', utils / 'proj_adaptive_softmax.py', [CUDA_VERSION_PATCH])
-    sampler = load_source('original_log_uniform_sampler', utils / 'log_uniform_sampler.py')
-    vocabulary = load_source('original_vocabulary', utils / 'vocabulary.py')
-    with isolated_imports({'proj_adaptive_softmax': softmax, 'log_uniform_sampler': sampler}):
-        model = load_source('original_mem_transformer', ORIGINAL / 'mem_transformer.py', MODEL_PATCHES)
+    model = load_model()
+    vocabulary = load_source('original_vocabulary', ORIGINAL / 'utils' / 'vocabulary.py')
     with isolated_imports({'utils.vocabulary': vocabulary}):
         data = load_source('original_data_utils', ORIGINAL / 'data_utils.py')
     # The classes really are the reference's, not this repository's files of the same names.
