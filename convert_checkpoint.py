@@ -35,7 +35,7 @@ from utils import checkpoint as ckpt
 from utils import files
 from utils import hf_transfo_xl as hf_xl
 from utils.exp_utils import OneLineArgumentParser
-from utils.moe import GATES
+from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 from utils.upcycle import upcycle
 

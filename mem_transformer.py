@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from utils import checkpoint as ckpt
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
-from utils.moe import GATES, FMoETransformerMLP, FusedExpertLinear, check_expert_backend
+from moe import GATES, FMoETransformerMLP, FusedExpertLinear, check_expert_backend
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
 
 class PositionalEmbedding(nn.Module):
@@ -94,7 +94,7 @@ class MoEPositionwiseFF(FMoETransformerMLP):
         self.dropout = Dropout(dropout)
 
     def forward(self, inp):
-        """-> (output, the mixture's utils.moe.MoEStats)."""
+        """-> (output, the mixture's moe.MoEStats)."""
         mixture, stats = super().forward, []
 
         def branch(x):
@@ -395,7 +395,7 @@ class DecoderLayer(nn.Module):
         self.pos_ff = pos_ff
 
     def forward(self, dec_inp, *pos_args, dec_attn_mask=None, mems=None):
-        """-> (output, the MoE feed-forward's utils.moe.MoEStats, or None for a dense one)."""
+        """-> (output, the MoE feed-forward's moe.MoEStats, or None for a dense one)."""
         out = self.dec_attn(dec_inp, *pos_args, attn_mask=dec_attn_mask, mems=mems)
         if isinstance(self.pos_ff, MoEPositionwiseFF):
             return self.pos_ff(out)
@@ -747,7 +747,7 @@ class MemTransformerLM(nn.Module):
         as the plain code it replaces (tests/test_fast_paths.py): sdpa, F.scaled_dot_product_attention
         where it is exact and faster (see use_sdpa); dropout, the CPU dropout from one uniform draw per
         element (the same law, another random stream); expert_backend, the MoE layers' expert compute
-        (utils.moe.EXPERT_BACKENDS: 'auto' is grouped_mm where it runs). The key/value cache is kv_caching()'s."""
+        (moe.EXPERT_BACKENDS: 'auto' is grouped_mm where it runs). The key/value cache is kv_caching()'s."""
         check_expert_backend(expert_backend)
         for module in self.modules():
             if isinstance(module, Attention):

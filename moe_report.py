@@ -2,7 +2,7 @@
 """What the router learned: per MoE layer and expert, over a data split.
 
 Runs the model over the split as eval.py does (memory carried across segments) and records every token's routing
-with a forward hook on each layer's gate (utils.moe gates return the chosen experts, -1 where a capacity limit
+with a forward hook on each layer's gate (moe.py's gates return the chosen experts, -1 where a capacity limit
 dropped the copy, and their scores). Reports, per layer:
   share       fraction of the routed token copies (a token counts top_k times) that went to each expert
   confidence  mean gate score of the copies an expert received (the weight of its output in the mixture), and

@@ -2,7 +2,7 @@
 
 Compares, side by side in one run (variants interleaved in every repeat, so machine load
 affects them alike):
-  moe          utils.moe.FMoETransformerMLP, expert_backend 'auto' (grouped_mm where it runs)
+  moe          moe.FMoETransformerMLP, expert_backend 'auto' (grouped_mm where it runs)
   moe-slices   the same layer with the per-expert-slice fallback
   dense        a dense FFN with the same active FLOPs (d_inner = top_k * d_hidden)
   loop         a straightforward per-expert loop (`for e in range(E): idx = where(...)`)
@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 from report import moe_target_lines  # noqa: E402
 from timing import time_side_by_side, write_json  # noqa: E402
 from utils import malloc  # noqa: E402
-from utils.moe import FMoETransformerMLP, grouped_mm_available  # noqa: E402
+from moe import FMoETransformerMLP, grouped_mm_available  # noqa: E402
 
 VARIANTS = ('moe', 'moe-slices', 'dense', 'loop')
 # transformers' Mixtral experts, when transformers is installed (an optional, benchmark-only dependency)

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from timing import ROOT, write_json
 from flops import flops_per_token
-from utils import moe
+import moe
 from utils import training
 from utils.exp_utils import CUBLAS_DETERMINISTIC, set_deterministic
 

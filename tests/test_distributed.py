@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from conftest import MOE, TINY, write_corpus  # noqa: E402
 from utils.distributed import Dist, column_range  # noqa: E402
-from utils.moe import grouped_mm_available  # noqa: E402
+from moe import grouped_mm_available  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 150
 
@@ -163,7 +163,7 @@ def exchange_worker(backend, top_k, empty_rank):
     gate gradients must equal those of one layer holding all four experts on all 24 tokens."""
     import copy
     import torch.distributed as tdist
-    from utils.moe import FMoETransformerMLP
+    from moe import FMoETransformerMLP
     d = Dist.from_env(cuda=False, expert_parallel=True, timeout_s=60)
     torch.manual_seed(0)
     full = FMoETransformerMLP(4, 8, 16, top_k=top_k, expert_backend=backend).double()
@@ -212,7 +212,7 @@ def exchange_drops_worker(backend):
     rows that the exchange does not send."""
     import copy
     import torch.distributed as tdist
-    from utils.moe import FMoETransformerMLP
+    from moe import FMoETransformerMLP
     d = Dist.from_env(cuda=False, expert_parallel=True, timeout_s=60)
     torch.manual_seed(0)
     full = FMoETransformerMLP(4, 8, 16, top_k=2, gate='gshard', capacity_factor=(0.5, 0.5), random_routing=False,

@@ -16,10 +16,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mem_transformer as mt
+import moe
 import reference_attention as reference
 from conftest import segments_and_grads, tiny_model
 from reference_attention import original_layout
-from utils import moe
 from utils import training
 
 

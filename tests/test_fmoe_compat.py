@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from mem_transformer import MemTransformerLM, init_weights
-from utils import moe
+import moe
 
 REPO = Path(__file__).resolve().parents[1]
 FASTMOE = Path(os.environ.get('FASTMOE_REFERENCE', REPO / '..' / 'shared' / 'reference' / 'fastmoe'))

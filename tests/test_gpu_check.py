@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import moe
+import moe
 
 ROOT = Path(__file__).resolve().parents[1]
 

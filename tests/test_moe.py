@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import moe
-from utils.moe import GATES, FMoETransformerMLP, NoisyGate, grouped_mm_available
+import moe
+from moe import GATES, FMoETransformerMLP, NoisyGate, grouped_mm_available
 
 TOP_K = {'naive': 2, 'gshard': 2, 'switch': 1, 'noisy': 2, 'auxfree': 2}
 HAS_GROUPED_MM = grouped_mm_available('cpu', torch.float32)

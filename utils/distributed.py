@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils import checkpoint as ckpt
-from utils.moe import Dispatch, FMoETransformerMLP
+from moe import Dispatch, FMoETransformerMLP
 
 DEFAULT_TIMEOUT_S = 600
 # Under torchrun a stop signal takes effect at the next multiple of this many steps (see Dist.stop_check_due).
@@ -418,7 +418,7 @@ class AllToAll(torch.autograd.Function):
 class ExpertParallel:
     """The experts of one MoE layer split over the ranks: rank r holds experts [r*E/W, (r+1)*E/W).
 
-    `run` takes the rows of this rank's tokens sorted by (global) expert, as `utils.moe.dispatch` leaves them,
+    `run` takes the rows of this rank's tokens sorted by (global) expert, as `moe.dispatch` leaves them,
     and returns their expert outputs in the same order, having computed them on the experts' ranks.
     """
 
@@ -440,7 +440,7 @@ class ExpertParallel:
         recv_splits = [sum(c) for c in recv_counts_host]
         local_counts_host = [sum(c) for c in zip(*recv_counts_host)]
         # 2. rows: they arrive grouped by source rank, then by local expert; regroup them by local expert.
-        # Padding rows (dropped copies after the kept ones, see utils.moe.dispatch) are not sent.
+        # Padding rows (dropped copies after the kept ones, see moe.dispatch) are not sent.
         kept = sum(send_splits)
         received = AllToAll.apply(rows[:kept], send_splits, recv_splits)
         expert_of_row = torch.repeat_interleave(

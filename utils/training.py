@@ -25,7 +25,7 @@ from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_
                              metric_text, peak_memory_mb, pick_device, set_deterministic, tensorboard_missing,
                              use_tf32)
 from utils.files import progress_bar
-from utils.moe import GATES
+from moe import GATES
 from utils.schedules import SCHEDULERS, PlateauDecay, learning_rate
 
 # The run stops when the loss itself (not just the scaled gradients) is non-finite this many steps in a row.

@@ -1,4 +1,4 @@
-"""FastMoE's `fmoe` names running on this repository's Mixture-of-Experts layer (utils/moe.py).
+"""FastMoE's `fmoe` names running on this repository's Mixture-of-Experts layer (moe.py).
 
 Code written for FastMoE (`from fmoe import FMoETransformerMLP`, gates from `fmoe.gates`, subclasses calling
 `super().__init__(num_expert=, d_model=, d_hidden=, top_k=, activation=)` and `super().forward(x)`) runs
@@ -14,7 +14,7 @@ fmoe.Unsupported naming the option.
 import os
 import sys
 
-# The repository root, so that `utils.moe` imports wherever the user's script runs from.
+# The repository root, so that `moe` imports wherever the user's script runs from.
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)

@@ -1,6 +1,6 @@
 """fmoe.gates: FastMoE's gate names and constructor order (d_model, num_expert, world_size, top_k, ...) on
-this repository's gates (utils/moe.py: same routing, capacity and balance losses)."""
-from utils import moe
+this repository's gates (moe.py: same routing, capacity and balance losses)."""
+import moe
 
 
 class Unsupported(ValueError):
@@ -69,5 +69,5 @@ class NoisyGate(FastMoELoss, moe.NoisyGate):
         super().__init__(d_model, num_expert, top_k)
 
 
-# This repository's gate type for each class above (utils.moe.FMoETransformerMLP's `gate` argument).
+# This repository's gate type for each class above (moe.FMoETransformerMLP's `gate` argument).
 GATE_TYPES = {NaiveGate: 'naive', GShardGate: 'gshard', SwitchGate: 'switch', NoisyGate: 'noisy'}

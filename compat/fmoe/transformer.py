@@ -1,7 +1,7 @@
-"""fmoe.FMoETransformerMLP: FastMoE's constructor on this repository's layer (utils.moe.FMoETransformerMLP)."""
+"""fmoe.FMoETransformerMLP: FastMoE's constructor on this repository's layer (moe.FMoETransformerMLP)."""
 import torch
 
-from utils import moe
+import moe
 
 from .gates import GATE_TYPES, NaiveGate, Unsupported, check_world_size
 
