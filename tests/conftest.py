@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mem_transformer import MemTransformerLM, init_weights
 
@@ -22,6 +23,22 @@ TINY = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '32', '--n_head', 
         '--d_inner', '64', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',
         '--log-interval', '1', '--eval-interval', '10', '--max_eval_steps', '5', '--lr', '0.002']
 MOE = ['--moe', '--moe-num-expert', '4', '--moe-top-k', '2']
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every aten op run inside it: a host read shows up as one of SYNCS."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split('.')[0])
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read a value back to the host, or (bincount: the range of its input) do so inside their CUDA kernel.
+SYNCS = {'_local_scalar_dense', 'is_nonzero', 'nonzero', 'masked_select', 'unique', 'item', 'bincount'}
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')

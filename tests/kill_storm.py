@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.test_train import write_corpus  # noqa: E402
+from tests.conftest import write_corpus  # noqa: E402
 
 FLAGS = ['--dataset', 'enwik8', '--n_layer', '2', '--d_model', '64', '--n_head', '2', '--d_head', '32',
          '--d_inner', '128', '--tgt_len', '16', '--mem_len', '16', '--eval_tgt_len', '16', '--batch_size', '4',

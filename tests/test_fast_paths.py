@@ -13,12 +13,11 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mem_transformer as mt
 import moe
 import reference_attention as reference
-from conftest import segments_and_grads, tiny_model
+from conftest import SYNCS, OpLog, segments_and_grads, tiny_model
 from reference_attention import original_layout
 from utils import training
 
@@ -215,18 +214,6 @@ def test_plain_dropout_is_reachable_and_is_nn_dropout():
 
 # --------------------------------------------------- masks and positions cached, no host syncs
 
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.__name__.split('.')[0])
-        return func(*args, **(kwargs or {}))
-
-
-# Ops that read a value back to the host, or (bincount: the range of its input) do so inside their CUDA kernel.
-SYNCS = {'_local_scalar_dense', 'is_nonzero', 'nonzero', 'masked_select', 'unique', 'item', 'bincount'}
 
 
 @pytest.mark.parametrize('attn_type', [0, 1, 2, 3])

@@ -92,3 +92,27 @@ def test_a_bad_import_is_caught(tmp_path, path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert len(layering_violations(tmp_path)) == 1
+
+
+def is_test_module(path):
+    return path.startswith('tests/') and path.rsplit('/', 1)[-1].startswith('test_')
+
+
+def imports_of_test_modules(root=ROOT):
+    """Test modules share what they share through tests/conftest.py, never by importing each other."""
+    trees = {p: ast.parse((root / p).read_text(encoding='utf-8'), p) for p in python_files(root)}
+    return sorted(f'{p} -> {imported}' for p, tree in trees.items()
+                  for imported in imported_files(p, tree, set(trees)) if is_test_module(imported))
+
+
+def test_no_file_imports_a_test_module():
+    assert imports_of_test_modules() == []
+
+
+def test_an_import_of_a_test_module_is_caught(tmp_path):
+    (tmp_path / 'tests').mkdir()
+    (tmp_path / 'tests' / 'test_a.py').write_text('def helper():\n    pass\n')
+    (tmp_path / 'tests' / 'kill_storm.py').write_text('from tests.test_a import helper\n')
+    (tmp_path / 'tests' / 'test_b.py').write_text('from test_a import helper\n')
+    assert imports_of_test_modules(tmp_path) == [
+        'tests/kill_storm.py -> tests/test_a.py', 'tests/test_b.py -> tests/test_a.py']

@@ -23,7 +23,7 @@ import eval as evaluation
 import generate
 import mem_transformer
 import train
-from conftest import MOE, ROOT, TINY, WORDS, launch, write_corpus
+from conftest import MOE, ROOT, SYNCS, TINY, WORDS, OpLog, launch, write_corpus
 from utils import checkpoint as ckpt
 from utils import malloc
 from utils import training
@@ -1232,7 +1232,6 @@ def test_the_fused_optimizer_skips_a_nonfinite_step_on_the_device(optim):
     trainer.train_step(data, target)
     before = trainer_tensors(trainer)
     assert training.skips_on_device(trainer.optimizer)
-    from test_fast_paths import SYNCS, OpLog
     log = OpLog()
     with log:
         loss = nan_loss_step(trainer, data, target)
