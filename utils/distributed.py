@@ -18,7 +18,6 @@ that is the identity with one process, so the drivers call the same hooks either
 import datetime
 import os
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -377,26 +376,10 @@ class Dist:
 
 # ----------------------------------------------------------------------------- expert parallelism
 
-class ExchangeStats:
-    """Wall-clock seconds and calls of the all_to_all exchanges (forward and backward), for benchmarks."""
-
-    def __init__(self):
-        self.seconds, self.calls = 0., 0
-
-    def reset(self):
-        self.seconds, self.calls = 0., 0
-
-
-EXCHANGE_STATS = ExchangeStats()
-
-
 def exchange(rows, send_splits, recv_splits):
     """all_to_all of rows: send_splits[r] rows go to rank r, recv_splits[r] rows come from it."""
-    start = time.perf_counter()
     out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
     dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits)
-    EXCHANGE_STATS.seconds += time.perf_counter() - start
-    EXCHANGE_STATS.calls += 1
     return out
 
 
