@@ -182,7 +182,7 @@ def bf16_loss_check(steps, config_name='cpu-dense', last=20):
         if step == steps:
             break
         for dtype, run in runs.items():
-            curves[dtype].append(run(batch))
+            curves[dtype].append(float(run(batch)))  # a plain number: the figures go to JSON
     last = min(last, len(curves['fp32']))
     tail = {dtype: statistics.fmean(c[-last:]) for dtype, c in curves.items()}
     heldout = {dtype: heldout_loss(run.model, valid, config) for dtype, run in runs.items()}

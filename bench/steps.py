@@ -85,7 +85,8 @@ class TrainStep:
         self.batch = random_batch(config, seed)
 
     def __call__(self, batch=None):
-        """One step on `batch` [tgt_len + 1, bsz] (inputs then shifted targets); returns the mean loss."""
+        """One step on `batch` [tgt_len + 1, bsz] (inputs then shifted targets); returns the mean loss, a
+        0-dim tensor as Trainer.train_step returns it (reading it is the caller's choice)."""
         batch = self.batch if batch is None else batch
         with fast_paths(self.trainer.model, self.fast):
             return self.trainer.train_step(batch[:-1], batch[1:])

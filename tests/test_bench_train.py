@@ -1,6 +1,7 @@
 """bench/bench_train.py times train.py's own step: the TrainStep of bench/steps.py is utils/training.py's
 Trainer.train_step, its optimizer clock sees every optimizer step, and the original's model it compares with
 computes the same losses."""
+import json
 import sys
 from pathlib import Path
 
@@ -52,3 +53,13 @@ def test_the_original_model_computes_the_same_losses():
     ours, theirs = steps.TrainStep(TINY), bench_train.OriginalStep(module, TINY)
     assert bench_train.same_function(ours.model, theirs.model, theirs.batch) < 1e-5
     assert theirs() == pytest.approx(ours(), rel=0.2)   # both train; dropout streams differ
+
+
+def test_the_bf16_loss_check_reports_plain_numbers(monkeypatch):
+    """Its figures go into bench_train.py's and run_all.py's JSON: plain floats, not the tensors a step returns."""
+    if bench_train.sample_text() is None:
+        pytest.skip('the enwik8 sample is not in samples/')
+    monkeypatch.setitem(steps.CONFIGS, 'tiny', dict(TINY, n_token=204))
+    check = bench_train.bf16_loss_check(3, 'tiny', last=2)
+    assert json.loads(json.dumps(check)) == check
+    assert (check['steps'], check['last']) == (3, 2) and type(check['first_loss']) is float
