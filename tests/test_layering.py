@@ -22,10 +22,17 @@ def python_files(root):
         return sorted(str(p.relative_to(root)) for p in root.rglob('*.py'))
 
 
+def parsed(root):
+    return {p: ast.parse((root / p).read_text(encoding='utf-8'), p) for p in python_files(root)}
+
+
+def is_test_module(path):
+    return path.startswith('tests/') and path.rsplit('/', 1)[-1].startswith('test_')
+
+
 def is_script(path, tree):
     """A file run as a program: it has a `__main__` block and is neither a test module nor a library demo."""
-    name = path.rsplit('/', 1)[-1]
-    if path in MODULES_WITH_A_DEMO or (path.startswith('tests/') and name.startswith('test_')):
+    if path in MODULES_WITH_A_DEMO or is_test_module(path):
         return False
     return any(isinstance(node, ast.If) and "'__main__'" in ast.unparse(node.test) for node in tree.body)
 
@@ -53,10 +60,10 @@ def imported_files(path, tree, files):
 
 def layering_violations(root):
     """'importer -> script' for every import of a script by a file that is not a test module."""
-    trees = {p: ast.parse((root / p).read_text(encoding='utf-8'), p) for p in python_files(root)}
+    trees = parsed(root)
     scripts = {p for p, tree in trees.items() if is_script(p, tree)}
     return sorted(f'{p} -> {imported}' for p, tree in trees.items()
-                  if not (p.startswith('tests/') and p.rsplit('/', 1)[-1].startswith('test_'))
+                  if not is_test_module(p)
                   for imported in imported_files(p, tree, set(trees)) if imported in scripts)
 
 
@@ -66,7 +73,7 @@ def test_no_script_or_module_imports_a_script():
 
 def test_the_scripts_are_found():
     """The check sees the scripts the rule is about, and takes the libraries for libraries."""
-    trees = {p: ast.parse((ROOT / p).read_text(encoding='utf-8')) for p in python_files(ROOT)}
+    trees = parsed(ROOT)
     scripts = {p for p, tree in trees.items() if is_script(p, tree)}
     assert {'train.py', 'eval.py', 'study.py', 'plot.py', 'bench/run_all.py', 'bench/bench_train.py'} <= scripts
     assert not scripts & {'mem_transformer.py', 'data_utils.py', 'utils/training.py', 'bench/timing.py',
@@ -94,13 +101,9 @@ def test_a_bad_import_is_caught(tmp_path, path):
     assert len(layering_violations(tmp_path)) == 1
 
 
-def is_test_module(path):
-    return path.startswith('tests/') and path.rsplit('/', 1)[-1].startswith('test_')
-
-
 def imports_of_test_modules(root=ROOT):
     """Test modules share what they share through tests/conftest.py, never by importing each other."""
-    trees = {p: ast.parse((root / p).read_text(encoding='utf-8'), p) for p in python_files(root)}
+    trees = parsed(root)
     return sorted(f'{p} -> {imported}' for p, tree in trees.items()
                   for imported in imported_files(p, tree, set(trees)) if is_test_module(imported))
 

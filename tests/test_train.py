@@ -1261,6 +1261,25 @@ def test_fused_sgd_with_momentum_reads_the_flag_on_its_first_step():
     assert 'momentum_buffer' in sgd.state[p]  # allocated by a step that did not run
 
 
+@pytest.mark.parametrize('optim', ['adam', 'sgd'], ids=['skipped-on-the-device', 'read-on-the-host'])
+def test_a_skipped_step_leaves_the_auxfree_bias_alone(optim):
+    """The aux-loss-free gates' biases move after applied steps only: a skipped step's update has rate 0 (fused
+    Adam skips on the device; fused SGD's first step reads the flag on the host). The next good step moves them by
+    rate * sign(mean load - load), from that step's load."""
+    trainer, data, target = step_trainer(*MOE, '--moe-gate', 'auxfree', '--optim', optim, '--mom', '0.9')
+    gates = [ff.gate for ff in trainer.model.moe_layers()]
+    assert training.skips_on_device(trainer.optimizer) == (optim == 'adam')
+    nan_loss_step(trainer, data, target)
+    assert trainer.window.totals()['n_skipped'] == 1
+    assert all(torch.equal(gate.expert_bias, torch.zeros(4)) for gate in gates)
+    trainer.train_step(data, target)
+    load = trainer.model.moe_load().float()
+    rate = trainer.args.moe_bias_update_rate
+    for gate, layer_load in zip(gates, load):
+        assert torch.equal(gate.expert_bias, rate * torch.sign(layer_load.mean() - layer_load))
+    assert any(gate.expert_bias.abs().sum() > 0 for gate in gates)
+
+
 def test_the_nonfinite_stop_comes_at_the_next_log_line(tmp_path, corpus, poisoned_steps, monkeypatch):
     """The limit is checked where the host reads anyway: at log lines and checkpoints (on a GPU a read is a sync)."""
     monkeypatch.setattr(training, 'NONFINITE_LIMIT', 4)
