@@ -59,9 +59,10 @@ def worker(args, moe, expert_parallel):
 
     def timed_all_to_all(*args_, **kwargs):
         start = time.perf_counter()
-        all_to_all(*args_, **kwargs)
+        work = all_to_all(*args_, **kwargs)   # a handle with async_op=True: returned as the wrapped call's
         exchanges['seconds'] += time.perf_counter() - start
         exchanges['calls'] += 1
+        return work
     torch.distributed.all_to_all_single = timed_all_to_all
 
     torch.set_num_threads(args.threads)
