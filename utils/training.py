@@ -524,8 +524,8 @@ class Trainer:
 
     def check_nonfinite(self):
         """Stop the run once the loss has been non-finite NONFINITE_LIMIT steps in a row. Called where the host
-        reads from the device anyway (log lines, checkpoints), so on a GPU the stop can come up to --log-interval
-        steps after the step that reached the limit."""
+        reads from the device anyway (log lines, checkpoints), on every device alike, so the stop can come up to
+        --log-interval steps after the step that reached the limit."""
         limit_step = int(self.limit_step)
         if limit_step:
             later = f'; seen at step {self.step}' if self.step > limit_step else ''
