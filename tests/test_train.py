@@ -1,5 +1,6 @@
 """train.py end to end on tiny configurations: flags, run directory, resume after SIGKILL, batch_chunk,
 mixed precision on the CPU, non-finite steps and every bad-input case."""
+import contextlib
 import errno
 import importlib.util
 import json
@@ -304,6 +305,21 @@ def wait_for_train_lines(work_dir, n, proc, timeout=60):
     raise AssertionError(f'the run did not reach {n} logged steps: {proc.stderr.read() if proc.stderr else ""}')
 
 
+@contextlib.contextmanager
+def running_train(work_dir, corpus_dir, *flags, lines):
+    """train.py in a subprocess, entered once it has logged `lines` training steps; SIGKILLed on leaving if it
+    still runs."""
+    proc = train_subprocess(work_dir, corpus_dir, *flags)
+    try:
+        wait_for_train_lines(work_dir, lines, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+
+
 RESUME_FLAGS = [*MOE, '--max_step', '24', '--save-interval', '5', '--dropout', '0.1', '--varlen',
                 '--moe-gate', 'switch', '--moe-top-k', '1', '--eval-interval', '8']
 
@@ -314,11 +330,8 @@ def test_sigkill_then_restart_reproduces_every_loss(tmp_path, corpus):
     assert run(reference, corpus, *RESUME_FLAGS) == 0
 
     work = tmp_path / 'killed'
-    proc = train_subprocess(work, corpus, *RESUME_FLAGS)
-    wait_for_train_lines(work, 13, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    with running_train(work, corpus, *RESUME_FLAGS, lines=13):
+        pass   # SIGKILLed
     killed_at = len(records(work, 'train'))
     saved_at = ckpt.load(work / 'checkpoint.pt')['step']
     assert saved_at < killed_at < 24  # killed mid-run, some steps after the last checkpoint
@@ -384,11 +397,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tmp_path, corpu
     assert run(reference, corpus, *flags) == 0
 
     work = tmp_path / 'stopped'
-    proc = train_subprocess(work, corpus, *flags)
-    wait_for_train_lines(work, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    proc.stderr.close()
+    with running_train(work, corpus, *flags, lines=5) as proc:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     state = ckpt.load(work / 'checkpoint.pt')
     assert state['step'] == len(records(work, 'train')) < 16  # saved at the step it stopped, not at an interval
     assert 'SIGTERM' in (work / 'log.txt').read_text()
@@ -968,28 +979,16 @@ def test_a_second_process_on_a_work_dir_is_refused_until_the_first_is_killed(tmp
     the directory is locked, and the kernel drops the lock with a SIGKILLed holder."""
     never = ['--max_step', '100000', '--save-interval', '0', '--eval-interval', '100000']
     work = tmp_path / 'run'
-    proc = train_subprocess(work, corpus, *never)
-    try:
-        wait_for_train_lines(work, 1, proc)
+    with running_train(work, corpus, *never, lines=1):
         assert run(work, corpus, '--max_step', '3') == 2
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and f'--work_dir {work} is in use by another process' in err, err
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
     assert run(work, corpus, '--max_step', '3') == 0
     assert [r['step'] for r in records(work, 'train')] == [1, 2, 3]  # the killed run's lines are not mixed in
 
-    proc = train_subprocess(work, corpus, '--restart', *never)
-    try:
-        wait_for_train_lines(work, 4, proc)
+    with running_train(work, corpus, '--restart', *never, lines=4):
         assert run(work, corpus, '--restart', '--max_step', '6') == 2
         assert 'is in use by another process' in capsys.readouterr().err
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
     assert run(work, corpus, '--restart', '--max_step', '5') == 0
 
 
