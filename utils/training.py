@@ -699,7 +699,7 @@ class Trainer:
                     self.batch += 1
                     if run_dir and self.pending_step is not None:  # the loss is read after a save only
                         self.settle_checkpoint(run_dir, good=bool(torch.isfinite(loss)))
-                    self.after_step(loss, va_iter, run_dir, stop, bar)
+                    self.after_step(va_iter, run_dir, stop, bar)
                     if self.step >= args.max_step or stop.agreed is not None:
                         break
                 else:
@@ -709,7 +709,7 @@ class Trainer:
                 bar.close()
             self.log.bar = None
 
-    def after_step(self, loss, va_iter, run_dir, stop, bar):
+    def after_step(self, va_iter, run_dir, stop, bar):
         args = self.args
         if bar is not None:
             bar.update(1)
