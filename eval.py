@@ -15,7 +15,7 @@ import time
 
 import data_utils
 from utils import files
-from utils.distributed import Dist, SilentLog
+from utils.distributed import Dist, SilentLog, exit_process
 from utils.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device, set_deterministic
 from utils.files import atomic_write
@@ -133,4 +133,4 @@ def evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    exit_process(main())

@@ -15,10 +15,9 @@ Exit codes: 0 done, 1 the loss stayed non-finite, 2 bad input (one line on stder
 The code is utils/training.py (this file is its command, so that study.py and the benchmarks run the same code):
 build_parser has the flags, Trainer.train_step the step, main the run from data to test.
 """
-import sys
-
+from utils.distributed import exit_process
 from utils.training import main
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    exit_process(main())

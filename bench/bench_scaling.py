@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.distributed import exit_process  # noqa: E402
 
 CONFIGS = [  # (name, processes, moe, expert parallel)
     ('dense', 1, False, False),
@@ -171,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    exit_process(main() or 0)

@@ -400,3 +400,15 @@ if __name__ == '__main__':
         exchange_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == 'exchange_drops':
         exchange_drops_worker(sys.argv[2])
+
+
+@pytest.mark.parametrize('world_size,finalized', [('2', False), ('1', True)])
+def test_a_torchrun_process_exits_without_finalization(world_size, finalized):
+    """exit_process: under torchrun (WORLD_SIZE > 1) the exit skips the interpreter's finalization (where gloo's
+    threads can abort a finished run), with the code and the printed output kept; a lone process exits as usual."""
+    script = ('import atexit, sys\nfrom utils.distributed import exit_process\n'
+              'atexit.register(lambda: print("finalized"))\nprint("done", end="")\nexit_process(7)\n')
+    done = subprocess.run([sys.executable, '-c', script], env=worker_env(WORLD_SIZE=world_size), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 7
+    assert done.stdout == ('donefinalized\n' if finalized else 'done')
