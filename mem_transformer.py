@@ -890,6 +890,9 @@ class MemTransformerLM(nn.Module):
         return [layer.pos_ff for layer in self.layers if isinstance(layer.pos_ff, MoEPositionwiseFF)]
 
     def _last_moe_stats(self):
+        """The MoE layers' MoEStats of the last forward ([] for a dense model, called or not)."""
+        if not self.moe_layers():
+            return []
         if self.moe_stats is None:
             raise RuntimeError('the MoE statistics are those of the last forward: call the model first')
         return self.moe_stats
@@ -897,17 +900,14 @@ class MemTransformerLM(nn.Module):
     def aux_loss(self):
         """Balance and router z-losses of the last forward, weighted by their coefficients (in its graph)."""
         total = torch.zeros((), device=next(self.parameters()).device)
-        if not self.moe_layers():
-            return total
         for stats in self._last_moe_stats():
             total = total + self.moe_balance_coef * stats.balance_loss + self.moe_zloss_coef * stats.z_loss
         return total
 
     def moe_load(self):
         """Tokens routed to each expert in the last forward, [n_moe_layers, num_expert] (None if dense)."""
-        if not self.moe_layers():
-            return None
-        return torch.stack([stats.load for stats in self._last_moe_stats()])
+        layers = self._last_moe_stats()
+        return torch.stack([stats.load for stats in layers]) if layers else None
 
     def update_expert_bias(self, load, rate):
         """After an optimizer step: move the aux-loss-free gates' biases toward balance, given the
@@ -918,9 +918,8 @@ class MemTransformerLM(nn.Module):
 
     def moe_balance_loss(self):
         """Raw balance loss of each MoE layer in the last forward (None if dense)."""
-        if not self.moe_layers():
-            return None
-        return torch.stack([stats.balance_loss.detach().float() for stats in self._last_moe_stats()])
+        layers = self._last_moe_stats()
+        return torch.stack([stats.balance_loss.detach().float() for stats in layers]) if layers else None
 
 
 def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_std=0.01):
