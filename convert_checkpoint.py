@@ -37,7 +37,7 @@ from utils import hf_transfo_xl as hf_xl
 from utils.exp_utils import OneLineArgumentParser
 from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
-from utils.upcycle import upcycle
+from run.upcycle import upcycle
 
 # The original train.py's defaults for what the weights do not determine.
 ORIGINAL_DEFAULTS = dict(n_head=10, dropout=0.0, dropatt=0.0, tgt_len=70, ext_len=0, mem_len=0, pre_lnorm=False,

@@ -15,11 +15,11 @@ import time
 
 import data_utils
 from utils import files
-from utils.distributed import Dist, SilentLog, exit_process
-from utils.evaluation import evaluate, set_eval_lengths
+from run.distributed import Dist, SilentLog, exit_process
+from run.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device, set_deterministic
 from utils.files import atomic_write
-from utils.generation import load_trained_model
+from run.generation import load_trained_model
 
 
 def build_parser():

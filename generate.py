@@ -17,10 +17,10 @@ import torch
 
 from data_utils import open_corpus
 from utils import files
-from utils.evaluation import set_eval_lengths
+from run.evaluation import set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, pick_device
 from utils.files import atomic_write
-from utils.generation import Decoder, TextCodec, check_sampling, load_trained_model, sample_tokens
+from run.generation import Decoder, TextCodec, check_sampling, load_trained_model, sample_tokens
 
 
 def build_parser():

@@ -5,7 +5,7 @@ parameters (the fused ``[num_expert, out, in]`` layout), its gates (naive,
 GShard, Switch) and their balance losses, and runs on CPU and GPU alike.
 
 One forward is four small steps, kept separate so that expert parallelism
-(utils/distributed.py) can put an all-to-all exchange between ``dispatch`` and
+(run/distributed.py) can put an all-to-all exchange between ``dispatch`` and
 the expert compute:
 
     route     gate logits -> top-k experts and scores per token (-1 = dropped)
@@ -547,7 +547,7 @@ class FMoETransformerMLP(nn.Module):
     ``expert_backend`` picks the expert compute: 'auto' (grouped_mm where it runs), 'grouped_mm' or
     'slices'. ``shared_expert`` N > 0 adds ``shared_expert``, a dense FFN of N * d_hidden that every token
     goes through beside its routed experts. ``shard(exchange)`` makes the layer one process's part of an
-    expert-parallel layer (utils.distributed).
+    expert-parallel layer (run.distributed).
     """
 
     def __init__(self, num_expert, d_model, d_hidden, activation=None, top_k=2, gate='naive',
@@ -570,7 +570,7 @@ class FMoETransformerMLP(nn.Module):
         self.register_load_state_dict_pre_hook(_fuse_per_expert_layout)
 
     def shard(self, exchange):
-        """Keep only experts [start, stop) = exchange.local_range (utils.distributed.ExpertParallel): the
+        """Keep only experts [start, stop) = exchange.local_range (run.distributed.ExpertParallel): the
         forward then sends each row to its expert's process with exchange.run, between dispatch and combine.
         The gate still routes over all num_expert experts."""
         start, stop = exchange.local_range

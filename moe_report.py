@@ -25,10 +25,10 @@ import torch
 
 from data_utils import CHAR_LEVEL, open_corpus
 from utils import files
-from utils.evaluation import evaluate, set_eval_lengths
+from run.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
 from utils.files import atomic_write
-from utils.generation import TextCodec, checkpoint_path, load_trained_model
+from run.generation import TextCodec, checkpoint_path, load_trained_model
 
 BYTE_CLASSES = ('letters', 'digits', 'whitespace', 'markup', 'punctuation', 'non-ASCII')
 MARKUP = set('<>[]{}|=&;#*/')  # XML tags and entities, wiki links, templates, tables, lists

@@ -28,10 +28,10 @@ import numpy as np
 
 from mem_transformer import MemTransformerLM
 from utils import checkpoint as ckpt
-from utils import training
+from run import training
 from utils.exp_utils import OneLineArgumentParser, read_metrics
 from utils.plots import load_imbalance, save  # files only: the Agg backend
-from utils.upcycle import upcycle
+from run.upcycle import upcycle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(HERE, 'samples', 'enwik8-sample.zip')

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from mem_transformer import MemTransformerLM, init_weights  # noqa: E402
-from utils.generation import Decoder, generate  # noqa: E402
+from run.generation import Decoder, generate  # noqa: E402
 
 N_TOKEN = 204
 MODELS = {

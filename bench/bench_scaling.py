@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from utils.distributed import exit_process  # noqa: E402
+from run.distributed import exit_process  # noqa: E402
 
 CONFIGS = [  # (name, processes, moe, expert parallel)
     ('dense', 1, False, False),
@@ -52,9 +52,9 @@ def worker(args, moe, expert_parallel):
     import torch
     import mem_transformer
     import torch.distributed
-    from utils.distributed import Dist
+    from run.distributed import Dist
 
-    # The experts' all_to_all exchanges (forward and backward), timed where utils.distributed calls them.
+    # The experts' all_to_all exchanges (forward and backward), timed where run.distributed calls them.
     exchanges = {'seconds': 0., 'calls': 0}
     all_to_all = torch.distributed.all_to_all_single
 

@@ -30,7 +30,7 @@ from report import print_loss_check
 from steps import (CLIP, CONFIGS, DROPATT, DROPOUT, DTYPES, MOE_VS_DENSE, TrainStep, add_train_args, build_model,
                    check_train_args, random_batch, trainer_args)
 from utils import malloc
-from utils import training
+from run import training
 
 
 class OriginalStep:

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from timing import ROOT, write_json
 from flops import flops_per_token
 import moe
-from utils import training
+from run import training
 from utils.exp_utils import CUBLAS_DETERMINISTIC, set_deterministic
 
 # Ops that read a device value back to the host (each a synchronisation on a GPU).

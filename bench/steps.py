@@ -9,7 +9,7 @@ import torch
 import timing  # noqa: F401  (puts the repository on sys.path)
 import mem_transformer as mt
 from tests.reference_attention import original_layout
-from utils import training
+from run import training
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
 CPU_SIZED = dict(n_token=204, n_layer=4, n_head=4, d_model=256, d_head=64, d_inner=1024,

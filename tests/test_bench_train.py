@@ -1,4 +1,4 @@
-"""bench/bench_train.py times train.py's own step: the TrainStep of bench/steps.py is utils/training.py's
+"""bench/bench_train.py times train.py's own step: the TrainStep of bench/steps.py is run/training.py's
 Trainer.train_step, its optimizer clock sees every optimizer step, and the original's model it compares with
 computes the same losses."""
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import training
+from run import training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 import bench_train  # noqa: E402

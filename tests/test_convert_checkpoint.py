@@ -14,7 +14,7 @@ import torch.nn as nn
 import convert_checkpoint as cc
 import data_utils
 from conftest import make_enwik8_dir, tiny_model
-from utils.generation import load_trained_model
+from run.generation import load_trained_model
 
 ARCH_KEYS = ('n_token', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner', 'div_val', 'cutoffs',
              'tie_weight', 'tie_projs', 'attn_type', 'pre_lnorm', 'sample_softmax', 'moe', 'moe_num_expert',

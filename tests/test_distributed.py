@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conftest import MOE, TINY, write_corpus  # noqa: E402
-from utils.distributed import Dist, column_range  # noqa: E402
+from run.distributed import Dist, column_range  # noqa: E402
 from moe import grouped_mm_available  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 150
@@ -140,7 +140,7 @@ def test_ddp_gradients_are_views_into_its_buckets_and_compile_wraps_ddp(monkeypa
     """DDP with gradient_as_bucket_view (no copy of every gradient after the backward), and train.py compiles
     the DDP module, not the model inside it, so the compiled graph lets the all-reduce overlap the backward."""
     import mem_transformer
-    from utils import training
+    from run import training
     monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', RecordedDDP)
     two_ranks = Dist(rank=0, world_size=2)
     wrapped = two_ranks.wrap(torch.nn.Linear(2, 2))
@@ -406,7 +406,7 @@ if __name__ == '__main__':
 def test_a_torchrun_process_exits_without_finalization(world_size, finalized):
     """exit_process: under torchrun (WORLD_SIZE > 1) the exit skips the interpreter's finalization (where gloo's
     threads can abort a finished run), with the code and the printed output kept; a lone process exits as usual."""
-    script = ('import atexit, sys\nfrom utils.distributed import exit_process\n'
+    script = ('import atexit, sys\nfrom run.distributed import exit_process\n'
               'atexit.register(lambda: print("finalized"))\nprint("done", end="")\nexit_process(7)\n')
     done = subprocess.run([sys.executable, '-c', script], env=worker_env(WORLD_SIZE=world_size), cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

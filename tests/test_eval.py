@@ -15,7 +15,7 @@ import train
 from conftest import MOE, TINY, write_corpus
 from utils import checkpoint as ckpt
 from utils import files
-from utils.evaluation import evaluate
+from run.evaluation import evaluate
 from utils.exp_utils import format_loss
 
 

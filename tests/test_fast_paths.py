@@ -19,7 +19,7 @@ import moe
 import reference_attention as reference
 from conftest import SYNCS, OpLog, segments_and_grads, tiny_model
 from reference_attention import original_layout
-from utils import training
+from run import training
 
 
 make_model = functools.partial(tiny_model, init_std=0.1, tgt_len=5)

@@ -1,4 +1,4 @@
-"""generate.py and utils/generation.py: the next-token filters against hand-computed distributions, the memory
+"""generate.py and run/generation.py: the next-token filters against hand-computed distributions, the memory
 carried between steps against recomputing the whole context, seeded determinism, every dataset's decoding, and
 the command line's errors."""
 import functools
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import generate
 from conftest import make_enwik8_dir, make_run, tiny_model
-from utils.generation import Decoder, TextCodec, generate as generate_tokens, next_token_probs, sample_next
+from run.generation import Decoder, TextCodec, generate as generate_tokens, next_token_probs, sample_next
 from utils.vocabulary import Vocab
 
 P = [0.5, 0.3, 0.15, 0.05]

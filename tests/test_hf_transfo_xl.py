@@ -24,7 +24,7 @@ import train
 from mem_transformer import MemTransformerLM, init_weights
 from utils import checkpoint as ckpt
 from utils import hf_transfo_xl as hf_xl
-from utils.generation import Decoder, load_trained_model
+from run.generation import Decoder, load_trained_model
 
 SEGMENTS, TGT_LEN, BSZ = 3, 6, 2
 

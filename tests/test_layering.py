@@ -1,6 +1,14 @@
-"""Library code lives in modules, and scripts only call them: no script imports another script, and no module
-(utils/, the model, the data, bench/'s shared modules) imports a script. Read from the source with `ast`, so a
-lazy import inside a function counts too."""
+"""Dependencies go one way. The layers, lowest first:
+
+    utils/                                leaf helpers: import nothing of this repository outside utils/
+    moe.py, data_utils.py                 the MoE layer and the data
+    mem_transformer.py                    the model (imports moe.py)
+    run/, compat/                         the run layer (training, evaluation, model files, ...) and FastMoE's API
+    scripts, bench/                       thin programs
+
+A file imports only from layers below its own, or from its own package (utils/ from utils/, run/ from run/).
+Library code lives in modules, and scripts only call them: no script imports another script, and no module
+imports a script. Read from the source with `ast`, so a lazy import inside a function counts too."""
 import ast
 import subprocess
 
@@ -67,6 +75,88 @@ def layering_violations(root):
                   for imported in imported_files(p, tree, set(trees)) if imported in scripts)
 
 
+# Each library file's layer; a top-level library module must be listed here to be placed.
+TOP_LEVEL_LAYERS = {'moe.py': 1, 'data_utils.py': 1, 'mem_transformer.py': 2}
+SCRIPT_LAYER = 4
+
+
+def layer_of(path, tree):
+    """(layer, package) of a file; files of one package may import each other. None for tests."""
+    if path.startswith('tests/'):
+        return None
+    folder = path.split('/', 1)[0] if '/' in path else None
+    if is_script(path, tree):
+        return SCRIPT_LAYER, folder
+    if folder == 'utils':
+        return 0, 'utils'
+    if folder in ('run', 'compat'):
+        return 3, folder
+    if folder == 'bench':
+        return SCRIPT_LAYER, 'bench'
+    return TOP_LEVEL_LAYERS.get(path, -1), None   # -1: an unplaced module, reported by upward_imports
+
+
+def upward_imports(root):
+    """'importer -> imported' for every import of a file that is not in a layer below the importer's (nor in its
+    package), and 'unplaced: path' for a top-level library module TOP_LEVEL_LAYERS does not place."""
+    trees = parsed(root)
+    layers = {p: layer_of(p, tree) for p, tree in trees.items()}
+    found = sorted(f'unplaced: {p}' for p, layer in layers.items() if layer is not None and layer[0] < 0)
+    for p, tree in trees.items():
+        if layers[p] is None:
+            continue
+        (level, package) = layers[p]
+        for imported in imported_files(p, tree, set(trees)):
+            other = layers[imported]
+            if other is None or (package is not None and other[1] == package):
+                continue
+            if not other[0] < level:
+                found.append(f'{p} -> {imported}')
+    return sorted(found)
+
+
+def test_every_import_goes_down_the_layers():
+    assert upward_imports(ROOT) == []
+
+
+def test_the_layers_are_found():
+    """The check places the files the rule is about where the module docstring says."""
+    trees = parsed(ROOT)
+    layers = {p: layer_of(p, tree)[0] for p, tree in trees.items() if not p.startswith('tests/')}
+    assert {layers[p] for p in ('utils/files.py', 'utils/checkpoint.py', 'utils/vocabulary.py')} == {0}
+    assert layers['moe.py'] < layers['mem_transformer.py'] < layers['run/training.py'] < layers['train.py']
+    assert layers['data_utils.py'] < layers['run/training.py']
+    assert layers['compat/fmoe/__init__.py'] == layers['run/training.py']
+
+
+UPWARD_IMPORTS = {
+    'utils/helper.py': 'import data_utils\n',                            # a leaf importing the data
+    'utils/other.py': 'def f():\n    from run import training\n',        # a lazy import of the run layer
+    'moe.py': 'import mem_transformer\n',                                # the MoE layer importing the model
+    'data_utils.py': 'from moe import x\n',                              # the data importing the model side
+    'mem_transformer.py': 'from run.training import x\n',                # the model importing the run layer
+    'run/training.py': 'import train\n',                                 # the run layer importing a script
+    'compat/fmoe/layers.py': 'from run import training\n',               # compat beside run, not above it
+    'extra.py': '',                                                      # a top-level module no layer places
+}
+
+
+@pytest.mark.parametrize('path', UPWARD_IMPORTS)
+def test_an_upward_import_is_caught(tmp_path, path):
+    files = {'train.py': "import mem_transformer\nif __name__ == '__main__':\n    main()\n",
+             'utils/__init__.py': '', 'utils/helper.py': 'from utils import other\n', 'utils/other.py': '',
+             'moe.py': 'from utils import helper\n', 'data_utils.py': 'import utils.other\n',
+             'mem_transformer.py': 'import moe\n', 'run/__init__.py': '', 'run/training.py': 'import data_utils\n',
+             'run/evaluation.py': 'from run import training\n', 'compat/fmoe/layers.py': 'import moe\n',
+             'tests/test_x.py': 'import train\n'}
+    files[path] = UPWARD_IMPORTS[path] + files.get(path, '')
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    offenders = {line.split(' -> ')[0].replace('unplaced: ', '') for line in upward_imports(tmp_path)}
+    assert offenders == {path}
+
+
 def test_no_script_or_module_imports_a_script():
     assert layering_violations(ROOT) == []
 
@@ -76,7 +166,7 @@ def test_the_scripts_are_found():
     trees = parsed(ROOT)
     scripts = {p for p, tree in trees.items() if is_script(p, tree)}
     assert {'train.py', 'eval.py', 'study.py', 'plot.py', 'bench/run_all.py', 'bench/bench_train.py'} <= scripts
-    assert not scripts & {'mem_transformer.py', 'data_utils.py', 'utils/training.py', 'bench/timing.py',
+    assert not scripts & {'mem_transformer.py', 'data_utils.py', 'run/training.py', 'bench/timing.py',
                           'bench/flops.py', 'tests/test_train.py'}
 
 

@@ -27,7 +27,7 @@ import train
 from conftest import MOE, ROOT, SYNCS, TINY, WORDS, OpLog, launch, write_corpus
 from utils import checkpoint as ckpt
 from utils import malloc
-from utils import training
+from run import training
 from utils.exp_utils import set_deterministic
 from utils.schedules import learning_rate
 

@@ -1,4 +1,4 @@
-"""Sparse upcycling (utils/upcycle.py, convert_checkpoint.py --upcycle): a trained dense run becomes an MoE
+"""Sparse upcycling (run/upcycle.py, convert_checkpoint.py --upcycle): a trained dense run becomes an MoE
 run whose evaluation loss is the dense one's (naive, noisy, auxfree gates), and train.py continues it."""
 import json
 

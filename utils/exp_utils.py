@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-import data_utils
+from utils.datasets import CHAR_LEVEL
 from utils.files import atomic_write
 
 
@@ -142,7 +142,7 @@ def _jsonable(value, json_only=True):
 
 
 def char_level(dataset):
-    return dataset in data_utils.CHAR_LEVEL
+    return dataset in CHAR_LEVEL
 
 
 def loss_fields(dataset, loss):

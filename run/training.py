@@ -18,9 +18,9 @@ import mem_transformer
 from utils import checkpoint as ckpt
 from utils import files
 from utils import malloc
-from utils.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
-from utils.distributed import fail as fail_distributed
-from utils.evaluation import evaluate, validation_lengths
+from run.distributed import DEFAULT_TIMEOUT_S, Dist, SilentLog, is_peer_failure
+from run.distributed import fail as fail_distributed
+from run.evaluation import evaluate, validation_lengths
 from utils.exp_utils import (Logger, MetricsWriter, OneLineArgumentParser, char_level, format_loss, loss_fields,
                              metric_text, peak_memory_mb, pick_device, set_deterministic, tensorboard_missing,
                              use_tf32)
