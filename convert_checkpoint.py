@@ -38,14 +38,13 @@ from utils.exp_utils import OneLineArgumentParser
 from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 from run.upcycle import upcycle
+from utils.errors import ConversionError
 
 # The original train.py's defaults for what the weights do not determine.
 ORIGINAL_DEFAULTS = dict(n_head=10, dropout=0.0, dropatt=0.0, tgt_len=70, ext_len=0, mem_len=0, pre_lnorm=False,
                          same_length=False, clamp_len=-1, sample_softmax=-1, moe_top_k=2, moe_gate='naive')
 
 
-class ConversionError(ValueError):
-    """The source cannot be converted; the message is one line and says what to do."""
 
 
 # ----------------------------------------------------------------------------- the restricted unpickler

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from utils.files import atomic_write
+from utils.errors import CheckpointError
 
 FORMAT = 'txl-moe-checkpoint-1'
 # train.py's newest state until the step after it shows it is good; then it is renamed to checkpoint.pt.
@@ -20,8 +21,6 @@ PENDING = 'checkpoint.pt.next'
 RUN_FILES = ('checkpoint.pt', PENDING, 'model.pt', 'optimizer.pt', 'metrics.jsonl')
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or does not fit the run; the message is one line."""
 
 
 def atomic_save(obj, path):

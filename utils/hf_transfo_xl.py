@@ -18,6 +18,7 @@ import pickle
 import struct
 
 import torch
+from utils.errors import ConversionError
 
 # TransfoXLConfig's defaults (transformers 4.35) for what a config.json may leave out: save_pretrained writes
 # every Transformer-XL field, and omits PretrainedConfig's fields (tie_word_embeddings) when at their default.
@@ -32,7 +33,7 @@ WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_mo
                 'pytorch_model.bin.index.json')
 
 
-class HFImportError(ValueError):
+class HFImportError(ConversionError):
     """The directory cannot be imported; the message is one line and says what to do."""
 
 

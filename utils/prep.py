@@ -11,12 +11,13 @@ import sys
 import zipfile
 
 from utils.files import WriteError, atomic_write, check_writable_dir, progress_bar
+from utils.errors import DataError
 
 SPLITS = ('train', 'valid', 'test')
 BLOCK = 1 << 22
 
 
-class PrepError(ValueError):
+class PrepError(DataError):
     """Bad input to a prep script; the message is one line."""
 
 

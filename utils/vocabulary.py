@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from utils.files import progress_bar
+from utils.errors import DataError
 
 
-class DataError(ValueError):
-    """Bad input data. The message is one line that names the file and what to do."""
 
 
 # Blocks of whole lines are tokenized at once; 8 MiB keeps the temporary token
