@@ -6,10 +6,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 OUT=${DEMO_DIR:-demo_run}
-# Only ever delete or rewrite what the demo made: a directory that holds anything else is left alone (the demo
-# marks the directories it makes; the default demo_run/ is its own).
-if [[ -e $OUT && ! -f $OUT/.made-by-demo.sh && $OUT != demo_run && -n $(ls -A "$OUT" 2>/dev/null) ]]; then
-    echo "demo.sh: error: DEMO_DIR $OUT already holds files that demo.sh did not make; they are left alone: set DEMO_DIR to a new or empty directory" >&2
+# Only ever delete or rewrite what the demo made: a directory that holds anything else is left alone, the default
+# demo_run/ too (the demo marks the directories it makes). A symbolic link is never followed: the demo's own
+# directory is a real one, made here.
+if [[ -L $OUT || ( -e $OUT && ! -d $OUT ) ]]; then
+    echo "demo.sh: error: $OUT is not a directory (a link or a file): it is left alone: remove it, or set DEMO_DIR to a new or empty directory" >&2
+    exit 2
+fi
+if [[ -e $OUT && ! -f $OUT/.made-by-demo.sh && -n $(ls -A "$OUT" 2>/dev/null) ]]; then
+    echo "demo.sh: error: $OUT already holds files that demo.sh did not make; they are left alone: set DEMO_DIR to a new or empty directory" >&2
     exit 2
 fi
 mkdir -p "$OUT" && touch "$OUT/.made-by-demo.sh"

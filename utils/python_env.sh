@@ -42,9 +42,12 @@ for path in sys.argv[1:]:
             print(requirement)
 '
 
-# _py_env_probe PYTHON FILE...: runs the probe; fails (status 1) if PYTHON does not run.
+# _py_env_probe PYTHON FILE...: runs the probe; fails (status 1) if PYTHON does not run it: a command that exits 0
+# without printing the probe's first line (true, echo) is no Python.
 _py_env_probe() {
-    "$1" -c "$_PY_ENV_PROBE" "${@:2}"
+    local out
+    out=$("$1" -c "$_PY_ENV_PROBE" "${@:2}") && [[ $(head -n 1 <<<"$out") =~ ^(ok|managed|no-pip)$ ]] || return 1
+    printf '%s\n' "$out"
 }
 
 use_python() {
@@ -59,7 +62,7 @@ use_python() {
         echo "error: no $PY on PATH: install Python 3 (Debian/Ubuntu: apt-get install python3-venv) or set PYTHON" >&2
         exit 1
     fi
-    probe=$(_py_env_probe "$PY" "${files[@]}") || { echo "error: $PY does not run (set PYTHON)" >&2; exit 1; }
+    probe=$(_py_env_probe "$PY" "${files[@]}") || { echo "error: $PY does not run as a Python 3: set PYTHON to one" >&2; exit 1; }
     state=$(head -n 1 <<<"$probe")
     missing=$(tail -n +2 <<<"$probe")
     [[ -z $missing ]] && return 0
