@@ -1,15 +1,17 @@
 # Sourced by demo.sh and test.sh, the README's Quick start. `use_python REQUIREMENT_FILE...` sets PY to a Python
-# that has what those files list, installing only what is missing:
+# that has what those files list, installing with pip only when something is missing:
 #   - the Python is $PYTHON if set, else the activated virtual or conda environment's, else python3;
-#   - one that already has everything is used as it is: a `==` pin must match, except beside a `>=` bound (torch's
-#     line): then the pin is what a fresh install gets and any version from the bound on is kept;
+#   - one that already satisfies the files is used as it is (an installed torch >= 2.6, a CUDA build too, is kept);
 #   - one that is externally managed (PEP 668: Debian's and Ubuntu's system Python) is never installed into:
-#     the packages go into a virtual environment .venv in this repository, made once and reused.
+#     the packages go into a virtual environment .venv in this repository, made once and reused;
+#   - where no torch is installed at all, pip gets torch==$TESTED_TORCH, the version the suite is run with.
 
 PY_ENV_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TESTED_TORCH=2.13.0
 
 # Prints `managed` if pip must not install into this Python (PEP 668 marker outside a virtual environment),
-# `no-pip` if it has no pip, else `ok`; then the requirement lines of the given files that it lacks.
+# `no-pip` if it has no pip, else `ok`; then the requirement lines of the given files that it does not satisfy
+# (not installed, or outside a `>=` or `==` bound; a line with any other operator is left to pip).
 _PY_ENV_PROBE='
 import importlib.util, os, re, sys, sysconfig
 from importlib import metadata
@@ -20,39 +22,38 @@ def release(version):  # 2.13.0+cpu -> (2, 13)
         parts.pop()
     return tuple(parts)
 
-in_venv = sys.prefix != sys.base_prefix
-if not in_venv and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")):
+def satisfied(name, spec):
+    try:
+        have = release(metadata.version(name))
+    except metadata.PackageNotFoundError:
+        return False
+    clauses = [re.match(r"\s*(==|>=)\s*([0-9][0-9.]*)\s*$", clause) for clause in spec.split(",") if clause.strip()]
+    return all(c and (have >= release(c[2]) if c[1] == ">=" else have == release(c[2])) for c in clauses)
+
+if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")):
     print("managed")
 else:
     print("ok" if importlib.util.find_spec("pip") else "no-pip")
 for path in sys.argv[1:]:
     for line in open(path):
         requirement = line.split("#")[0].split(";")[0].strip()
-        if not requirement:
-            continue
-        name, spec = re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?\s*(.*)", requirement).groups()
-        try:
-            have = release(metadata.version(name))
-        except metadata.PackageNotFoundError:
-            print(requirement)
-            continue
-        bounds = re.findall(r">=\s*([0-9][0-9.]*)", spec)
-        pins = [] if bounds else re.findall(r"==\s*([0-9][0-9.]*)", spec)
-        if any(have < release(bound) for bound in bounds) or any(have != release(pin) for pin in pins):
+        if requirement and not satisfied(*re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?(.*)", requirement).groups()):
             print(requirement)
 '
 
-# _py_env_probe PYTHON FILE...: runs the probe; fails (status 1) if PYTHON does not run it: a command that exits 0
-# without printing the probe's first line (true, echo) is no Python.
-_py_env_probe() {
-    local out
-    out=$("$1" -c "$_PY_ENV_PROBE" "${@:2}") && [[ $(head -n 1 <<<"$out") =~ ^(ok|managed|no-pip)$ ]] || return 1
-    printf '%s\n' "$out"
+# _py_env_check WHAT_TO_DO: sets state and missing (the probe's first line, the rest) for PY and the files; a PY
+# that does not print the probe's first line (true, echo) is no Python: an error saying WHAT_TO_DO.
+_py_env_check() {
+    local probe
+    probe=$("$PY" -c "$_PY_ENV_PROBE" "${files[@]}") || true
+    state=$(head -n 1 <<<"$probe")
+    [[ $state =~ ^(ok|managed|no-pip)$ ]] || { echo "error: $PY does not run as a Python 3: $1" >&2; exit 1; }
+    missing=$(tail -n +2 <<<"$probe")
 }
 
 use_python() {
-    local files=() file probe state missing
-    for file in "$@"; do files+=("$PY_ENV_ROOT/$file"); done
+    local files=() file state missing pip_args=()
+    for file in "$@"; do files+=("$PY_ENV_ROOT/$file"); pip_args+=(-r "$PY_ENV_ROOT/$file"); done
     if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
     elif [[ -n ${VIRTUAL_ENV:-} && -x $VIRTUAL_ENV/bin/python ]]; then PY=$VIRTUAL_ENV/bin/python
     elif [[ -n ${CONDA_PREFIX:-} && -x $CONDA_PREFIX/bin/python ]]; then PY=$CONDA_PREFIX/bin/python
@@ -62,25 +63,21 @@ use_python() {
         echo "error: no $PY on PATH: install Python 3 (Debian/Ubuntu: apt-get install python3-venv) or set PYTHON" >&2
         exit 1
     fi
-    probe=$(_py_env_probe "$PY" "${files[@]}") || { echo "error: $PY does not run as a Python 3: set PYTHON to one" >&2; exit 1; }
-    state=$(head -n 1 <<<"$probe")
-    missing=$(tail -n +2 <<<"$probe")
-    [[ -z $missing ]] && return 0
-    if [[ $state == managed ]]; then
+    _py_env_check "set PYTHON to one"
+    if [[ -n $missing && $state == managed ]]; then
         _use_repo_venv
-        probe=$(_py_env_probe "$PY" "${files[@]}") || { echo "error: $PY does not run: remove $PY_ENV_ROOT/.venv and run again" >&2; exit 1; }
-        state=$(head -n 1 <<<"$probe")
-        missing=$(tail -n +2 <<<"$probe")
-        [[ -z $missing ]] && return 0
+        _py_env_check "remove $PY_ENV_ROOT/.venv and run again"
     fi
+    [[ -z $missing ]] && return 0
     if [[ $state == no-pip ]]; then
         echo "error: $PY has no pip to install ${missing//$'\n'/ }: install them, or set PYTHON to another Python" >&2
         exit 1
     fi
-    echo "== Installing into $PY: ${missing//$'\n'/ }"
-    local requirements=()
-    mapfile -t requirements <<<"$missing"
-    "$PY" -m pip install -q "${requirements[@]}"
+    if ! "$PY" -c 'import importlib.metadata as m; m.version("torch")' 2>/dev/null; then
+        pip_args=("torch==$TESTED_TORCH" "${pip_args[@]}")
+    fi
+    echo "== Installing into $PY (it lacks ${missing//$'\n'/ }): pip install ${pip_args[*]}"
+    "$PY" -m pip install -q "${pip_args[@]}"
 }
 
 # _use_repo_venv: PY (externally managed) becomes .venv's Python; .venv is made from PY if it is not there yet.
