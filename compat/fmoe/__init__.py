@@ -1,25 +1,19 @@
-"""FastMoE's `fmoe` names running on this repository's Mixture-of-Experts layer (moe.py).
-
-Code written for FastMoE (`from fmoe import FMoETransformerMLP`, gates from `fmoe.gates`, subclasses calling
-`super().__init__(num_expert=, d_model=, d_hidden=, top_k=, activation=)` and `super().forward(x)`) runs
-unchanged, on CPUs and GPUs, without FastMoE's CUDA extension, with this directory's parent on the path:
+"""FastMoE's `fmoe` package on this repository's Mixture-of-Experts layer (moe.py), without FastMoE's CUDA
+extension: FMoE (any module as the expert), FMoELinear, FMoETransformerMLP, the gates of fmoe.gates with
+FastMoE's call convention, DistributedGroupedDataParallel, expert parallelism on torch.distributed (gloo or
+NCCL). Put this directory's parent on the path:
 
     PYTHONPATH=/path/to/this/repository/compat python your_fastmoe_script.py
 
-The layers hold this repository's parameter layout (experts fused: `experts.htoh4.weight` [E, H, D]), so
-state dicts move between such code and this repository's models as they are. What needs FastMoE's
-distributed machinery (world_size > 1, process groups, gate hooks, masks, custom experts) raises
-fmoe.Unsupported naming the option.
+This repository's moe.py is found by its file path, whatever else is on sys.path (a user's own moe.py included).
+FMoETransformerMLP keeps this repository's parameter layout (experts fused: experts.htoh4.weight [E, H, D]), so
+state dicts move between FastMoE code and this repository's models as they are. What the shim does not provide
+raises fmoe.Unsupported (options) or ImportError (names) with one line saying why; docs/fastmoe.md lists it all.
 """
-import os
-import sys
+from ._repo import Unsupported
+from .distributed import DistributedGroupedDataParallel
+from .layers import FMoE
+from .linear import FMoELinear
+from .transformer import FMoETransformerMLP
 
-# The repository root, so that `moe` imports wherever the user's script runs from.
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-
-from .gates import Unsupported  # noqa: E402
-from .transformer import FMoETransformerMLP  # noqa: E402
-
-__all__ = ['FMoETransformerMLP', 'Unsupported']
+__all__ = ['DistributedGroupedDataParallel', 'FMoE', 'FMoELinear', 'FMoETransformerMLP', 'Unsupported']
