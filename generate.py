@@ -10,6 +10,7 @@ speed in tokens/s go to stderr.
 """
 import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -19,8 +20,9 @@ from data_utils import open_corpus
 from utils import files
 from run.evaluation import set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, pick_device
+from utils.errors import ConfigError
 from utils.files import atomic_write
-from run.generation import Decoder, TextCodec, check_sampling, load_trained_model, sample_tokens
+from run.generation import Decoder, TextCodec, bytes_per_sample, check_sampling, iter_tokens, load_trained_model
 
 
 def build_parser():
@@ -62,8 +64,12 @@ def check_args(args):
     for name in ('max_tokens', 'num_samples'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name} {getattr(args, name)} must be at least 1')
-    if args.threads < 0:
-        raise ValueError(f'--threads {args.threads} must be >= 0 (0 = torch\'s choice)')
+    cpus = os.cpu_count() or 1
+    if not 0 <= args.threads <= cpus:
+        raise ConfigError(f'--threads {args.threads} must be between 0 (torch\'s choice) and this machine\'s '
+                          f'{cpus} CPUs')
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise ConfigError(f'--seed {args.seed} must be between -2**63 and 2**64 - 1')
     for name, low in (('tgt_len', 1), ('mem_len', 0)):
         value = getattr(args, name)
         if value is not None and value < low:
@@ -89,6 +95,19 @@ def read_prompt(args):
         raise ValueError(f'--prompt_file {args.prompt_file} is not UTF-8 text') from None
 
 
+def check_memory(args, model, tgt_len, prompt_len, device):
+    """--num_samples run as one batch: refused when the batch cannot fit in the device's memory."""
+    need = args.num_samples * bytes_per_sample(model, tgt_len, prompt_len + args.max_tokens)
+    if device.type == 'cuda':
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if need > have:
+        raise ConfigError(f'--num_samples {args.num_samples} needs about {need / 2 ** 30:,.1f} GiB, more than the '
+                          f'{have / 2 ** 30:,.1f} GiB of {device.type}: generate fewer at once (another --seed '
+                          'gives others)')
+
+
 def write_text(text, output):
     if output is None:
         sys.stdout.write(text)
@@ -111,6 +130,7 @@ def main(argv=None):
             corpus, dataset, _ = open_corpus(saved, path, model.n_token, args.data, args.dataset)
         codec = TextCodec(corpus.vocab, dataset)
         prompt_ids = codec.encode(prompt_text)
+        check_memory(args, model, tgt_len, len(prompt_ids), device)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
         print(f'generate.py: error: {e}', file=sys.stderr)
         return 2
@@ -128,17 +148,25 @@ def main(argv=None):
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
 
-    start = time.perf_counter()
-    decoder = Decoder(model, tgt_len)
-    log_probs = decoder.feed(prompt)
-    synchronize()
-    prompt_done = time.perf_counter()
-    tokens = sample_tokens(decoder, log_probs, args.max_tokens, generator, args.temperature, args.top_k,
-                           args.top_p)
-    synchronize()
+    start = prompt_done = time.perf_counter()
+    tokens = []   # Ctrl-C stops the generation: the text so far is written, then the exit code says so
+    try:
+        decoder = Decoder(model, tgt_len)
+        log_probs = decoder.feed(prompt)
+        synchronize()
+        prompt_done = time.perf_counter()
+        for token in iter_tokens(decoder, log_probs, args.max_tokens, generator, args.temperature, args.top_k,
+                                 args.top_p):
+            tokens.append(token)
+        synchronize()
+        interrupted = False
+    except KeyboardInterrupt:
+        log(f'Interrupted after {len(tokens)} of {args.max_tokens} tokens: writing the text so far')
+        interrupted = True
     sampling = time.perf_counter() - prompt_done
 
-    samples = [codec.decode(prompt_ids + tokens[:, i].tolist()) for i in range(args.num_samples)]
+    new_ids = torch.stack(tokens).T.tolist() if tokens else [[]] * args.num_samples
+    samples = [codec.decode(prompt_ids + ids) for ids in new_ids]
     if args.num_samples == 1:
         text = samples[0] + '\n'
     else:
@@ -148,10 +176,11 @@ def main(argv=None):
     except files.WriteError as e:  # a disk that filled up while generating
         print(f'generate.py: error: {e}', file=sys.stderr)
         return 2
-    n_new = args.max_tokens * args.num_samples
+    n_new = len(tokens) * args.num_samples
     log(f'| prompt {len(prompt_ids)} tokens in {prompt_done - start:.2f}s | generated {n_new} tokens in '
-        f'{sampling:.2f}s, {n_new / sampling:.1f} tokens/s |' + (f' wrote {args.output}' if args.output else ''))
-    return 0
+        f'{sampling:.2f}s, {n_new / max(sampling, 1e-9):.1f} tokens/s |'
+        + (f' wrote {args.output}' if args.output else ''))
+    return 128 + signal.SIGINT if interrupted else 0
 
 
 if __name__ == '__main__':

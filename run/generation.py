@@ -9,11 +9,13 @@ projected them to (mem_transformer.KVCache), so what a step still pays per memor
 itself (bench/bench_generate.py measures it). A model with mem_len 0 (a vanilla Transformer) gets the fallback:
 every step re-runs the last `chunk_len` tokens.
 """
+import math
 import os
 
 import torch
 
 from mem_transformer import MemTransformerLM, kv_caching, new_kv_caches
+from utils.errors import ConfigError
 
 # ----------------------------------------------------------------------------- loading
 
@@ -32,12 +34,13 @@ def load_trained_model(path, device):
 # ----------------------------------------------------------------------------- choosing the next token
 
 def check_sampling(temperature, top_k, top_p):
-    if not temperature >= 0:
-        raise ValueError(f'--temperature {temperature} must be >= 0 (0 = always the most likely token)')
+    if not 0 <= temperature < math.inf:
+        raise ConfigError(f'--temperature {temperature} must be a finite number >= 0 (0 = always the most likely '
+                          'token)')
     if top_k < 0:
-        raise ValueError(f'--top_k {top_k} must be >= 0 (0 = no limit)')
+        raise ConfigError(f'--top_k {top_k} must be >= 0 (0 = no limit)')
     if not 0 < top_p <= 1:
-        raise ValueError(f'--top_p {top_p} must be in (0, 1] (1 = no limit)')
+        raise ConfigError(f'--top_p {top_p} must be in (0, 1] (1 = no limit)')
 
 
 def next_token_probs(log_probs, temperature=1.0, top_k=0, top_p=1.0):
@@ -46,22 +49,27 @@ def next_token_probs(log_probs, temperature=1.0, top_k=0, top_p=1.0):
     Temperature rescales the log-probabilities; top_k keeps the k most likely tokens; top_p keeps the smallest
     set of most likely tokens whose probability reaches top_p (nucleus sampling, always at least one). The kept
     tokens are renormalised. temperature 0 puts all mass on the most likely token.
+
+    The work is in float64 and the scores are shifted so that the best is 0 before they are divided: a tiny
+    temperature (1e-45) or top_p (1e-300) is no float32 denormal or 0, and the division sends the other scores
+    to -inf, never the best one to nan.
     """
-    scores = log_probs.float()
+    scores = log_probs.double()
     if temperature == 0:
-        return torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
-    scores = scores / temperature
+        return torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0).float()
+    scores = (scores - scores.max(-1, keepdim=True).values) / temperature
     if 0 < top_k < scores.size(-1):
         kth_best = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth_best, -float('inf'))
     if top_p < 1:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
         cum = sorted_scores.softmax(-1).cumsum(-1)
-        # A token stays if the tokens ranked above it hold less than top_p.
+        # A token stays if the tokens ranked above it hold less than top_p; the most likely one always stays.
         drop_sorted = (cum - sorted_scores.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, -float('inf'))
-    return scores.softmax(-1)
+    return scores.softmax(-1).float()
 
 
 def sample_next(log_probs, generator, temperature=1.0, top_k=0, top_p=1.0):
@@ -109,18 +117,30 @@ class Decoder:
 def generate(model, prompt, max_tokens, generator, chunk_len, temperature=1.0, top_k=0, top_p=1.0):
     """Sample max_tokens tokens after prompt [len, bsz] -> [max_tokens, bsz] long."""
     decoder = Decoder(model, chunk_len)
-    return sample_tokens(decoder, decoder.feed(prompt), max_tokens, generator, temperature, top_k, top_p)
+    return torch.stack(list(iter_tokens(decoder, decoder.feed(prompt), max_tokens, generator, temperature, top_k,
+                                        top_p)))
 
 
-def sample_tokens(decoder, log_probs, max_tokens, generator, temperature=1.0, top_k=0, top_p=1.0):
-    """Continue from a decoder that has seen the context and its next-token log_probs -> [max_tokens, bsz]."""
-    out = []
+def iter_tokens(decoder, log_probs, max_tokens, generator, temperature=1.0, top_k=0, top_p=1.0):
+    """Continue from a decoder that has seen the context and its next-token log_probs: max_tokens [bsz] tokens,
+    one step at a time (a caller stopped halfway, by Ctrl-C, keeps the tokens it has)."""
     for step in range(max_tokens):
         token = sample_next(log_probs, generator, temperature, top_k, top_p)
-        out.append(token)
+        yield token
         if step + 1 < max_tokens:  # the last token needs no prediction after it
             log_probs = decoder.feed(token[None])
-    return torch.stack(out)
+
+
+def bytes_per_sample(model, chunk_len, n_tokens):
+    """About the most memory one continuation of n_tokens (prompt and new tokens) takes: its memory of hidden
+    states and their keys and values, one chunk's attention scores and feed-forward activations, the sampling's
+    float64 work on the next-token distribution, and the tokens themselves."""
+    config, mem_len = model.config, model.mem_len
+    n_layer, d_model = config['n_layer'], config['d_model']
+    heads = config['n_head'] * config['d_head']
+    state = 4 * mem_len * ((n_layer + 1) * d_model + 2 * n_layer * heads)
+    chunk = 4 * chunk_len * (2 * (chunk_len + mem_len) * config['n_head'] + 2 * config['d_inner'] + 4 * d_model)
+    return state + chunk + 40 * config['n_token'] + 16 * n_tokens
 
 
 # ----------------------------------------------------------------------------- text <-> tokens

@@ -3,6 +3,7 @@ carried between steps against recomputing the whole context, seeded determinism,
 the command line's errors."""
 import functools
 import os
+import signal
 
 import pytest
 import torch
@@ -249,7 +250,7 @@ def test_cli_errors(tmp_path, capsys):
     assert f'--prompt_file {tmp_path} is a directory' in error('--work_dir', run, '--prompt_file', str(tmp_path))
     assert f'--output {tmp_path} is a directory' in error('--work_dir', run, '--output', str(tmp_path))
     assert 'is not writable' in error('--work_dir', run, '--output', '/proc/out.txt')
-    assert '--temperature -1.0 must be >= 0' in error('--work_dir', run, '--temperature', '-1')
+    assert '--temperature -1.0 must be a finite number >= 0' in error('--work_dir', run, '--temperature', '-1')
     assert '--top_p 0.0 must be in (0, 1]' in error('--work_dir', run, '--top_p', '0')
     assert '--max_tokens 0 must be at least 1' in error('--work_dir', run, '--max_tokens', '0')
     assert "byte 90 (b'Z')" in error('--work_dir', run, '--prompt', 'Zebra')
@@ -261,3 +262,41 @@ def test_cli_errors(tmp_path, capsys):
     torch.save(nn.Linear(2, 2), tmp_path / 'pickled.pt')  # a pickled module, as the original saved its model
     assert 'convert it first' in error('--work_dir', str(tmp_path / 'pickled.pt'), '--prompt', 'a')
     assert not os.path.exists(tmp_path / 'out.txt')
+
+
+@pytest.mark.parametrize('kw', [dict(temperature=1e-45), dict(temperature=1e-320), dict(top_p=1e-300),
+                                dict(top_p=5e-324, temperature=1e-300)])
+def test_tiny_temperature_and_top_p_keep_the_most_likely_token(kw):
+    """1e-45 is a float32 denormal and 1e-300 a float32 0: the division gave nan, the top_p filter dropped all."""
+    torch.testing.assert_close(probs(**kw), torch.tensor([1., 0, 0, 0]))
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(torch.tensor([P[::-1]]).log(), g, **kw).item() == 3
+
+
+def test_cli_extreme_flags_are_one_line_errors(tmp_path, capsys):
+    run, _, _ = make_run(tmp_path)
+    for flags, message in [(['--seed', str(2 ** 70)], f'--seed {2 ** 70} must be between -2**63 and 2**64 - 1'),
+                           (['--threads', '1000000'], '--threads 1000000 must be between 0'),
+                           (['--num_samples', str(10 ** 9)], f'--num_samples {10 ** 9} needs about'),
+                           (['--temperature', 'inf'], '--temperature inf must be a finite number')]:
+        code, out, err = run_cli(capsys, '--work_dir', run, '--prompt', 'An', *flags)
+        assert code == 2 and out == '' and err.strip().splitlines()[-1].startswith('generate.py: error: ' + message)
+
+
+def test_cli_ctrl_c_writes_the_text_so_far(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a long generation lost the text generated so far, with a KeyboardInterrupt traceback."""
+    run, _, _ = make_run(tmp_path)
+    args = ['--work_dir', run, '--prompt', '<title>An', '--seed', '5', '--num_samples', '2']
+    code, four_tokens, _ = run_cli(capsys, *args, '--max_tokens', '4')
+    assert code == 0
+    feed, calls = Decoder.feed, [0]
+
+    def ctrl_c_at_the_fifth_feed(self, tokens):   # the prompt, then four tokens
+        calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return feed(self, tokens)
+    monkeypatch.setattr(Decoder, 'feed', ctrl_c_at_the_fifth_feed)
+    code, out, err = run_cli(capsys, *args, '--max_tokens', '1000')
+    assert code == 128 + signal.SIGINT and 'Interrupted after 4 of 1000 tokens' in err
+    assert out == four_tokens
