@@ -12,8 +12,9 @@ global batch, each rank trains on its columns with DDP, rank 0 logs and writes; 
 Exit codes: 0 done, 1 the loss stayed non-finite, 2 bad input (one line on stderr, nothing written),
 3 another process of a distributed run died or timed out, 143 stopped by SIGTERM after saving checkpoint.pt.
 
-The code is run/training.py (this file is its command, so that study.py and the benchmarks run the same code):
-build_parser has the flags, Trainer.train_step the step, main the run from data to test.
+The code is in run/ (this file is its command, so that study.py and the benchmarks run the same code):
+run/options.py has the flags, run/trainer.py's Trainer.train_step the step, run/training.py's main the run
+from data to test.
 """
 from run.distributed import exit_process
 from run.training import main

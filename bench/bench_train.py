@@ -30,7 +30,7 @@ from report import print_loss_check
 from steps import (CLIP, CONFIGS, DROPATT, DROPOUT, DTYPES, MOE_VS_DENSE, TrainStep, add_train_args, build_model,
                    check_train_args, random_batch, trainer_args)
 from utils import malloc
-from run import training
+from run.trainer import build_optimizer
 
 
 class OriginalStep:
@@ -40,7 +40,7 @@ class OriginalStep:
     def __init__(self, module, config, dtype='fp32', seed=0):
         ours = build_model(config, seed)
         self.model = original.build_model(module, config, DROPOUT, DROPATT, ours.state_dict()).train()
-        self.optimizer = training.build_optimizer(trainer_args(dtype), self.model)
+        self.optimizer = build_optimizer(trainer_args(dtype), self.model)
         self.amp_dtype, self.mems, self.batch = DTYPES[dtype], (), random_batch(config, seed)
 
     def __call__(self):

@@ -32,7 +32,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from timing import ROOT, write_json
 from flops import flops_per_token
 import moe
-from run import training
+from run import options
+from run.options import build_model, build_parser, check_args
+from run.trainer import Trainer
 from utils.exp_utils import CUBLAS_DETERMINISTIC, set_deterministic
 
 # Ops that read a device value back to the host (each a synchronisation on a GPU).
@@ -170,11 +172,11 @@ def part_train(check, args):
 
 def make_trainer(flags, device, n_token=204):
     """train.py's Trainer (optimizer, scaler, clipping, memory) for a model given by train.py flags."""
-    parser = training.build_parser()
+    parser = build_parser()
     args = parser.parse_args(['--log-interval', '1000000', *(['--cuda'] if device.type == 'cuda' else []),
                               *flags])
-    training.check_args(args, parser)
-    return training.Trainer(args, training.build_model(args, n_token), device, print, None), args
+    check_args(args, parser)
+    return Trainer(args, build_model(args, n_token), device, print, None), args
 
 
 def batch_for(args, device, n_token=204):
@@ -183,7 +185,7 @@ def batch_for(args, device, n_token=204):
 
 
 def model_config(args, n_token=204):
-    return dict(training.model_config(args, n_token), bsz=args.batch_size)
+    return dict(options.model_config(args, n_token), bsz=args.batch_size)
 
 
 def matmul_peak(device, dtype, n, repeats):

@@ -9,7 +9,8 @@ import torch
 import timing  # noqa: F401  (puts the repository on sys.path)
 import mem_transformer as mt
 from tests.reference_attention import original_layout
-from run import training
+from run.options import build_parser
+from run.trainer import Trainer
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
 CPU_SIZED = dict(n_token=204, n_layer=4, n_head=4, d_model=256, d_head=64, d_inner=1024,
@@ -49,7 +50,7 @@ def trainer_args(dtype, batch_chunk=1, compiled=False, optim='adam'):
     """train.py's flags for a benchmark step: run_enwik8_base.sh's clip, a constant learning rate."""
     flags = ['--optim', optim, '--lr', str(LR), '--clip', str(CLIP), '--scheduler', 'constant',
              '--batch_chunk', str(batch_chunk), '--amp', 'none' if DTYPES[dtype] is None else dtype]
-    return training.build_parser().parse_args(flags + ['--compile'] * compiled)
+    return build_parser().parse_args(flags + ['--compile'] * compiled)
 
 
 class OptimizerClock:
@@ -77,7 +78,7 @@ class TrainStep:
     def __init__(self, config, dtype='fp32', paths='fast', batch_chunk=1, seed=0, optimizer='train.py'):
         model = build_model(config, seed).train()
         args = trainer_args(dtype, batch_chunk, paths == 'compiled')
-        self.trainer = training.Trainer(args, model, torch.device('cpu'), log=None, metrics=None)
+        self.trainer = Trainer(args, model, torch.device('cpu'), log=None, metrics=None)
         if optimizer == 'per-parameter loop':
             self.trainer.optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=False)
         self.model, self.fast = self.trainer.model, paths != 'plain'

@@ -1,4 +1,4 @@
-"""bench/bench_train.py times train.py's own step: the TrainStep of bench/steps.py is run/training.py's
+"""bench/bench_train.py times train.py's own step: the TrainStep of bench/steps.py is run/trainer.py's
 Trainer.train_step, its optimizer clock sees every optimizer step, and the original's model it compares with
 computes the same losses."""
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from run import training
+from run.trainer import Trainer, fused_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 import bench_train  # noqa: E402
@@ -30,10 +30,10 @@ TINY = dict(n_token=30, n_layer=2, n_head=2, d_model=16, d_head=8, d_inner=32, t
                          ids=['dense', 'moe'])
 def test_a_benchmark_step_is_the_trainers_step(config, monkeypatch):
     calls = []
-    real = training.Trainer.train_step
-    monkeypatch.setattr(training.Trainer, 'train_step', lambda self, *a: calls.append(a) or real(self, *a))
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, 'train_step', lambda self, *a: calls.append(a) or real(self, *a))
     step = steps.TrainStep(config)
-    assert step.trainer.optimizer.param_groups[0]['fused'] == training.fused_available(torch.optim.Adam, 'cpu')
+    assert step.trainer.optimizer.param_groups[0]['fused'] == fused_available(torch.optim.Adam, 'cpu')
     losses = [step() for _ in range(3)]
     assert len(calls) == 3 and len(step.clock.seconds) == 3 and all(s > 0 for s in step.clock.seconds)
     assert all(torch.equal(data, step.batch[:-1]) and torch.equal(target, step.batch[1:]) for data, target in calls)

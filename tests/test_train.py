@@ -27,7 +27,9 @@ import train
 from conftest import MOE, ROOT, SYNCS, TINY, WORDS, OpLog, launch, write_corpus
 from utils import checkpoint as ckpt
 from utils import malloc
-from run import training
+from run.options import build_model, build_parser, check_args, model_config
+from run.trainer import (OPTIMIZERS, Trainer, build_optimizer, fused_available, non_embedding_parameters,
+                         skips_on_device)
 from utils.exp_utils import set_deterministic
 from utils.schedules import learning_rate
 
@@ -71,7 +73,7 @@ ORIGINAL_DEFAULTS = {  # transcribed from the original train.py and FastMoE's ad
 
 
 def test_every_original_flag_parses_with_its_default():
-    args = training.build_parser().parse_args([])
+    args = build_parser().parse_args([])
     for dest, default in ORIGINAL_DEFAULTS.items():
         assert getattr(args, dest) == default, dest
     # The original's static scale defaulted to 1; here None stands for "1 with --fp16, dynamic with --amp fp16".
@@ -91,7 +93,7 @@ def test_every_original_flag_parses_when_given():
             '--moe-num-expert 32 --moe-top-k 33 --moe-gate gshard --moe-capacity-factor 1.5 '
             '--moe-eval-capacity-factor 3.5 --moe-balance-coef 0.34 --moe-zloss-coef 0.35 --amp fp16 '
             '--save-interval 36').split()
-    args = training.build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     given = {a.lstrip('-').replace('-', '_') for a in argv if a.startswith('--')}
     assert set(ORIGINAL_DEFAULTS) <= given  # the command line above names every original flag
     assert (args.dataset, args.n_layer, args.d_embed, args.init, args.optim, args.scheduler) == \
@@ -108,7 +110,7 @@ def test_every_original_flag_parses_when_given():
 
 def test_non_embedding_parameters_leave_out_embeddings_and_softmax():
     model = mem_transformer.MemTransformerLM(50, 2, 2, 8, 4, 16, 0., 0., d_embed=6, mem_len=4, tgt_len=4)
-    chosen = {id(p) for p in training.non_embedding_parameters(model)}
+    chosen = {id(p) for p in non_embedding_parameters(model)}
     embedding = {id(p) for m in (model.word_emb, model.crit) for p in m.parameters()}
     assert chosen and not chosen & embedding
     assert chosen | embedding == {id(p) for p in model.parameters()}
@@ -119,16 +121,16 @@ def test_non_embedding_parameters_leave_out_embeddings_and_softmax():
 # ----------------------------------------------------------------------------- optimizers
 
 def optimizer_pair(optim, lr=0.01):
-    """The same small parameters under training.build_optimizer and under torch's per-parameter loop (the
+    """The same small parameters under build_optimizer and under torch's per-parameter loop (the
     implementation train.py used before build_optimizer picked one), with the same gradients each step."""
-    args = training.build_parser().parse_args(['--optim', optim, '--lr', str(lr), '--mom', '0.9'])
+    args = build_parser().parse_args(['--optim', optim, '--lr', str(lr), '--mom', '0.9'])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     twin = torch.nn.Sequential(*(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)))
     twin.load_state_dict(model.state_dict())
     kwargs = dict(lr=lr, momentum=0.9) if optim == 'sgd' else dict(lr=lr)
-    plain = training.OPTIMIZERS[optim](twin.parameters(), foreach=False, **kwargs)
-    return training.build_optimizer(args, model), plain
+    plain = OPTIMIZERS[optim](twin.parameters(), foreach=False, **kwargs)
+    return build_optimizer(args, model), plain
 
 
 def take_steps(optimizers, n, seed=1):
@@ -148,11 +150,11 @@ def assert_same_parameters(a, b):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('optim', list(training.OPTIMIZERS))
+@pytest.mark.parametrize('optim', list(OPTIMIZERS))
 def test_build_optimizer_picks_the_fused_kernel_and_steps_like_the_loop(optim):
     fast, plain = optimizer_pair(optim)
     group = fast.param_groups[0]
-    if training.fused_available(training.OPTIMIZERS[optim], 'cpu'):   # torch >= 2.5 on CPUs
+    if fused_available(OPTIMIZERS[optim], 'cpu'):   # torch >= 2.5 on CPUs
         assert group['fused'] and not group['foreach']
     else:
         assert group['foreach'] and not group['fused']
@@ -162,7 +164,7 @@ def test_build_optimizer_picks_the_fused_kernel_and_steps_like_the_loop(optim):
     assert_same_parameters(fast, plain)
 
 
-@pytest.mark.parametrize('optim', list(training.OPTIMIZERS))
+@pytest.mark.parametrize('optim', list(OPTIMIZERS))
 def test_optimizer_state_written_by_the_loop_resumes_in_the_fast_implementation(optim, tmp_path):
     fast, plain = optimizer_pair(optim)
     take_steps([fast, plain], 2)
@@ -523,11 +525,11 @@ def test_resume_with_extended_context_dev_perf_and_shorter_evaluation(tmp_path, 
 
 def clip_step(corpus, *flags):
     """One SGD step (lr 1) of a trainer: the parameters before, their unclipped gradients, and after."""
-    args = training.build_parser().parse_args(['--data', str(corpus), *TINY, '--optim', 'sgd', '--lr', '1',
+    args = build_parser().parse_args(['--data', str(corpus), *TINY, '--optim', 'sgd', '--lr', '1',
                                             '--scheduler', 'constant', '--clip', '0.01', *flags])
-    training.check_args(args, training.build_parser())
-    model = training.build_model(args, 256)
-    trainer = training.Trainer(args, model, torch.device('cpu'), None, None)
+    check_args(args, build_parser())
+    model = build_model(args, 256)
+    trainer = Trainer(args, model, torch.device('cpu'), None, None)
     data = torch.randint(0, 256, (17, 4), generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(1)
@@ -555,12 +557,12 @@ def test_clip_nonemb_clips_only_the_non_embedding_gradients(corpus, clip_nonemb)
 
 
 def test_adaptive_softmax_takes_the_original_clusters(tmp_path, corpus, capsys):
-    args = training.build_parser().parse_args(['--dataset', 'wt103', '--adaptive', '--div_val', '4'])
-    training.check_args(args, training.build_parser())
-    config = training.model_config(args, 267735)
+    args = build_parser().parse_args(['--dataset', 'wt103', '--adaptive', '--div_val', '4'])
+    check_args(args, build_parser())
+    config = model_config(args, 267735)
     assert (config['cutoffs'], config['tie_projs']) == ([20000, 40000, 200000], [False, True, True, True])
     args.dataset = 'lm1b'
-    config = training.model_config(args, 793471)
+    config = model_config(args, 793471)
     assert (config['cutoffs'], config['tie_projs']) == ([60000, 100000, 640000], [False, False, False, False])
     # A corpus smaller than the first cluster: one line naming the clusters, nothing written.
     lm1b = write_lm1b(tmp_path / 'lm1b')
@@ -664,12 +666,12 @@ def test_log_lines_count_time_and_rate_as_the_original(tmp_path, corpus, monkeyp
     a validation inside the window included; the eval line's time runs since the previous validation ended;
     tokens_per_s counts training time only; lr is the rate of the next update."""
     clock = [0.]
-    monkeypatch.setattr(training, 'time', types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr('run.trainer.time', types.SimpleNamespace(time=lambda: clock[0]))
     for name, seconds in (('train_step', 1.), ('validation_loss', 100.)):
-        def timed(self, *args, _run=getattr(training.Trainer, name), _s=seconds, **kwargs):
+        def timed(self, *args, _run=getattr(Trainer, name), _s=seconds, **kwargs):
             clock[0] += _s
             return _run(self, *args, **kwargs)
-        monkeypatch.setattr(training.Trainer, name, timed)
+        monkeypatch.setattr(Trainer, name, timed)
     work = tmp_path / 'run'
     assert run(work, corpus, '--max_step', '20', '--log-interval', '5', '--warmup_step', '5') == 0
     lines = [line for line in (work / 'log.txt').read_text().splitlines() if line.startswith('| ')]
@@ -810,7 +812,7 @@ def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, corpus, poisoned_step
 
 
 def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path, corpus, poisoned_steps, monkeypatch):
-    monkeypatch.setattr(training, 'NONFINITE_LIMIT', 4)
+    monkeypatch.setattr('run.trainer.NONFINITE_LIMIT', 4)
     poisoned_steps.update(range(7, 100))
     work = tmp_path / 'run'
     assert run(work, corpus, '--max_step', '30', '--save-interval', '5') == 1
@@ -824,7 +826,7 @@ def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path, corpus, poisoned_st
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
     """Step 7 blows the weights up to ~1e30 (as a huge learning rate does): finite, but every later loss is NaN. No
     state after step 6 may be kept, and the message must name a checkpoint that resumes."""
-    train_step = training.Trainer.train_step
+    train_step = Trainer.train_step
 
     def blow_up_at_step_7(self, data, target):
         loss = train_step(self, data, target)
@@ -833,7 +835,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch
                 for p in self.model.parameters():
                     p.mul_(1e30)
         return loss
-    monkeypatch.setattr(training.Trainer, 'train_step', blow_up_at_step_7)
+    monkeypatch.setattr(Trainer, 'train_step', blow_up_at_step_7)
     work = tmp_path / 'run'
     assert run(work, corpus, '--max_step', '30', '--save-interval', '1') == 1
     log = (work / 'log.txt').read_text()
@@ -844,7 +846,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch
     # torch's max, not Python's: a NaN weight must fail (Python's max skips a NaN that comes after a number)
     assert torch.stack([w.abs().max() for w in state['model_state'].values() if w.is_floating_point()]).max() < 100
     assert sorted(os.listdir(work)) == ['checkpoint.pt', 'log.txt', 'metrics.jsonl']
-    monkeypatch.setattr(training.Trainer, 'train_step', train_step)
+    monkeypatch.setattr(Trainer, 'train_step', train_step)
     assert run(work, corpus, '--restart', '--max_step', '10') == 0  # as the message says
 
     fresh = tmp_path / 'fresh'  # diverges from the first step: nothing good to keep, and the message says so
@@ -1127,7 +1129,7 @@ def test_run_scripts_pass_the_original_flags(script, mode, tmp_path):
     out = launch(tmp_path, script, mode, '--work_dir', 'W', DATA_ROOT=str(tmp_path / 'data'),
                              NPROC='1')  # prints the command line instead of running it
     assert out[0] == ('Run training...' if mode == 'train' else 'Run evaluation...')
-    parser = training.build_parser() if mode == 'train' else evaluation.build_parser()
+    parser = build_parser() if mode == 'train' else evaluation.build_parser()
     args = parser.parse_args(out[2:])
     for dest, value in SCRIPT_FLAGS[script, mode].items():
         assert getattr(args, dest) == value, dest
@@ -1199,11 +1201,11 @@ def test_progress_bar_on_a_terminal_only(tmp_path, corpus, capfd):
 def step_trainer(*flags, n_token=40):
     """A Trainer of the tiny model (no dropout, no memory: two trainers given the same batches take the same steps)
     and one batch of it."""
-    parser = training.build_parser()
+    parser = build_parser()
     args = parser.parse_args([*TINY, '--mem_len', '0', *flags])
-    training.check_args(args, parser)
+    check_args(args, parser)
     torch.manual_seed(0)
-    trainer = training.Trainer(args, training.build_model(args, n_token), torch.device('cpu'), print, None)
+    trainer = Trainer(args, build_model(args, n_token), torch.device('cpu'), print, None)
     data = torch.randint(0, n_token, (args.tgt_len + 1, args.batch_size))
     return trainer, data[:-1], data[1:]
 
@@ -1231,7 +1233,7 @@ def test_the_fused_optimizer_skips_a_nonfinite_step_on_the_device(optim):
     trainer, data, target = step_trainer('--optim', optim, '--mom', '0.9', '--lr', '0.01')
     trainer.train_step(data, target)
     before = trainer_tensors(trainer)
-    assert training.skips_on_device(trainer.optimizer)
+    assert skips_on_device(trainer.optimizer)
     log = OpLog()
     with log:
         loss = nan_loss_step(trainer, data, target)
@@ -1246,10 +1248,10 @@ def test_fused_sgd_with_momentum_reads_the_flag_on_its_first_step():
     """Fused SGD allocates its momentum buffers in its first step and leaves them uninitialised when it skips
     that step on the device; so that first step reads the flag on the host and does not call the optimizer."""
     trainer, data, target = step_trainer('--optim', 'sgd', '--mom', '0.9', '--lr', '0.1')
-    assert not training.skips_on_device(trainer.optimizer)
+    assert not skips_on_device(trainer.optimizer)
     nan_loss_step(trainer, data, target)
     trainer.train_step(data, target)
-    assert training.skips_on_device(trainer.optimizer)
+    assert skips_on_device(trainer.optimizer)
     fresh, _, _ = step_trainer('--optim', 'sgd', '--mom', '0.9', '--lr', '0.1')
     fresh.train_step(data, target)  # the same good step, without the skipped one before it
     after_skip, fresh_only = trainer_tensors(trainer), trainer_tensors(fresh)
@@ -1269,7 +1271,7 @@ def test_a_skipped_step_leaves_the_auxfree_bias_alone(optim):
     rate * sign(mean load - load), from that step's load."""
     trainer, data, target = step_trainer(*MOE, '--moe-gate', 'auxfree', '--optim', optim, '--mom', '0.9')
     gates = [ff.gate for ff in trainer.model.moe_layers()]
-    assert training.skips_on_device(trainer.optimizer) == (optim == 'adam')
+    assert skips_on_device(trainer.optimizer) == (optim == 'adam')
     nan_loss_step(trainer, data, target)
     assert trainer.window.totals()['n_skipped'] == 1
     assert all(torch.equal(gate.expert_bias, torch.zeros(4)) for gate in gates)
@@ -1283,7 +1285,7 @@ def test_a_skipped_step_leaves_the_auxfree_bias_alone(optim):
 
 def test_the_nonfinite_stop_comes_at_the_next_log_line(tmp_path, corpus, poisoned_steps, monkeypatch):
     """The limit is checked where the host reads anyway: at log lines and checkpoints (on a GPU a read is a sync)."""
-    monkeypatch.setattr(training, 'NONFINITE_LIMIT', 4)
+    monkeypatch.setattr('run.trainer.NONFINITE_LIMIT', 4)
     poisoned_steps.update(range(7, 100))
     work = tmp_path / 'run'
     assert run(work, corpus, '--max_step', '30', '--log-interval', '6', '--save-interval', '20',

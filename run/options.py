@@ -1,0 +1,240 @@
+"""train.py's flags, their checks, and the model they describe."""
+import math
+import os
+
+import data_utils
+import mem_transformer
+from moe import GATES
+from run.distributed import DEFAULT_TIMEOUT_S
+from utils import checkpoint as ckpt
+from utils.exp_utils import OneLineArgumentParser, tensorboard_missing
+from utils.schedules import SCHEDULERS
+
+# Settings that may differ when starting from another run's weights (--restart_dir): they shape no tensor.
+RUNTIME_KEYS = ('dropout', 'dropatt', 'tgt_len', 'ext_len', 'mem_len', 'same_length', 'clamp_len',
+                'moe_capacity_factor', 'moe_eval_capacity_factor', 'moe_balance_coef', 'moe_zloss_coef',
+                'moe_switch_eps', 'moe_random_routing')
+
+
+def build_parser():
+    p = OneLineArgumentParser(prog='train.py', description='PyTorch Transformer Language Model')
+    add = p.add_argument
+    # Data and model: the original's flags, names and defaults.
+    add('--data', type=str, default='../data/wikitext-103', help='location of the data corpus')
+    add('--dataset', type=str, default='wt103', choices=data_utils.DATASETS, help='dataset name')
+    add('--n_layer', type=int, default=12, help='number of layers')
+    add('--n_head', type=int, default=10, help='number of attention heads')
+    add('--d_head', type=int, default=50, help='dimension of each head')
+    add('--d_embed', type=int, default=-1, help='embedding dimension (-1: d_model)')
+    add('--d_model', type=int, default=500, help='model dimension')
+    add('--d_inner', type=int, default=1000, help='inner dimension of the feed-forward (of each expert)')
+    add('--dropout', type=float, default=0.0, help='global dropout rate')
+    add('--dropatt', type=float, default=0.0, help='attention probability dropout rate')
+    add('--init', default='normal', type=str, choices=['normal', 'uniform'], help='parameter initializer')
+    add('--emb_init', default='normal', type=str,
+        help='kept for compatibility: the original parsed it but initialized embeddings with --init')
+    add('--init_range', type=float, default=0.1, help='uniform init: U(-init_range, init_range)')
+    add('--emb_init_range', type=float, default=0.01,
+        help='kept for compatibility: parsed but unused, as in the original')
+    add('--init_std', type=float, default=0.02, help='normal init: N(0, init_std)')
+    add('--proj_init_std', type=float, default=0.01, help='projections: N(0, proj_init_std)')
+    # Optimization.
+    add('--optim', default='adam', type=str, choices=['adam', 'sgd', 'adagrad'], help='optimizer')
+    add('--lr', type=float, default=0.00025, help='initial learning rate (0.00025|5 for adam|sgd)')
+    add('--mom', type=float, default=0.0, help='momentum for sgd')
+    add('--scheduler', default='cosine', type=str, choices=SCHEDULERS, help='learning-rate schedule')
+    add('--warmup_step', type=int, default=0, help='steps of linear warmup')
+    add('--decay_rate', type=float, default=0.5, help='decay factor of dev_perf (reduce on plateau)')
+    add('--lr_min', type=float, default=0.0, help='minimum learning rate of dev_perf')
+    add('--clip', type=float, default=0.25, help='gradient clipping (max global norm)')
+    add('--clip_nonemb', action='store_true',
+        help='clip only the gradient of non-embedding parameters (the original parsed this but ignored it)')
+    add('--max_step', type=int, default=100000, help='number of training steps')
+    add('--batch_size', type=int, default=60, help='batch size')
+    add('--batch_chunk', type=int, default=1, help='split each batch into chunks to save memory')
+    add('--tgt_len', type=int, default=70, help='number of tokens to predict')
+    add('--eval_tgt_len', type=int, default=50, help='number of tokens to predict for evaluation')
+    add('--ext_len', type=int, default=0, help='length of the extended context')
+    add('--mem_len', type=int, default=0, help='length of the retained previous heads')
+    add('--not_tied', action='store_true', help='do not tie the word embedding and softmax weights')
+    add('--seed', type=int, default=1111, help='random seed')
+    add('--cuda', action='store_true', help='use CUDA (without a GPU the run stays on the CPU)')
+    add('--adaptive', action='store_true', help='use adaptive softmax (wt103, lm1b)')
+    add('--div_val', type=int, default=1, help='divident value for adaptive input and softmax')
+    add('--pre_lnorm', action='store_true', help='apply LayerNorm to the input instead of the output')
+    add('--varlen', action='store_true', help='use variable length')
+    add('--multi_gpu', action='store_true', help='multi-device training: launch with torchrun instead')
+    add('--log-interval', type=int, default=200, help='report interval')
+    add('--eval-interval', type=int, default=4000, help='evaluation interval')
+    add('--work_dir', default='LM-TFM', type=str, help='the run directory (created if needed)')
+    add('--restart', action='store_true', help='resume exactly from WORK_DIR/checkpoint.pt')
+    add('--restart_dir', type=str, default='', help="start from another run's model.pt (and optimizer.pt)")
+    add('--debug', action='store_true', help='run in debug mode (write nothing)')
+    add('--same_length', action='store_true', help='use the same attn length for all tokens')
+    add('--attn_type', type=int, default=0,
+        help='attention type. 0 for ours, 1 for Shaw et al, 2 for Vaswani et al, 3 for Al Rfou et al.')
+    add('--clamp_len', type=int, default=-1, help='use the same pos embeddings after clamp_len')
+    add('--untie_r', action='store_true',
+        help='attn_type 0: a pair of r_w_bias/r_r_bias per layer (the TensorFlow and Hugging Face models) instead '
+             'of one pair shared by all layers (the original PyTorch code)')
+    add('--eta_min', type=float, default=0.0, help='min learning rate for cosine scheduler')
+    add('--gpu0_bsz', type=int, default=-1, help='batch size on gpu 0 (multi-device: see --multi_gpu)')
+    add('--max_eval_steps', type=int, default=-1, help='max eval steps')
+    add('--sample_softmax', type=int, default=-1, help='number of samples in sampled softmax')
+    add('--patience', type=int, default=0, help='patience of dev_perf')
+    add('--finetune_v2', action='store_true', help='kept for compatibility (unused, as in the original)')
+    add('--finetune_v3', action='store_true', help='kept for compatibility (unused, as in the original)')
+    add('--fp16', action='store_true', help='mixed precision: same as --amp fp16')
+    add('--static-loss-scale', type=float, default=None,
+        help='fixed loss scale for fp16 (default 1 with --fp16, as the original; --amp fp16 scales dynamically)')
+    add('--dynamic-loss-scale', action='store_true',
+        help='dynamic loss scaling for fp16 (supersedes --static-loss-scale)')
+    # New in this port.
+    add('--amp', default='none', choices=['none', 'fp16', 'bf16'],
+        help='autocast precision; bf16 also runs on CPUs, fp16 uses a gradient scaler')
+    add('--no-tf32', action='store_true',
+        help='full fp32 matrix products on GPUs, as the original (default: TF32 on Ampere and newer)')
+    add('--deterministic', action='store_true',
+        help="deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS's fixed workspace, no cuDNN "
+             'autotuning): on a GPU, runs and resumes repeat bitwise on the same machine, at a cost')
+    add('--compile', action='store_true',
+        help='torch.compile the model (runs eagerly, with a warning, where it cannot compile); '
+             'measured slower than the eager fast paths on CPUs')
+    add('--tensorboard', action='store_true',
+        help='also write what goes to metrics.jsonl as TensorBoard events into WORK_DIR (needs the tensorboard '
+             'package): tensorboard --logdir of the runs\' parent directory compares them')
+    add('--save-interval', type=int, default=1000,
+        help='write WORK_DIR/checkpoint.pt every N steps (also at each evaluation, at the end, on a signal)')
+    # FastMoE's flags and the MoE options of the model.
+    add('--moe', action='store_true', help='replace the position-wise FFN with a Mixture of Experts')
+    add('--moe-num-expert', type=int, default=64, help='number of experts in MoE')
+    add('--moe-top-k', type=int, default=2, help='top_k experts in hard gate of moe')
+    add('--moe-gate', default='naive', choices=GATES,
+        help="FastMoE's gates (naive, gshard, switch, noisy) or auxfree: DeepSeek-V3's loss-free balancing bias")
+    add('--moe-capacity-factor', type=float, default=1.2, help='expert capacity factor in training (gshard/switch)')
+    add('--moe-eval-capacity-factor', type=float, default=2.4, help='expert capacity factor in evaluation')
+    add('--moe-balance-coef', type=float, default=0.01, help='weight of the load-balance loss')
+    add('--moe-zloss-coef', type=float, default=0.0, help='weight of the router z-loss')
+    add('--moe-no-gate-bias', action='store_true', help='router logits without a bias (naive/gshard/switch/auxfree)')
+    add('--moe-switch-eps', type=float, default=0.1, help="the switch gate's jitter: uniform noise in [1-eps, 1+eps]")
+    add('--moe-no-random-routing', action='store_true',
+        help="gshard gate: always keep the 2nd expert (no random routing in training)")
+    add('--moe-shared-expert', type=int, default=0,
+        help='N always-active shared experts beside the routed ones: a dense FFN of N x --d_inner')
+    add('--moe-bias-update-rate', type=float, default=0.001,
+        help='auxfree gate: each step, expert bias += rate * sign(mean load - load)')
+    # Several processes (torchrun).
+    add('--expert-parallel', action='store_true',
+        help='under torchrun: split the experts of each MoE layer over the processes (all_to_all exchange)')
+    add('--dist-timeout', type=int, default=DEFAULT_TIMEOUT_S,
+        help='seconds a process waits for the others before giving up (torchrun runs)')
+    return p
+
+
+def flag(parser, dest):
+    return next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+
+
+def check_args(args, parser):
+    """Resolve derived settings; raise ValueError (one line) for an impossible or contradictory command line."""
+    def fail(message):
+        raise ValueError(message)
+
+    for dest in ('n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'max_step', 'batch_size', 'batch_chunk',
+                 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'moe_num_expert', 'div_val'):
+        if getattr(args, dest) < 1:
+            fail(f'{flag(parser, dest)} {getattr(args, dest)} must be at least 1')
+    for dest in ('ext_len', 'mem_len', 'warmup_step', 'save_interval', 'patience', 'moe_shared_expert',
+                 'moe_switch_eps', 'moe_bias_update_rate'):
+        if getattr(args, dest) < 0:
+            fail(f'{flag(parser, dest)} {getattr(args, dest)} must be non-negative')
+    if not args.work_dir:
+        fail('--work_dir is empty (an unset shell variable?): name the run directory')
+    # Real numbers with their meaningful ranges; `not low < x` also refuses NaN.
+    for dest, low, high, low_ok in (('lr', 0, math.inf, False), ('clip', 0, math.inf, False),
+                                    ('mom', 0, math.inf, True), ('decay_rate', 0, 1, False),
+                                    ('lr_min', 0, math.inf, True), ('eta_min', 0, math.inf, True),
+                                    ('init_range', 0, math.inf, False), ('init_std', 0, math.inf, False),
+                                    ('proj_init_std', 0, math.inf, False),
+                                    ('moe_capacity_factor', 0, math.inf, False),
+                                    ('moe_eval_capacity_factor', 0, math.inf, False),
+                                    ('moe_balance_coef', 0, math.inf, True), ('moe_zloss_coef', 0, math.inf, True)):
+        value = getattr(args, dest)
+        if not (math.isfinite(value) and (low <= value if low_ok else low < value) and value <= high):
+            bounds = f'{"at least" if low_ok else "above"} {low}' + (f' and at most {high}' if high < math.inf else '')
+            fail(f'{flag(parser, dest)} {value} must be a finite number {bounds}')
+    if args.batch_size % args.batch_chunk:
+        fail(f'--batch_chunk {args.batch_chunk} must divide --batch_size {args.batch_size}')
+    if not 1 <= args.moe_top_k <= args.moe_num_expert:
+        fail(f'--moe-top-k {args.moe_top_k} must be between 1 and --moe-num-expert {args.moe_num_expert}')
+    if args.adaptive and args.dataset not in data_utils.ADAPTIVE_CUTOFFS:
+        fail(f'--adaptive is for the large word-level vocabularies ({", ".join(data_utils.ADAPTIVE_CUTOFFS)}), '
+             f'not --dataset {args.dataset}')
+    if args.same_length and args.mem_len == 0:
+        fail('--same_length needs a memory (--mem_len > 0): without one it masks every key and the loss is NaN')
+    if args.fp16:
+        if args.amp == 'bf16':
+            fail('--fp16 means --amp fp16 and contradicts --amp bf16')
+        args.amp = 'fp16'
+    if args.amp == 'fp16' and args.static_loss_scale is not None and args.static_loss_scale <= 0:
+        fail(f'--static-loss-scale {args.static_loss_scale} must be positive')
+    if args.amp == 'fp16' and not args.dynamic_loss_scale and args.static_loss_scale is None:
+        # --fp16 keeps the original's default (a static scale of 1); the new --amp fp16 scales dynamically.
+        if args.fp16:
+            args.static_loss_scale = 1.
+        else:
+            args.dynamic_loss_scale = True
+    if args.untie_r and args.attn_type != 0:
+        fail(f'--untie_r unties the biases shared by the layers of --attn_type 0, not {args.attn_type}')
+    if args.expert_parallel and not args.moe:
+        fail('--expert-parallel splits the experts of --moe layers: add --moe')
+    if args.dist_timeout < 1:
+        fail(f'--dist-timeout {args.dist_timeout} must be at least 1 second')
+    if args.restart and not args.restart_dir and args.debug:
+        fail('--restart reads WORK_DIR/checkpoint.pt, which --debug runs never write')
+    if args.tensorboard and tensorboard_missing():
+        fail(f'--tensorboard: {tensorboard_missing()}, or drop --tensorboard')
+    if args.d_embed < 0:
+        args.d_embed = args.d_model
+    args.tied = not args.not_tied
+    # The model's own checks (dropout range, attention type...) before the corpus is read or cached; the
+    # vocabulary size is not known yet, so the adaptive cutoffs are checked against it later.
+    cutoffs = data_utils.ADAPTIVE_CUTOFFS[args.dataset][0] if args.adaptive else [0]
+    mem_transformer.check_config(**model_config(args, max(cutoffs) + 1))
+
+
+
+def model_config(args, n_token):
+    cutoffs, tie_projs = [], [False]
+    if args.adaptive:
+        cutoffs, tie_tail = data_utils.ADAPTIVE_CUTOFFS[args.dataset]
+        tie_projs = [False] + [tie_tail] * len(cutoffs)
+    return dict(n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                d_head=args.d_head, d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt,
+                tie_weight=args.tied, d_embed=args.d_embed, div_val=args.div_val, tie_projs=tie_projs,
+                pre_lnorm=args.pre_lnorm, tgt_len=args.tgt_len, ext_len=args.ext_len, mem_len=args.mem_len,
+                cutoffs=cutoffs, same_length=args.same_length, attn_type=args.attn_type,
+                clamp_len=args.clamp_len, sample_softmax=args.sample_softmax, moe=args.moe,
+                moe_num_expert=args.moe_num_expert, moe_top_k=args.moe_top_k, moe_gate=args.moe_gate,
+                moe_capacity_factor=args.moe_capacity_factor,
+                moe_eval_capacity_factor=args.moe_eval_capacity_factor,
+                moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef,
+                moe_gate_bias=not args.moe_no_gate_bias, moe_switch_eps=args.moe_switch_eps,
+                moe_random_routing=not args.moe_no_random_routing, moe_shared_expert=args.moe_shared_expert,
+                untie_r=args.untie_r)
+
+
+def build_model(args, n_token, saved=None):
+    """A freshly initialized model (the original's init), or another run's weights with --restart_dir
+    (`saved`: its model.pt, when already read)."""
+    model = mem_transformer.MemTransformerLM(**model_config(args, n_token))
+    mem_transformer.init_weights(model, init=args.init, init_range=args.init_range, init_std=args.init_std,
+                                 proj_init_std=args.proj_init_std)
+    if args.restart_dir:
+        path = os.path.join(args.restart_dir, 'model.pt')
+        saved = saved or ckpt.load_run_file(path, 'model')
+        arch = [k for k in model.config if k not in RUNTIME_KEYS]
+        ckpt.check_config(model.full_config(saved['config']), model.config, path, keys=arch,
+                          hint=' (the architecture flags must match the run it comes from)')
+        ckpt.load_weights(model, saved['model_state'], path)
+    return model

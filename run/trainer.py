@@ -1,0 +1,500 @@
+"""The Trainer: it takes the optimizer steps, validates and writes the checkpoints that resume it exactly; with
+the optimizer it builds, the window of sums behind each log line, and the stop request of a signal."""
+import math
+import os
+import signal
+import time
+
+import torch
+
+import mem_transformer
+from run.distributed import Dist
+from run.evaluation import evaluate, validation_lengths
+from run.old_checkpoints import data_state
+from utils import checkpoint as ckpt
+from utils.exp_utils import char_level, format_loss, loss_fields, metric_text, peak_memory_mb
+from utils.files import progress_bar
+from utils.schedules import PlateauDecay, learning_rate
+
+# The run stops when the loss itself (not just the scaled gradients) is non-finite this many steps in a row.
+NONFINITE_LIMIT = 10
+
+
+OPTIMIZERS = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD, 'adagrad': torch.optim.Adagrad}
+_FUSED_PROBES = {}
+
+
+def fused_available(optimizer_class, device):
+    """Whether torch has a fused kernel of this optimizer for this device type (probed once: Adagrad's
+    fused kernel is CPU-only, and torch only finds that out in the first step)."""
+    key = (optimizer_class, torch.device(device).type)
+    if key not in _FUSED_PROBES:
+        try:
+            p = torch.nn.Parameter(torch.zeros(2, device=device))
+            p.grad = torch.ones_like(p)
+            optimizer_class([p], lr=0.1, fused=True).step()
+            _FUSED_PROBES[key] = True
+        except (RuntimeError, ValueError, TypeError):
+            _FUSED_PROBES[key] = False
+    return _FUSED_PROBES[key]
+
+
+def build_optimizer(args, model):
+    """--optim's optimizer in the fastest implementation torch has for the parameters' device: one fused
+    kernel over every tensor where it exists (on a CPU 10x faster than the per-parameter loop for Adam),
+    else the multi-tensor foreach one. Same update up to rounding, same state_dict."""
+    # The original gave the sampled softmax's embedding a sparse optimizer; this model's embedding gradients
+    # are dense, so one optimizer covers every parameter.
+    params = list(model.parameters())
+    optimizer_class = OPTIMIZERS[args.optim]
+    kwargs = dict(lr=args.lr, momentum=args.mom) if args.optim == 'sgd' else dict(lr=args.lr)
+    fused = fused_available(optimizer_class, params[0].device)
+    implementation = dict(fused=True, foreach=False) if fused else dict(fused=False, foreach=True)
+    optimizer = optimizer_class(params, **kwargs, **implementation)
+
+    def keep_implementation(optimizer, state_dict):
+        # A saved state_dict carries its writer's implementation flags (None in checkpoints written before
+        # this choice, fused=True from a device that has the kernel); loading keeps this device's choice.
+        return dict(state_dict, param_groups=[dict(group, **implementation) for group in state_dict['param_groups']])
+    optimizer.register_load_state_dict_pre_hook(keep_implementation)
+    return optimizer
+
+
+def skips_on_device(optimizer):
+    """Whether optimizer.step() skips a non-finite step by itself, given the device flag `found_inf` that
+    GradScaler hands to optimizers marked `_step_supports_amp_scaling` (torch's fused kernels): the update and
+    the step count stay as they were, and the host never reads whether the step was finite. Not the first step
+    of fused SGD with momentum: it allocates its momentum buffers then and leaves them uninitialised when it
+    skips (tests/test_train.py shows it)."""
+    if not getattr(optimizer, '_step_supports_amp_scaling', False):
+        return False
+    return all(not group.get('momentum') or
+               all('momentum_buffer' in optimizer.state.get(p, {}) for p in group['params'])
+               for group in optimizer.param_groups)
+
+
+def non_embedding_parameters(model):
+    embedding = {id(p) for name in ('word_emb', 'crit', 'out_layer') if hasattr(model, name)
+                 for p in getattr(model, name).parameters()}
+    return [p for p in model.parameters() if id(p) not in embedding]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Window:
+    """Sums since the last log line. What a step adds is added where the step computed it, so that on a GPU nothing
+    is read back to the host until the log line; checkpoints hold the sums as plain numbers, so that a resumed run
+    logs the same averages."""
+
+    counted = ('loss_sum', 'n_losses', 'n_nonfinite', 'n_skipped')  # in `sums`, one float64 tensor
+    kept = ('n_steps', 'aux_sum', 'moe_load', 'moe_balance')
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums = None  # float64 on the losses' device: their sum rounds as the Python floats it replaced
+        self.aux_sum, self.n_steps = 0., 0
+        self.moe_load = self.moe_balance = None
+        self.restart_clock()
+
+    def add_step(self, loss, applied):
+        """A step's mean loss (a 0-dim tensor) and whether its update was applied (a device bool, or a bool the
+        host has read). Returns whether the loss is finite, as a device bool."""
+        finite = torch.isfinite(loss)
+        skipped = ~applied if torch.is_tensor(applied) else torch.full_like(finite, not applied)  # no host copy
+        step = torch.stack([torch.where(finite, loss.double(), 0.), finite.double(), (~finite).double(),
+                            skipped.double()])
+        self.sums = step if self.sums is None else self.sums + step
+        self.n_steps += 1
+        return finite
+
+    def totals(self):
+        """The sums as plain numbers: the one read of the window from the device."""
+        loss_sum, *counts = [0.] * len(self.counted) if self.sums is None else self.sums.tolist()
+        return dict(loss_sum=loss_sum, **{k: int(n) for k, n in zip(self.counted[1:], counts)})
+
+    def restart_clock(self):
+        # Speed is measured over the steps this process ran, so a resumed window still reports true figures.
+        self.start, self.timed_steps, self.timed_tokens = time.time(), 0, 0
+        self.eval_s = 0.  # seconds of validation inside this window
+
+    def train_seconds(self):
+        return max(time.time() - self.start - self.eval_s, 1e-9)
+
+    def add_moe(self, load, balance, weight):
+        if load is None:
+            return
+        self.moe_load = load.detach().clone() if self.moe_load is None else self.moe_load + load.detach()
+        balance = balance.detach().float() * weight
+        self.moe_balance = balance if self.moe_balance is None else self.moe_balance + balance
+
+    def state_dict(self):
+        kept = {k: (v.cpu() if torch.is_tensor(v) else v) for k in self.kept for v in [getattr(self, k)]}
+        return dict(self.totals(), **kept)
+
+    def load_state_dict(self, state, device):
+        self.sums = torch.tensor([state[k] for k in self.counted], dtype=torch.float64, device=device)
+        for k in self.kept:
+            v = state[k]
+            setattr(self, k, v.to(device) if torch.is_tensor(v) else v)
+        self.restart_clock()
+
+
+class StopRequest:
+    """SIGINT/SIGTERM end the run after the current step with a checkpoint; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum = None  # the signal this process received
+        self.agreed = None  # the signal all processes act on (Dist.agree), the same step everywhere
+        self.previous = {}
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def uninstall(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """The model, its optimizer and loss scaler, and every counter a checkpoint needs to continue exactly."""
+
+    def __init__(self, args, model, device, log, metrics, dist=None, vocab=None, tr_iter=None):
+        self.args, self.device, self.log, self.metrics = args, device, log, metrics
+        self.vocab = vocab  # the symbols of an imported model's own vocabulary, kept in its checkpoints
+        self.tr_iter = tr_iter  # its state_dict() is the data position a checkpoint holds
+        self.dist = dist or Dist()
+        self.model = self.dist.shard_experts(model.to(device))
+        self.forward_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
+        if args.compile:  # after DDP, so that the compiled graph lets the all-reduce overlap the backward
+            mem_transformer.maybe_compile(self.forward_model)   # in place: state-dict keys stay the same
+        model = self.model
+        self.optimizer = build_optimizer(args, model)
+        self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+        dynamic = args.dynamic_loss_scale or args.static_loss_scale is None
+        self.static_scale = None if dynamic else args.static_loss_scale  # apex's dynamic scale started at 2^16
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 16 if dynamic else args.static_loss_scale,
+                                           enabled=args.amp == 'fp16')
+        self.plateau = PlateauDecay(args.decay_rate, args.patience)
+        self.base_lr = args.lr  # --restart_dir may change it (constant/dev_perf go on at the saved rate, see main)
+        self.clip_params = non_embedding_parameters(model) if args.clip_nonemb else list(model.parameters())
+        self.step, self.epoch, self.batch = 0, 1, 0
+        self.best_val_loss, self.last_eval_step = None, None
+        # Steps in a row with a non-finite loss, and the step at which they reached NONFINITE_LIMIT (0: not yet):
+        # device tensors once a step has run, read where the host reads anyway (check_nonfinite).
+        self.nonfinite_run = self.limit_step = 0
+        self.logged_loss = None  # the last log line's, for the progress bar
+        self.eval_start = time.time()  # the eval line's clock, restarted by train() and by each validation
+        self.mems = self.fresh_mems()
+        self.window = Window()
+        self.symbols = None  # the corpus's vocabulary, kept in checkpoints to refuse another one with as many symbols
+        self.saved_step = self.pending_step = None  # of checkpoint.pt, and of a state not yet known good
+
+    def fresh_mems(self):
+        return [[] for _ in range(self.args.batch_chunk)]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def lr(self):
+        a = self.args
+        return learning_rate(self.step, self.base_lr, a.scheduler, a.warmup_step, a.max_step, a.eta_min,
+                             self.plateau.scale, a.lr_min)
+
+    # ---------------------------------------------------------------- one optimizer step
+    def train_step(self, data, target):
+        """Forward and backward over the batch chunks (each with its own memory), then one optimizer step.
+
+        Returns the step's mean loss in nats over every process, a 0-dim tensor on the device. A step whose
+        gradients are not finite (fp16 overflow, or a non-finite loss) is skipped and counted; a loss non-finite
+        NONFINITE_LIMIT times in a row stops the run (check_nonfinite). Nothing is read back to the host (a GPU
+        sync) where the optimizer skips a step itself (torch's fused kernels: skips_on_device); the window's
+        sums and the counters stay on the device until a log line, a validation or a checkpoint reads them.
+        """
+        args, model, window, dist = self.args, self.model, self.window, self.dist
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tokens, weight = target.numel(), dist.loss_weight(target.size(1))  # of the global batch
+        data, target = dist.local(data), dist.local(target)  # this rank's columns
+        n_chunk = args.batch_chunk
+        step_loss, step_load = 0., None
+        for i, (data_i, target_i) in enumerate(zip(data.chunk(n_chunk, 1), target.chunk(n_chunk, 1))):
+            with dist.sync_context(last_chunk=i == n_chunk - 1):
+                with self.autocast():
+                    ret = self.forward_model(data_i.contiguous(), target_i.contiguous(), *self.mems[i])
+                    loss = ret[0].float().mean() * weight
+                    aux = model.aux_loss()
+                self.mems[i] = ret[1:]
+                self.scaler.scale((loss + aux) / n_chunk).backward()
+            step_loss = step_loss + loss.detach() / n_chunk
+            window.aux_sum = window.aux_sum + aux.detach().float() / n_chunk
+            window.add_moe(model.moe_load(), model.moe_balance_loss(), 1. / n_chunk)
+            if args.moe_gate == 'auxfree' and args.moe:
+                step_load = model.moe_load() + (0 if step_load is None else step_load)
+
+        dist.finish_grads(model)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = dist.clip_grad_norm_(self.clip_params, args.clip)
+        finite = torch.isfinite(grad_norm)
+        if args.clip_nonemb:  # the unclipped embedding gradients must be finite too
+            finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
+        applied = self.optimizer_step(finite)
+        if step_load is not None:  # every rank the same update from the global load; a skipped step's rate is 0
+            model.update_expert_bias(dist.sum(step_load), args.moe_bias_update_rate * applied)
+        self.scaler.update(self.static_scale)
+        self.step += 1
+
+        step_loss = dist.mean(step_loss)  # every rank logs the global mean (an all-reduce; nothing is read)
+        window.timed_steps += 1
+        window.timed_tokens += n_tokens
+        finite_loss = window.add_step(step_loss, applied)
+        self.nonfinite_run = torch.where(finite_loss, 0, self.nonfinite_run + 1)
+        self.limit_step = torch.where((self.nonfinite_run >= NONFINITE_LIMIT) & (self.limit_step == 0), self.step,
+                                      self.limit_step)
+        return step_loss
+
+    def optimizer_step(self, finite):
+        """The optimizer's update, unless `finite` (a device bool) is False. With the scaler of --amp fp16 the
+        gradients are already unscaled, and a step with an overflow has a non-finite norm, so `finite` decides
+        as GradScaler.step would. Returns whether the update was applied: the device flag itself where the
+        optimizer skips on the device, else the bool read from it (one host sync)."""
+        optimizer = self.optimizer
+        if skips_on_device(optimizer):
+            optimizer.found_inf = (~finite).float()  # GradScaler's contract with torch's fused optimizers
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            return finite
+        if bool(finite):
+            optimizer.step()
+            return True
+        return False
+
+    def check_nonfinite(self):
+        """Stop the run once the loss has been non-finite NONFINITE_LIMIT steps in a row. Called where the host
+        reads from the device anyway (log lines, checkpoints), on every device alike, so the stop can come up to
+        --log-interval steps after the step that reached the limit."""
+        limit_step = int(self.limit_step)
+        if limit_step:
+            later = f'; seen at step {self.step}' if self.step > limit_step else ''
+            raise NonFiniteLoss(f'the loss was non-finite for {NONFINITE_LIMIT} steps in a row (up to step '
+                                f'{limit_step}{later})')
+
+    # ---------------------------------------------------------------- logging and evaluation
+    def log_train(self):
+        args, w = self.args, self.window
+        # As the original's line: the rate of the next update, and the wall time since the last line (any
+        # validation included) per step; tokens_per_s counts training time only.
+        self.check_nonfinite()
+        lr = self.lr()
+        elapsed = time.time() - w.start
+        sums = w.totals()
+        n_skipped, n_nonfinite = sums['n_skipped'], sums['n_nonfinite']
+        loss = sums['loss_sum'] / sums['n_losses'] if sums['n_losses'] else math.nan
+        self.logged_loss = loss
+        line = (f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
+                f'| ms/batch {elapsed * 1000 / max(w.timed_steps, 1):5.2f} | loss {loss:5.2f}')
+        line += ' | ' + metric_text(args.dataset, loss)
+        record = dict(step=self.step, split='train', epoch=self.epoch, batch=self.batch, loss=loss,
+                      **loss_fields(args.dataset, loss), lr=lr, ms_per_batch=elapsed * 1000 / max(w.timed_steps, 1),
+                      tokens_per_s=w.timed_tokens / w.train_seconds(), peak_mem_mb=peak_memory_mb(self.device),
+                      skipped_steps=n_skipped, nonfinite_losses=n_nonfinite)
+        if n_skipped or n_nonfinite:
+            line += f' | skipped {n_skipped} steps ({n_nonfinite} non-finite losses)'
+        if self.scaler.is_enabled():
+            record['loss_scale'] = self.scaler.get_scale()
+        if w.moe_load is not None:  # over all ranks: the load adds up, the losses are averaged
+            record['moe_aux_loss'] = float(self.dist.mean(w.aux_sum)) / w.n_steps
+            record['moe_balance_loss'] = (self.dist.mean(w.moe_balance) / w.n_steps).tolist()
+            load = self.dist.sum(w.moe_load)
+            record['moe_load'] = load.tolist()
+            # max/mean of the experts' copy counts per layer: 1 is an even load, E all on one expert
+            load = load.float()
+            record['moe_imbalance'] = (load.max(1).values / load.mean(1).clamp(min=1e-9)).tolist()
+            line += (f' | aux loss {record["moe_aux_loss"]:.4f}'
+                     f' | imbalance {sum(record["moe_imbalance"]) / len(record["moe_imbalance"]):.2f}')
+        self.log(line)
+        self.metrics.write(**record)
+        w.reset()
+
+    def validation_loss(self, eval_iter):
+        """The original's evaluation during training: eval_tgt_len segments, the lost context moved to
+        the memory (or to the extended context without memory), then back to the training lengths."""
+        args, model = self.args, self.model
+        model.reset_length(*validation_lengths(args.tgt_len, args.eval_tgt_len, args.ext_len, args.mem_len))
+        try:
+            loss, _ = evaluate(model, eval_iter, args.max_eval_steps, self.autocast, self.dist)
+        finally:
+            model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
+            model.train()
+        return loss
+
+    def validate(self, va_iter, run_dir):
+        start = time.time()
+        val_loss = self.validation_loss(va_iter)
+        args = self.args
+        # time: since the previous validation ended (or training started), as the original's line.
+        line = (f'| Eval {self.step // args.eval_interval:3d} at step {self.step:>8d} | time: '
+                f'{time.time() - self.eval_start:5.2f}s | valid loss {val_loss:5.2f}')
+        # the original's validation line names the split for perplexity only
+        line += ' | ' + metric_text(args.dataset, val_loss, None if char_level(args.dataset) else 'valid')
+        self.log('-' * 100)
+        self.log(line)
+        self.log('-' * 100)
+        self.metrics.write(step=self.step, split='valid', loss=val_loss, **loss_fields(args.dataset, val_loss),
+                           time_s=time.time() - start)
+        if math.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss):
+            self.best_val_loss = val_loss
+            if run_dir:
+                self.save_best(run_dir)
+        if args.scheduler == 'dev_perf':
+            self.plateau.update(val_loss)
+        self.last_eval_step = self.step
+        self.window.eval_s += time.time() - start  # evaluation time is not training speed
+        self.eval_start = time.time()
+
+    # ---------------------------------------------------------------- checkpoints
+    # Under torchrun every rank takes part in gathering the expert shards and memories; rank 0 writes.
+    def save_best(self, run_dir):
+        dist = self.dist
+        model_state = dist.full_model_state(self.model)
+        optimizer = {'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
+                     'optimizer_state': dist.full_optimizer_state(self.optimizer)}
+        dist.write(lambda: (ckpt.save_model(os.path.join(run_dir, 'model.pt'), self.model.config, model_state,
+                                            vocab=self.vocab, args=vars(self.args), step=self.step,
+                                            val_loss=self.best_val_loss, vocab_symbols=self.symbols),
+                            ckpt.atomic_save(optimizer, os.path.join(run_dir, 'optimizer.pt'))))
+
+    def state_dict(self):
+        dist = self.dist
+        state = {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config, 'args': vars(self.args),
+                 'model_state': dist.full_model_state(self.model),
+                 'optimizer_state': dist.full_optimizer_state(self.optimizer),
+                 'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
+                 'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'data': self.tr_iter.state_dict(),
+                 'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
+                 'nonfinite_run': int(self.nonfinite_run), 'base_lr': self.base_lr, 'window': self.window.state_dict(),
+                 'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state(), 'vocab_symbols': self.symbols}
+        if self.vocab is not None:
+            state['vocab'] = self.vocab
+        if dist.active:  # each rank's own dropout stream, for an exact resume with the same world size
+            state['rng_per_rank'] = dist.gather_objects(state['rng'])
+        return state
+
+    def load_state_dict(self, state):
+        dist = self.dist
+        ckpt.load_weights(self.model, dist.local_model_state(state['model_state'], self.model), 'checkpoint.pt')
+        self.optimizer.load_state_dict(dist.local_optimizer_state(state['optimizer_state'], self.optimizer))
+        self.scaler.load_state_dict(state['scaler_state'])
+        self.plateau.load_state_dict(state['plateau'])
+        for key in ('step', 'epoch', 'batch', 'best_val_loss', 'last_eval_step', 'nonfinite_run'):
+            setattr(self, key, state[key])
+        # The saved rate (constant/dev_perf may have taken it from --restart_dir's optimizer), unless --lr was
+        # changed for this resume (as the divergence message advises): then the new --lr.
+        if state['args'].get('lr') == self.args.lr:
+            self.base_lr = float(state.get('base_lr', self.args.lr))  # checkpoints before base_lr: --lr
+        self.tr_iter.load_state_dict(data_state(state))
+        self.window.load_state_dict(state['window'], self.device)
+        self.mems = dist.local_mems(state['mems'], self.device)
+        dist.set_rng_state(state, self.args.seed, self.step)
+        self.saved_step = self.step
+
+    # A state is known to be good only once the step after it has a finite loss (weights of 1e30 are finite
+    # but poison the next forward): it is written to checkpoint.pt.next, which becomes checkpoint.pt then.
+    # At the end of training or on a signal there is no next step, and the state is kept at once.
+    def save_checkpoint(self, run_dir, confirmed=False):
+        """Write the state unless it follows a non-finite step; returns whether it was written."""
+        self.check_nonfinite()
+        if not run_dir or int(self.nonfinite_run):
+            return False
+        state = self.state_dict()
+        self.dist.write(lambda: ckpt.atomic_save(state, os.path.join(run_dir, ckpt.PENDING)))
+        self.pending_step = self.step
+        if confirmed:
+            self.settle_checkpoint(run_dir, good=True)
+        return True
+
+    def settle_checkpoint(self, run_dir, good):
+        """After a step: a pending state becomes checkpoint.pt if the step's loss was finite, else it is dropped."""
+        if self.pending_step is None:
+            return
+        pending, path = os.path.join(run_dir, ckpt.PENDING), os.path.join(run_dir, 'checkpoint.pt')
+        self.dist.write(lambda: os.replace(pending, path) if good else os.remove(pending))
+        if good:
+            self.saved_step = self.pending_step
+        self.pending_step = None
+
+    # ---------------------------------------------------------------- the loop
+    def next_epoch(self):
+        self.epoch += 1
+        self.batch = 0
+        self.mems = self.fresh_mems()
+
+    def train(self, va_iter, run_dir, stop):
+        """Train until max_step or a stop signal; checkpoints every save_interval steps and at each eval."""
+        args = self.args
+        bar = progress_bar(args.max_step, 'step', initial=self.step)
+        self.log.bar = bar
+        self.eval_start = time.time()
+        self.model.train()
+        try:
+            while self.step < args.max_step and stop.agreed is None:
+                # The iterator continues from the position a checkpoint restored, else starts an epoch.
+                for data, target, seq_len in self.tr_iter:
+                    loss = self.train_step(data, target)
+                    if self.dist.stop_check_due(self.step):  # all ranks stop after the same step
+                        stop.agreed = self.dist.agree(stop.signum)
+                    self.batch += 1
+                    if run_dir and self.pending_step is not None:  # the loss is read after a save only
+                        self.settle_checkpoint(run_dir, good=bool(torch.isfinite(loss)))
+                    self.after_step(va_iter, run_dir, stop, bar)
+                    if self.step >= args.max_step or stop.agreed is not None:
+                        break
+                else:
+                    self.next_epoch()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.bar = None
+
+    def after_step(self, va_iter, run_dir, stop, bar):
+        args = self.args
+        if bar is not None:
+            bar.update(1)
+            # the loss of the last log line: reading each step's would make the host wait for the GPU every step
+            shown = {} if self.logged_loss is None else {'loss': f'{self.logged_loss:.3f}'}
+            bar.set_postfix(**shown, tok_s=f'{self.window.timed_tokens / self.window.train_seconds():.0f}')
+        if self.step % args.log_interval == 0:
+            self.log_train()
+        evaluated = self.step % args.eval_interval == 0
+        if evaluated:
+            self.validate(va_iter, run_dir)
+        last = stop.agreed is not None or self.step == args.max_step
+        if last or evaluated or (args.save_interval and self.step % args.save_interval == 0):
+            self.save_checkpoint(run_dir, confirmed=last)
+
+    def test(self, te_iter, run_dir):
+        """The original's end of training: the best model (model.pt) on the test split."""
+        if run_dir and os.path.exists(os.path.join(run_dir, 'model.pt')):
+            best = ckpt.load_run_file(os.path.join(run_dir, 'model.pt'), 'model')['model_state']
+            ckpt.load_weights(self.model, self.dist.local_model_state(best, self.model), 'model.pt')
+        test_loss = self.validation_loss(te_iter)
+        self.log('=' * 100)
+        self.log('| End of training ' + format_loss(self.args.dataset, 'test', test_loss))
+        self.log('=' * 100)
+        self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.args.dataset, test_loss))
+        uniform = math.log(self.model.n_token)  # the loss of knowing nothing
+        if not test_loss <= uniform:
+            self.log(f'WARNING: the test loss {test_loss:.4g} is worse than a uniform guess over the '
+                     f'{self.model.n_token} symbols ({uniform:.2f}): training diverged; try a lower --lr')
+        return test_loss
