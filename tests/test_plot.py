@@ -101,11 +101,67 @@ def test_a_run_shorter_than_its_log_interval_still_plots(tmp_path):
     assert (tmp_path / 'curves.png').read_bytes().startswith(PNG)
 
 
-@pytest.mark.parametrize('n_layer,n_expert', [(1, 2), (12, 64)])
-def test_heat_map_sizes(tmp_path, n_layer, n_expert):
+def random_load_records(n_layer, n_expert, steps=(5, 10, 15)):
     rng = np.random.default_rng(0)
-    records = [{'step': s, 'split': 'train', 'loss': 1.0, 'lr': 1e-3,
-                'moe_load': rng.integers(0, 100, (n_layer, n_expert)).tolist(),
-                'moe_balance_loss': [1.0] * n_layer} for s in (5, 10, 15)]
-    write_metrics(tmp_path / 'metrics.jsonl', records)
-    assert len(plot.make_plots(str(tmp_path))) == 2
+    return [{'step': s, 'split': 'train', 'loss': 1.0, 'lr': 1e-3,
+             'moe_load': rng.integers(0, 100, (n_layer, n_expert)).tolist(),
+             'moe_balance_loss': [1.0] * n_layer} for s in steps]
+
+
+@pytest.mark.parametrize('n_layer,n_expert', [(1, 2), (12, 64)])
+def test_heat_map_sizes_label_every_expert_of_every_layer(tmp_path, n_layer, n_expert):
+    fig = plot.load_figure(random_load_records(n_layer, n_expert), 'run')
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == n_layer
+    for ax in panels:
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(e) for e in range(n_expert)]
+        assert ax.get_yticks().tolist() == list(range(n_expert))
+    plots.save(fig, tmp_path / 'moe_load.png')
+    assert (tmp_path / 'moe_load.png').read_bytes().startswith(PNG)
+
+
+def pixel(fig, ax, x, y):
+    """The RGB colour (0..1) drawn at data point (x, y) of ax."""
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    col, row = ax.transData.transform((x, y))
+    return rgba[rgba.shape[0] - 1 - int(round(row)), int(round(col)), :3] / 255
+
+
+def test_load_map_is_white_at_an_even_share_red_above_blue_below():
+    # Layer 0: 30 and 10 copies then 0 and 40 (even share 20); layer 1: 20 and 20 (even) then 10 and 30.
+    fig = plot.load_figure(moe_records(), 'enwik8-moe')
+    top, bottom = [ax for ax in fig.axes if ax.images]
+    image = top.images[0]
+    assert image.cmap.name == 'RdBu_r'
+    white = np.array(image.cmap(0.5)[:3])   # the diverging map's neutral middle
+    assert image.norm(1.0) == pytest.approx(0.5) and white.min() > 0.9
+    # as drawn: the even cell (layer 1, step 10, expert 0) in the neutral colour, 1.5 x red, 0 blue
+    np.testing.assert_allclose(pixel(fig, bottom, 12, 0), white, atol=2 / 255)
+    red, blue = pixel(fig, top, 12, 0), pixel(fig, top, 18, 0)
+    assert red[0] > red[2] + 0.2 and blue[2] > blue[0] + 0.2
+    assert 'enwik8-moe' in fig._suptitle.get_text()
+    plots.plt.close(fig)
+
+
+def test_load_scale_keeps_two_x_visible_when_one_expert_takes_everything():
+    records = [{'step': 1, 'split': 'train', 'moe_load': [[64, 0, 0, 0, 0, 0, 0, 0]]}]   # 8 x an even share
+    fig = plot.load_figure(records, 'run')
+    norm = fig.axes[0].images[0].norm
+    assert norm.vmax == 4.0 and norm(2.0) == pytest.approx(2 / 3)   # capped at 4 x: 2 x is a third of the red
+    assert fig.axes[-1].get_ylabel().startswith('load / even share')
+    plots.plt.close(fig)
+
+
+def test_curves_are_titled_with_the_run_and_its_last_figures(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot, 'save', lambda fig, path: figures.append(fig))
+    run = tmp_path / 'enwik8-moe8'
+    run.mkdir()
+    write_metrics(run / 'metrics.jsonl', moe_records())
+    plot.make_plots(str(run) + '/')
+    curves, load = figures
+    assert curves.axes[0].get_title() == 'enwik8-moe8: valid 3.750 at step 20'
+    assert 'enwik8-moe8' in load._suptitle.get_text()
+    for fig in figures:
+        plots.plt.close(fig)

@@ -33,3 +33,43 @@ def save(fig, path):
             fig.savefig(f, format='png', dpi=110, bbox_inches='tight')
     finally:
         plt.close(fig)
+
+
+# Load and share maps: red above an even share, blue below, white at it, so that over- and under-loaded
+# experts read apart at a glance and an even layer is pale.
+DIVERGING = 'RdBu_r'
+
+
+def centred_norm(center, vmax):
+    """A colour scale from 0 through `center` (the even share: the colour map's neutral middle) to vmax, kept
+    between 2 and 4 x center: a layer with one expert at 20 x its share would otherwise leave 2 x nearly white.
+    Values above the top take its colour (colour bars: extend='max')."""
+    from matplotlib.colors import TwoSlopeNorm
+    return TwoSlopeNorm(vmin=0.0, vcenter=center, vmax=min(max(float(vmax), 2.0 * center), 4.0 * center))
+
+
+def colour_bar(fig, image, values, ax, label, **options):
+    """The colour bar of a centred_norm image, with an arrow at the top where some values are above its range."""
+    clipped = np.nanmax(np.asarray(values, dtype=np.float64)) > image.norm.vmax
+    return fig.colorbar(image, ax=ax, label=label, extend='max' if clipped else 'neither', **options)
+
+
+def label_cells(ax, image, values, fmt, fontsize=7):
+    """Write each cell's number on a heat map, black on light cells and white on dark ones (NaN: left blank)."""
+    values = np.asarray(values, dtype=np.float64)
+    for (row, col), value in np.ndenumerate(values):
+        if np.isnan(value):
+            continue
+        r, g, b, _ = image.cmap(image.norm(value))
+        ax.text(col, row, format(value, fmt), ha='center', va='center', fontsize=fontsize,
+                color='black' if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else 'white')
+
+
+def label_every_tick(ax, axis, n, fontsize=None):
+    """A tick and label for each of n rows (axis='y') or columns (axis='x'): every expert named."""
+    ticks = list(range(n))
+    fontsize = fontsize or (8 if n <= 16 else 6 if n <= 32 else 5)
+    if axis == 'y':
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=fontsize)
+    else:
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=fontsize)
