@@ -26,6 +26,11 @@ def series(records, split, key):
     return np.array([r['step'] for r in chosen]), np.array([float(r[key]) for r in chosen])
 
 
+def short(style, steps):
+    """A line of a few points gets dots: a one-point line is otherwise not drawn at all."""
+    return '.' + style if len(steps) < 10 and style == '-' else style
+
+
 def curves_title(run, records, key):
     """The run's name and where it stands: its last validation and test figures."""
     parts = []
@@ -45,18 +50,18 @@ def curves_figure(records, run):
     for split, style in (('train', '-'), ('valid', 'o-'), ('test', '*')):
         steps, values = series(records, split, key)
         if len(steps):
-            ax.plot(steps, values, style, label=split, markersize=10 if split == 'test' else 4)
+            ax.plot(steps, values, short(style, steps), label=split, markersize=10 if split == 'test' else 4)
     ax.set_ylabel(unit)
     ax.legend(loc='best')
     ax.grid(alpha=0.3)
     ax.set_title(curves_title(run, records, key), fontsize=11)
     steps, lr = series(records, 'train', 'lr')
-    axes[1].plot(steps, lr, '.-' if len(steps) < 10 else '-')
+    axes[1].plot(steps, lr, short('-', steps))
     axes[1].set_ylabel('learning rate')
     axes[1].grid(alpha=0.3)
     if moe:
         steps, imbalance = load_imbalance(records)
-        axes[2].plot(steps, imbalance.mean(axis=0), '.-' if len(steps) < 10 else '-',
+        axes[2].plot(steps, imbalance.mean(axis=0), short('-', steps),
                      label='load imbalance max/mean (mean of layers)')
         axes[2].set_ylabel('imbalance')
         axes[2].grid(alpha=0.3)

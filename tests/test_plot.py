@@ -165,3 +165,13 @@ def test_curves_are_titled_with_the_run_and_its_last_figures(tmp_path, monkeypat
     assert 'enwik8-moe8' in load._suptitle.get_text()
     for fig in figures:
         plots.plt.close(fig)
+
+
+def test_a_one_point_curve_has_a_marker():
+    records = [{'step': 4, 'split': 'train', 'loss': 2.0, 'bpc': 2.9, 'lr': 1e-3},
+               {'step': 4, 'split': 'valid', 'loss': 2.1, 'bpc': 3.0}]
+    fig = plot.curves_figure(records, 'run')
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines['train'].get_marker() not in ('None', '', None) and lines['valid'].get_marker() == 'o'
+    assert fig.axes[1].get_lines()[0].get_marker() not in ('None', '', None)   # the learning rate
+    plots.plt.close(fig)
