@@ -1,4 +1,4 @@
-"""The adaptive softmax's host syncs (issue 13): is computing every tail cluster for every token cheap enough?
+"""The adaptive softmax's host syncs: is computing every tail cluster for every token cheap enough?
 
 utils/proj_adaptive_softmax.py finds each cluster's tokens with `nonzero` (on a GPU, one host sync per cluster)
 and runs each tail cluster on its own tokens only. The sync-free alternative computes every tail cluster for

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data pipeline benchmark (issue 3, item 4).
+"""Data pipeline benchmark.
 
 1. Tokenizing + encoding WikiText-format text on one core: our block
    tokenizer vs the original's per-line Python loop (Vocab.tokenize per line,

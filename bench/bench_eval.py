@@ -1,4 +1,4 @@
-"""Evaluation benchmark with the long-memory settings (issue 6, item 4).
+"""Evaluation benchmark with the long-memory settings.
 
 enwik8's evaluation settings (run_enwik8_base.sh: tgt_len 80, mem_len 2100,
 clamp_len 820, same_length) on the CPU-sized model of bench/steps.py, batch 10

@@ -1,4 +1,4 @@
-"""Benchmark of generation (issue 7): one decoding step with the segment memory against re-running the context.
+"""Benchmark of generation: one decoding step with the segment memory against re-running the context.
 
 For a context of L tokens, the next token's log-probabilities come either from
   cached     one token fed with the memory of the L tokens before it and each layer's keys and values of

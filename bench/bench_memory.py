@@ -1,4 +1,4 @@
-"""Peak resident memory of a training step, with and without --batch_chunk 2 (issue 6, item 5).
+"""Peak resident memory of a training step, with and without --batch_chunk 2.
 
 Each row runs in a fresh Python process that builds the model (bench/steps.py's
 TrainStep: MemTransformerLM, Adam, a full memory) and takes --steps optimizer

@@ -1,4 +1,4 @@
-"""Benchmark of the MoE layer alone (issue 6, item 3): forward + backward at 1024 tokens.
+"""Benchmark of the MoE layer alone: forward + backward at 1024 tokens.
 
 Compares, side by side in one run (variants interleaved in every repeat, so machine load
 affects them alike):

@@ -1,4 +1,4 @@
-"""Training-step benchmark (issue 6, items 1 and 2, and the bf16 loss check).
+"""Training-step benchmark: throughput, model FLOPs, and the bf16 loss check.
 
 1. Throughput: tokens/s of one optimizer step as train.py takes it (forward and
    backward of MemTransformerLM, gradient clipping, Adam), after warm-up, median

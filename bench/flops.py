@@ -1,4 +1,4 @@
-"""Model FLOPs of a Transformer-XL step, counted analytically (issue 6, item 2).
+"""Model FLOPs of a Transformer-XL step, counted analytically.
 
 Only matrix products count (2 FLOPs per multiply-add), as is usual for "model
 FLOPs": softmax, LayerNorm, dropout and the optimizer are left out. A training

@@ -1,4 +1,4 @@
-"""One prepared check of the GPU paths (issue 13, section 4): run it whenever a GPU is at hand.
+"""One prepared check of the GPU paths: run it whenever a GPU is at hand.
 
     bash bench/gpu_check.sh [--out DIR]              # one CUDA GPU, about 8 minutes
     bash bench/gpu_check.sh --dry-run [--out DIR]    # the same parts on the CPU, tiny shapes, under a minute

@@ -1,5 +1,5 @@
 """How the benchmark figures read, for the scripts that print them and for run_all.py's report: the MoE
-layer's targets of issue 6, each with its measured figure and whether it holds, and the bf16 loss check's lines."""
+layer's speed targets, each with its measured figure and whether it holds, and the bf16 loss check's lines."""
 from timing import SAMPLE
 
 TARGETS = ((64, 'vs_dense', 1.5, '<='), (64, 'loop_speedup', 10.0, '>='), (8, 'vs_dense', 1.3, '<='),

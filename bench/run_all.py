@@ -1,4 +1,4 @@
-"""The whole benchmark suite of issue 6 in one command: one table, and the same figures as JSON.
+"""The whole benchmark suite in one command: one table, and the same figures as JSON.
 
     python bench/run_all.py [--quick] [--json bench_results.json] [--threads N]
     python bench/run_all.py --from-json bench_results.json   # reprint an earlier run's table
@@ -102,7 +102,7 @@ def markdown(rows):
 
 
 def target_lines(train, check, moe, versus=(), moe_dense=()):
-    """The issue's targets, each with its measured figure and whether it holds."""
+    """The speed targets, each with its measured figure and whether it holds."""
     def verdict(ok):
         return 'holds' if ok else 'MISSED'
     lines = []

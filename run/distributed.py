@@ -456,8 +456,8 @@ def leave_now(code):
 def exit_process(code):
     """A script's exit. One process of a torchrun launch leaves without the interpreter's finalization: there,
     after a run that finished well, gloo's worker threads sometimes abort the process (SIGABRT, "terminate called
-    without an active exception", no Python frame left; about 1 two-process run in 30 on a loaded 2-core
-    machine), and torchrun then reports a failed run. The script has written and closed its files by then."""
+    without an active exception", no Python frame left; more often on a loaded machine),
+    and torchrun then reports a failed run. The script has written and closed its files by then."""
     if launched_with_several_processes():
         leave_now(code)
     sys.exit(code)

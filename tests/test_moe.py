@@ -349,7 +349,7 @@ def test_grouped_mm_on_gpus_only_where_its_fast_kernel_runs():
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason='grouped_mm does not run here')
 def test_experts_without_rows_get_zero_gradients_whatever_the_kernel_leaves(monkeypatch):
-    """On sm100 the per-group products leave garbage in the slots of empty groups (PyTorch issue 172439):
+    """On sm100 the per-group products leave garbage in the slots of empty groups:
     a kernel that writes NaN there must still give those experts a zero weight and bias gradient."""
     real = moe.grouped_mm
 

@@ -211,7 +211,7 @@ def demo_device_flags():
     """demo.sh's train.py flags for this machine: the GPU with bf16 autocast where it has bf16 units (compute
     capability 8.0+; is_bf16_supported() is also true on V100/T4, which emulate it slowly), else fp16 with
     dynamic loss scaling; bf16 on CPUs with AMX matrix units; fp32 on other CPUs, where bf16 made the demo's
-    small MoE step slower (AVX512-BF16 without AMX: 112 ms against 105 ms in fp32, bench/README.md)."""
+    small MoE step slower (AVX512-BF16 without AMX: bench/README.md, "The MoE layer")."""
     if torch.cuda.is_available():
         return ['--cuda', '--amp', 'bf16' if torch.cuda.get_device_capability() >= (8, 0) else 'fp16']
     try:
