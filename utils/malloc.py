@@ -3,8 +3,9 @@
 glibc serves every block of 32 MiB or more with its own mmap and unmaps it when it is freed. A 64-expert
 layer's weight gradients are such blocks (64 x 512 x 256 fp32 = 32 MiB each), so every step mapped them
 afresh and the kernel zero-filled their pages again (the cost is measured in bench/README.md, "The MoE
-layer"). Raising the mmap threshold puts those blocks in the heap; raising the trim threshold keeps the freed heap for the next step instead of returning
-it to the kernel. The process then holds on to its peak heap, which it needs again at the next step anyway.
+layer"). Raising the mmap threshold puts those blocks in the heap; raising the trim threshold keeps the freed
+heap for the next step instead of returning it to the kernel. The process then holds on to its peak heap,
+which it needs again at the next step anyway.
 
 train.py calls tune() once at start-up (before any tensor exists) and logs its line. Opt out with
 TXL_MALLOC_DEFAULTS=1. Elsewhere than glibc (macOS, musl) nothing happens.
