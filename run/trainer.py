@@ -41,8 +41,8 @@ def fused_available(optimizer_class, device):
 
 def build_optimizer(args, model):
     """--optim's optimizer in the fastest implementation torch has for the parameters' device: one fused
-    kernel over every tensor where it exists (on a CPU far faster than the per-parameter loop for Adam: bench/README.md),
-    else the multi-tensor foreach one. Same update up to rounding, same state_dict."""
+    kernel over every tensor where it exists (on a CPU far faster than the per-parameter loop for Adam:
+    bench/README.md), else the multi-tensor foreach one. Same update up to rounding, same state_dict."""
     # The original gave the sampled softmax's embedding a sparse optimizer; this model's embedding gradients
     # are dense, so one optimizer covers every parameter.
     params = list(model.parameters())
