@@ -2,9 +2,10 @@
 """Train a Transformer-XL language model whose feed-forwards can be Mixtures of Experts (--moe).
 
 The original train.py's command line (same flags and defaults) on today's PyTorch, plus FastMoE's --moe flags.
-What changed (the README lists every flag whose meaning differs): --work_dir is the run directory itself; mixed precision
-is torch.autocast with a gradient scaler instead of apex; WORK_DIR/checkpoint.pt holds the whole training state,
-so --restart continues a killed run exactly; checkpoints are plain data; metrics.jsonl sits next to log.txt.
+What changed (docs/differences.md lists every flag whose meaning differs): --work_dir is the run directory
+itself; mixed precision is torch.autocast with a gradient scaler instead of apex; WORK_DIR/checkpoint.pt holds
+the whole training state, so --restart continues a killed run exactly; checkpoints are plain data; metrics.jsonl
+sits next to log.txt.
 
 Several processes (`torchrun --nproc_per_node N train.py ...`, see run/distributed.py): --batch_size is the
 global batch, each rank trains on its columns with DDP, rank 0 logs and writes; --expert-parallel splits the experts.

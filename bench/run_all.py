@@ -20,7 +20,7 @@ prints goes to stderr; stdout holds the report). Every comparison the targets ma
 is between figures measured side by side in one loop (the variants take turns in
 every repeat), so load from other processes on a shared machine slows them alike;
 each figure is a median.
---quick shortens every part (a smoke run of a few minutes, not for the README).
+--quick shortens every part (a smoke run, not for bench/README.md).
 """
 import argparse
 import json

@@ -99,7 +99,7 @@ class Dist:
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
         if missing:
             raise ValueError(f'WORLD_SIZE is set but {", ".join(missing)} not: launch with torchrun '
-                             '(see the README, "Multiple GPUs and machines")')
+                             '(see docs/distributed.md)')
         rank, world_size, local_rank = (int(os.environ[v]) for v in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
         use_cuda = cuda and torch.cuda.is_available()
         if use_cuda:

@@ -1,6 +1,6 @@
 """The original code, imported from its unmodified files in ../shared/reference (or $ORIGINAL_TXL,
 $ORIGINAL_FASTMOE), patched in their source text at import time with what today's PyTorch needs and the
-README's documented fixes (tests/test_parity_with_original.py says which and why): for the parity tests and
+fixes of docs/differences.md (tests/test_parity_with_original.py says which and why): for the parity tests and
 bench/original.py. Each patch must apply, so a different copy fails loudly instead of testing something else.
 """
 import os

@@ -7,7 +7,7 @@ text at import time (each patch must apply, so a different copy fails loudly ins
   - attention masks as bool (`.byte()` masks are refused by masked_fill);
   - `torch.version.cuda` is None on CPU builds (proj_adaptive_softmax parses it at import);
   - attn_type 2 adds position embeddings into the memory in place, which fails on the first, empty memory;
-and the README's documented fixes, against which this repository is compared:
+and the documented fixes (docs/differences.md), against which this repository is compared:
   - `_update_mems` called with qlen and mlen in their order (the original swapped them: wrong for ext_len > 0);
   - the sampled softmax tied to the embedding table `word_emb.emb_layers[0]` (the original named a
     `word_emb.weight` that does not exist).
@@ -154,7 +154,7 @@ def twin_models(original, config, seed=0):
     ours = mem_transformer.MemTransformerLM(**config)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     if hasattr(theirs, 'crit'):
-        theirs.crit.keep_order = True  # the per-token order (ours by default; see the README)
+        theirs.crit.keep_order = True  # the per-token order (ours by default; see docs/differences.md)
     return ours, theirs
 
 

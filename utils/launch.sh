@@ -7,7 +7,7 @@ PY=${PYTHON:-python}
 
 # launcher FLAGS...: sets LAUNCH, the command that runs a script with FLAGS.
 # NPROC=N launches N processes on this machine through torchrun (DDP, --batch_size stays the global batch);
-# TORCHRUN_ARGS adds torchrun flags, e.g. for several machines (README, "Multiple GPUs and machines").
+# TORCHRUN_ARGS adds torchrun flags, e.g. for several machines (docs/distributed.md).
 # Without NPROC, the original's --multi_gpu (nn.DataParallel over every GPU) becomes torchrun with one process
 # per visible GPU (CUDA_VISIBLE_DEVICES counts), one line saying so; with no GPU it stays one CPU process.
 launcher() {

@@ -5,7 +5,7 @@ ReduceLROnPlateau on the validation loss) and overwrote the learning rate by han
 a plain function of the number of finished optimizer steps, so a resumed run only needs the step count (plus the
 plateau scale for dev_perf) to continue on exactly the same curve.
 
-Two quirks of the original are not kept (see the README):
+Two quirks of the original are not kept (see docs/differences.md):
   * the very first update used the full rate even with warmup (the loop only overwrote it after that update);
     here warmup is linear from step 0 for every scheduler;
   * with `dev_perf` or `constant` and warmup, the rate stayed at lr * (warmup - 1) / warmup forever because
