@@ -20,7 +20,6 @@ written as WORK_DIR/model.pt (plain data, as train.py writes it); the inferred c
     python convert_checkpoint.py original/model.pt --work_dir runs/imported --trust-pickle --dataset enwik8 \
         --data ../data/enwik8
 """
-import contextlib
 import os
 import pickle
 import sys
@@ -29,7 +28,7 @@ import zipfile
 
 import torch
 
-from data_utils import ADAPTIVE_CUTOFFS, open_corpus
+from data_utils import ADAPTIVE_CUTOFFS
 from mem_transformer import MemTransformerLM
 from utils import checkpoint as ckpt
 from utils import files
@@ -37,6 +36,7 @@ from utils import hf_transfo_xl as hf_xl
 from utils.exp_utils import OneLineArgumentParser
 from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
+from run.corpus import open_corpus
 from run.upcycle import upcycle
 from utils.errors import ConversionError
 
@@ -670,8 +670,8 @@ def main(argv=None):
         else:
             model, sources, kind = convert(args.src, args.trust_pickle, flags, args.dataset)
         if args.data or args.dataset:  # the corpus must exist and its vocabulary fit the weights
-            with contextlib.redirect_stdout(sys.stderr):
-                open_corpus({'vocab': vocab}, args.src, model.n_token, args.data, args.dataset)
+            open_corpus({'vocab': vocab}, args.src, model.n_token, args.data, args.dataset,
+                        log=lambda line: print(line, file=sys.stderr))
     except ValueError as e:  # ConversionError, HFImportError, CheckpointError and DataError
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return 2

@@ -2,36 +2,40 @@
 
 `get_lm_corpus(datadir, dataset)` returns a Corpus whose `get_iterator(split,
 bsz, bptt, device=..., ext_len=...)` yields the original's batches, in the
-original's order for the same numpy seed. What differs:
+original's order for the same seed: an iterator draws its varlen lengths and
+shuffles from a numpy RandomState(seed) of its own, the stream the original drew
+from numpy's global RNG after np.random.seed(seed). What differs:
 
 * the corpus cache is plain data (.npy ids + a JSON vocabulary, keyed on the
-  source files, written atomically) instead of a pickled `cache.pt`;
+  source files, written atomically: utils/corpus_cache.py) instead of a pickled
+  `cache.pt`;
 * token ids are kept in the smallest integer type that holds the vocabulary
   (int16 or int32: `corpus.train.long()` is the original's LongTensor); the
   batches the iterators yield are int64, as the original's;
 * every iterator can save and restore its position (`state_dict()` /
   `load_state_dict()`), so a training run resumes exactly mid-epoch;
-* bad input raises DataError with a one-line message naming the file.
+* bad input raises DataError with a one-line message naming the file;
+* nothing is printed: get_lm_corpus reports through the `log` function it is
+  given (none by default).
 """
 
 import glob
-import hashlib
-import json
 import os
-import re
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 
+from utils import corpus_cache
 from utils.datasets import ADAPTIVE_CUTOFFS, CHAR_LEVEL, DATASETS, LM1B_TRAIN, ORDERED, SPLITS
-from utils.files import current_umask
-from utils.vocabulary import DataError, Vocab, ids_dtype
+from utils.vocabulary import DataError, Vocab, silent
 
 __all__ = ['DataError', 'Corpus', 'get_lm_corpus', 'LMOrderedIterator',
            'LMShuffledIterator', 'LMMultiFileIterator', 'DATASETS', 'CHAR_LEVEL', 'ADAPTIVE_CUTOFFS',
-           'open_corpus']
+           'DEFAULT_SEED']
+
+# The seed of an iterator not given one: train.py's default --seed, so such an iterator yields the batches of
+# a default training run.
+DEFAULT_SEED = 1111
 
 
 def _as_ids(x):
@@ -45,20 +49,20 @@ def _as_ids(x):
 
 class _LMIterator(object):
     """What every iterator holds: bsz columns of bptt rows (plus ext_len rows of extended context), the device
-    batches go to, and the RNG of its random choices: numpy.random.RandomState(seed), a generator of the
-    iterator's own, or without a seed numpy's global RNG as the original used (the same stream for the same
-    seed either way)."""
+    batches go to, and the RNG of its random choices (varlen lengths, shuffles): numpy.random.RandomState(seed)
+    of its own, seed DEFAULT_SEED when none is given; the stream the original drew from numpy's global RNG
+    after np.random.seed(seed)."""
 
-    def __init__(self, bsz, bptt, device='cpu', ext_len=None, seed=None):
+    def __init__(self, bsz, bptt, device='cpu', ext_len=None, seed=DEFAULT_SEED):
         self.bsz = bsz
         self.bptt = bptt
         self.ext_len = ext_len if ext_len is not None else 0
         self.device = device
-        self.rng = np.random if seed is None else np.random.RandomState(seed)
+        self.rng = np.random.RandomState(DEFAULT_SEED if seed is None else seed)
 
 
 class LMOrderedIterator(_LMIterator):
-    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, varlen=False, seed=None):
+    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, varlen=False, seed=DEFAULT_SEED):
         """data: 1-D tensor of ids, strictly ordered (any integer type). varlen: batches of random lengths
         around bptt (the original's --varlen)."""
         super(LMOrderedIterator, self).__init__(bsz, bptt, device, ext_len, seed)
@@ -119,11 +123,8 @@ class LMOrderedIterator(_LMIterator):
 
     def state_dict(self):
         """Plain data: where the next batch starts (a row of self.data, i.e. the original's `start`), and the
-        state of the iterator's own RNG (varlen with a seed; the global RNG is the caller's to save)."""
-        state = {'position': int(self._next)}
-        if self.rng is not np.random:
-            state['rng'] = _plain_rng_state(self.rng)
-        return state
+        state of the iterator's RNG (which draws the varlen lengths)."""
+        return {'position': int(self._next), 'rng': _plain_rng_state(self.rng)}
 
     def load_state_dict(self, state):
         """The next iteration continues from the saved position (and RNG state)."""
@@ -134,7 +135,7 @@ class LMOrderedIterator(_LMIterator):
         _restore_rng(self.rng, state)
 
 
-def _plain_rng_state(rng=np.random):
+def _plain_rng_state(rng):
     """A numpy RNG's state as plain data (lists and numbers)."""
     name, keys, pos, has_gauss, gauss = rng.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
@@ -151,8 +152,8 @@ def _state_from(plain):
 
 
 def _restore_rng(rng, state):
-    """Set an iterator's own RNG to a saved state['rng'] (the global RNG is left to its owner)."""
-    if rng is not np.random and state.get('rng') is not None:
+    """Set an iterator's RNG to a saved state['rng'], where there is one."""
+    if state.get('rng') is not None:
         rng.set_state(_state_from(state['rng']))
 
 
@@ -198,7 +199,7 @@ class _StreamPosition(object):
 
 
 class LMShuffledIterator(_LMIterator):
-    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, shuffle=False, seed=None):
+    def __init__(self, data, bsz, bptt, device='cpu', ext_len=None, shuffle=False, seed=DEFAULT_SEED):
         """data: list of 1-D tensors (sentences), with no order among them. shuffle: a new sentence order
         every epoch."""
         super(LMShuffledIterator, self).__init__(bsz, bptt, device, ext_len, seed)
@@ -214,9 +215,9 @@ class LMShuffledIterator(_LMIterator):
         return self._sents
 
     def _epoch_order(self, n, rng_state):
-        """The original's np.random.permutation, or the same permutation
-        replayed from a saved RNG state (which the iterator's own RNG then
-        continues from, as in a run that never stopped)."""
+        """The original's np.random.permutation, drawn from the iterator's RNG,
+        or the same permutation replayed from a saved RNG state (which the
+        iterator's RNG then continues from, as in a run that never stopped)."""
         if not self.shuffle:
             return np.arange(n)
         rng = self.rng if rng_state is None else _rng_from(rng_state)
@@ -280,12 +281,11 @@ class LMShuffledIterator(_LMIterator):
     def state_dict(self):
         """Plain data: the position after the last batch yielded (None between
         epochs), with the RNG state the epoch's shuffle came from, so restoring
-        it draws nothing from the global RNG; and between epochs the state of
-        the iterator's own RNG (with a seed), which the next shuffle draws from."""
-        state = {'position': self._live() if self._live else None}
-        if self._live is None and self.rng is not np.random:
-            state['rng'] = _plain_rng_state(self.rng)
-        return state
+        it replays that shuffle; and between epochs the state of the iterator's
+        RNG, which the next shuffle draws from."""
+        if self._live is not None:
+            return {'position': self._live()}
+        return {'position': None, 'rng': _plain_rng_state(self.rng)}
 
     def load_state_dict(self, state):
         """The next iteration continues the saved epoch where it stopped."""
@@ -301,7 +301,7 @@ def _checked_position(state):
 
 class LMMultiFileIterator(LMShuffledIterator):
     def __init__(self, paths, vocab, bsz, bptt, device='cpu', ext_len=None,
-                 shuffle=False, seed=None):
+                 shuffle=False, seed=DEFAULT_SEED):
         super(LMMultiFileIterator, self).__init__(
             None, bsz, bptt, device=device, ext_len=ext_len, shuffle=shuffle, seed=seed)
         # the original shuffles this list in place every epoch, so epoch k's
@@ -334,7 +334,7 @@ class LMMultiFileIterator(LMShuffledIterator):
                 rng_state = resume['rng']
             else:
                 rng_state = _plain_rng_state(self.rng) if self.shuffle else None
-            # a fresh file shuffles with the iterator's RNG (the global one, as the original, without a seed)
+            # a fresh file shuffles with the iterator's RNG
             order = self._epoch_order(len(sents), rng_state if resuming else None)
             pos = _StreamPosition(self.bsz, resume if resuming else None)
             self._live = (lambda pos=pos, rng=rng_state, k=k: dict(
@@ -401,40 +401,74 @@ def _check_char_symbols(dataset, vocab, files):
 
 
 class Corpus(object):
-    def __init__(self, path, dataset, *args, symbols=None, **kwargs):
-        """Build the corpus from the text files (get_lm_corpus adds the cache). With `symbols` (a
-        model's vocabulary in id order) the ids are those, not a vocabulary counted from the text."""
+    """A dataset's vocabulary and its three splits: `train`, `valid`, `test` are 1-D id tensors for an ordered
+    corpus; for lm1b `train` is the list of training shard paths (read as training goes) and `valid`/`test`
+    lists of one id tensor per sentence. Built by from_files (the text) or from_cache (get_lm_corpus does both)."""
+
+    def __init__(self, dataset, vocab, train, valid, test):
+        self.dataset = dataset
+        self.vocab = vocab
+        self.train, self.valid, self.test = train, valid, test
+
+    @classmethod
+    def from_files(cls, datadir, dataset, symbols=None, log=silent):
+        """Read the dataset's files in `datadir` and count the vocabulary from them as the original did; with
+        `symbols` (a model's vocabulary in id order) the ids are those instead."""
         if dataset not in DATASETS:
             raise DataError(_unknown_dataset(dataset))
-        files = _check_source_files(path, dataset)
-        self.dataset = dataset
-        self.vocab = Vocab(*args, **kwargs)
+        files = _check_source_files(datadir, dataset)
+        vocab = Vocab(log=log, **_vocab_options(datadir, dataset))
         if symbols is not None:
-            self.vocab.set_given_symbols(symbols)
-
-        if dataset in ORDERED:
-            add_eos = dataset not in CHAR_LEVEL
-            if symbols is not None:
-                ids = {files[s]: self.vocab.encode_file_ids(files[s], add_eos) for s in SPLITS}
-            else:
-                # as the original: count all three splits (wt103: train only), build
-                # the vocabulary, encode all three; fused so each file is read once
-                counted = [files[s] for s in (('train',) if dataset == 'wt103' else SPLITS)]
-                others = [files[s] for s in SPLITS if files[s] not in counted]
-                ids = self.vocab.build_and_encode(counted, others, add_eos=add_eos)
-            if dataset in CHAR_LEVEL:
-                _check_char_symbols(dataset, self.vocab, files)
-            for split in SPLITS:
-                if len(ids[files[split]]) < 2:
-                    raise DataError('{} holds no {} text'.format(files[split], dataset))
-                setattr(self, split, torch.from_numpy(ids[files[split]]))
-        else:  # lm1b: the vocabulary file; the training shards are read by the iterator
-            self.train = _lm1b_train_paths(path)
+            vocab.set_given_symbols(symbols)
+        if dataset not in ORDERED:  # lm1b: the vocabulary file; the training shards are read by the iterator
+            train = _lm1b_train_paths(datadir)
             if symbols is None:
-                self.vocab.build_vocab()
-            for split in ('valid', 'test'):
-                setattr(self, split, self.vocab.encode_file(
-                    files[split], ordered=False, add_double_eos=True))
+                vocab.build_vocab()
+            held_out = [vocab.encode_file(files[split], ordered=False, add_double_eos=True)
+                        for split in ('valid', 'test')]
+            return cls(dataset, vocab, train, *held_out)
+        add_eos = dataset not in CHAR_LEVEL
+        if symbols is not None:
+            ids = {files[s]: vocab.encode_file_ids(files[s], add_eos) for s in SPLITS}
+        else:
+            # as the original: count all three splits (wt103: train only), build the vocabulary, encode all
+            # three; fused so each file is read once
+            counted = [files[s] for s in (('train',) if dataset == 'wt103' else SPLITS)]
+            others = [files[s] for s in SPLITS if files[s] not in counted]
+            ids = vocab.build_and_encode(counted, others, add_eos=add_eos)
+        if dataset in CHAR_LEVEL:
+            _check_char_symbols(dataset, vocab, files)
+        for split in SPLITS:
+            if len(ids[files[split]]) < 2:
+                raise DataError('{} holds no {} text'.format(files[split], dataset))
+        return cls(dataset, vocab, *(torch.from_numpy(ids[files[split]]) for split in SPLITS))
+
+    @classmethod
+    def from_cache(cls, datadir, dataset, arrays, symbols, given=False):
+        """The corpus from what corpus_cache.load returned (cache_arrays' arrays, the vocabulary's symbols);
+        given: the symbols came with a model (from_files' `symbols`), not counted from the text."""
+        vocab = Vocab(**_vocab_options(datadir, dataset))
+        if given:
+            vocab.set_given_symbols(symbols)
+        else:
+            vocab.set_symbols(symbols)
+        if dataset in ORDERED:
+            return cls(dataset, vocab, *(torch.from_numpy(arrays[split]) for split in SPLITS))
+        held_out = [list(torch.from_numpy(arrays[split].astype(np.int64)).split(
+            arrays[split + '.lengths'].tolist())) for split in ('valid', 'test')]
+        return cls(dataset, vocab, _lm1b_train_paths(datadir), *held_out)
+
+    def cache_arrays(self):
+        """The corpus as named 1-D arrays for the cache: the ordered splits, or lm1b's held-out sentences as
+        flat ids plus lengths ('valid' and 'valid.lengths')."""
+        if self.dataset in ORDERED:
+            return {split: getattr(self, split).numpy() for split in SPLITS}
+        arrays = {}
+        for split in ('valid', 'test'):
+            sents = _Sentences.from_list(getattr(self, split))
+            arrays[split] = sents.flat
+            arrays[split + '.lengths'] = sents.lengths
+        return arrays
 
     def check_batches(self, split, iterator, varlen=False):
         """Raise DataError (one line: the split, its size, what it needs) if `iterator` would yield no batch:
@@ -476,14 +510,6 @@ def _unknown_dataset(dataset):
     return 'unknown dataset {!r}: choose one of {}'.format(dataset, ', '.join(DATASETS))
 
 
-# ---------------------------------------------------------------------------
-# The cache: plain arrays + JSON, keyed on the sources, written atomically
-# ---------------------------------------------------------------------------
-
-CACHE_FORMAT = 2  # 2: meta.json holds a fingerprint of each cache file
-_KEY_HEX = 16
-
-
 def _vocab_options(datadir, dataset):
     options = dict(DATASETS[dataset][1])
     if 'vocab_file' in options:
@@ -492,258 +518,46 @@ def _vocab_options(datadir, dataset):
 
 
 def _cache_key(dataset, files, symbols=None):
-    """Changes when the dataset, the vocabulary rules (or the given vocabulary),
-    the cache format or any source file (size or modification time) changes."""
-    described = {
-        'format': CACHE_FORMAT, 'dataset': dataset, 'vocab': DATASETS[dataset][1],
-        'files': sorted([role, os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
-                        for role, f in files.items()),
-    }
-    if symbols is not None:
-        described['given_vocab'] = hashlib.sha256('\n'.join(symbols).encode('utf-8')).hexdigest()
-    blob = json.dumps(described, sort_keys=True).encode('utf-8')
-    return hashlib.sha256(blob).hexdigest()[:_KEY_HEX]
+    return corpus_cache.cache_key(dataset, DATASETS[dataset][1], files, symbols)
 
 
-def _user_cache_root(datadir):
-    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    absdir = os.path.abspath(datadir)
-    tag = hashlib.sha256(absdir.encode('utf-8')).hexdigest()[:12]
-    return os.path.join(base, 'transformer-xl-moe', '{}-{}'.format(
-        os.path.basename(absdir.rstrip(os.sep)) or 'data', tag))
-
-
-def _cache_roots(datadir):
-    """Inside the corpus directory as the original, else a user cache dir."""
-    return [datadir, _user_cache_root(datadir)]
-
-
-def _disk_dtype(vocab_size):
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size <= np.iinfo(dtype).max + 1:
-            return np.dtype(dtype)
-    raise DataError('vocabulary of {} symbols is too large'.format(vocab_size))
-
-
-def _corpus_arrays(corpus):
-    """The corpus as named 1-D arrays: ordered splits, or lm1b's sentences
-    as flat ids plus lengths."""
-    if corpus.dataset in ORDERED:
-        return {split: getattr(corpus, split).numpy() for split in SPLITS}
-    arrays = {}
-    for split in ('valid', 'test'):
-        sents = _Sentences.from_list(getattr(corpus, split))
-        arrays[split] = sents.flat
-        arrays[split + '.lengths'] = sents.lengths
-    return arrays
-
-
-def _write_npy(path, array):
-    with open(path, 'wb') as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path, obj):
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _file_stamp(path):
-    # Size and modification time, kept by the rename into place (and by cp -a): an edited array is noticed
-    # without reading hundreds of MB at every start.
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _sha256(path):
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _save_cache(corpus, root, key):
-    """Write into a temporary directory, then rename it into place: a killed
-    build leaves only a `.tmp` directory, which is never loaded."""
-    dataset = corpus.dataset
-    final = os.path.join(root, 'cache-{}-{}'.format(dataset, key))
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='cache-{}-{}.tmp{}-'.format(dataset, key, os.getpid()),
-                           dir=root)
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private
-        disk = _disk_dtype(len(corpus.vocab))
-        shapes, stamps = {}, {}
-        for name, array in _corpus_arrays(corpus).items():
-            if not name.endswith('.lengths'):  # ids are >= 0: same-size types are a view
-                array = array.view(disk) if array.itemsize == disk.itemsize \
-                    else array.astype(disk)
-            _write_npy(os.path.join(tmp, name + '.npy'), array)
-            shapes[name] = len(array)
-            stamps[name] = _file_stamp(os.path.join(tmp, name + '.npy'))
-        _write_json(os.path.join(tmp, 'vocab.json'), corpus.vocab.idx2sym)
-        _write_json(os.path.join(tmp, 'meta.json'), {
-            'format': CACHE_FORMAT, 'dataset': dataset, 'key': key,
-            'vocab_size': len(corpus.vocab), 'arrays': shapes, 'stamps': stamps,
-            'vocab_sha256': _sha256(os.path.join(tmp, 'vocab.json'))})
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isdir(final):  # else another process just finished the same cache
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _remove_stale_caches(root, dataset, key)
-    return final
-
-
-def _remove_stale_caches(root, dataset, key):
-    """Caches of older sources, and temporary directories of dead builds."""
-    pattern = re.compile(r'cache-{}-([0-9a-f]{{{}}})(?:\.tmp(\d+)-.*)?$'.format(
-        re.escape(dataset), _KEY_HEX))
-    for name in os.listdir(root):
-        m = pattern.match(name)
-        if not m:
-            continue
-        if m.group(2) is None:
-            stale = m.group(1) != key
-        else:
-            stale = not _pid_alive(int(m.group(2)))
-        if stale:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _load_cache(root, datadir, dataset, key, given=False):
-    """The cached corpus, or None if there is none; a damaged cache is
-    reported and ignored (it is rebuilt)."""
-    where = os.path.join(root, 'cache-{}-{}'.format(dataset, key))
-    if not os.path.isfile(os.path.join(where, 'meta.json')):
-        return None
-    try:
-        with open(os.path.join(where, 'meta.json'), encoding='utf-8') as f:
-            meta = json.load(f)
-        with open(os.path.join(where, 'vocab.json'), encoding='utf-8') as f:
-            idx2sym = json.load(f)
-        if (meta.get('format'), meta.get('dataset'), meta.get('key')) != \
-                (CACHE_FORMAT, dataset, key):
-            raise ValueError('written for other sources')
-        if not isinstance(idx2sym, list) or len(idx2sym) != meta['vocab_size']:
-            raise ValueError('vocab.json does not match meta.json')
-        if _sha256(os.path.join(where, 'vocab.json')) != meta['vocab_sha256']:
-            raise ValueError('vocab.json was changed after the cache was written')
-        vocab = Vocab(**_vocab_options(datadir, dataset))
-        if given:
-            vocab.set_given_symbols(idx2sym)
-        else:
-            vocab.set_symbols(idx2sym)
-        arrays = {}
-        for name, length in meta['arrays'].items():
-            # memory-mapped copy-on-write: loads at once, and processes on one
-            # machine (torchrun) share the pages
-            if _file_stamp(os.path.join(where, name + '.npy')) != meta['stamps'][name]:
-                raise ValueError('{}.npy was changed after the cache was written'.format(name))
-            array = np.load(os.path.join(where, name + '.npy'), allow_pickle=False,
-                            mmap_mode='c' if length else None)
-            if array.shape != (length,):
-                raise ValueError('{}.npy has {} ids, meta.json says {}'.format(
-                    name, array.size, length))
-            if not name.endswith('.lengths'):
-                if length and int(array.max()) >= len(vocab):
-                    raise ValueError('{}.npy has ids beyond the vocabulary'.format(name))
-                memory = ids_dtype(len(vocab))
-                array = array.view(memory) if array.dtype.itemsize == memory.itemsize \
-                    else array.astype(memory)
-            arrays[name] = array
-        return _corpus_from_arrays(datadir, dataset, vocab, arrays)
-    except (OSError, EOFError, ValueError, KeyError, TypeError, DataError) as err:  # EOFError: an empty .npy
-        print('Ignoring damaged cache {} ({}); rebuilding it'.format(where, err))
-        return None
-
-
-def _corpus_from_arrays(datadir, dataset, vocab, arrays):
-    corpus = Corpus.__new__(Corpus)
-    corpus.dataset = dataset
-    corpus.vocab = vocab
-    if dataset in ORDERED:
-        for split in SPLITS:
-            setattr(corpus, split, torch.from_numpy(arrays[split]))
-    else:
-        corpus.train = _lm1b_train_paths(datadir)
-        for split in ('valid', 'test'):
-            lengths = arrays[split + '.lengths']
-            if int(lengths.sum()) != len(arrays[split]):
-                raise ValueError('{}.lengths.npy does not add up'.format(split))
-            ids = torch.from_numpy(arrays[split].astype(np.int64))
-            setattr(corpus, split, list(ids.split(lengths.tolist())))
-    return corpus
-
-
-def get_lm_corpus(datadir, dataset, symbols=None):
-    """The corpus of `dataset` in `datadir`, from its cache when there is one. `symbols`: the
-    vocabulary in id order that a model came with (an imported checkpoint's), else it is counted
-    from the text as the original did."""
+def get_lm_corpus(datadir, dataset, symbols=None, log=silent):
+    """The corpus of `dataset` in `datadir`, from its cache when there is one, else from the text (then cached:
+    corpus_cache says where). `symbols`: the vocabulary in id order that a model came with (an imported
+    checkpoint's), else it is counted from the text as the original did. log: a function taking a line, for
+    what a user may want to know (cache loaded, built, damaged; the vocabulary's size)."""
     if dataset not in DATASETS:
         raise DataError(_unknown_dataset(dataset))
-    files = _check_source_files(datadir, dataset)
-    key = _cache_key(dataset, files, symbols)
+    key = _cache_key(dataset, _check_source_files(datadir, dataset), symbols)
     if os.path.exists(os.path.join(datadir, 'cache.pt')):
-        print('Not loading {}: pickles can run code; using the plain-data cache'.format(
+        log('Not loading {}: pickles can run code; using the plain-data cache'.format(
             os.path.join(datadir, 'cache.pt')))
-    for root in _cache_roots(datadir):
-        corpus = _load_cache(root, datadir, dataset, key, given=symbols is not None)
-        if corpus is not None:
-            print('Loading cached dataset from {}'.format(
-                os.path.join(root, 'cache-{}-{}'.format(dataset, key))))
-            return corpus
-
-    print('Producing dataset {}...'.format(dataset))
-    corpus = Corpus(datadir, dataset, symbols=symbols, **_vocab_options(datadir, dataset))
-    errors = []
-    for root in _cache_roots(datadir):
+    roots = corpus_cache.cache_roots(datadir)
+    for root in roots:
         try:
-            where = _save_cache(corpus, root, key)
+            cached = corpus_cache.load(root, dataset, key)
+        except corpus_cache.DamagedCache as err:
+            log('Ignoring damaged cache {}; rebuilding it'.format(err))
+            continue
+        if cached is not None:
+            log('Loading cached dataset from {}'.format(corpus_cache.cache_dir(root, dataset, key)))
+            return Corpus.from_cache(datadir, dataset, *cached, given=symbols is not None)
+
+    log('Producing dataset {}...'.format(dataset))
+    corpus = Corpus.from_files(datadir, dataset, symbols=symbols, log=log)
+    errors = []
+    for root in roots:
+        try:
+            where = corpus_cache.save(root, dataset, key, corpus.cache_arrays(), corpus.vocab.idx2sym)
         except OSError as err:  # read-only corpus directory: try the next place
             errors.append('{}: {}'.format(root, err.strerror or err))
             continue
-        print('Cached dataset in {}'.format(where))
+        log('Cached dataset in {}'.format(where))
         break
     else:
-        print('Could not cache the dataset ({})'.format('; '.join(errors)))
+        log('Could not cache the dataset ({})'.format('; '.join(errors)))
     return corpus
 
-
-
-def open_corpus(saved, path, n_token, data=None, dataset=None):
-    """The corpus a saved model (checkpoint dict `saved`, read from `path`) was trained on: data/dataset when
-    given, else the run's own; DataError when it is unknown or its vocabulary is not the model's n_token."""
-    train_args = saved.get('args') or {}
-    dataset = dataset or train_args.get('dataset')
-    data = data or train_args.get('data')
-    if not dataset or not data:
-        raise DataError('{} does not say which corpus the model was trained on: pass --data DIR and '
-                        '--dataset NAME'.format(path))
-    corpus = get_lm_corpus(data, dataset, saved.get('vocab'))  # an imported model's own vocabulary
-    if len(corpus.vocab) != n_token:
-        known = train_args.get('dataset') and train_args.get('data')  # a converted model may not say
-        raise DataError('{} at {} has {} tokens but the model in {} has {}: pass the --data/--dataset it was '
-                        'trained on{}'.format(dataset, data, len(corpus.vocab), path, n_token,
-                                              ' ({} at {})'.format(train_args['dataset'], train_args['data'])
-                                              if known else ''))
-    from utils.checkpoint import check_vocab  # as many symbols is not enough: the same ids
-    check_vocab(saved, corpus.vocab.idx2sym, path, '{} at {}'.format(dataset, data))
-    return corpus, dataset, data
 
 if __name__ == '__main__':
     import argparse
@@ -755,7 +569,7 @@ if __name__ == '__main__':
                         help='dataset name')
     args = parser.parse_args()
     try:
-        corpus = get_lm_corpus(args.datadir, args.dataset)
+        corpus = get_lm_corpus(args.datadir, args.dataset, log=print)
     except DataError as err:
         print('error: {}'.format(err), file=sys.stderr)
         sys.exit(2)

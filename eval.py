@@ -15,6 +15,7 @@ import time
 
 import data_utils
 from utils import files
+from run.corpus import open_corpus
 from run.distributed import Dist, SilentLog, exit_process
 from run.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device, set_deterministic
@@ -78,8 +79,8 @@ def main(argv=None):
         set_deterministic(args.deterministic)  # before the first product on a GPU
         model, saved = load_model(args.work_dir, device)
         set_eval_lengths(model, args.tgt_len, args.mem_len, args.ext_len, args.clamp_len, args.same_length)
-        corpus, dataset, data_dir = data_utils.open_corpus(saved, os.path.join(args.work_dir, 'model.pt'),
-                                                           model.n_token, args.data, args.dataset)
+        corpus, dataset, data_dir = open_corpus(saved, os.path.join(args.work_dir, 'model.pt'), model.n_token,
+                                                args.data, args.dataset, log=print if dist.is_main else SilentLog())
         splits = ['test', 'valid'] if args.split == 'all' else [args.split]
         iters = {split: corpus.get_iterator(split, args.batch_size, args.tgt_len, device=device,
                                             ext_len=args.ext_len) for split in splits}

@@ -8,7 +8,6 @@ speed in tokens/s go to stderr.
 
     python generate.py --work_dir runs/enwik8 --prompt "<title>Anarchism</title>" --max_tokens 300 --top_p 0.9
 """
-import contextlib
 import os
 import signal
 import sys
@@ -16,8 +15,8 @@ import time
 
 import torch
 
-from data_utils import open_corpus
 from utils import files
+from run.corpus import open_corpus
 from run.evaluation import set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, pick_device
 from utils.errors import ConfigError
@@ -126,8 +125,7 @@ def main(argv=None):
         device = pick_device(args.cuda, log)
         model, saved, path = load_trained_model(args.work_dir, device)
         tgt_len, mem_len = set_eval_lengths(model, args.tgt_len, args.mem_len, 0, args.clamp_len, args.same_length)
-        with contextlib.redirect_stdout(sys.stderr):  # the corpus loader reports on stdout
-            corpus, dataset, _ = open_corpus(saved, path, model.n_token, args.data, args.dataset)
+        corpus, dataset, _ = open_corpus(saved, path, model.n_token, args.data, args.dataset, log=log)
         codec = TextCodec(corpus.vocab, dataset)
         prompt_ids = codec.encode(prompt_text)
         check_memory(args, model, tgt_len, len(prompt_ids), device)

@@ -15,7 +15,6 @@ as a table on stdout, JSON (moe_report.json) and a PNG heat map (moe_report.png)
 
     python moe_report.py --work_dir runs/enwik8-moe --split valid
 """
-import contextlib
 import json
 import math
 import os
@@ -23,8 +22,9 @@ import sys
 
 import torch
 
-from data_utils import CHAR_LEVEL, open_corpus
+from data_utils import CHAR_LEVEL
 from utils import files
+from run.corpus import open_corpus
 from run.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
 from utils.files import atomic_write
@@ -265,8 +265,8 @@ def main(argv=None):
         model, saved, path = load_trained_model(args.work_dir, device)
         if not model.moe_layers():
             raise ValueError(f'the model in {path} has no MoE layers (trained without --moe): nothing to report')
-        with contextlib.redirect_stdout(sys.stderr):  # the corpus loader reports on stdout
-            corpus, dataset, data = open_corpus(saved, path, model.n_token, args.data, args.dataset)
+        corpus, dataset, data = open_corpus(saved, path, model.n_token, args.data, args.dataset,
+                                            log=lambda line: print(line, file=sys.stderr))  # stdout: the report
         tgt_len, mem_len = set_eval_lengths(model, args.tgt_len, args.mem_len)
         split_iter = corpus.get_iterator(args.split, args.batch_size, tgt_len, device=device, ext_len=0)
     except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors

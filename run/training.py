@@ -90,7 +90,7 @@ def prepare(args, parser, notes, dist):
         start = ckpt.load_run_file(os.path.join(args.restart_dir, 'model.pt'), 'model')
     # A model imported with its own vocabulary (convert_checkpoint.py) keeps those ids through fine-tuning.
     symbols = (state or start or {}).get('vocab')
-    corpus = data_utils.get_lm_corpus(args.data, args.dataset, symbols)
+    corpus = data_utils.get_lm_corpus(args.data, args.dataset, symbols, log=notes.append)  # logged with the notes
     # Every rank reads the same global batches and trains on its own columns of them.
     iters = [corpus.get_iterator('train', args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len,
                                  varlen=args.varlen, seed=args.seed)]

@@ -414,10 +414,10 @@ def test_ordered_corpus_vocabulary_ids_and_batches(original, tmp_path, monkeypat
     for split, bsz, bptt, ext_len in (('train', 7, 30, 0), ('valid', 10, 25, 5)):
         assert_same_batches(ours.get_iterator(split, bsz, bptt, ext_len=ext_len),
                             theirs.get_iterator(split, bsz, bptt, ext_len=ext_len), f'{dataset} {split}')
-    np.random.seed(3)
+    np.random.seed(3)  # the original draws from numpy's global RNG, ours from its own RandomState(seed)
     want = collect(theirs.get_iterator('train', 7, 30, ext_len=4).get_varlen_iter())
-    np.random.seed(3)
-    assert_same_batches(ours.get_iterator('train', 7, 30, ext_len=4).get_varlen_iter(), want, f'{dataset} varlen')
+    assert_same_batches(ours.get_iterator('train', 7, 30, ext_len=4, seed=3).get_varlen_iter(), want,
+                        f'{dataset} varlen')
 
 
 def test_lm1b_vocabulary_ids_and_shuffled_multifile_batches(original, tmp_path, monkeypatch):
@@ -435,9 +435,8 @@ def test_lm1b_vocabulary_ids_and_shuffled_multifile_batches(original, tmp_path, 
         assert len(got) == len(want) and all(torch.equal(g.long(), w) for g, w in zip(got, want))
         assert_same_batches(ours.get_iterator(split, 5, 12, ext_len=3),
                             theirs.get_iterator(split, 5, 12, ext_len=3), f'lm1b {split}')
-    np.random.seed(7)
+    np.random.seed(7)  # the original draws from numpy's global RNG, ours from its own RandomState(seed)
     it = theirs.get_iterator('train', 4, 9)
     want = collect(b for epoch in range(2) for b in it)
-    np.random.seed(7)
-    it = ours.get_iterator('train', 4, 9)
+    it = ours.get_iterator('train', 4, 9, seed=7)
     assert_same_batches([b for epoch in range(2) for b in it], want, 'lm1b train, two epochs')

@@ -5,6 +5,8 @@ whole files are tokenized in blocks of many lines with C-level str/dict
 operations instead of a Python loop per line, and a corpus is counted and
 encoded in one pass (build_and_encode): WikiText-103 takes seconds instead of
 minutes. The per-line methods (`tokenize`, `encode_sents`, ...) are kept.
+What the original printed (the vocabulary's size, verbose progress) goes to the
+`log` function a Vocab is given, none by default.
 """
 
 import os
@@ -18,7 +20,8 @@ from utils.files import progress_bar
 from utils.errors import DataError
 
 
-
+def silent(line):
+    """The default log function of the data layer: the line goes nowhere."""
 
 # Blocks of whole lines are tokenized at once; 8 MiB keeps the temporary token
 # lists (~1.5M str objects) small while amortizing the per-block overhead.
@@ -92,7 +95,10 @@ class _FirstSeen(dict):
 
 class Vocab(object):
     def __init__(self, special=[], min_freq=0, max_size=None, lower_case=True,
-                 delimiter=None, vocab_file=None):
+                 delimiter=None, vocab_file=None, log=silent):
+        """log: a function taking a line, for what the original printed (the vocabulary's size, and the
+        verbose=True progress lines)."""
+        self.log = log
         self.counter = Counter()
         self.special = special
         self.min_freq = min_freq
@@ -118,13 +124,13 @@ class Vocab(object):
     def count_sents(self, sents, verbose=False):
         """sents: a list of sentences, each a list of tokenized symbols."""
         if verbose:
-            print('counting {} sents ...'.format(len(sents)))
+            self.log('counting {} sents ...'.format(len(sents)))
         for symbols in sents:
             self.counter.update(symbols)
 
     def encode_sents(self, sents, ordered=False, verbose=False):
         if verbose:
-            print('encoding {} sents ...'.format(len(sents)))
+            self.log('encoding {} sents ...'.format(len(sents)))
         encoded = [self.convert_to_tensor(symbols) for symbols in sents]
         return torch.cat(encoded) if ordered else encoded
 
@@ -155,7 +161,7 @@ class Vocab(object):
         does not also return every tokenized line (gigabytes at WikiText-103
         size); call tokenize() per line if you need them."""
         if verbose:
-            print('counting file {} ...'.format(path))
+            self.log('counting file {} ...'.format(path))
         for text, _ in self._line_blocks(path, 'counting'):
             if self.delimiter is None:
                 self.counter.update(self._line_tokens(text, add_eos))
@@ -168,7 +174,7 @@ class Vocab(object):
         """As the original: one LongTensor of the whole file if ordered, else a
         list of one LongTensor per line."""
         if verbose:
-            print('encoding file {} ...'.format(path))
+            self.log('encoding file {} ...'.format(path))
         if ordered:
             ids = self.encode_file_ids(path, add_eos, add_double_eos)
             return torch.from_numpy(ids.astype(np.int64))
@@ -302,11 +308,11 @@ class Vocab(object):
 
     def build_vocab(self):
         if self.vocab_file:
-            print('building vocab from {}'.format(self.vocab_file))
+            self.log('building vocab from {}'.format(self.vocab_file))
             self._build_from_file(self.vocab_file)
-            print('final vocab size {}'.format(len(self)))
+            self.log('final vocab size {}'.format(len(self)))
         else:
-            print('building vocab with min_freq={}, max_size={}'.format(
+            self.log('building vocab with min_freq={}, max_size={}'.format(
                 self.min_freq, self.max_size))
             self.idx2sym = []
             self.sym2idx = {}
@@ -317,7 +323,7 @@ class Vocab(object):
                 if cnt < self.min_freq:
                     break
                 self.add_symbol(sym)
-            print('final vocab size {} from {} unique tokens'.format(
+            self.log('final vocab size {} from {} unique tokens'.format(
                 len(self), len(self.counter)))
 
     def set_symbols(self, idx2sym):
