@@ -11,15 +11,15 @@ the expert compute:
     route     gate logits -> top-k experts and scores per token (-1 = dropped)
     dispatch  stable sort of the token copies by expert; gather their rows
     experts   each expert's FFN on its contiguous slice of rows
-              (one grouped_mm where it runs fast, else per-expert slices)
+              (one grouped_mm where it runs fast, else tiles on GPUs, see expert_path)
     combine   put the rows back in token order, weighted sum over the k copies
 
 The forward returns the output and the call's routing statistics (MoEStats: the
 balance and z-losses in the graph, the load, the dropped copies); nothing is kept
-on the layer between forwards. Host synchronisations: none on the grouped_mm path,
-capacity drops included; the slices path reads the per-expert counts once (it
-splits the rows by them); an expert-parallel layer reads its all_to_all split
-sizes once.
+on the layer between forwards. Host synchronisations: none on the grouped_mm and
+tiles paths, capacity drops included; the slices path reads the per-expert counts
+once (it splits the rows by them); an expert-parallel layer reads its all_to_all
+split sizes once.
 """
 import math
 from typing import NamedTuple, Optional
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GATES = ('naive', 'gshard', 'switch', 'noisy', 'auxfree')
-EXPERT_BACKENDS = ('auto', 'grouped_mm', 'slices')
+EXPERT_BACKENDS = ('auto', 'grouped_mm', 'tiles', 'slices')
 
 
 # ----------------------------------------------------------------------------- gates
@@ -323,8 +323,15 @@ _GROUPED_MM_PROBES = {}
 def grouped_mm_fast_on_cuda(capability, dtype):
     """Whether CUDA runs grouped_mm as one kernel: bf16 on compute capability 9.x/10.x (H100/H200, B200).
     Elsewhere (A100; fp32/fp16 on any GPU) it copies the group ends to the host and loops over the
-    groups, a host sync per call: the per-expert slices are the better path there."""
+    groups, a host sync per call: the tiles are the better path there."""
     return dtype == torch.bfloat16 and capability[0] in (9, 10)
+
+
+def grouped_mm_zeroes_empty_groups(device):
+    """Whether grouped_mm gives an expert without rows an exact zero slot in the weight-gradient product
+    (groups along the summed dimension). On CPUs it is a loop of mm over the groups, and mm over an empty
+    inner dimension writes zeros; CUDA's kernels leave that slot undefined (garbage seen on sm100), so there the experts without rows are masked to zero."""
+    return torch.device(device).type == 'cpu'
 
 
 def grouped_mm_available(device, dtype):
@@ -363,12 +370,36 @@ def grouped_mm_fits(device, dtype, widths):
     return all(w % align == 0 for w in widths) and grouped_mm_available(device, dtype)
 
 
+def expert_path(backend, device, dtype, widths):
+    """The expert compute that `backend` ('auto', 'grouped_mm', 'tiles', 'slices') runs on this device and
+    dtype. The rule for 'auto', none of whose choices reads a value back to the host:
+
+      grouped_mm  where it runs as one call (grouped_mm_fits): CPUs in any dtype (torch >= 2.8; a loop of
+                  mm in C++, the per-expert products and nothing else), CUDA bf16 on compute capability 9.x/10.x
+      tiles       other accelerators and dtypes (CUDA fp32/TF32, fp16, bf16 before sm90): batched products on
+                  each expert's rows cut into tiles (tile_rows: the tile size follows the rows per expert)
+      slices      a CPU without grouped_mm: there a host read costs nothing, and padding would
+    """
+    if backend in ('tiles', 'slices'):
+        return backend
+    fits = grouped_mm_fits(device, dtype, widths)
+    if backend == 'grouped_mm' and not fits:
+        raise ValueError(f'expert_backend grouped_mm does not run for {dtype} on {device.type} '
+                         f'with widths {tuple(widths)}; use "auto", "tiles" or "slices"')
+    if fits:
+        return 'grouped_mm'
+    return 'slices' if device.type == 'cpu' else 'tiles'
+
+
 class GroupedLinear(torch.autograd.Function):
     """rows of expert e (contiguous, group ends `offs`) -> rows @ weight[e].T + bias[e].
 
     Written out rather than left to autograd because _grouped_mm's own backward rejects
     incoming gradients with zero strides (e.g. from out.sum()); here the gradient is made
     contiguous, the bias is added in place and its gradient is a scatter-add per expert.
+    It saves the rows, the weight in the rows' dtype (cast once, in the forward) and the group ends.
+    The weight stays [E, out, in]: its transposed view is the column-major operand CUDA's kernel takes,
+    and on CPUs the products read it through BLAS's transpose flag (no copy either way).
 
     With `padded`, rows past offs[-1] (dropped copies, see dispatch) belong to no expert: grouped_mm
     leaves their output rows undefined (uninitialised memory, possibly NaN), so they are replaced by
@@ -379,12 +410,12 @@ class GroupedLinear(torch.autograd.Function):
     def forward(ctx, rows, weight, bias, offs, expert, padded):
         rows, w = rows.contiguous(), weight.to(rows.dtype)
         out = grouped_mm(rows, w.transpose(1, 2), offs=offs)
-        expert = expert.clamp(max=w.shape[0] - 1)   # a padding row's id is num_expert: index anything
         if bias is not None:
+            expert = expert.clamp(max=w.shape[0] - 1)   # a padding row's id is num_expert: index anything
             out += bias.to(out.dtype).index_select(0, expert)
         in_group = torch.arange(out.shape[0], device=out.device) < offs[-1] if padded else None
         out = kept_rows(out, in_group)
-        ctx.save_for_backward(rows, w, offs, expert, in_group)
+        ctx.save_for_backward(rows, w, offs, expert if bias is not None else None, in_group)
         ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
         return out
 
@@ -394,23 +425,27 @@ class GroupedLinear(torch.autograd.Function):
         rows, w, offs, expert, in_group = ctx.saved_tensors
         grad = kept_rows(grad.contiguous(), in_group)
         grad_rows = grad_weight = grad_bias = None
-        # Experts that received no rows get a zero gradient: on sm100 the kernel leaves garbage in their
-        # slots of the per-group products. A mask, not a branch: no host sync.
-        empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+        # Experts that received no rows must get a zero gradient; a mask, not a branch (no host sync), and only
+        # where the kernel does not already write zeros: on CPUs it would be a weight-sized pass for nothing.
+        empty = (None if grouped_mm_zeroes_empty_groups(grad.device)
+                 else torch.diff(offs, prepend=offs.new_zeros(1)) == 0)
         if ctx.needs_input_grad[0]:
             grad_rows = kept_rows(grouped_mm(grad, w, offs=offs), in_group)
         if ctx.needs_input_grad[1]:
-            grad_weight = grouped_mm(grad.t(), rows, offs=offs).masked_fill(empty[:, None, None], 0)
-            grad_weight = grad_weight.to(ctx.weight_dtype)
+            grad_weight = zero_experts(grouped_mm(grad.t(), rows, offs=offs), empty).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = per_expert_column_sums(grad, expert, offs).masked_fill(empty[:, None], 0)
-            grad_bias = grad_bias.to(ctx.weight_dtype)
+            grad_bias = zero_experts(per_expert_column_sums(grad, expert, offs), empty).to(ctx.weight_dtype)
         return grad_rows, grad_weight, grad_bias, None, None, None
 
 
 def kept_rows(t, in_group):
     """t with the rows outside every group (in_group False) set to exactly 0; t itself without a mask."""
     return t if in_group is None else torch.where(in_group[:, None], t, t.new_zeros(()))
+
+
+def zero_experts(t, empty):
+    """t [E, ...], a fresh product, with the slots of the experts in `empty` [E] zeroed in place (none if None)."""
+    return t if empty is None else t.masked_fill_(empty.view(-1, *[1] * (t.dim() - 1)), 0)
 
 
 def per_expert_column_sums(grad, expert, offs):
@@ -426,6 +461,46 @@ def per_expert_column_sums(grad, expert, offs):
     return grouped_mm(grad.t(), ones, offs=offs)[:, :, 0]
 
 
+# ----------------------------------------------------------------------------- tiles
+
+class Tiling(NamedTuple):
+    """Where each row of a dispatch goes in the tiled layout: every expert's rows cut into tiles of `tile` rows,
+    the tiles of expert 0 first, the last tile of each expert padded with zero rows."""
+    slot: torch.Tensor      # [M] row of the tiled layout [n_tiles * tile + 1] (the last, a spare, for padding rows)
+    expert: torch.Tensor    # [n_tiles] the expert of each tile (the unused tiles past the last: any expert)
+    tile: int
+
+
+def tile_rows(num_rows, num_expert):
+    """Rows per tile: the power of two <= num_rows / (2 E) (the mean rows per expert halved), in [16, 128].
+
+    The tiles hold num_rows + E * tile rows (the static bound on the tiles an expert's rows fill, see tiling), so
+    tile <= num_rows / (2E) bounds the product at 1.5x the rows' FLOPs; the tiles gather their experts' weights,
+    num_rows / tile + E of them, so the tile is as large as that bound allows. 16 rows is the smallest
+    tensor-core tile; past 128 the padding grows and the weight copies no longer matter."""
+    target = max(num_rows // (2 * num_expert), 1)
+    return min(128, max(16, 1 << (target.bit_length() - 1)))
+
+
+def tiling(plan, num_expert, tile):
+    """The tiled layout of `plan` (rows sorted by expert) on the device, with no host read: its number of
+    tiles is the static bound sum_e ceil(c_e / tile) <= M // tile + E (each expert leaves one tile part-empty)."""
+    num_rows = plan.expert.numel()
+    n_tiles = num_rows // tile + num_expert
+    tiles = torch.div(plan.counts + tile - 1, tile, rounding_mode='floor')   # ceil(c_e / tile)
+    tile_end = torch.cumsum(tiles, 0)
+    row_start = torch.cumsum(plan.counts, 0) - plan.counts
+    expert = plan.expert.clamp(max=num_expert - 1)
+    # row r of expert e: tile (first tile of e) + its rank within e
+    slot = (tile_end - tiles)[expert] * tile + torch.arange(num_rows, device=expert.device) - row_start[expert]
+    if plan.padded:   # padding rows (expert id num_expert) all go to the spare row, which stays zero
+        slot = torch.where(plan.expert < num_expert, slot, n_tiles * tile)
+    tile_expert = torch.searchsorted(tile_end, torch.arange(n_tiles, device=expert.device), right=True)
+    return Tiling(slot, tile_expert.clamp(max=num_expert - 1), tile)
+
+
+# ----------------------------------------------------------------------------- the experts' FFN
+
 class FusedExpertLinear(nn.Module):
     """num_expert linear maps in one tensor, as FastMoE's FMoELinear: weight [E, out, in], bias [E, out]."""
 
@@ -437,8 +512,9 @@ class FusedExpertLinear(nn.Module):
         # As FMoELinear: kaiming_uniform_ on the 3-D tensor (so its fan-in is out*in), bias zero.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, rows, plan, use_grouped_mm):
-        if use_grouped_mm:
+    def forward(self, rows, plan, path):
+        """rows [M, in] sorted by expert -> [M, out]; path 'grouped_mm' or 'slices' (see expert_path)."""
+        if path == 'grouped_mm':
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
             return GroupedLinear.apply(rows, self.weight, self.bias, offs, plan.expert, plan.padded)
         weight = self.weight.to(rows.dtype)
@@ -448,6 +524,15 @@ class FusedExpertLinear(nn.Module):
         outs = [F.linear(x_e, w_e, b_e)
                 for x_e, w_e, b_e in zip(rows.split(plan.counts_host), weight.unbind(0), biases)]
         return torch.cat(outs)
+
+    def tiled(self, x, tile_expert):
+        """x [n_tiles, tile, in] -> [n_tiles, tile, out], tile t through expert tile_expert[t]'s map: one batched
+        product on each tile's copy of its expert's weight (gathered in the weight's dtype, so the gradient of
+        the tiles that share an expert is summed there)."""
+        w = self.weight.index_select(0, tile_expert).to(x.dtype).transpose(1, 2)
+        if self.bias is None:
+            return torch.bmm(x, w)
+        return torch.baddbmm(self.bias.index_select(0, tile_expert).to(x.dtype).unsqueeze(1), x, w)
 
     def keep_experts(self, start, stop):
         """Keep experts [start, stop) only (new parameters holding their weights): an expert-parallel shard."""
@@ -470,9 +555,23 @@ class ExpertFFN(nn.Module):
         self.h4toh = FusedExpertLinear(num_expert, d_hidden, d_model)
         self.activation = activation
 
-    def forward(self, rows, plan, use_grouped_mm):
-        hidden = self.activation(self.htoh4(rows, plan, use_grouped_mm))
-        return self.h4toh(hidden, plan, use_grouped_mm)
+    def forward(self, rows, plan, path):
+        """rows [M, d_model] sorted by expert (dispatch's plan) -> [M, d_model]; path from expert_path."""
+        if path == 'tiles':
+            return self.tiled(rows, plan)
+        hidden = self.activation(self.htoh4(rows, plan, path))
+        return self.h4toh(hidden, plan, path)
+
+    def tiled(self, rows, plan):
+        """The FFN on the tiled layout: the rows are scattered into their tiles once, go through both maps there
+        (a padding row computes activation(bias) and is never read back, so it gets no gradient), and are
+        gathered back; rows with no expert (padded dispatch) read the spare zero row."""
+        t = tiling(plan, self.htoh4.num_expert, tile_rows(rows.shape[0], self.htoh4.num_expert))
+        n_tiles = t.expert.numel()
+        x = rows.new_zeros(n_tiles * t.tile + 1, rows.shape[1]).index_copy(0, t.slot, rows)
+        hidden = self.activation(self.htoh4.tiled(x[:-1].view(n_tiles, t.tile, -1), t.expert))
+        out = self.h4toh.tiled(hidden, t.expert).reshape(n_tiles * t.tile, -1)
+        return F.pad(out, (0, 0, 0, 1)).index_select(0, t.slot)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -544,7 +643,7 @@ class FMoETransformerMLP(nn.Module):
 
     The mixture alone (no residual, no norm), and the routing statistics of this call: the balance and
     z-losses (in the graph, for the training loss) and each expert's load and the dropped copies.
-    ``expert_backend`` picks the expert compute: 'auto' (grouped_mm where it runs), 'grouped_mm' or
+    ``expert_backend`` picks the expert compute: 'auto' (expert_path's rule), 'grouped_mm', 'tiles' or
     'slices'. ``shared_expert`` N > 0 adds ``shared_expert``, a dense FFN of N * d_hidden that every token
     goes through beside its routed experts. ``shard(exchange)`` makes the layer one process's part of an
     expert-parallel layer (run.distributed).
@@ -589,28 +688,22 @@ class FMoETransformerMLP(nn.Module):
                          if torch.is_autocast_enabled(x.device.type) else x.dtype)
 
         routing = self.gate(x)
-        use_grouped_mm = self._use_grouped_mm(x.device, compute_dtype)
+        path = self._expert_path(x.device, compute_dtype)
         # The exchange reads the counts it needs in its own host sync.
-        plan = dispatch(routing, self.num_expert, need_host_counts=not use_grouped_mm and self.exchange is None)
+        plan = dispatch(routing, self.num_expert, need_host_counts=path == 'slices' and self.exchange is None)
         rows = x.to(compute_dtype).index_select(0, plan.token)   # cast the N rows, not the N*k
         if self.exchange is None:
-            rows_out = self.experts(rows, plan, use_grouped_mm)
+            rows_out = self.experts(rows, plan, path)
         else:
-            rows_out = self.exchange.run(self.experts, rows, plan, use_grouped_mm)
+            rows_out = self.exchange.run(self.experts, rows, plan, path)
         out = combine(rows_out, routing.score, plan)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out.to(inp.dtype).reshape(inp.shape), self._stats(routing, plan)
 
-    def _use_grouped_mm(self, device, dtype):
-        if self.expert_backend == 'slices':
-            return False
-        fits = grouped_mm_fits(device, dtype, (self.d_model, self.d_hidden))
-        if self.expert_backend == 'grouped_mm' and not fits:
-            raise ValueError(f'expert_backend grouped_mm does not run for {dtype} on {device.type} '
-                             f'with d_model={self.d_model}, d_hidden={self.d_hidden}; '
-                             'use "auto" or "slices"')
-        return fits
+    def _expert_path(self, device, dtype):
+        """'grouped_mm', 'tiles' or 'slices': expert_path's rule for this layer's backend and widths."""
+        return expert_path(self.expert_backend, device, dtype, (self.d_model, self.d_hidden))
 
     @staticmethod
     def _stats(routing, plan):

@@ -235,17 +235,20 @@ def test_a_training_step_has_no_host_sync_and_builds_no_mask(attn_type, device):
     assert not {'arange', 'sin', 'cos'} & set(log.ops)
 
 
+@pytest.mark.parametrize('backend', ['grouped_mm', 'tiles'])
 @pytest.mark.parametrize('gate,top_k', [('naive', 2), ('gshard', 2), ('switch', 1)])
-def test_an_moe_training_step_has_no_host_sync_where_grouped_mm_runs(gate, top_k, device):
-    """FastMoE's setting (naive top-2 gate) and the capacity-limited gates with copies dropped, on the grouped_mm
-    path: routing, dispatch (counts from the sorted keys; dropped copies kept as padding rows), experts,
-    combine and the balance losses read nothing back to the host, forward or backward."""
-    dtype = torch.float32 if device.type == 'cpu' else torch.bfloat16
-    if not moe.grouped_mm_fits(device, dtype, (16, 24)):
+def test_an_moe_training_step_has_no_host_sync_on_the_fast_paths(gate, top_k, backend, device):
+    """FastMoE's setting (naive top-2 gate) and the capacity-limited gates with copies dropped, on grouped_mm (bf16
+    on GPUs) and on the tiles (fp32: CUDA's fp32/TF32 and fp16 take them under 'auto'): routing, dispatch
+    (counts from the sorted keys; dropped copies kept as padding rows), experts, combine and the balance losses
+    read nothing back to the host, forward or backward."""
+    dtype = torch.float32 if device.type == 'cpu' or backend == 'tiles' else torch.bfloat16
+    if backend == 'grouped_mm' and not moe.grouped_mm_fits(device, dtype, (16, 24)):
         pytest.skip(f'grouped_mm does not run {dtype} on this {device.type}')
     # capacity 0.5: at most half the copies fit (15 tokens; gshard 4 per expert of 30, switch 2 of 15)
     model = make_model(moe=True, moe_num_expert=4, moe_top_k=top_k, moe_gate=gate, moe_capacity_factor=0.5,
                        dropout=0.1).to(device).train()
+    model.set_fast_paths(expert_backend=backend)
     data = torch.randint(0, 40, (6, 3)).to(device)
 
     def step(*mems):
@@ -260,7 +263,8 @@ def test_an_moe_training_step_has_no_host_sync_where_grouped_mm_runs(gate, top_k
         step(*mems)
         load = model.moe_load()
     assert not SYNCS & set(log.ops)
-    assert 'grouped_mm' in ' '.join(log.ops) and load.sum() > 0
+    ran = {'grouped_mm': 'grouped_mm', 'tiles': 'baddbmm'}[backend]   # the path's own product ran
+    assert ran in ' '.join(log.ops) and load.sum() > 0
     dropped = sum(stats.dropped for stats in model.moe_stats)
     assert (dropped > 0) == (gate != 'naive')   # the capacity-limited gates drop copies, naive none
 

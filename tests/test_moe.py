@@ -11,7 +11,8 @@ from moe import GATES, FMoETransformerMLP, NoisyGate, grouped_mm_available
 
 TOP_K = {'naive': 2, 'gshard': 2, 'switch': 1, 'noisy': 2, 'auxfree': 2}
 HAS_GROUPED_MM = grouped_mm_available('cpu', torch.float32)
-BACKENDS = ['slices'] + (['grouped_mm'] if HAS_GROUPED_MM else [])
+FAST_PATHS = ['tiles'] + (['grouped_mm'] if HAS_GROUPED_MM else [])   # the no-host-sync paths
+BACKENDS = ['slices'] + FAST_PATHS
 
 
 def make_layer(gate='naive', num_expert=6, d_model=16, d_hidden=24, top_k=None, seed=0, **kw):
@@ -268,18 +269,19 @@ def test_losses_are_in_the_graph():
 
 # ----------------------------------------------------------------------------- backends
 
-@pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch._grouped_mm does not run here')
+@pytest.mark.parametrize('path', FAST_PATHS)
 @pytest.mark.parametrize('gate', GATES)
-def test_grouped_mm_equals_slices_fp32(gate):
+def test_fast_paths_equal_slices_fp32(gate, path):
+    """Output, input and every parameter gradient of each no-host-sync path against the per-expert slices."""
     x = torch.randn(64, 32)
     results = {}
-    for backend in ('grouped_mm', 'slices'):
+    for backend in (path, 'slices'):
         layer = make_layer(gate, num_expert=8, d_model=32, d_hidden=64, expert_backend=backend).train()
         xb = x.clone().requires_grad_()
         out = run_layer(layer, xb, seed=3)[0]
         (out * torch.linspace(-1, 1, 32)).sum().backward()
         results[backend] = [out, xb.grad] + [p.grad for p in layer.parameters()]
-    for a, b in zip(results['grouped_mm'], results['slices']):
+    for a, b in zip(results[path], results['slices']):
         assert (a - b).abs().max() < 1e-5
 
 
@@ -295,18 +297,19 @@ def nan_past_the_groups(real):
     return grouped_mm
 
 
-@pytest.mark.skipif(not HAS_GROUPED_MM, reason='torch._grouped_mm does not run here')
+@pytest.mark.parametrize('path', FAST_PATHS)
 @pytest.mark.parametrize('gate,training', [('gshard', True), ('gshard', False), ('switch', True)])
-def test_grouped_mm_with_capacity_drops_keeps_static_rows_and_equals_slices(gate, training, monkeypatch):
-    """The sync-free path: the dropped copies stay as padding rows after the last expert's (N * k rows whatever
+def test_fast_paths_with_capacity_drops_keep_static_rows_and_equal_slices(gate, training, path, monkeypatch):
+    """The sync-free paths: the dropped copies stay as padding rows after the last expert's (N * k rows whatever
     the drops, no count read back to the host) and give exactly zero output and gradient, even where the
-    kernel leaves NaN in those rows. Outputs, input and parameter gradients equal the slices path, which cuts
-    the dropped copies off; tokens that lost every copy get zero output and zero gradient on both."""
+    grouped_mm kernel leaves NaN in those rows (the tiles send them to a spare zero row). Outputs, input and
+    parameter gradients equal the slices path, which cuts the dropped copies off; tokens that lost every copy
+    get zero output and zero gradient on both."""
     monkeypatch.setattr(moe, 'grouped_mm', nan_past_the_groups(moe.grouped_mm))
     x = torch.randn(48, 16)
     grad_out = torch.randn(48, 16)
     results = {}
-    for backend in ('grouped_mm', 'slices'):
+    for backend in (path, 'slices'):
         layer = make_layer(gate, capacity_factor=(0.5, 0.5), expert_backend=backend).train(training)
         xb = x.clone().requires_grad_()
         out, stats = run_layer(layer, xb, seed=11)
@@ -320,9 +323,9 @@ def test_grouped_mm_with_capacity_drops_keeps_static_rows_and_equals_slices(gate
     assert plan.padded and plan.num_rows == plan.num_copies == 48 * TOP_K[gate] > plan.counts.sum()
     lost = (routing.expert < 0).all(1)
     assert lost.any(), 'the example must drop whole tokens'
-    for a, b in zip(results['grouped_mm'], results['slices']):
+    for a, b in zip(results[path], results['slices']):
         assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-5
-    out, x_grad = results['grouped_mm'][:2]
+    out, x_grad = results[path][:2]
     assert out[lost].eq(0).all() and x_grad[lost].eq(0).all()
 
 
@@ -361,6 +364,7 @@ def test_experts_without_rows_get_zero_gradients_whatever_the_kernel_leaves(monk
         return out
 
     monkeypatch.setattr(moe, 'grouped_mm', garbage_in_empty_groups)
+    monkeypatch.setattr(moe, 'grouped_mm_zeroes_empty_groups', lambda device: False)   # as on CUDA
     layer = make_layer('naive', num_expert=8, d_model=16, d_hidden=32, top_k=1, expert_backend='grouped_mm').train()
     x = torch.randn(3, 16)  # 3 tokens, top-1: at least 5 of the 8 experts receive none
     out, stats = layer(x)
@@ -388,15 +392,16 @@ def test_counts_from_the_sorted_keys_equal_bincount(num_expert):
 BF16_RTOL = 2e-2
 
 
+@pytest.mark.parametrize('path', ['grouped_mm', 'tiles'])
 @pytest.mark.parametrize('gate,capacity', [('naive', 1.2), ('gshard', 0.5)], ids=['naive', 'gshard-drops'])
-def test_grouped_mm_equals_slices_bf16_autocast(gate, capacity, device):
+def test_fast_paths_equal_slices_bf16_autocast(gate, capacity, path, device):
     """Outputs and input gradients; with gshard at capacity 0.5 about half the copies are dropped (padding rows
-    on the grouped path)."""
-    if not grouped_mm_available(device, torch.bfloat16):
+    on the no-host-sync paths)."""
+    if path == 'grouped_mm' and not grouped_mm_available(device, torch.bfloat16):
         pytest.skip(f'grouped_mm does not run bf16 on this {device.type}')
     x = torch.randn(64, 32).to(device)
     outs = {}
-    for backend in ('grouped_mm', 'slices'):
+    for backend in (path, 'slices'):
         layer = make_layer(gate, num_expert=8, d_model=32, d_hidden=64, capacity_factor=(capacity, capacity),
                            expert_backend=backend).to(device)
         xb = x.clone().requires_grad_()
@@ -408,8 +413,8 @@ def test_grouped_mm_equals_slices_bf16_autocast(gate, capacity, device):
         outs[backend], outs[backend + '_grad'] = out, xb.grad
     for name in ('slices', 'slices_grad'):
         scale = outs[name].abs().max()
-        assert torch.isfinite(outs[name.replace('slices', 'grouped_mm')]).all()
-        assert (outs[name.replace('slices', 'grouped_mm')] - outs[name]).abs().max() <= BF16_RTOL * scale
+        assert torch.isfinite(outs[name.replace('slices', path)]).all()
+        assert (outs[name.replace('slices', path)] - outs[name]).abs().max() <= BF16_RTOL * scale
     fp32 = run_layer(layer, x, seed=2)[0]
     assert (outs['slices'] - fp32).abs().max() <= 4 * BF16_RTOL * outs['slices'].abs().max()
 
@@ -425,8 +430,11 @@ def test_experts_without_tokens_forward_and_backward(backend):
     with torch.no_grad():
         torch.testing.assert_close(out, reference_output(layer, x, seed=0)[0], atol=1e-5, rtol=1e-5)
     out.sum().backward()
-    w = layer.experts.htoh4.weight.grad
-    assert w[2:].eq(0).all() and w[:2].abs().sum() > 0 and x.grad.abs().sum() > 0
+    # exact zeros for the experts without rows: on the CPU's grouped_mm (no mask there), the tiles, the slices
+    for linear in (layer.experts.htoh4, layer.experts.h4toh):
+        w, b = linear.weight.grad, linear.bias.grad
+        assert w[2:].eq(0).all() and b[2:].eq(0).all() and w[:2].abs().sum() > 0 and b[:2].abs().sum() > 0
+    assert x.grad.abs().sum() > 0
 
 
 def test_all_copies_dropped_and_empty_input():
@@ -527,7 +535,7 @@ def test_wrong_input_width_and_backend_are_value_errors():
     layer = make_layer()
     with pytest.raises(ValueError, match='d_model=16'):
         layer(torch.randn(3, 8))
-    with pytest.raises(ValueError, match="expert_backend must be one of auto, grouped_mm, slices, got 'fast'"):
+    with pytest.raises(ValueError, match="expert_backend must be one of auto, grouped_mm, tiles, slices, got 'fast'"):
         make_layer(expert_backend='fast')
 
 
@@ -614,7 +622,7 @@ def test_shared_expert_adds_a_dense_ffn_of_n_times_the_expert_width(gate):
 @pytest.mark.parametrize('num_expert', [128, 256])
 def test_fine_grained_experts_use_the_grouped_path_and_equal_slices(num_expert):
     auto = make_layer('naive', num_expert=num_expert, d_model=32, d_hidden=16, top_k=8)
-    assert auto._use_grouped_mm(torch.device('cpu'), torch.float32)
+    assert auto._expert_path(torch.device('cpu'), torch.float32) == 'grouped_mm'
     x = torch.randn(96, 32)
     outs = {}
     for backend in ('grouped_mm', 'slices'):
@@ -624,3 +632,48 @@ def test_fine_grained_experts_use_the_grouped_path_and_equal_slices(num_expert):
         outs[backend + '_grad'] = layer.experts.htoh4.weight.grad.clone()
     assert (outs['grouped_mm'] - outs['slices']).abs().max() < 1e-5
     assert (outs['grouped_mm_grad'] - outs['slices_grad']).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- tiles and the path rule
+
+@pytest.mark.parametrize('tile', [16, 128])
+@pytest.mark.parametrize('counts', [[0, 0, 37, 0], [1, 1, 1, 1], [16, 17, 0, 15], [64, 0, 0, 0], [0, 0, 0, 0]])
+def test_tiling_puts_each_row_in_a_tile_of_its_expert_within_the_static_bound(counts, tile):
+    """Every kept row gets its own slot, in a tile whose expert is the row's, the tiles of each expert
+    consecutive, whatever the counts (one expert taking all, empty experts, counts one past a tile); padding
+    rows (dropped copies) go to the spare row past the last tile."""
+    num_expert, n_padding = len(counts), 5
+    expert = torch.cat([torch.arange(num_expert).repeat_interleave(torch.tensor(counts)),
+                        torch.full((n_padding,), num_expert)])
+    plan = moe.Dispatch(None, None, expert, torch.tensor(counts), None, expert.numel(), expert.numel(), True)
+    t = moe.tiling(plan, num_expert, tile)
+    n_tiles = t.expert.numel()
+    assert n_tiles == expert.numel() // tile + num_expert
+    kept = t.slot[:sum(counts)]
+    assert kept.unique().numel() == kept.numel() and (kept < n_tiles * tile).all()
+    assert torch.equal(t.expert[kept // tile], expert[:sum(counts)])
+    assert (t.slot[sum(counts):] == n_tiles * tile).all()
+    used = [torch.div(torch.tensor(c) + tile - 1, tile, rounding_mode='floor').item() for c in counts]
+    assert t.expert[:sum(used)].tolist() == [e for e, n in enumerate(used) for _ in range(n)]
+
+
+def test_tile_rows_halves_the_mean_rows_per_expert_within_16_and_128():
+    assert [moe.tile_rows(rows, 8) for rows in (8, 256, 1024, 4096, 10 ** 6)] == [16, 16, 64, 128, 128]
+    assert moe.tile_rows(2 * 5632, 64) == 64   # the MoE run scripts' shape: 176 rows per expert
+
+
+def test_expert_path_rule(monkeypatch):
+    """'auto' takes grouped_mm wherever it runs as one call, else the tiles on accelerators (no host read there)
+    and the slices on a CPU without grouped_mm; the named backends are taken as they are."""
+    cpu, cuda, widths = torch.device('cpu'), torch.device('cuda', 0), (32, 64)
+    runs = {(cpu, torch.float32), (cpu, torch.bfloat16), (cuda, torch.bfloat16)}   # an H100's grouped_mm
+    monkeypatch.setattr(moe, 'grouped_mm_available', lambda device, dtype: (device, dtype) in runs)
+    auto = {(d.type, str(dt)[6:]): moe.expert_path('auto', d, dt, widths)
+            for d in (cpu, cuda) for dt in (torch.float32, torch.float16, torch.bfloat16)}
+    assert auto == {('cpu', 'float32'): 'grouped_mm', ('cpu', 'float16'): 'slices', ('cpu', 'bfloat16'): 'grouped_mm',
+                    ('cuda', 'float32'): 'tiles', ('cuda', 'float16'): 'tiles', ('cuda', 'bfloat16'): 'grouped_mm'}
+    assert moe.expert_path('auto', cpu, torch.float32, (32, 33)) == 'slices'   # a row stride off 16 bytes
+    assert moe.expert_path('tiles', cpu, torch.float32, widths) == 'tiles'
+    assert moe.expert_path('slices', cuda, torch.bfloat16, widths) == 'slices'
+    with pytest.raises(ValueError, match='grouped_mm does not run for torch.float16 on cuda'):
+        moe.expert_path('grouped_mm', cuda, torch.float16, widths)
