@@ -2,8 +2,12 @@
 
 Compares, side by side in one run (variants interleaved in every repeat, so machine load
 affects them alike):
-  moe          moe.FMoETransformerMLP, expert_backend 'auto' (grouped_mm where it runs)
+  moe          moe.FMoETransformerMLP, expert_backend 'auto' (moe.expert_path's rule: grouped_mm on CPUs)
   moe-slices   the same layer with the per-expert-slice fallback
+  moe-tiles    the same layer on the tiles (what 'auto' takes on GPUs for fp32/TF32 and fp16)
+  floor        the experts' matrix products alone (the six of one forward+backward, weights already in the
+               compute dtype) at the routing counts the layer's gate gives this input: the limit the layer
+               can reach, so 'x floor' says how far from it the rest of the layer keeps it
   dense        a dense FFN with the same active FLOPs (d_inner = top_k * d_hidden)
   loop         a straightforward per-expert loop (`for e in range(E): idx = where(...)`)
   moe-no-bias  the MoE layer with its experts' biases removed (another function: what they cost)
@@ -40,12 +44,16 @@ if str(ROOT) not in sys.path:
 from report import moe_target_lines  # noqa: E402
 from timing import time_side_by_side, write_json  # noqa: E402
 from utils import malloc  # noqa: E402
-from moe import FMoETransformerMLP, grouped_mm_available  # noqa: E402
+from moe import FMoETransformerMLP, grouped_mm, grouped_mm_available, sort_by_expert  # noqa: E402
 
-VARIANTS = ('moe', 'moe-slices', 'dense', 'loop')
+VARIANTS = ('moe', 'moe-slices', 'moe-tiles', 'dense', 'loop')
 # transformers' Mixtral experts, when transformers is installed (an optional, benchmark-only dependency)
 MIXTRAL_VARIANTS = ('mixtral-grouped_mm', 'mixtral-eager')
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
+MOE_VARIANTS = ('moe', 'moe-slices', 'moe-tiles')   # the same function as the loop (check_same_output)
+# The layer's targets against its floor (the expert products alone), by dtype: bf16 leaves more to the rest of
+# the layer (the weights' casts, which the floor has done beforehand, and the gradients' casts back to fp32).
+FLOOR_TARGETS = {'fp32': 1.10, 'bf16': 1.20}
 
 
 class MixtureOnly(nn.Module):
@@ -129,8 +137,9 @@ def build(variant, num_expert, args):
     torch.manual_seed(0)
     if variant in MIXTRAL_VARIANTS:
         return MixtralBlock(num_expert, args, variant.split('-', 1)[1])
+    backend = {'moe-slices': 'slices', 'moe-tiles': 'tiles'}.get(variant, 'auto')
     moe = FMoETransformerMLP(num_expert, args.d_model, args.d_hidden, activation=nn.ReLU(), top_k=args.top_k,
-                             expert_backend='slices' if variant == 'moe-slices' else 'auto')
+                             expert_backend=backend)
     if variant == 'dense':
         d_inner = args.top_k * args.d_hidden
         return nn.Sequential(nn.Linear(args.d_model, d_inner), nn.ReLU(),
@@ -142,11 +151,16 @@ def build(variant, num_expert, args):
     return MixtureOnly(moe)
 
 
+def step_data(args):
+    """The input rows and the output gradient every variant's step uses."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(args.tokens, args.d_model, generator=gen), torch.randn(args.tokens, args.d_model, generator=gen)
+
+
 def step_fn(module, dtype, args):
     """One forward+backward of `module` on fixed data, grads cleared first as zero_grad() does."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.tokens, args.d_model, generator=gen).requires_grad_()
-    grad = torch.randn(args.tokens, args.d_model, generator=gen)
+    x, grad = step_data(args)
+    x.requires_grad_()
 
     def clear_grads():
         module.zero_grad(set_to_none=True)
@@ -159,6 +173,36 @@ def step_fn(module, dtype, args):
             out = module(x)
         out.backward(grad.to(out.dtype))
     step.clear_grads = clear_grads
+    return step
+
+
+def floor_step(moe, dtype, args):
+    """The floor: the six expert products of one forward+backward of `moe` (an FMoETransformerMLP) and nothing
+    else, at the expert counts its gate gives step_data's rows, on weights already in the compute dtype:
+      forward   rows @ W1[e].T, hidden @ W2[e].T
+      backward  grad_hidden = grad_out @ W2[e], grad_W2[e] = grad_out.T @ hidden (and the same for W1)
+    with grouped_mm where the layer uses it (one call per product), else one mm per expert."""
+    x = step_data(args)[0]
+    with torch.no_grad():
+        expert = moe.gate(x).expert.reshape(-1)
+    counts = sort_by_expert(expert, moe.num_expert)[2][:moe.num_expert]
+    offs, m, dt = torch.cumsum(counts, 0).to(torch.int32), int(counts.sum()), dtype or torch.float32
+    gen = torch.Generator().manual_seed(2)
+    rows, grad_hidden = (torch.randn(m, w, generator=gen).to(dt) for w in (args.d_model, args.d_hidden))
+    hidden, grad_out = (torch.randn(m, w, generator=gen).to(dt) for w in (args.d_hidden, args.d_model))
+    w1, w2 = (lin.weight.detach().to(dt) for lin in (moe.experts.htoh4, moe.experts.h4toh))
+    if grouped_mm is not None and grouped_mm_available('cpu', dt):
+        def step():
+            grouped_mm(rows, w1.transpose(1, 2), offs=offs), grouped_mm(hidden, w2.transpose(1, 2), offs=offs)
+            grouped_mm(grad_out, w2, offs=offs), grouped_mm(grad_out.t(), hidden, offs=offs)
+            grouped_mm(grad_hidden, w1, offs=offs), grouped_mm(grad_hidden.t(), rows, offs=offs)
+        return step
+    split = counts.tolist()
+    groups = list(zip(*(t.split(split) for t in (rows, hidden, grad_out, grad_hidden)), w1.unbind(0), w2.unbind(0)))
+
+    def step():
+        for r, h, go, gh, a, b in groups:
+            r @ a.t(), h @ b.t(), go @ b, go.t() @ h, gh @ a, gh.t() @ r
     return step
 
 
@@ -222,7 +266,7 @@ def check_same_output(modules, args):
     x = torch.randn(args.tokens, args.d_model)
     with torch.no_grad():
         ref = modules['loop'](x)
-        return max((modules[v](x) - ref).abs().max().item() for v in ('moe', 'moe-slices'))
+        return max((modules[v](x) - ref).abs().max().item() for v in MOE_VARIANTS)
 
 
 def run(args):
@@ -233,14 +277,15 @@ def run(args):
         max_diff = check_same_output(modules, args)
         for dtype_name in args.dtypes:
             steps = {v: step_fn(m, DTYPES[dtype_name], args) for v, m in modules.items()}
+            steps['floor'] = floor_step(modules['moe'].moe, DTYPES[dtype_name], args)
             ms = time_variants(steps, args.repeats, args.warmup)
-            for v in names:
+            for v in names + ('floor',):
                 rows.append(dict(
                     experts=num_expert, dtype=dtype_name, variant=v, ms=ms[v],
-                    vs_dense=ms[v] / ms['dense'], loop_speedup=ms['loop'] / ms[v],
+                    vs_dense=ms[v] / ms['dense'], loop_speedup=ms['loop'] / ms[v], vs_floor=ms[v] / ms['floor'],
                     vs_mixtral=ms[v] / ms['mixtral-grouped_mm'] if 'mixtral-grouped_mm' in ms else None,
-                    peak_mib=peak_memory(v, num_expert, dtype_name, args) if memory_ok else None,
-                    max_abs_diff_vs_loop_fp32=max_diff if v in ('moe', 'moe-slices') else None))
+                    peak_mib=peak_memory(v, num_expert, dtype_name, args) if memory_ok and v != 'floor' else None,
+                    max_abs_diff_vs_loop_fp32=max_diff if v in MOE_VARIANTS else None))
     return rows
 
 
@@ -252,21 +297,38 @@ def print_table(rows, meta):
     print(f"grouped_mm available: fp32 {meta['grouped_mm']['fp32']}, bf16 {meta['grouped_mm']['bf16']}")
     if not any(r['vs_mixtral'] for r in rows):
         print('mixtral rows skipped: transformers (with MixtralExperts\' grouped_mm) is not installed')
-    print(f"{'experts':>7} {'dtype':>5} {'variant':>18} {'ms':>8} {'x dense':>8} {'loop/x':>7} {'x mixtral':>9} "
-          f"{'peak MiB':>9}")
+    print(f"{'experts':>7} {'dtype':>5} {'variant':>18} {'ms':>8} {'x dense':>8} {'x floor':>8} {'loop/x':>7} "
+          f"{'x mixtral':>9} {'peak MiB':>9}")
     for r in rows:
         mem = f"{r['peak_mib']:.1f}" if r['peak_mib'] is not None else 'n/a'
         mixtral = f"{r['vs_mixtral']:.2f}" if r['vs_mixtral'] is not None else ''
         print(f"{r['experts']:>7} {r['dtype']:>5} {r['variant']:>18} {r['ms']:>8.2f} "
-              f"{r['vs_dense']:>8.2f} {r['loop_speedup']:>7.1f} {mixtral:>9} {mem:>9}")
+              f"{r['vs_dense']:>8.2f} {r['vs_floor']:>8.2f} {r['loop_speedup']:>7.1f} {mixtral:>9} {mem:>9}")
     print(f"mixtral: transformers' MixtralSparseMoeBlock, SwiGLU experts of width {meta['mixtral_width']} "
           '(equal FLOPs); its grouped_mm runs in its weights\' fp32 under bf16 autocast')
     print('peak MiB: growth of peak RSS over one fwd+bwd in a fresh process (resource-based); '
           f"1-min load average {meta['loadavg_before']:.2f} before, {meta['loadavg_after']:.2f} after")
     diffs = {r['experts']: r['max_abs_diff_vs_loop_fp32'] for r in rows if r['variant'] == 'moe'}
     print('max |moe - loop| output, fp32: ' + ', '.join(f'{e} experts {d:.1e}' for e, d in diffs.items()))
-    for line in moe_target_lines(rows):
+    for line in moe_target_lines(rows) + floor_target_lines(rows):
         print(line)
+
+
+def floor_target_lines(rows):
+    """The layer against its floor, and its time and peak memory against transformers' grouped_mm Mixtral experts."""
+    lines, by_cell = [], {(r['experts'], r['dtype'], r['variant']): r for r in rows}
+    for (experts, dtype, variant), r in by_cell.items():
+        if variant != 'moe':
+            continue
+        bound = FLOOR_TARGETS[dtype]
+        lines.append(f"{experts:>3} experts {dtype}: time / floor = {r['vs_floor']:.2f} (target <= {bound}) "
+                     f"{'holds' if r['vs_floor'] <= bound else 'MISSED'}")
+        peer = by_cell.get((experts, dtype, 'mixtral-grouped_mm'))
+        if peer is not None and None not in (r['peak_mib'], peer['peak_mib']):
+            ok = r['peak_mib'] <= peer['peak_mib']
+            lines.append(f"{experts:>3} experts {dtype}: peak MiB {r['peak_mib']:.1f} vs mixtral grouped_mm "
+                         f"{peer['peak_mib']:.1f} (target <=) {'holds' if ok else 'MISSED'}")
+    return lines
 
 
 def parse_args(argv=None):
