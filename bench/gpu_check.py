@@ -10,7 +10,7 @@ training-step throughput of train.py's Trainer on the enwik8-base shape (12 x 51
 batch 22 or the largest that fits), dense and with 64 experts (top-2, d_inner 1024 each), in fp32, tf32 and
 bf16, as tokens/s and as a fraction of the bf16 matrix-product peak measured in the same run; the dense bf16 step
 with --deterministic (its cost, and whether two runs repeat bitwise); the MoE layer
-with grouped_mm against per-expert slices; the host synchronisations of one training step. A part that fails
+on each expert path (grouped_mm, tiles, slices; bf16, fp16, fp32, TF32) against the per-expert slices; the host synchronisations of one training step. A part that fails
 is recorded and the others still run. Nothing in the repository is written; runs go to DIR/work.
 
 The dry run exercises every part's logic on the CPU (tests/test_gpu_check.py runs it); its figures mean nothing.
@@ -263,18 +263,54 @@ def part_deterministic(check, args, device):
 
 
 def part_moe_layer(check, args, device):
-    """The MoE layer alone (forward and backward), grouped_mm against per-expert slices, same weights."""
+    """The MoE layer alone (forward and backward) on each expert path, same weights: its time per dtype, the path
+    'auto' takes, and each no-host-sync path (grouped_mm, tiles) against the per-expert slices. On CUDA: bf16,
+    fp16, fp32 and TF32 (the dtypes users train in); the dry run: fp32. Check names without a dtype are the
+    default one's (bf16 on CUDA, fp32 on the CPU)."""
     cuda = device.type == 'cuda'
-    dtype = torch.bfloat16 if cuda else torch.float32
     n_tok, d_model, d_hidden, n_exp = (22 * 512, 512, 1024, 64) if cuda else (256, 32, 64, 8)
-    x = torch.randn(n_tok, d_model, device=device, requires_grad=True)
+    precisions = ('bf16', 'fp16', 'fp32', 'tf32') if cuda else ('fp32',)
+    x = torch.randn(n_tok, d_model, device=device)
+    for precision in precisions:
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
+        prefix = 'moe layer ' if precision == precisions[0] else f'moe layer {precision} '
+        with tf32_matmuls(precision == 'tf32'):
+            results = moe_layer_paths(check, args, device, x, dtype, prefix, (n_exp, d_model, d_hidden))
+        loose = cuda and precision != 'fp32'   # TF32 and half precisions: about one bf16/fp16 ulp apart
+        for path in ('grouped_mm', 'tiles'):
+            if path in results:
+                # One tensor of relative differences, so that a NaN anywhere makes the maximum NaN (and the check fail).
+                diff = torch.stack([(a - b).abs().max() / b.abs().max().clamp(min=1e-12)
+                                    for a, b in zip(results[path], results['slices'])]).max().item()
+                check(f'{prefix}{path} = slices', diff < (2e-2 if loose else 1e-4 if cuda else 1e-5),
+                      max_rel_diff=diff)
+
+
+class tf32_matmuls:
+    """TF32 matrix products on (or off) inside, as train.py's --tf32 sets them; the previous setting after."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
+def moe_layer_paths(check, args, device, x, dtype, prefix, shape):
+    """Time one forward+backward of the layer on each backend ('auto' first, then each path it may take);
+    returns each path's output and expert gradients (in fp32)."""
+    n_exp, d_model, d_hidden = shape
     results = {}
-    for backend in ('grouped_mm', 'slices'):
-        torch.manual_seed(0)   # the same weights for both
-        layer = moe.FMoETransformerMLP(n_exp, d_model, d_hidden, top_k=2, expert_backend=backend).to(device)
+    for backend in ('auto', 'grouped_mm', 'tiles', 'slices'):
         if backend == 'grouped_mm' and not moe.grouped_mm_fits(device, dtype, (d_model, d_hidden)):
-            check('moe layer grouped_mm', None, note=f'does not run fast for {dtype} here')
+            check(f'{prefix}grouped_mm', None, note=f'does not run fast for {dtype} here')
             continue
+        torch.manual_seed(0)   # the same weights for every backend
+        layer = moe.FMoETransformerMLP(n_exp, d_model, d_hidden, top_k=2, expert_backend=backend).to(device)
 
         def step():
             layer.zero_grad(set_to_none=True)
@@ -284,18 +320,16 @@ def part_moe_layer(check, args, device):
             return out
 
         out = step()
-        results[backend] = [out.float()] + [p.grad.float() for p in layer.experts.parameters()]
+        if backend != 'auto':
+            results[backend] = [out.float()] + [p.grad.float() for p in layer.experts.parameters()]
         sync(device)
         start = time.perf_counter()
         for _ in range(args.repeats):
             step()
         sync(device)
-        check(f'moe layer {backend}', None, ms=(time.perf_counter() - start) / args.repeats * 1e3)
-    if len(results) == 2:
-        # One tensor of relative differences, so that a NaN anywhere makes the maximum NaN (and the check fail).
-        diff = torch.stack([(a - b).abs().max() / b.abs().max().clamp(min=1e-12)
-                            for a, b in zip(results['grouped_mm'], results['slices'])]).max().item()
-        check('moe layer grouped_mm = slices', diff < (2e-2 if cuda else 1e-5), max_rel_diff=diff)
+        check(f'{prefix}{backend}', None, ms=(time.perf_counter() - start) / args.repeats * 1e3,
+              **({'path': layer._expert_path(device, dtype)} if backend == 'auto' else {}))
+    return results
 
 
 class SyncCount(TorchDispatchMode):
@@ -317,9 +351,10 @@ class SyncCount(TorchDispatchMode):
 def part_syncs(check, args, device):
     """Host reads in one training step between log intervals: ops that read a value back (any device) and,
     on CUDA, what torch.cuda's sync debug mode reports."""
-    for name, extra in (('dense', []), ('moe', MOE_TINY)):
-        trainer, targs = make_trainer([*TINY, *extra, *(['--amp', 'bf16'] if device.type == 'cuda' else [])],
-                                      device)
+    amp = ['--amp', 'bf16'] if device.type == 'cuda' else []
+    # 'moe fp32': the MoE run scripts as they are (no --amp), on the tiles where CUDA's grouped_mm is not one kernel
+    for name, extra in (('dense', amp), ('moe', [*MOE_TINY, *amp]), ('moe fp32', MOE_TINY)):
+        trainer, targs = make_trainer([*TINY, *extra], device)
         data, target = batch_for(targs, device)
         for _ in range(2):
             trainer.train_step(data, target)
