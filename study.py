@@ -13,7 +13,8 @@ Every run is a train.py run directory under OUT/runs/NAME-sSEED: a finished one 
 one resumes from its checkpoint (train.py --restart), so rerunning the command continues the study. Results:
 OUT/results.md, OUT/results.json, OUT/study_bpc.png (valid bpc against steps and training seconds, the
 line the mean over seeds, the band their range) and OUT/study_imbalance.png (expert load max/mean).
-Without --data the enwik8 sample in samples/ is prepared into OUT/data.
+Without --data the enwik8 sample in samples/ is prepared into OUT/data. One study at a time uses an OUT (a lock
+on it): a second one is refused instead of deleting the runs the first is training.
 """
 import json
 import os
@@ -27,8 +28,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mem_transformer import MemTransformerLM
-from utils import checkpoint as ckpt
+from utils import checkpoint as ckpt, files
 from run import training
+from utils.datasets import DATASETS, SPLITS
+from utils.errors import CheckpointError, ConfigError, DataError
 from utils.exp_utils import OneLineArgumentParser, read_metrics
 from utils.plots import load_imbalance, save  # files only: the Agg backend
 from run.upcycle import upcycle
@@ -102,12 +105,68 @@ def run_argv(args, name, config, seed, work_dir, data):
     return argv + (['--cuda'] if args.cuda else [])
 
 
+# train.py's flags that run_argv sets from the study's own flags (train.py dest -> the study's flag).
+STUDY_SETS = {'data': '--data', 'dataset': '--dataset', 'work_dir': '--out', 'seed': '--seeds',
+              'n_layer': '--n_layer', 'd_model': '--d_model', 'n_head': '--n_head', 'd_head': '--d_model/--n_head',
+              'tgt_len': '--tgt_len', 'eval_tgt_len': '--tgt_len', 'mem_len': '--mem_len',
+              'batch_size': '--batch_size', 'lr': '--lr', 'max_step': '--steps', 'warmup_step': '--steps',
+              'log_interval': '--eval_interval', 'eval_interval': '--eval_interval',
+              'save_interval': '--eval_interval', 'max_eval_steps': '--max_eval_steps', 'cuda': '--cuda',
+              'restart': 'its runs (it resumes them itself)', 'restart_dir': 'its configurations'}
+
+
+def check_train_args(args, configs, names):
+    """--train_args adds train.py flags to every run but may not set again what the study sets (a --max_step of
+    its own left every run short of the study's last step, stopped on every rerun). Every run's command line is
+    checked as train.py checks it, before a run directory is made."""
+    def parser():
+        p = training.build_parser()
+        p.error = refuse   # argparse's errors as exceptions, said below in the study's line
+        return p
+
+    def refuse(message):
+        raise ValueError(message)
+    try:
+        unset, marker = parser(), object()   # the dests --train_args sets are those not left at the marker
+        unset.set_defaults(**{a.dest: marker for a in unset._actions})
+        given = [dest for dest, value in vars(unset.parse_args(args.train_args.split())).items()
+                 if value is not marker and dest in STUDY_SETS]
+        if given:
+            raise ConfigError(f'--train_args {args.train_args!r} sets {training.flag(unset, given[0])}, which the '
+                              f'study sets from {STUDY_SETS[given[0]]}: drop it from --train_args')
+        for name in names:
+            p = parser()
+            training.check_args(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        extra = f' with --train_args {args.train_args!r}' if args.train_args else ''
+        raise ConfigError(f"train.py refuses the runs' flags{extra}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- running
+
+def broken_run(work_dir, problem, error=DataError):
+    return error(f'{problem}: remove the run directory {work_dir} and rerun the same command to train it again')
+
+
+def run_records(work_dir):
+    """metrics.jsonl's rows (none before the run's first), refused unless each is a row train.py writes: an
+    object with an integer step and a split, a train row's tokens/s, a valid or test row's bpc or ppl."""
+    path = os.path.join(work_dir, 'metrics.jsonl')
+    records = read_metrics(path) if os.path.isfile(path) else []
+    for r in records:
+        if not (isinstance(r, dict) and isinstance(r.get('step'), int) and isinstance(r.get('split'), str)
+                and (r['split'] != 'train' or isinstance(r.get('tokens_per_s'), (int, float))
+                     and r['tokens_per_s'] > 0)
+                and (r['split'] not in ('valid', 'test') or 'bpc' in r or 'ppl' in r)):
+            raise broken_run(work_dir, f'{path} has a line that train.py did not write ({json.dumps(r)[:60]})')
+    return records
+
 
 def finished(work_dir, steps):
     """Whether the run reached its last step and was tested there."""
-    path = os.path.join(work_dir, 'metrics.jsonl')
-    return os.path.isfile(path) and any(r.get('split') == 'test' and r['step'] == steps for r in read_metrics(path))
+    return any(r['split'] == 'test' and r['step'] == steps for r in run_records(work_dir))
 
 
 def check_same_run(work_dir, argv):
@@ -148,15 +207,18 @@ def run_one(args, name, config, seed, runs, data):
     work_dir = os.path.join(runs, f'{name}-s{seed}')
     steps = config.get('steps', args.steps)
     argv = run_argv(args, name, config, seed, work_dir, data)
-    check_same_run(work_dir, argv)
     if finished(work_dir, steps):
+        check_same_run(work_dir, argv)
         print(f'== {name} seed {seed}: finished, skipped')
         return 0
     if os.path.isfile(os.path.join(work_dir, 'checkpoint.pt')):
+        check_same_run(work_dir, argv)
         print(f'== {name} seed {seed}: resuming')
         argv.append('--restart')
     else:
-        shutil.rmtree(work_dir, ignore_errors=True)   # started but stopped before its first checkpoint
+        # Never trained up to a checkpoint (or failed on its flags): started again, with the flags given now.
+        # Only this study uses OUT (its lock), so no other process trains here.
+        shutil.rmtree(work_dir, ignore_errors=True)
         os.makedirs(work_dir)
         with open(os.path.join(work_dir, 'study_argv.json'), 'w') as f:
             json.dump(argv, f)
@@ -169,13 +231,32 @@ def run_one(args, name, config, seed, runs, data):
     return code
 
 
+def sample_dir(out):
+    """OUT/data, where the study prepares the sample without --data: (path, whether it is prepared). Anything
+    else there (a corpus of the user's missing a split) is refused, never overwritten."""
+    data = os.path.join(out, 'data')
+    if not os.path.lexists(data):
+        return data, False
+    missing = [f'{s}.txt' for s in SPLITS if not os.path.isfile(os.path.join(data, f'{s}.txt'))]
+    if missing:
+        raise DataError(f'{data} is there but lacks {", ".join(missing)}: it is left alone; pass --data {data} if '
+                        'it is a corpus, or remove it to have the enwik8 sample prepared there')
+    return data, True
+
+
 def prepare_data(args):
+    """--data, or the enwik8 sample prepared into OUT/data (in a directory of the study's own first, renamed
+    once complete, so that an interrupted preparation leaves no partial OUT/data)."""
     if args.data:
         return args.data
-    data = os.path.join(args.out, 'data')
-    if not all(os.path.isfile(os.path.join(data, f'{s}.txt')) for s in ('train', 'valid', 'test')):
-        subprocess.run([sys.executable, os.path.join(HERE, 'prep_enwik8.py'), '--input', SAMPLE, '--out', data,
-                        '--valid', '100000', '--test', '100000', '--no-raw', '--force'], check=True)
+    data, ready = sample_dir(args.out)
+    if not ready:
+        partial = os.path.join(args.out, '.data.partial')
+        done = subprocess.run([sys.executable, os.path.join(HERE, 'prep_enwik8.py'), '--input', SAMPLE, '--out',
+                               partial, '--valid', '100000', '--test', '100000', '--no-raw', '--force'])
+        if done.returncode:
+            raise DataError(f'preparing {SAMPLE} into {data} failed (prep_enwik8.py said why above)')
+        os.rename(partial, data)
     return data
 
 
@@ -194,13 +275,21 @@ def seconds_at_steps(records, tokens_per_step):
 
 def run_summary(work_dir, tokens_per_step, step_offset=0, time_offset=0.):
     """One run's curves and figures; bpc for character-level corpora, else perplexity (still named bpc)."""
-    records = read_metrics(os.path.join(work_dir, 'metrics.jsonl'))
+    records = run_records(work_dir)
     unit = 'bpc' if any('bpc' in r for r in records) else 'ppl'
     seconds = seconds_at_steps(records, tokens_per_step)
     valid = [r for r in records if r['split'] == 'valid' and r['step'] in seconds]
-    test = [r for r in records if r['split'] == 'test'][-1]
+    tests = [r for r in records if r['split'] == 'test']
     train_lines = [r for r in records if r['split'] == 'train']
-    state = ckpt.load(os.path.join(work_dir, 'model.pt'), 'model')
+    if not (valid and tests):
+        raise broken_run(work_dir, f'{work_dir}/metrics.jsonl has no {"test" if valid else "validation"} results')
+    test = tests[-1]
+    path = os.path.join(work_dir, 'model.pt')
+    try:
+        state = ckpt.load_run_file(path, 'model')
+    except CheckpointError:
+        what = 'is missing' if not os.path.isfile(path) else 'is truncated or not a model file of train.py'
+        raise broken_run(work_dir, f'{path} {what}', CheckpointError) from None
     config = state['config']
     total = sum(v.numel() for k, v in state['model_state'].items() if not k.endswith('expert_bias'))
     experts = sum(v.numel() for k, v in state['model_state'].items() if '.experts.' in k)
@@ -209,8 +298,8 @@ def run_summary(work_dir, tokens_per_step, step_offset=0, time_offset=0.):
     return {
         'steps': [step_offset + r['step'] for r in valid],
         'seconds': [time_offset + seconds[r['step']] for r in valid],
-        'valid_bpc': [r[unit] for r in valid],
-        'final_valid_bpc': valid[-1][unit], 'test_bpc': test[unit],
+        'valid_bpc': [float(r[unit]) for r in valid],   # float('inf'): train.py writes inf as a string
+        'final_valid_bpc': float(valid[-1][unit]), 'test_bpc': float(test[unit]),
         'train_seconds': time_offset + max(seconds.values()),
         'tokens_per_s': float(np.mean([r['tokens_per_s'] for r in train_lines])),
         'params_total': total, 'params_active': active,
@@ -293,12 +382,11 @@ def plot_results(results, out):
 
 
 def write_results(results, out):
-    with open(os.path.join(out, 'results.json.tmp'), 'w') as f:
+    """Each file whole or not at all (a full disk: files.WriteError, the previous file kept)."""
+    with files.atomic_write(os.path.join(out, 'results.json')) as f:
         json.dump(results, f, indent=1)
-    os.replace(os.path.join(out, 'results.json.tmp'), os.path.join(out, 'results.json'))
-    with open(os.path.join(out, 'results.md.tmp'), 'w') as f:
+    with files.atomic_write(os.path.join(out, 'results.md')) as f:
         f.write(markdown_table(results))
-    os.replace(os.path.join(out, 'results.md.tmp'), os.path.join(out, 'results.md'))
     plot_results(results, out)
 
 
@@ -326,7 +414,14 @@ def check_args(args):
                          f'--n_head {args.n_head} must divide --d_model {args.d_model}')
     if args.data and not os.path.isdir(args.data):
         raise ValueError(f'--data {args.data} is not a directory')
-    return configs, list(dict.fromkeys(names)), seeds
+    if args.dataset not in DATASETS:
+        raise ConfigError(f'--dataset {args.dataset}: unknown; known: {", ".join(DATASETS)}')
+    names = list(dict.fromkeys(names))
+    check_train_args(args, configs, names)
+    files.check_writable_dir(args.out, '--out')
+    if not args.data:
+        sample_dir(args.out)
+    return configs, names, seeds
 
 
 def main(argv=None):
@@ -337,7 +432,13 @@ def main(argv=None):
         print(f'study.py: error: {e}', file=sys.stderr)
         return 2
     start = time.time()
-    data = prepare_data(args)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        lock = files.lock_directory(args.out, '--out')  # kept until the study ends
+        data = prepare_data(args)
+    except (ValueError, OSError) as e:
+        print(f'study.py: error: {e}', file=sys.stderr)
+        return 2
     runs = os.path.join(args.out, 'runs')
     os.makedirs(runs, exist_ok=True)
     for name in names:
@@ -351,8 +452,13 @@ def main(argv=None):
                 print(f'study.py: {name} seed {seed} stopped (exit code {code}); rerun the same command to '
                       'continue', file=sys.stderr)
                 return code
-    results = summarize(args, names, configs, seeds, runs)
-    write_results(results, args.out)
+    try:
+        results = summarize(args, names, configs, seeds, runs)
+        write_results(results, args.out)
+    except (ValueError, OSError) as e:   # a broken finished run, a full disk
+        print(f'study.py: error: {e}', file=sys.stderr)
+        return 2
+    lock.release()
     print(markdown_table(results))
     print(f'Wrote {args.out}/results.md, results.json, study_bpc.png, study_imbalance.png '
           f'({time.time() - start:.0f} s in this invocation)')

@@ -1,13 +1,19 @@
 """study.py in a tiny fast mode: tables and plots, a continued (upcycled) run, and resuming after Ctrl-C."""
+import argparse
+import errno
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 import mem_transformer
 import study
-from conftest import write_corpus
+from conftest import ROOT, write_corpus
 
 TINY = ['--steps', '4', '--n_layer', '1', '--d_model', '16', '--n_head', '2', '--d_inner', '32', '--tgt_len', '8',
         '--mem_len', '8', '--batch_size', '2', '--eval_interval', '2', '--max_eval_steps', '2']
@@ -88,8 +94,143 @@ def test_study_writes_results_resumes_after_ctrl_c_and_skips_finished_runs(tmp_p
     (['--configs', 'moe3'], '--configs: unknown moe3'),
     (['--seeds', 'one'], "--seeds 'one'"),
     (['--d_inner', '30'], '--d_inner 30 must be a multiple of 4'),
+    (['--dataset', 'enwik9'], '--dataset enwik9: unknown'),
+    # a --max_step of its own kept every run short of the study's: "stopped (exit code 130)" on every rerun
+    (['--train_args=--max_step 2'], "--train_args '--max_step 2' sets --max_step, which the study sets from --steps"),
+    (['--train_args=--max_st=2'], "sets --max_step"),
+    (['--train_args=--bogus'], "train.py refuses the runs' flags with --train_args '--bogus': unrecognized"),
 ])
 def test_bad_input_exits_2_in_one_line(tmp_path, corpus, capsys, flags, message):
     assert run_study(tmp_path / 'out', corpus, *flags) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and message in err and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('out', ['file', '/proc/study'])
+def test_an_out_that_cannot_be_a_directory_is_one_line(tmp_path, corpus, capsys, out):
+    if out == 'file':
+        out = tmp_path / 'file'
+        out.write_text('mine')
+    assert run_study(out, corpus) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith(f'study.py: error: --out {out} ')
+    assert out == '/proc/study' or out.read_text() == 'mine'
+
+
+# The first study, stopped (SIGSTOP) at its first training step: train.py holds the run directory's lock and has
+# written no checkpoint yet.
+STOPPED_AT_THE_FIRST_STEP = """
+import os, signal, sys
+from run import training
+step = training.Trainer.train_step
+def stop_then_step(self, *args):
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return step(self, *args)
+training.Trainer.train_step = stop_then_step
+import study
+sys.exit(study.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_study_in_the_same_out_leaves_the_first_ones_run_alone(tmp_path, corpus, capsys):
+    """It deleted the run directory the first study was training in (no checkpoint yet), then both trained."""
+    out, flags = tmp_path / 'out', ['--configs', 'dense', '--seeds', '1']
+    first = subprocess.Popen([sys.executable, '-c', STOPPED_AT_THE_FIRST_STEP, '--out', str(out), '--data',
+                              str(corpus), *TINY, *flags], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        stat = f'/proc/{first.pid}/stat'
+        for _ in range(1200):
+            if open(stat).read().rsplit(')', 1)[1].split()[0] == 'T' or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        run = out / 'runs' / 'dense-s1'
+        before = (run.stat().st_ino, sorted(os.listdir(run)))
+        assert first.poll() is None and 'log.txt' in before[1] and 'checkpoint.pt' not in before[1]
+        assert run_study(out, corpus, *flags) == 2
+        err = capsys.readouterr().err
+        assert err == f'study.py: error: --out {out} is in use by another process (it holds the lock on it): wait ' \
+                      'for it to end or choose another directory\n'
+        assert (run.stat().st_ino, sorted(os.listdir(run))) == before
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_the_sample_is_prepared_into_out_data_and_a_corpus_there_is_left_alone(tmp_path, capsys):
+    """Without --data the sample was prepared with --force whenever a split was missing: a train.txt of the
+    user's in OUT/data was overwritten."""
+    data = study.prepare_data(argparse.Namespace(data=None, out=str(tmp_path / 'fresh')))
+    assert sorted(os.listdir(data)) == ['test.txt', 'train.txt', 'valid.txt']
+    assert os.listdir(tmp_path / 'fresh') == ['data']   # the partial directory renamed: nothing else left
+    mine = tmp_path / 'out' / 'data'
+    mine.mkdir(parents=True)
+    (mine / 'train.txt').write_text('my corpus')
+    assert study.main(['--out', str(tmp_path / 'out'), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f'{mine} is there but lacks valid.txt, test.txt: it is left alone' in err
+    assert os.listdir(mine) == ['train.txt'] and (mine / 'train.txt').read_text() == 'my corpus'
+
+
+def test_a_run_that_failed_on_its_data_starts_again_with_the_corrected_command(tmp_path, corpus, capsys):
+    """Its first command's flags were kept: the corrected one was refused as 'trained with other flags'."""
+    small = write_corpus(tmp_path / 'small', sizes=(6000, 10, 2000))   # too short for the evaluation batch
+    flags = ['--configs', 'dense', '--seeds', '1']
+    assert run_study(tmp_path / 'out', small, *flags) == 2
+    assert 'valid' in capsys.readouterr().err
+    assert run_study(tmp_path / 'out', corpus, *flags) == 0
+    argv = json.loads((tmp_path / 'out' / 'runs' / 'dense-s1' / 'study_argv.json').read_text())
+    assert argv[argv.index('--data') + 1] == str(corpus)
+
+
+@pytest.fixture(scope='module')
+def finished_study(tmp_path_factory, corpus):
+    """A finished one-run study and a copy of it: fresh() puts the copy back where the study ran (its runs' flags
+    name their directories)."""
+    out = tmp_path_factory.mktemp('finished') / 'out'
+    assert run_study(out, corpus, '--configs', 'dense', '--seeds', '1') == 0
+    shutil.copytree(out, out.parent / 'pristine')
+
+    def fresh():
+        shutil.rmtree(out)
+        shutil.copytree(out.parent / 'pristine', out)
+        return out, out / 'runs' / 'dense-s1'
+    return fresh
+
+
+def lines_of(path):
+    return path.read_text().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize('damage,message', [
+    (lambda run: (run / 'model.pt').unlink(), 'model.pt is missing'),
+    (lambda run: (run / 'model.pt').write_bytes((run / 'model.pt').read_bytes()[:500]), 'model.pt is truncated'),
+    (lambda run: (run / 'metrics.jsonl').write_text('[1, 2]\n'), 'metrics.jsonl has a line that train.py did not'),
+    (lambda run: (run / 'metrics.jsonl').write_text(''.join(lines_of(run / 'metrics.jsonl')) + '{"split": "test"}\n'),
+     'metrics.jsonl has a line that train.py did not write ({"split": "test"})'),
+    (lambda run: (run / 'metrics.jsonl').write_text(''.join(l for l in lines_of(run / 'metrics.jsonl')
+                                                            if '"valid"' not in l)),
+     'metrics.jsonl has no validation results'),
+])
+def test_a_damaged_finished_run_is_one_line(finished_study, corpus, capsys, damage, message):
+    out, run = finished_study()
+    damage(run)
+    capsys.readouterr()
+    assert run_study(out, corpus, '--configs', 'dense', '--seeds', '1') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and message in err
+    assert err.endswith(f': remove the run directory {run} and rerun the same command to train it again\n')
+
+
+def test_a_full_disk_while_writing_the_results_keeps_the_previous_ones(finished_study, corpus, capsys, monkeypatch):
+    """The results were written with open() and replaced: a full disk gave a traceback and a 0-byte .tmp."""
+    out, _ = finished_study()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, 'fsync', full)
+    assert run_study(out, corpus, '--configs', 'dense', '--seeds', '1') == 2
+    err = capsys.readouterr().err
+    assert err == f'study.py: error: no space left on device writing {out}/results.json: the previous file is ' \
+                  'kept; free some space and run again\n'
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
