@@ -29,7 +29,7 @@ import numpy as np
 
 from mem_transformer import MemTransformerLM
 from utils import checkpoint as ckpt, files
-from run import training
+from run import options, training
 from utils.datasets import DATASETS, SPLITS
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.exp_utils import OneLineArgumentParser, read_metrics
@@ -120,7 +120,7 @@ def check_train_args(args, configs, names):
     its own left every run short of the study's last step, stopped on every rerun). Every run's command line is
     checked as train.py checks it, before a run directory is made."""
     def parser():
-        p = training.build_parser()
+        p = options.build_parser()
         p.error = refuse   # argparse's errors as exceptions, said below in the study's line
         return p
 
@@ -132,11 +132,11 @@ def check_train_args(args, configs, names):
         given = [dest for dest, value in vars(unset.parse_args(args.train_args.split())).items()
                  if value is not marker and dest in STUDY_SETS]
         if given:
-            raise ConfigError(f'--train_args {args.train_args!r} sets {training.flag(unset, given[0])}, which the '
+            raise ConfigError(f'--train_args {args.train_args!r} sets {options.flag(unset, given[0])}, which the '
                               f'study sets from {STUDY_SETS[given[0]]}: drop it from --train_args')
         for name in names:
             p = parser()
-            training.check_args(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
+            options.check_args(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
     except ConfigError:
         raise
     except ValueError as e:

@@ -121,12 +121,12 @@ def test_an_out_that_cannot_be_a_directory_is_one_line(tmp_path, corpus, capsys,
 # written no checkpoint yet.
 STOPPED_AT_THE_FIRST_STEP = """
 import os, signal, sys
-from run import training
-step = training.Trainer.train_step
+from run.trainer import Trainer
+step = Trainer.train_step
 def stop_then_step(self, *args):
     os.kill(os.getpid(), signal.SIGSTOP)
     return step(self, *args)
-training.Trainer.train_step = stop_then_step
+Trainer.train_step = stop_then_step
 import study
 sys.exit(study.main(sys.argv[1:]))
 """
