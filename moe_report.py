@@ -11,15 +11,17 @@ dropped the copy, and their scores). Reports, per layer:
   dropped     copies dropped by the capacity limit of the gshard/switch gates (and their fraction)
   classes     for enwik8/text8: which byte classes (letters, digits, whitespace, markup, punctuation, non-ASCII)
               an expert's tokens are, its most frequent class, and the class most over-represented (lift)
-as a table on stdout, JSON (moe_report.json) and a PNG heat map (moe_report.png) next to the model.
+as a table on stdout, JSON (moe_report.json) and a PNG (moe_report.png) next to the model: the shares (white at an
+even share, red above, blue below) and confidences as heat maps with their numbers, and per layer the byte classes
+of each expert's tokens.
 
     python moe_report.py --work_dir runs/enwik8-moe --split valid
 """
 import json
-import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 from data_utils import CHAR_LEVEL
@@ -28,6 +30,7 @@ from run.corpus import open_corpus
 from run.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
 from utils.files import atomic_write
+from utils.plots import DIVERGING, centred_norm, colour_bar, label_cells, label_every_tick, plt, save  # Agg
 from run.generation import TextCodec, checkpoint_path, load_trained_model
 
 BYTE_CLASSES = ('letters', 'digits', 'whitespace', 'markup', 'punctuation', 'non-ASCII')
@@ -187,31 +190,86 @@ def write_json(report, path):
         json.dump(report, f, indent=1)
 
 
-def write_heatmap(layers, path, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    share = [[100 * s for s in layer['share']] for layer in layers]
-    conf = [[math.nan if c is None else c for c in layer['confidence']] for layer in layers]
+def expert_matrix(layers, key, scale=1.0):
+    """[n_expert, n_layer]: one value per expert (rows) and layer (columns), NaN where there is none."""
     n_expert = max(layer['num_expert'] for layer in layers)
-    fig, axes = plt.subplots(1, 2, figsize=(min(4 + 0.35 * n_expert, 24) * 2 / 1.5, 1.5 + 0.45 * len(layers)),
-                             squeeze=False)
-    for ax, values, label, cmap in ((axes[0, 0], share, 'share of routed tokens (%)', 'viridis'),
-                                    (axes[0, 1], conf, 'mean gate score', 'magma')):
-        image = ax.imshow(values, aspect='auto', cmap=cmap, interpolation='nearest')
-        ax.set_xlabel('expert')
-        ax.set_ylabel('layer')
-        ax.set_yticks(range(len(layers)))
-        ax.set_title(label)
-        fig.colorbar(image, ax=ax)
+    out = np.full((n_expert, len(layers)), np.nan)
+    for col, layer in enumerate(layers):
+        for e, value in enumerate(layer[key]):
+            out[e, col] = np.nan if value is None else scale * value
+    return out
+
+
+def heat_map(ax, colour, numbers, cmap, norm, fmt):
+    """A heat map of colour [experts, columns] with numbers written in its cells, every expert labelled."""
+    image = ax.imshow(colour, aspect='auto', interpolation='nearest', cmap=cmap, norm=norm)
+    n_expert = colour.shape[0]
+    label_cells(ax, image, numbers, fmt, fontsize=7 if n_expert <= 16 else 6 if n_expert <= 32 else 4)
+    label_every_tick(ax, 'y', n_expert)
+    ax.set_ylabel('expert')
+    return image
+
+
+def routing_figure(layers, title):
+    """Per layer and expert: the share of the routed tokens (white at an even share, red above, blue below, the
+    percentage in each cell) and the mean gate score; for character-level corpora, per layer, the byte classes of
+    each expert's tokens (% of its tokens in each cell, coloured by how over-represented the class is there)."""
+    classes = 'classes' in layers[0]
+    n_expert, n_layer = max(layer['num_expert'] for layer in layers), len(layers)
+    block = 1.6 + (0.3 if n_expert <= 16 else 0.2 if n_expert <= 32 else 0.14) * n_expert
+    n_col = min(n_layer, 4)
+    n_row = -(-n_layer // n_col) if classes else 0
+    fig = plt.figure(layout='constrained', figsize=(max(2 * (2.5 + 0.75 * n_layer), 5.5 * n_col if classes else 0),
+                                                    block * (1 + n_row) + 0.6))
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, max(n_row, 1)]) if classes else (fig, None)
+    share_ax, score_ax = top.subplots(1, 2)
+
+    # coloured as a multiple of the layer's even share, so that white is even whatever the number of experts
+    even = expert_matrix(layers, 'share') * np.array([layer['num_expert'] for layer in layers])
+    image = heat_map(share_ax, even, expert_matrix(layers, 'share', 100), DIVERGING,
+                     centred_norm(1.0, np.nanmax(even)), '.1f')
+    even_text = ', '.join(sorted({f'{100 / layer["num_expert"]:.3g}%' for layer in layers}))
+    share_ax.set_title(f'% of the routed tokens (even share: {even_text})', fontsize=10)
+    colour_bar(top, image, even, share_ax, 'share / even share (1 = even)')
+    confidence = expert_matrix(layers, 'confidence')
+    image = heat_map(score_ax, confidence, confidence, 'viridis', None, '.2f')
+    score_ax.set_title('mean gate score of the tokens each expert got', fontsize=10)
+    top.colorbar(image, ax=score_ax, label='mean gate score')
+    dropped = any(layer['dropped'] for layer in layers)
+    layer_names = [f'{layer["layer"]}\n{layer["max_over_mean"] or 0:.2f}' +
+                   (f'\n{100 * layer["dropped_fraction"]:.1f}%' if dropped else '') for layer in layers]
+    for ax in (share_ax, score_ax):
+        ax.set_xticks(range(n_layer), layer_names, fontsize=8)
+        ax.set_xlabel('layer\nits load max/mean' + ('\ncopies dropped' if dropped else ''), fontsize=8)
+
+    if classes:
+        axes = bottom.subplots(n_row, n_col, squeeze=False)
+        lifts = np.array([layer['class_lift'] for layer in layers])
+        norm = centred_norm(1.0, lifts.max())
+        for layer, ax in zip(layers, axes.flat):
+            image = heat_map(ax, np.array(layer['class_lift']), 100 * np.array(layer['class_share']), DIVERGING,
+                             norm, '.0f')
+            ax.set_xticks(range(len(layer['classes'])), [f'{name}\n{100 * share:.0f}% of all' for name, share
+                                                          in zip(layer['classes'], class_overall(layer))], fontsize=7)
+            ax.set_title(f"layer {layer['layer']}", fontsize=10)
+        for ax in axes.flat[n_layer:]:
+            ax.set_visible(False)
+        colour_bar(bottom, image, lifts, axes.ravel().tolist(), 'lift (1 = as in the text)', aspect=20 * n_row)
+        bottom.suptitle("Byte classes: % of each expert's tokens in each class; colour: lift, that % / the class's "
+                        '% of all tokens (white: as in the text, red: over-represented, blue: under)', fontsize=10)
     fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        with atomic_write(path, 'wb') as f:
-            fig.savefig(f, format='png', dpi=100)
-    finally:
-        plt.close(fig)
+    return fig
+
+
+def class_overall(layer):
+    """Each byte class's share of all the layer's routed copies (the share every expert would have without
+    specialisation), from the experts' token shares and class shares."""
+    per_expert = np.array(layer['share'])[:, None] * np.array(layer['class_share'])
+    return per_expert.sum(0)
+
+
+def write_heatmap(layers, path, title):
+    save(routing_figure(layers, title), path)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -293,7 +351,8 @@ def main(argv=None):
     json_path, png_path = output_path(args, 'json'), output_path(args, 'png')
     try:
         write_json(report, json_path)
-        write_heatmap(layers, png_path, f'Expert routing on {dataset} {args.split} ({layers[0]["tokens"]} tokens)')
+        write_heatmap(layers, png_path, f'Expert routing of {os.path.basename(os.path.dirname(os.path.abspath(path)))} '
+                      f'on {dataset} {args.split} ({layers[0]["tokens"]} tokens)')
     except files.WriteError as e:
         print(f'moe_report.py: error: {e}', file=sys.stderr)
         return 2

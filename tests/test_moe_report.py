@@ -63,6 +63,66 @@ def test_byte_classes(char, name):
     assert BYTE_CLASSES[byte_class(char)] == name
 
 
+# ------------------------------------------------------------------ the figure
+
+def hand_checked_layers():
+    """Layer 0: the hand-checked example above (shares 4/7, 2/7, 1/7 of 3 experts); layer 1: an even layer."""
+    first = LayerRouting(num_expert=3, top_k=2, n_classes=len(BYTE_CLASSES))
+    first.add(torch.tensor([[0, 1], [0, 2], [0, -1], [1, 0]]), torch.tensor([[.6, .4], [.7, .3], [.9, .1], [.5, .5]]),
+              torch.tensor([LETTERS, DIGITS, LETTERS, WHITESPACE]))
+    even = LayerRouting(num_expert=3, top_k=1, n_classes=len(BYTE_CLASSES))
+    even.add(torch.tensor([[0], [1], [2]]), torch.tensor([[.5], [.5], [.5]]), torch.tensor([LETTERS] * 3))
+    return [dict(layer=i, gate='naive', **r.summary(BYTE_CLASSES)) for i, r in enumerate((first, even))]
+
+
+def cell_texts(ax):
+    """{(row, column): text} of the numbers written on a heat map's cells."""
+    return {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+
+
+def test_figure_has_numbers_an_even_share_in_the_neutral_colour_and_the_byte_classes():
+    fig = moe_report.routing_figure(hand_checked_layers(), 'Expert routing of enwik8-moe on enwik8 valid')
+    panels = [ax for ax in fig.get_axes() if ax.images]
+    share, score, *classes = panels
+    assert fig._suptitle.get_text() == 'Expert routing of enwik8-moe on enwik8 valid'
+    assert 'even share: 33.3%' in share.get_title()
+    # rows: experts, columns: layers; 4/7, 2/7, 1/7 of layer 0's copies and a third each in layer 1
+    assert cell_texts(share) == {(0, 0): '57.1', (1, 0): '28.6', (2, 0): '14.3',
+                                 (0, 1): '33.3', (1, 1): '33.3', (2, 1): '33.3'}
+    image = share.images[0]
+    neutral = image.cmap(0.5)
+    assert image.cmap.name == 'RdBu_r' and min(neutral[:3]) > 0.9
+    colours = image.to_rgba(image.get_array())
+    for expert in range(3):   # the even layer is drawn in the neutral colour
+        assert colours[expert, 1] == pytest.approx(neutral)
+    assert colours[0, 0][0] > colours[0, 0][2] and colours[2, 0][2] > colours[2, 0][0]   # red above, blue below
+    assert cell_texts(score)[(0, 0)] == f'{(.6 + .7 + .9 + .5) / 4:.2f}' and cell_texts(score)[(1, 0)] == '0.45'
+    for ax in panels:   # every expert labelled
+        assert [t.get_text() for t in ax.get_yticklabels()] == ['0', '1', '2']
+
+    # the byte classes, one panel per layer: % of each expert's tokens in each class, coloured by lift
+    assert len(classes) == 2
+    names = [t.get_text().split('\n')[0] for t in classes[0].get_xticklabels()]
+    assert names == list(BYTE_CLASSES)
+    texts = cell_texts(classes[0])
+    assert [texts[(0, c)] for c in range(3)] == ['50', '25', '25']   # expert 0: 2 letters, a digit, a space
+    assert texts[(2, DIGITS)] == '100'
+    lift = classes[0].images[0]
+    assert lift.get_array()[2, DIGITS] == pytest.approx(3.5) and lift.norm(1.0) == pytest.approx(0.5)
+    assert classes[0].get_xticklabels()[LETTERS].get_text() == 'letters\n43% of all'   # 3 of the 7 copies
+    moe_report.plt.close(fig)
+
+
+def test_figure_of_a_word_level_corpus_has_no_class_panels(tmp_path):
+    layers = [{k: v for k, v in layer.items() if 'class' not in k and k != 'most_over_represented'}
+              for layer in hand_checked_layers()]
+    fig = moe_report.routing_figure(layers, 'run')
+    assert len([ax for ax in fig.get_axes() if ax.images]) == 2
+    moe_report.plt.close(fig)
+    moe_report.write_heatmap(layers, tmp_path / 'r.png', 'run')
+    assert (tmp_path / 'r.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 # ------------------------------------------------------------------ end to end
 
 def fixed_routing(bias):
@@ -86,10 +146,14 @@ def run_report(tmp_path, capsys, *argv):
     return code, out, err
 
 
-def test_report_of_a_naive_gate_with_known_routing(tmp_path, capsys):
+def test_report_of_a_naive_gate_with_known_routing(tmp_path, capsys, monkeypatch):
     run, data, _ = make_run(tmp_path, fixed_routing([3., 2., 1., 0.]), moe=True, moe_num_expert=4, moe_top_k=2)
+    titles = []
+    monkeypatch.setattr(moe_report, 'routing_figure',
+                        lambda layers, title, draw=moe_report.routing_figure: titles.append(title) or draw(layers, title))
     code, out, _ = run_report(tmp_path, capsys, '--work_dir', run, '--batch_size', '2', '--tgt_len', '5')
     assert code == 0
+    assert titles == [f'Expert routing of run on enwik8 valid ({sum(segments(data, 2, 5))} tokens)']
     report = json.loads((tmp_path / 'run' / 'moe_report.json').read_text())
     assert (tmp_path / 'run' / 'moe_report.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 

@@ -55,12 +55,14 @@ def colour_bar(fig, image, values, ax, label, **options):
 
 
 def label_cells(ax, image, values, fmt, fontsize=7):
-    """Write each cell's number on a heat map, black on light cells and white on dark ones (NaN: left blank)."""
+    """Write a number on each cell of a heat map (values: the image's own, or others of its shape), black on light
+    cells and white on dark ones; NaN: left blank."""
     values = np.asarray(values, dtype=np.float64)
+    colours = image.to_rgba(image.get_array())
     for (row, col), value in np.ndenumerate(values):
         if np.isnan(value):
             continue
-        r, g, b, _ = image.cmap(image.norm(value))
+        r, g, b, _ = colours[row, col]
         ax.text(col, row, format(value, fmt), ha='center', va='center', fontsize=fontsize,
                 color='black' if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else 'white')
 
