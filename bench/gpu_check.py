@@ -211,16 +211,20 @@ def time_steps(trainer, data, target, device, repeats):
 
 
 def time_fitting(flags, device, repeats):
-    """train.py's step for these flags at their batch, halved until it fits: (args, seconds per step, losses)."""
-    batch = 0
+    """train.py's step for these flags at their batch, halved until it fits: (args, seconds per step, losses).
+    OutOfMemoryError if not even a batch of 1 fits."""
+    batch = build_parser().parse_args(flags).batch_size
     while True:
         try:
-            trainer, targs = make_trainer([*flags, *(['--batch_size', str(batch)] if batch else [])], device)
+            trainer, targs = make_trainer([*flags, '--batch_size', str(batch)], device)
             return (targs, *time_steps(trainer, *batch_for(targs, device), device, repeats))
-        except torch.OutOfMemoryError:
-            trainer = None
-            torch.cuda.empty_cache()
-            batch = targs.batch_size // 2
+        except torch.OutOfMemoryError as e:
+            if batch == 1:
+                raise torch.OutOfMemoryError(f'not even a batch of 1 fits: {str(e)[:200]}') from None
+        # Out of the except block, whose traceback holds the failed step's tensors: now they can be freed.
+        trainer = None
+        torch.cuda.empty_cache()
+        batch //= 2
 
 
 def part_throughput(check, args, device):
