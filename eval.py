@@ -75,7 +75,7 @@ def main(argv=None):
         check_args(args)
         dist = Dist.from_env(args.cuda)
         dist.check_eval_batch(args.batch_size, '--batch_size')
-        device = dist.device(pick_device(args.cuda))
+        device = dist.device(pick_device(args.cuda, print))
         set_deterministic(args.deterministic)  # before the first product on a GPU
         model, saved = load_model(args.work_dir, device)
         set_eval_lengths(model, args.tgt_len, args.mem_len, args.ext_len, args.clamp_len, args.same_length)

@@ -319,7 +319,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        device = pick_device(args.cuda)
+        device = pick_device(args.cuda, print)
         model, saved, path = load_trained_model(args.work_dir, device)
         if not model.moe_layers():
             raise ValueError(f'the model in {path} has no MoE layers (trained without --moe): nothing to report')

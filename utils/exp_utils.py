@@ -222,8 +222,9 @@ def demo_device_flags():
     return ['--amp', 'bf16'] if amx else []
 
 
-def pick_device(cuda, log=print):
-    """--cuda as in the original; without a GPU everything runs on the CPU (with a warning if --cuda)."""
+def pick_device(cuda, log):
+    """--cuda as in the original; without a GPU everything runs on the CPU (with a warning through `log`, a
+    function taking a line, if --cuda)."""
     if cuda and not torch.cuda.is_available():
         log('WARNING: --cuda given but no CUDA device is available; running on the CPU')
         return torch.device('cpu')
