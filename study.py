@@ -137,7 +137,7 @@ def check_train_args(args, configs, names):
                               f'study sets from {STUDY_SETS[given[0]]}: drop it from --train_args')
         for name in names:
             p = parser()
-            options.check_args(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
+            options.run_config(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
     except ConfigError:
         raise
     except ValueError as e:
