@@ -48,7 +48,8 @@ def throughput(dtypes, repeats, warmup, config=EVAL_CONFIG):
     tokens, flops = config['tgt_len'] * config['bsz'], flops_per_token(config, train=False)
     return [dict(config='enwik8-eval', dtype=dtype, paths='fast' if fast else 'plain', ms=s * 1e3,
                  tokens_per_s=tokens / s, gflop_per_token=flops / 1e9, tflops=flops * tokens / s / 1e12,
-                 vs_plain=seconds[(dtype, False)] / s)
+                 vs_plain=seconds[(dtype, False)] / s,
+                 vs_plain_range=seconds.ratio_range((dtype, False), (dtype, fast)))
             for (dtype, fast), s in seconds.items()]
 
 

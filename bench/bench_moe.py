@@ -41,7 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from report import moe_target_lines  # noqa: E402
+from report import mixtral_skipped, moe_target_lines, transformers_version  # noqa: E402
 from timing import time_side_by_side, write_json  # noqa: E402
 from utils import malloc  # noqa: E402
 from moe import FMoETransformerMLP, grouped_mm, grouped_mm_available, sort_by_expert  # noqa: E402
@@ -208,7 +208,7 @@ def floor_step(moe, dtype, args):
 
 def time_variants(steps, repeats, warmup):
     """Milliseconds of each step, timed side by side (timing.time_side_by_side)."""
-    return {name: seconds * 1e3 for name, seconds in time_side_by_side(steps, repeats, warmup).items()}
+    return time_side_by_side(steps, repeats, warmup).scaled(1e3)
 
 
 def peak_memory_child(variant, num_expert, dtype_name, args):
@@ -283,6 +283,8 @@ def run(args):
                 rows.append(dict(
                     experts=num_expert, dtype=dtype_name, variant=v, ms=ms[v],
                     vs_dense=ms[v] / ms['dense'], loop_speedup=ms['loop'] / ms[v], vs_floor=ms[v] / ms['floor'],
+                    vs_dense_range=ms.ratio_range(v, 'dense'), loop_speedup_range=ms.ratio_range('loop', v),
+                    vs_mixtral_range=ms.ratio_range(v, 'mixtral-grouped_mm') if 'mixtral-grouped_mm' in ms else None,
                     vs_mixtral=ms[v] / ms['mixtral-grouped_mm'] if 'mixtral-grouped_mm' in ms else None,
                     peak_mib=peak_memory(v, num_expert, dtype_name, args) if memory_ok and v != 'floor' else None,
                     max_abs_diff_vs_loop_fp32=max_diff if v in MOE_VARIANTS else None))
@@ -296,7 +298,7 @@ def print_table(rows, meta):
           f"{meta['malloc']}")
     print(f"grouped_mm available: fp32 {meta['grouped_mm']['fp32']}, bf16 {meta['grouped_mm']['bf16']}")
     if not any(r['vs_mixtral'] for r in rows):
-        print('mixtral rows skipped: transformers (with MixtralExperts\' grouped_mm) is not installed')
+        print(f'mixtral rows skipped: {mixtral_skipped(transformers_version())}')
     print(f"{'experts':>7} {'dtype':>5} {'variant':>18} {'ms':>8} {'x dense':>8} {'x floor':>8} {'loop/x':>7} "
           f"{'x mixtral':>9} {'peak MiB':>9}")
     for r in rows:

@@ -73,7 +73,9 @@ def throughput(names, dtypes, repeats, warmup, plain=('cpu-dense',), compiled=()
             rows.append(dict(config=name, dtype=dtype, paths=path, ms=s * 1e3,
                              tokens_per_s=tokens / s, gflop_per_token=flops / 1e9, tflops=tflops,
                              peak_tflops=peaks[dtype], peak_fraction=tflops / peaks[dtype],
-                             vs_fp32=seconds.get(('fp32', path), math.nan) / s))
+                             vs_fp32=seconds.get(('fp32', path), math.nan) / s,
+                             vs_fp32_range=seconds.ratio_range(('fp32', path), (dtype, path))
+                             if ('fp32', path) in seconds else None))
         del variants
     return rows
 
@@ -101,6 +103,7 @@ def versus_original(dtypes, repeats, warmup, config_name='cpu-dense'):
         seconds = time_side_by_side(steps, repeats, warmup)
         rows.append(dict(config=config_name, dtype=dtype, ms=seconds['train.py'] * 1e3,
                          original_ms=seconds['original'] * 1e3, speedup=seconds['original'] / seconds['train.py'],
+                         speedup_range=seconds.ratio_range('original', 'train.py'),
                          max_loss_diff=diff))
     return rows
 
@@ -127,7 +130,8 @@ def moe_versus_dense(dtypes, repeats, warmup, threads=(1, 2)):
                     rows.append(dict(threads=n, dtype=dtype, step=name, ms=seconds[name] * 1e3,
                                      gflop_per_token=flops_per_token(config) / 1e9,
                                      optimizer_ms=optimizer_s * 1e3, optimizer_share=optimizer_s / seconds[name],
-                                     vs_dense=seconds[dense] / seconds[name]))
+                                     vs_dense=seconds[dense] / seconds[name],
+                                     vs_dense_range=seconds.ratio_range(dense, name)))
                 del steps
     finally:
         torch.set_num_threads(saved)

@@ -17,8 +17,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+class Timings(dict):
+    """The median seconds of each step (the values), with every repeat's time kept: a ratio of two medians can
+    hide repeats that disagree, which ratio_range shows."""
+
+    def __init__(self, repeats):
+        super().__init__({name: statistics.median(ts) for name, ts in repeats.items()})
+        self.repeats = repeats
+
+    def scaled(self, factor):
+        return Timings({name: [factor * t for t in ts] for name, ts in self.repeats.items()})
+
+    def ratio_range(self, num, den):
+        """[min, max] over the repeats of num's time / den's time, each taken in the same repeat."""
+        ratios = [a / b for a, b in zip(self.repeats[num], self.repeats[den])]
+        return [min(ratios), max(ratios)]
+
+
 def time_side_by_side(steps, repeats, warmup=2):
-    """Median seconds per call of each of `steps` (name -> callable).
+    """Median seconds per call of each of `steps` (name -> callable), as Timings.
 
     The callables take turns within every repeat, so a load burst from another
     process on a shared machine slows them alike and their ratios stay honest.
@@ -30,7 +47,7 @@ def time_side_by_side(steps, repeats, warmup=2):
             step()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return Timings(times)
 
 
 def matmul_products(n=2048):
