@@ -58,3 +58,7 @@ plots = [os.path.join(work, name) for name in ('curves.png', 'moe_load.png')]
 print('Plots: ' + ', '.join(path for path in plots if os.path.exists(path)))
 print(f'Run directory (log.txt, metrics.jsonl, model.pt, checkpoint.pt): {work}')
 EOF
+if [[ $PY == "$PY_ENV_ROOT/.venv/bin/python" ]]; then
+    echo 'Python: the packages are in .venv: `source .venv/bin/activate` in a new shell, then the README'"'"'s python commands run as written'
+fi
+echo 'Next: the "First hour" of README.md'

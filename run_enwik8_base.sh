@@ -2,6 +2,7 @@
 # enwik8, base model: 12 layers, d_model 512, 41M parameters.
 # The original's hyperparameters, meant for GPUs (the paper used 4 GPUs); the paper reports 1.06 bpc on the test set.
 # Usage: bash run_enwik8_base.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
+# SIZE=tiny bash run_enwik8_base.sh train|eval ...: the same run at the Quick start's scale, minutes on a CPU (utils/launch.sh).
 # Data: ${DATA_ROOT:-../data}/enwik8/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), run_mode (python, or torchrun: --multi_gpu, NPROC)

@@ -2,6 +2,7 @@
 # enwik8, FastMoE's MoE setting: the base model with 64 experts (d_inner 1024 each), top-2 naive gate.
 # The original's hyperparameters, meant for GPUs (FastMoE ran it on GPUs); FastMoE publishes no figure for it: compare with run_enwik8_base.sh (1.06 bpc).
 # Usage: bash run_enwik8_base_moe.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
+# SIZE=tiny bash run_enwik8_base_moe.sh train|eval ...: the same run at the Quick start's scale, minutes on a CPU (utils/launch.sh).
 # Data: ${DATA_ROOT:-../data}/enwik8/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), run_mode (python, or torchrun: --multi_gpu, NPROC)
@@ -39,4 +40,5 @@ EVAL_FLAGS=(
     --same_length
     --split test
 )
+TINY_FLAGS=(--moe-num-expert 8)   # with SIZE=tiny
 run_mode "$@"

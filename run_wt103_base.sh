@@ -2,6 +2,7 @@
 # WikiText-103, base model: 16 layers, d_model 410, adaptive softmax, 151M parameters.
 # The original's hyperparameters, meant for GPUs (the paper used 4 GPUs); the paper reports 24.0 test perplexity (the original README: 24.03).
 # Usage: bash run_wt103_base.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
+# SIZE=tiny bash run_wt103_base.sh train|eval ...: the same run at the Quick start's scale, minutes on a CPU (utils/launch.sh).
 # Data: ${DATA_ROOT:-../data}/wikitext-103/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), run_mode (python, or torchrun: --multi_gpu, NPROC)

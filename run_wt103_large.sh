@@ -2,6 +2,7 @@
 # WikiText-103, large model: 18 layers, d_model 1024, adaptive input and softmax (div_val 4), 257M parameters.
 # The original's hyperparameters, meant for GPUs (the paper used TPUs); the paper reports 18.3 test perplexity.
 # Usage: bash run_wt103_large.sh train|eval [more flags, e.g. --work_dir DIR]; flags given later win.
+# SIZE=tiny bash run_wt103_large.sh train|eval ...: the same run at the Quick start's scale, minutes on a CPU (utils/launch.sh).
 # Data: ${DATA_ROOT:-../data}/wikitext-103/ (relative paths are taken from this repository, as getdata.sh does).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/utils/launch.sh"   # DATA (from DATA_ROOT), run_mode (python, or torchrun: --multi_gpu, NPROC)

@@ -54,11 +54,7 @@ _py_env_check() {
 use_python() {
     local files=() file state missing pip_args=()
     for file in "$@"; do files+=("$PY_ENV_ROOT/$file"); pip_args+=(-r "$PY_ENV_ROOT/$file"); done
-    if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
-    elif [[ -n ${VIRTUAL_ENV:-} && -x $VIRTUAL_ENV/bin/python ]]; then PY=$VIRTUAL_ENV/bin/python
-    elif [[ -n ${CONDA_PREFIX:-} && -x $CONDA_PREFIX/bin/python ]]; then PY=$CONDA_PREFIX/bin/python
-    else PY=python3
-    fi
+    _pick_python
     if ! command -v "$PY" >/dev/null; then
         echo "error: no $PY on PATH: install Python 3 (Debian/Ubuntu: apt-get install python3-venv) or set PYTHON" >&2
         exit 1
@@ -78,6 +74,32 @@ use_python() {
     fi
     echo "== Installing into $PY (it lacks ${missing//$'\n'/ }): pip install ${pip_args[*]}"
     "$PY" -m pip install -q "${pip_args[@]}"
+}
+
+# _pick_python: PY is $PYTHON if set, else the activated virtual or conda environment's Python, else python3.
+_pick_python() {
+    if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
+    elif [[ -n ${VIRTUAL_ENV:-} && -x $VIRTUAL_ENV/bin/python ]]; then PY=$VIRTUAL_ENV/bin/python
+    elif [[ -n ${CONDA_PREFIX:-} && -x $CONDA_PREFIX/bin/python ]]; then PY=$CONDA_PREFIX/bin/python
+    else PY=python3
+    fi
+}
+
+# installed_python: sets PY to the Python the Quick start installed into, installing nothing (the run scripts):
+# as use_python picks it, where python3 gives way to this repository's .venv when the Quick start made one.
+# A Python without torch is an error saying how to get one (exit 2).
+installed_python() {
+    _pick_python
+    [[ $PY == python3 && -x $PY_ENV_ROOT/.venv/bin/python ]] && PY=$PY_ENV_ROOT/.venv/bin/python
+    local fix="run the Quick start (bash demo.sh) to install what is needed, or activate the environment that has torch, or set PYTHON=/path/to/python"
+    if ! command -v "$PY" >/dev/null; then
+        echo "error: no $PY on PATH: $fix" >&2
+        exit 2
+    fi
+    if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' >/dev/null 2>&1; then
+        echo "error: $PY has no torch: $fix" >&2
+        exit 2
+    fi
 }
 
 # _use_repo_venv: PY (externally managed) becomes .venv's Python; .venv is made from PY if it is not there yet.
