@@ -33,7 +33,7 @@ class MetricsWriter:
     """metrics.jsonl: one JSON object per line, flushed at once so a killed run keeps what it logged.
 
     With tensorboard=True every record also goes to TensorBoard event files beside metrics.jsonl (so
-    `tensorboard --logdir work_dirs` compares runs by their directory names), at the record's step: numbers
+    `tensorboard --logdir runs` compares the runs under runs/ by their directory names), at the record's step: numbers
     as scalars `split/key`, per-layer lists (the MoE balance loss) as scalars `split/key/layer_i`, and
     per-layer lists of per-expert counts (the MoE load) as histograms over the expert index `split/key/layer_i`.
     """
