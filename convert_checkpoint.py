@@ -20,10 +20,13 @@ written as WORK_DIR/model.pt (plain data, as train.py writes it); the inferred c
     python convert_checkpoint.py original/model.pt --work_dir runs/imported --trust-pickle --dataset enwik8 \
         --data ../data/enwik8
 """
+import math
 import os
 import pickle
+import re
 import sys
 import types
+import warnings
 import zipfile
 
 import torch
@@ -37,7 +40,7 @@ from utils.exp_utils import OneLineArgumentParser
 from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 from run.corpus import open_corpus
-from run.upcycle import upcycle
+from run.upcycle import upcycle, upcycled_bytes
 from utils.errors import ConversionError
 
 # The original train.py's defaults for what the weights do not determine.
@@ -148,34 +151,42 @@ def load_pickled_model(path):
                               'Transformer-XL model') from None
 
 
+# A pickled model's module tree is walked only this far: the original model nests 5 deep and has some hundreds
+# of modules; a deeper or larger tree (or one that contains itself) is not a Transformer-XL.
+MAX_DEPTH, MAX_MODULES = 64, 100_000
+
+
 def tree_state_dict(root):
     """What model.state_dict() would give, read off the stand-in tree (_parameters, _buffers, _modules)."""
-    out = {}
-
-    def visit(obj, prefix):
+    out, stack, visited = {}, [(root, '', 0)], 0
+    while stack:
+        obj, prefix, depth = stack.pop()
+        visited += 1
+        if depth > MAX_DEPTH or visited > MAX_MODULES:
+            raise ConversionError(f'the pickled model nests modules more than {MAX_DEPTH} deep or has more than '
+                                  f'{MAX_MODULES} (or contains itself): it is not a Transformer-XL model')
         attrs = vars(obj)
+        tables = [attrs.get(name) or {} for name in ('_parameters', '_buffers', '_modules')]
         skip = attrs.get('_non_persistent_buffers_set') or set()
-        for name, p in (attrs.get('_parameters') or {}).items():
-            if p is not None:
-                out[prefix + name] = p.detach()
-        for name, b in (attrs.get('_buffers') or {}).items():
-            if b is not None and name not in skip:
-                out[prefix + name] = b
-        for name, m in (attrs.get('_modules') or {}).items():
-            if isinstance(m, Stand_in):
-                visit(m, prefix + name + '.')
-
-    visit(root, '')
-    bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConversionError(f'the pickled model holds non-tensor parameters: {", ".join(bad[:3])}')
+        if not all(isinstance(t, dict) for t in tables) or not isinstance(skip, (set, frozenset)):
+            raise ConversionError(f'the pickled module {prefix.rstrip(".") or "at the root"} has a _parameters, '
+                                  '_buffers or _modules that is not a dict: it is not a torch.nn module')
+        parameters, buffers, modules = tables
+        for name, value in [*parameters.items(), *((n, b) for n, b in buffers.items() if n not in skip)]:
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ConversionError(f'the pickled model holds a {type(value).__name__} as the parameter '
+                                      f'{prefix}{name}, not a tensor: it is not a Transformer-XL model')
+            if value is not None:
+                out[f'{prefix}{name}'] = value.detach()
+        stack.extend((m, f'{prefix}{name}.', depth + 1) for name, m in modules.items() if isinstance(m, Stand_in))
     return out
 
 
 def _child(obj, *path):
     """obj._modules[a]._modules[b]..., or None."""
     for name in path:
-        obj = (vars(obj).get('_modules') or {}).get(name) if isinstance(obj, Stand_in) else None
+        modules = vars(obj).get('_modules') if isinstance(obj, Stand_in) else None
+        obj = modules.get(name) if isinstance(modules, dict) else None
     return obj
 
 
@@ -185,6 +196,9 @@ def _attr(obj, name, kind):
 
 
 GATE_CLASSES = {'NaiveGate': 'naive', 'GShardGate': 'gshard', 'SwitchGate': 'switch'}
+# The longest length a pickled model's attributes may give (the original's largest runs use a few thousand):
+# a larger one, taken as it is, would make eval.py and train.py allocate memories and masks of that length.
+MAX_LENGTH = 1 << 20
 
 
 def pickled_hints(root):
@@ -192,6 +206,10 @@ def pickled_hints(root):
     hints = {}
     for name in ('n_head', 'tgt_len', 'ext_len', 'mem_len', 'clamp_len', 'sample_softmax'):
         hints[name] = _attr(root, name, int)
+    for name in ('tgt_len', 'ext_len', 'mem_len', 'sample_softmax'):
+        if (hints[name] or 0) > MAX_LENGTH:
+            raise ConversionError(f'the pickled model\'s {name} is {hints[name]}, more than the {MAX_LENGTH} this '
+                                  f'converter takes from a file: pass the --{name} it was trained with')
     hints['same_length'] = _attr(root, 'same_length', bool)
     cutoffs = _attr(_child(root, 'word_emb'), 'cutoffs', list)
     hints['cutoffs'] = cutoffs[:-1] if cutoffs and all(isinstance(c, int) for c in cutoffs) else None
@@ -278,10 +296,15 @@ class Inferred:
             self.set(key, ORIGINAL_DEFAULTS[key], 'original default')
         return self.config[key]
 
-    def shape(self, key):
+    def shape(self, key, ndim):
+        """The shape of a tensor the architecture is read from, which must have `ndim` dimensions, none empty."""
         if key not in self.state:
             raise ConversionError(f'the weights have no {key}: they are not a Transformer-XL model')
-        return tuple(self.state[key].shape)
+        shape = tuple(self.state[key].shape)
+        if len(shape) != ndim or 0 in shape:
+            raise ConversionError(f'{key} has the shape {list(shape)}, where a Transformer-XL has a {ndim}-d tensor '
+                                  'of non-empty dimensions: the weights are not a Transformer-XL model')
+        return shape
 
 
 def infer_config(state, hints, flags, dataset=None):
@@ -291,7 +314,7 @@ def infer_config(state, hints, flags, dataset=None):
     if not layers or layers != list(range(len(layers))):
         raise ConversionError('the weights have no layers.0, layers.1, ...: they are not a Transformer-XL model')
     inf.set('n_layer', len(layers))
-    d_model = inf.shape('layers.0.dec_attn.layer_norm.weight')[0]
+    d_model = inf.shape('layers.0.dec_attn.layer_norm.weight', 1)[0]
     inf.set('d_model', d_model)
     _infer_attention(inf)
     _infer_feed_forward(inf)
@@ -306,16 +329,16 @@ def _infer_attention(inf):
     state, n_layer = inf.state, inf.config['n_layer']
     untie_r = 'r_w_bias' not in state and 'layers.0.dec_attn.r_w_bias' in state  # a pair per layer (TF, HF)
     if 'layers.0.dec_attn.r_net.weight' in state:
-        attn_type, (n_head, d_head) = 0, inf.shape('layers.0.dec_attn.r_w_bias' if untie_r else 'r_w_bias')
+        attn_type, (n_head, d_head) = 0, inf.shape('layers.0.dec_attn.r_w_bias' if untie_r else 'r_w_bias', 2)
         inf.set('untie_r', untie_r)
     elif 'r_bias' in state:
-        attn_type, (_, n_head, d_head) = 1, inf.shape('r_w_bias')
+        attn_type, (_, n_head, d_head) = 1, inf.shape('r_w_bias', 3)
     elif 'r_emb' in state:
-        attn_type, (_, _, n_head, d_head) = 3, inf.shape('r_emb')
+        attn_type, (_, _, n_head, d_head) = 3, inf.shape('r_emb', 4)
     elif 'pos_emb.inv_freq' in state:
         attn_type = 2
         n_head = inf.setting('n_head')
-        rows = inf.shape('layers.0.dec_attn.q_net.weight')[0]
+        rows = inf.shape('layers.0.dec_attn.q_net.weight', 2)[0]
         if n_head < 1 or rows % n_head:
             raise ConversionError(f'attn_type 2 weights have {rows} query rows, which --n_head {n_head} does not '
                                   'divide: pass the --n_head the model was trained with')
@@ -328,10 +351,10 @@ def _infer_attention(inf):
     inf.set('d_head', d_head)
     qkv = 'layers.0.dec_attn.qkv_net.weight' if attn_type in (0, 1) else 'layers.0.dec_attn.q_net.weight'
     expected = (3 if attn_type in (0, 1) else 1) * n_head * d_head
-    if inf.shape(qkv)[0] != expected:
-        raise ConversionError(f'{qkv} has {inf.shape(qkv)[0]} rows, not {expected} for {n_head} heads of {d_head}')
-    if attn_type in (1, 3) and inf.shape('r_emb')[0] != n_layer:
-        raise ConversionError(f'r_emb has {inf.shape("r_emb")[0]} layers but the weights have {n_layer}')
+    if inf.shape(qkv, 2)[0] != expected:
+        raise ConversionError(f'{qkv} has {inf.shape(qkv, 2)[0]} rows, not {expected} for {n_head} heads of {d_head}')
+    if attn_type in (1, 3) and inf.shape('r_emb', 4)[0] != n_layer:
+        raise ConversionError(f'r_emb has {inf.shape("r_emb", 4)[0]} layers but the weights have {n_layer}')
 
 
 def _infer_feed_forward(inf):
@@ -342,16 +365,16 @@ def _infer_feed_forward(inf):
         raise ConversionError(f'{n_moe} of {n_layer} layers are MoE layers; this model has all or none')
     inf.set('moe', n_moe > 0)
     if not n_moe:
-        inf.set('d_inner', inf.shape('layers.0.pos_ff.CoreNet.0.weight')[0])
+        inf.set('d_inner', inf.shape('layers.0.pos_ff.CoreNet.0.weight', 2)[0])
         return
-    num_expert = inf.shape(gates[0])[0]
+    num_expert = inf.shape(gates[0], 2)[0]
     inf.set('moe_num_expert', num_expert)
     fused = 'layers.0.pos_ff.experts.htoh4.weight'
     if fused in state:
-        inf.set('d_inner', inf.shape(fused)[1], 'shapes (fused experts)')
+        inf.set('d_inner', inf.shape(fused, 3)[1], 'shapes (fused experts)')
     else:
         per_expert = 'layers.0.pos_ff.experts.0.htoh4.weight'
-        inf.set('d_inner', inf.shape(per_expert)[1], 'shapes (per-expert layout, FastMoE >= 1.0.1)')
+        inf.set('d_inner', inf.shape(per_expert, 3)[1], 'shapes (per-expert layout, FastMoE >= 1.0.1)')
     top_k = inf.setting('moe_top_k')
     inf.setting('moe_gate')
     if not 1 <= top_k <= num_expert:
@@ -362,7 +385,7 @@ def _infer_vocabulary(inf, dataset):
     state, d_model = inf.state, inf.config['d_model']
     sizes = []
     while f'word_emb.emb_layers.{len(sizes)}.weight' in state:
-        sizes.append(inf.shape(f'word_emb.emb_layers.{len(sizes)}.weight'))
+        sizes.append(inf.shape(f'word_emb.emb_layers.{len(sizes)}.weight', 2))
     if not sizes:
         raise ConversionError('the weights have no word_emb.emb_layers.0.weight: not a Transformer-XL model')
     d_embed = sizes[0][1]
@@ -377,7 +400,7 @@ def _infer_vocabulary(inf, dataset):
         inf.set('cutoffs', bounds)
     else:
         inf.set('div_val', 1)
-        n_clusters = inf.shape('crit.cluster_weight')[0] if 'crit.cluster_weight' in state else 0
+        n_clusters = inf.shape('crit.cluster_weight', 2)[0] if 'crit.cluster_weight' in state else 0
         if n_clusters:
             _cutoffs_without_shapes(inf, n_clusters, dataset)
         else:
@@ -438,7 +461,7 @@ def _infer_lengths(inf):
     if inf.config['attn_type'] not in (1, 3):
         inf.setting('tgt_len')
         return
-    max_klen = inf.shape('r_emb')[1]
+    max_klen = inf.shape('r_emb', 4)[1]
     if inf.flags.get('tgt_len') is None and 'tgt_len' not in inf.hints:
         inf.set('tgt_len', max_klen - mem_len - ext_len, 'shapes (r_emb rows - mem_len - ext_len)')
     else:
@@ -459,20 +482,69 @@ def normalised_state(state):
     return state
 
 
+def check_tensors(state, src):
+    """Refuse what no Transformer-XL weight is, before anything is built from it: a tensor that is not floating
+    point (integers would be converted into weights silently), or one whose memory holds fewer elements than
+    its shape (an expand()ed view: a few bytes in the file, gigabytes in the model)."""
+    for key, value in state.items():
+        if value.layout != torch.strided or value.device.type != 'cpu' or not value.is_floating_point():
+            raise ConversionError(f'{src}: {key} is a {value.dtype} tensor ({value.layout}, {value.device.type}); a '
+                                  'Transformer-XL\'s weights are dense floating-point tensors: this is not one')
+        if value.untyped_storage().nbytes() < value.numel() * value.element_size():
+            raise ConversionError(f'{src}: {key} is a {list(value.shape)} view of {value.untyped_storage().nbytes()} '
+                                  'bytes (an expand()ed tensor): save the weights themselves (tensor.clone())')
+
+
+LAYER_KEY = re.compile(r'(?:transformer\.)?layers\.(\d+)\.')
+COMPUTED_BUFFERS = ('pos_emb.inv_freq',)  # fixed by d_model; transformers may leave it out
+
+
+def model_on_meta(config, state, rejected):
+    """The model `config` describes, on the meta device (its tensors take no memory), once it declares as many
+    layers as `state` holds (building a billion declared layers would take the memory anyway)."""
+    layers = {m.group(1) for m in map(LAYER_KEY.match, state) if m}
+    if config['n_layer'] != len(layers):
+        raise ConversionError(f'{rejected}: n_layer={config["n_layer"]!r} but the weights hold {len(layers)} layers')
+    try:
+        with torch.device('meta'):
+            return MemTransformerLM(**config)
+    except ValueError as e:
+        raise ConversionError(f'{rejected}: {e}') from None
+
+
+def build_model(config, state, src, meta):
+    """MemTransformerLM(**config) holding `state`, whose names and shapes are first checked on `meta` (the model
+    on the meta device), so that a configuration declaring more than the weights hold is refused before any
+    memory is taken. A buffer the configuration fixes keeps its computed value when `state` leaves it out."""
+    computed = [k for k in COMPUTED_BUFFERS if k in meta.state_dict() and k not in state]
+    try:
+        with warnings.catch_warnings():  # (that copying into a meta tensor does nothing: only shapes are compared)
+            warnings.simplefilter('ignore')
+            ckpt.load_weights(meta, {**state, **{k: meta.state_dict()[k] for k in computed}}, src)
+        model = MemTransformerLM(**config)
+        ckpt.load_weights(model, {**state, **{k: model.state_dict()[k] for k in computed}}, src)
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
+    check_finite(model, src)
+    return model.eval()
+
+
+def check_finite(model, src, fix='use weights from before they went bad'):
+    """Refuse a model holding a NaN or an infinity: its model.pt would load, then compute only NaN."""
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConversionError(f'{src}: {key} holds NaN or infinite values, with which a model computes '
+                                  f'nothing: {fix}')
+
+
 def convert(src, trust_pickle=False, flags=None, dataset=None):
     """(model with the source's weights, inferred config sources, description of the source)."""
     raw, hints, kind = read_source(src, trust_pickle)
+    check_tensors(raw, src)
     state = normalised_state(raw)
     config, sources = infer_config(state, hints, flags or {}, dataset)
-    try:
-        model = MemTransformerLM(**config)
-    except ValueError as e:
-        raise ConversionError(f'the inferred configuration is rejected: {e}') from None
-    try:
-        ckpt.load_weights(model, state, src)
-    except ckpt.CheckpointError as e:
-        raise ConversionError(str(e)) from None
-    return model.eval(), sources, kind
+    model = build_model(config, state, src, model_on_meta(config, state, 'the inferred configuration is rejected'))
+    return model, sources, kind
 
 
 # ----------------------------------------------------------------------------- Hugging Face directories
@@ -492,15 +564,10 @@ def convert_hf(directory, trust_pickle=False, flags=None):
     for key in HF_RUNTIME_FLAGS:
         if flags.get(key) is not None:
             config[key], sources[key] = flags[key], 'flag'
-    try:
-        model = MemTransformerLM(**config)
-    except ValueError as e:
-        raise ConversionError(f'{directory}/config.json describes a model this code rejects: {e}') from None
     hf_state, weights = hf_xl.read_weights(directory)
-    try:
-        ckpt.load_weights(model, hf_xl.our_state_dict(hf_state, model, directory), directory)
-    except ckpt.CheckpointError as e:
-        raise ConversionError(str(e)) from None
+    check_tensors(hf_state, directory)
+    meta = model_on_meta(config, hf_state, f'{directory}/config.json describes a model this code rejects')
+    model = build_model(config, hf_xl.our_state_dict(hf_state, meta, directory), directory, meta)
     symbols, vocab_file = hf_xl.read_vocab(directory, trust_pickle, RestrictedUnpickler)
     if symbols is None:
         raise ConversionError(f'{directory} has no vocab.txt or vocab.pkl: the token ids mean nothing without the '
@@ -508,7 +575,7 @@ def convert_hf(directory, trust_pickle=False, flags=None):
     if len(symbols) != model.n_token or len(set(symbols)) != len(symbols):
         raise ConversionError(f'{directory}/{vocab_file} has {len(symbols)} symbols ({len(set(symbols))} different) '
                               f'but the model has {model.n_token} tokens')
-    return model.eval(), symbols, sources, f'Hugging Face TransfoXLLMHeadModel ({weights}, {vocab_file})'
+    return model, symbols, sources, f'Hugging Face TransfoXLLMHeadModel ({weights}, {vocab_file})'
 
 
 def checkpoint_dict(model, sources, src, kind, dataset, data, vocab=None):
@@ -537,7 +604,9 @@ def build_parser():
                         help='allow a pickled whole model (the original\'s torch.save(model)): it is read with a '
                              'restricted unpickler that only builds tensors, torch.nn containers and inert '
                              'stand-ins of the original and FastMoE classes; other content is refused')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing WORK_DIR/model.pt')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace the model.pt of an earlier import; a training run\'s directory (train.py\'s '
+                             'checkpoint.pt) is never written into')
     parser.add_argument('--dataset', default=None, help='dataset the model was trained on (stored for eval.py and '
                                                          'generate.py; wt103/lm1b also give the original cutoffs)')
     parser.add_argument('--data', default=None, help='location of that data corpus (stored with the model)')
@@ -573,24 +642,52 @@ FLAG_KEYS = ('n_head', 'tgt_len', 'ext_len', 'mem_len', 'dropout', 'dropatt', 'p
              'clamp_len', 'cutoffs', 'sample_softmax', 'moe_top_k', 'moe_gate')
 
 
-def write_out(saved, out):
-    """Write model.pt (and its directory); a failed write, such as a full disk, is one line on stderr."""
+def write_out(saved, args, lock):
+    """Write WORK_DIR/model.pt (and WORK_DIR) under WORK_DIR's lock (claim_out), then release it; a refusal or a
+    failed write, such as a full disk, is one line on stderr."""
+    out = os.path.join(args.work_dir, 'model.pt')
     try:
-        os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+        lock = claim_out(args, lock)
         ckpt.atomic_save(saved, out)
+    except ValueError as e:
+        print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
+        return False
     except OSError as e:  # files.WriteError says what happened; another OSError: the directory changed under us
         print(f'convert_checkpoint.py: error: {e if isinstance(e, files.WriteError) else files.write_error(e, out)}',
               file=sys.stderr)
         return False
+    finally:
+        if lock is not None:
+            lock.release()
     return True
 
 
-def check_out(args):
+# train.py's files besides model.pt: a directory holding one is a training run, which no import replaces.
+TRAINING_FILES = tuple(name for name in ckpt.RUN_FILES if name != 'model.pt')
+
+
+def check_out(args, lock=None):
+    """(WORK_DIR/model.pt, the lock on WORK_DIR) once writing there destroys nothing of the user's: WORK_DIR is
+    locked for this process (None while it does not exist yet; train.py holds the same lock while it runs), holds
+    no training run, and holds no model.pt unless --overwrite replaces it."""
     out = os.path.join(args.work_dir, 'model.pt')
+    files.check_writable_dir(args.work_dir, '--work_dir')
+    if lock is None and os.path.isdir(args.work_dir):
+        lock = files.lock_directory(args.work_dir, '--work_dir')
+    run = [name for name in TRAINING_FILES if os.path.exists(os.path.join(args.work_dir, name))]
+    if run:
+        raise ConversionError(f'--work_dir {args.work_dir} holds a training run ({run[0]}), which an import never '
+                              'replaces (--overwrite replaces only an imported model.pt): choose another --work_dir')
     if os.path.exists(out) and not args.overwrite:
         raise ConversionError(f'{out} exists: pass --overwrite to replace it or choose another --work_dir')
-    files.check_writable_dir(args.work_dir, '--work_dir')
-    return out
+    return out, lock
+
+
+def claim_out(args, lock):
+    """Create WORK_DIR, lock it if it was not yet, and check it again under the lock (a run may have started
+    there meanwhile): the lock to hold while model.pt is written."""
+    os.makedirs(args.work_dir, exist_ok=True)
+    return check_out(args, lock)[1]
 
 
 # ----------------------------------------------------------------------------- sparse upcycling
@@ -609,6 +706,7 @@ def load_dense(src, args):
         saved = ckpt.load(path, 'model')
         model = MemTransformerLM(**saved['config'])
         ckpt.load_weights(model, saved['model_state'], path)
+        check_finite(model, path)
         saved_args = saved.get('args') or {}
         return (model, args.dataset or saved_args.get('dataset'), args.data or saved_args.get('data'),
                 saved.get('vocab'))
@@ -624,6 +722,14 @@ def _is_project_checkpoint(path):
     return isinstance(obj, dict) and obj.get('format') == ckpt.FORMAT
 
 
+def check_memory(need, what):
+    """Refuse to build what needs more bytes than this machine's memory, rather than fail while building it."""
+    have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if need > have:
+        raise ConversionError(f'{what} needs {need / 2 ** 30:.1f} GiB to build, more than the {have / 2 ** 30:.1f} '
+                              'GiB of memory of this machine: ask for less')
+
+
 def main_upcycle(args):
     """convert_checkpoint.py --upcycle DENSE --moe-num-expert E --moe-top-k K [--moe-gate G] --work_dir NEW."""
     gate = args.moe_gate or 'naive'
@@ -632,11 +738,16 @@ def main_upcycle(args):
             raise ConversionError(f'--upcycle takes the dense model itself; drop the extra argument {args.src}')
         if args.moe_num_expert is None or args.moe_top_k is None:
             raise ConversionError('--upcycle needs --moe-num-expert E and --moe-top-k K')
-        if not args.upcycle_noise >= 0:
-            raise ConversionError(f'--upcycle-noise {args.upcycle_noise} must be >= 0')
-        out = check_out(args)
+        if not 0 <= args.upcycle_noise < math.inf:
+            raise ConversionError(f'--upcycle-noise {args.upcycle_noise} must be a finite number >= 0')
+        if not 0 <= args.seed < 2 ** 64:
+            raise ConversionError(f'--seed {args.seed} must be between 0 and 2**64 - 1')
+        out, lock = check_out(args)
         dense, dataset, data, vocab = load_dense(args.upcycle, args)
+        check_memory(2 * upcycled_bytes(dense, args.moe_num_expert),  # the model, and the copies that fill it
+                     f'--moe-num-expert {args.moe_num_expert}')
         model = upcycle(dense, args.moe_num_expert, args.moe_top_k, gate, args.upcycle_noise, args.seed)
+        check_finite(model, 'the upcycled model', 'pass a smaller --upcycle-noise')
     except ValueError as e:  # ConversionError, CheckpointError and the model's own checks
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return 2
@@ -647,7 +758,8 @@ def main_upcycle(args):
         print(f'NOTE: the {gate} gate does not start equal to the dense model: '
               + ('its capacity limit drops copies' if gate == 'gshard' else 'it scales its expert by its probability'))
     how = {'noise': args.upcycle_noise, 'seed': args.seed}
-    if not write_out(checkpoint_dict(model, how, args.upcycle, 'upcycled dense model', dataset, data, vocab), out):
+    if not write_out(checkpoint_dict(model, how, args.upcycle, 'upcycled dense model', dataset, data, vocab), args,
+                     lock):
         return 2
     flags = (f'--moe --moe-num-expert {args.moe_num_expert} --moe-top-k {args.moe_top_k} --moe-gate {gate}')
     print(f'Wrote {out}\nContinue training with: python train.py --restart_dir {args.work_dir} {flags} '
@@ -662,7 +774,7 @@ def main(argv=None):
     try:
         if args.src is None:
             raise ConversionError('the checkpoint to import is missing (or pass --upcycle DENSE)')
-        out = check_out(args)
+        out, lock = check_out(args)
         flags = {k: getattr(args, k) for k in FLAG_KEYS}
         vocab = None
         if hf_xl.is_hf_directory(args.src):
@@ -680,7 +792,7 @@ def main(argv=None):
           f'{sum(p.numel() for p in model.parameters()):,} parameters')
     print('Inferred configuration (value, from):')
     print(describe(model.config, sources))
-    if not write_out(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data, vocab), out):
+    if not write_out(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data, vocab), args, lock):
         return 2
     print(f'Wrote {out}')
     return 0

@@ -8,6 +8,8 @@ computes the dense model's function, whatever the router. GShard's capacity limi
 overloaded experts (their output is then missing) and Switch scales its one expert by its probability
 (< 1): those two start close to, not equal to, the dense model.
 """
+import math
+
 import torch
 
 from mem_transformer import MemTransformerLM, init_weights
@@ -24,6 +26,16 @@ def upcycled_config(config, num_expert, top_k, gate='naive', **moe_options):
     return dict(config, moe=True, moe_num_expert=num_expert, moe_top_k=top_k, moe_gate=gate, **moe_options)
 
 
+def upcycled_bytes(dense, num_expert):
+    """The bytes of the upcycled model's weights, its routers aside: the dense model's, with each feed-forward
+    num_expert times."""
+    total = 0
+    for key, value in dense.state_dict().items():
+        copies = num_expert if key.partition('.pos_ff.')[2] in DENSE_TO_EXPERTS else 1
+        total += copies * value.numel() * value.element_size()
+    return total
+
+
 def upcycle(dense, num_expert, top_k, gate='naive', noise=0.0, seed=0, init_std=0.02, **moe_options):
     """A new MemTransformerLM: dense's weights, each FFN copied into num_expert experts.
 
@@ -31,8 +43,8 @@ def upcycle(dense, num_expert, top_k, gate='naive', noise=0.0, seed=0, init_std=
     (0 keeps the copies identical). The router is initialized as train.py initializes it (N(0, init_std),
     zero bias), from `seed`.
     """
-    if not noise >= 0:
-        raise ValueError(f'noise must be >= 0, got {noise!r}')
+    if not 0 <= noise < math.inf:
+        raise ValueError(f'noise must be a finite number >= 0, got {noise!r}')
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)   # the router's initial weights (NoisyGate's too)
     model = MemTransformerLM(**upcycled_config(dense.config, num_expert, top_k, gate, **moe_options))

@@ -170,3 +170,26 @@ def launch(tmp_path, script, mode, *flags, **env):
     done = subprocess.run(['bash', str(ROOT / script), mode, *flags], env=env, capture_output=True, text=True,
                           check=True)
     return done.stdout.splitlines()
+
+
+LIMITED_MAIN = '''
+import json, resource, sys
+import convert_checkpoint
+status = open('/proc/self/status').read()
+size = int(status.split('VmSize:')[1].split()[0]) * 1024
+limit = size + int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for argv in json.loads(sys.argv[1]):
+    print(convert_checkpoint.main(argv), flush=True)
+'''
+
+
+def convert_with_memory_limit(argvs, limit=1 << 30, timeout=120):
+    """convert_checkpoint.main(argv) for each argv, in a child process whose address space may grow by only
+    `limit` bytes once imported (a command that would take more fails there, not on this machine). Returns
+    (exit codes, stderr lines)."""
+    import json
+    import sys
+    done = subprocess.run([sys.executable, '-c', LIMITED_MAIN, json.dumps([[str(a) for a in argv] for argv in argvs]),
+                           str(limit)], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    return [int(line) for line in done.stdout.split()], done.stderr.splitlines()

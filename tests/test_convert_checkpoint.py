@@ -13,8 +13,9 @@ import torch.nn as nn
 
 import convert_checkpoint as cc
 import data_utils
-from conftest import make_enwik8_dir, tiny_model
+from conftest import convert_with_memory_limit, make_enwik8_dir, tiny_model
 from run.generation import load_trained_model
+from utils import files
 
 ARCH_KEYS = ('n_token', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner', 'div_val', 'cutoffs',
              'tie_weight', 'tie_projs', 'attn_type', 'pre_lnorm', 'sample_softmax', 'moe', 'moe_num_expert',
@@ -409,3 +410,98 @@ def test_refuses_to_overwrite_and_to_reconvert(tmp_path, capsys):
     assert 'already a checkpoint of this project' in run_error(tmp_path, capsys, str(out), '--work_dir',
                                                                str(tmp_path / 'again'))
     assert cc.main([str(src), '--work_dir', str(tmp_path / 'out'), '--overwrite']) == 0
+
+
+def test_weights_that_are_not_a_models_are_refused_before_anything_is_built(tmp_path, capsys):
+    """Non-finite, integer and expand()ed tensors, and tensors of the wrong number of dimensions: one line each,
+    nothing written (NaN weights were written as they were, integers converted; a 29 KB expand()ed embedding
+    became a 4 GB model before it was refused)."""
+    state = make_model().state_dict()
+    out = str(tmp_path / 'out')
+
+    def error(changes, *flags):
+        src = save({**state, **changes}, tmp_path / 'sd.pt')
+        return run_error(tmp_path, capsys, str(src), '--work_dir', out, *flags)
+
+    key = 'layers.1.pos_ff.CoreNet.3.weight'
+    nan = state[key].clone()
+    nan[2, 3] = float('nan')
+    assert f'{key} holds NaN or infinite values' in error({key: nan})
+    assert 'layers.0.dec_attn.o_net.weight is a torch.int32 tensor' in error(
+        {'layers.0.dec_attn.o_net.weight': state['layers.0.dec_attn.o_net.weight'].view(torch.int32)})
+    expanded = torch.zeros(1).expand(*state['word_emb.emb_layers.0.weight'].shape)
+    assert 'word_emb.emb_layers.0.weight is a [40, 16] view of 4 bytes' in error(
+        {'word_emb.emb_layers.0.weight': expanded})
+    for key, bad in [('r_w_bias', torch.zeros(16)), ('layers.0.dec_attn.layer_norm.weight', torch.tensor(1.0)),
+                     ('word_emb.emb_layers.0.weight', torch.zeros(40)),
+                     ('layers.0.pos_ff.CoreNet.0.weight', torch.tensor(1.0)),
+                     ('word_emb.emb_layers.0.weight', torch.zeros(40, 0))]:
+        assert f'{key} has the shape {list(bad.shape)}, where a Transformer-XL has a' in error({key: bad})
+    assert 'layers.0.pos_ff.CoreNet.0.bias' in error({'layers.0.pos_ff.CoreNet.0.bias': torch.tensor(1.0)})
+    assert not os.path.exists(out)
+
+
+def test_an_expanded_tensor_takes_no_memory_before_it_is_refused(tmp_path):
+    """torch.zeros(1).expand(10**5, 10**5): a 29 KB file, 40 GB as a model (an allocator traceback)."""
+    state = make_model().state_dict()
+    src = save({**state, 'word_emb.emb_layers.0.weight': torch.zeros(1).expand(10 ** 5, 10 ** 5)}, tmp_path / 'x.pt')
+    codes, errors = convert_with_memory_limit([[src, '--work_dir', tmp_path / 'out']], limit=1 << 29)
+    assert codes == [2] and len(errors) == 1 and 'expand()ed' in errors[0], errors
+
+
+def pickled_tree(tmp_path, monkeypatch, change):
+    """A pickled original model, changed by change(model) first."""
+    fakes = FakeModules()
+    original = as_original(make_model(), fakes)
+    change(original)
+    with monkeypatch.context() as m:
+        fakes.install(m)
+        torch.save(original, tmp_path / 'model.pt')
+    return tmp_path / 'model.pt'
+
+
+def nested(depth):
+    def change(model):
+        inner = model.layers[0]
+        for _ in range(depth):
+            inner.__dict__['_modules']['deeper'] = nn.Module()
+            inner = inner.__dict__['_modules']['deeper']
+        inner.__dict__['_modules']['deeper'] = nn.Module()
+    return change
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda m: m.layers[0].__dict__['_modules'].update(loop=m), 'or contains itself'),
+    (nested(3000), 'more than 64 deep'),
+    (lambda m: m.layers[0].__dict__.update(_modules=[1, 2]), 'is not a dict'),
+    (lambda m: m.layers[0].dec_attn.__dict__.update(_parameters='weights'), 'is not a dict'),
+    (lambda m: m.layers[0].dec_attn.__dict__['_parameters'].update(r_w_bias=[1.0]), 'holds a list as the parameter'),
+    (lambda m: m.__dict__.update(mem_len=10 ** 12), "mem_len is 1000000000000, more than the 1048576"),
+    (lambda m: m.__dict__.update(tgt_len=10 ** 12), "tgt_len is 1000000000000"),
+], ids=['cyclic', 'deep', 'modules-list', 'parameters-str', 'parameter-list', 'mem_len', 'tgt_len'])
+def test_a_pickled_tree_that_is_not_a_model_is_one_line(tmp_path, monkeypatch, capsys, change, message):
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # to pickle 3000 nested modules
+    try:
+        src = pickled_tree(tmp_path, monkeypatch, change)
+    finally:
+        sys.setrecursionlimit(limit)
+    err = run_error(tmp_path, capsys, str(src), '--work_dir', str(tmp_path / 'out'), '--trust-pickle')
+    assert message in err and not (tmp_path / 'out').exists()
+
+
+def test_a_locked_or_training_run_directory_is_never_written(tmp_path, capsys):
+    """--overwrite replaces an imported model.pt, never a run's: train.py's lock (held while it runs) and its
+    checkpoint.pt (a finished run) refuse the directory, and nothing in it changes."""
+    src = save(make_model().state_dict(), tmp_path / 'sd.pt')
+    run = tmp_path / 'run'
+    convert(tmp_path, src, name='run')
+    before = (run / 'model.pt').read_bytes()
+    lock = files.lock_directory(str(run), '--work_dir')  # as train.py holds it
+    assert 'is in use by another process' in run_error(tmp_path, capsys, str(src), '--work_dir', str(run),
+                                                       '--overwrite')
+    lock.release()
+    (run / 'checkpoint.pt').write_bytes(b'a run')
+    err = run_error(tmp_path, capsys, str(src), '--work_dir', str(run), '--overwrite')
+    assert 'holds a training run (checkpoint.pt)' in err
+    assert (run / 'model.pt').read_bytes() == before and (run / 'checkpoint.pt').read_bytes() == b'a run'

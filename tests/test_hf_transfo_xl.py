@@ -11,6 +11,8 @@ import os
 import pickle
 import random
 import struct
+import subprocess
+import sys
 import warnings
 from collections import Counter, OrderedDict
 
@@ -23,6 +25,7 @@ import generate
 import train
 from mem_transformer import MemTransformerLM, init_weights
 from utils import checkpoint as ckpt
+from conftest import ROOT, convert_with_memory_limit
 from utils import hf_transfo_xl as hf_xl
 from run.generation import Decoder, load_trained_model
 
@@ -368,3 +371,169 @@ def test_evaluate_generate_and_fine_tune_with_the_models_own_vocabulary(tmp_path
     saved = ckpt.load(tuned / 'model.pt', 'model')
     assert saved['vocab'] == symbols(N_TOKEN)
     assert ckpt.load(tuned / 'checkpoint.pt')['vocab'] == symbols(N_TOKEN)
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+def write_raw_safetensors(path, header, data=b''):
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<Q', len(blob)) + blob + data)
+    return path
+
+
+def entry(dtype, shape, begin, end):
+    return {'dtype': dtype, 'shape': shape, 'data_offsets': [begin, end]}
+
+
+@pytest.mark.parametrize('header,data,reason', [
+    ([1, 2], b'', 'is a JSON list'),
+    ('x', b'', 'is a JSON str'),
+    (3, b'', 'is a JSON int'),
+    (None, b'', 'is a JSON NoneType'),
+    (b'[' * 100_000 + b']' * 100_000, b'', 'RecursionError'),
+    ({'a': entry('F32', [-1, -2], 0, 8)}, bytes(8), 'not a list of integers >= 0'),
+    ({'a': entry('F32', [2.5, 1], 0, 8)}, bytes(8), 'not a list of integers >= 0'),  # was truncated to [2, 1]
+    ({'a': entry('F32', [2], 0, 8), 'b': entry('F32', [2], 0, 8)}, bytes(8), 'not at 8'),  # one copy, two names
+    ({'a': entry('F32', [2], 0, 8)}, bytes(12), '8 bytes but 12 follow'),
+    ({'a': entry('F32', [2], 0, 8)}, bytes(4), '8 bytes but 4 follow'),
+    ({'a': entry('Q8', [2], 0, 2)}, bytes(2), 'no known dtype'),
+    ({'a': {'dtype': 'F32', 'shape': [1], 'data_offsets': [0, '4']}}, bytes(4), 'not two integers'),
+])
+def test_a_file_that_is_not_safetensors_is_one_error(tmp_path, header, data, reason):
+    path = write_raw_safetensors(tmp_path / 'model.safetensors', header, data)
+    with pytest.raises(hf_xl.HFImportError, match='is not a safetensors file') as e:
+        hf_xl.read_safetensors(path)
+    assert reason in str(e.value) and '\n' not in str(e.value)
+    with open(path, 'wb') as f:  # a header size beyond the file: nothing of that size is read
+        f.write(struct.pack('<Q', 1 << 62) + b'{}')
+    with pytest.raises(hf_xl.HFImportError, match='does not fit in its 10 bytes'):
+        hf_xl.read_safetensors(path)
+
+
+MEASURE_READ = '''
+import sys
+import torch
+from utils import hf_transfo_xl as hf_xl
+
+def peak():  # this process's peak resident size (getrusage's counts the parent's size at the fork too)
+    return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
+
+before = peak()
+state = hf_xl.read_safetensors(sys.argv[1])
+print(peak() - before, sum(t.numel() * t.element_size() for t in state.values()))
+'''
+
+
+def test_the_safetensors_reader_needs_about_the_files_size(tmp_path):
+    """Each tensor is read straight into its own memory: the reader's peak is about the file's size (a
+    whole-file read then a copy of each tensor took twice, then three times that). A property of the reader,
+    measured in a process of its own (its peak resident size before and after)."""
+    tensors = {f't{i}': torch.randn(1 << 20) for i in range(48)}  # 192 MiB: far above the noise of a process
+    path = tmp_path / 'big.safetensors'
+    write_safetensors(tensors, path)
+    del tensors
+    out = subprocess.run([sys.executable, '-c', MEASURE_READ, str(path)], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout.split()
+    grown, held = int(out[0]), int(out[1])
+    assert held == 192 << 20
+    assert grown < 1.3 * os.path.getsize(path), f'the reader grew by {grown / 2 ** 20:.0f} MiB'
+
+
+def hf_error(hf, work, capsys):
+    assert cc.main([str(hf), '--work_dir', str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('convert_checkpoint.py: error: ') and not work.exists(), err
+    return err
+
+
+def write_shards(hf, state, index):
+    """state split into shards as `index` ({name: shard}) says, and the index itself; a tensor whose shard
+    the index does not name goes into shard 'extra.safetensors'."""
+    shards = {}
+    for key, value in state.items():
+        shards.setdefault(index.get(key, 'extra.safetensors'), {})[key] = value
+    for shard, tensors in shards.items():
+        write_safetensors(tensors, hf / shard)
+    (hf / 'model.safetensors.index.json').write_text(json.dumps({'metadata': {}, 'weight_map': index}))
+
+
+def test_a_sharded_model_takes_each_tensor_from_the_shard_its_index_names(tmp_path, capsys):
+    model = our_model()
+    hf = write_hf_dir(tmp_path / 'hf', model, symbols(N_TOKEN), safetensors=False)
+    os.remove(hf / 'pytorch_model.bin')
+    state = hf_keys(model)
+    index = {k: f'model-0000{1 + i % 2}-of-00002.safetensors' for i, k in enumerate(state)}
+    write_shards(hf, state, index)
+    converted, _ = convert(hf, tmp_path / 'run')
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    key = 'transformer.layers.0.dec_attn.o_net.weight'
+    other = next(s for s in set(index.values()) if s != index[key])
+    write_safetensors({k: v for k, v in state.items() if index[k] == other} | {key: torch.zeros_like(state[key])},
+                      hf / other)  # a stray copy in the other shard (the later one, for one of them) used to win
+    err = hf_error(hf, tmp_path / 'a', capsys)
+    assert f'holds {key}, which model.safetensors.index.json puts in {index[key]}' in err
+    write_shards(hf, state, index)
+    (hf / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': {k: v for k, v in index.items()
+                                                                                if k != key}}))
+    assert f'holds {key}, which model.safetensors.index.json puts nowhere' in hf_error(hf, tmp_path / 'b', capsys)
+    write_shards(hf, {k: v for k, v in state.items() if k != key}, index)
+    assert f'puts {key} in {index[key]}, which does not hold it' in hf_error(hf, tmp_path / 'c', capsys)
+    for bad in ([index], 'weights', {'weight_map': {key: 3}}, {'weight_map': []}, {'weight_map': {}}):
+        (hf / 'model.safetensors.index.json').write_text(json.dumps(bad))
+        assert 'is not a shard index' in hf_error(hf, tmp_path / 'd', capsys)
+    (hf / 'model.safetensors.index.json').write_text('[' * 100_000 + ']' * 100_000)
+    assert 'is not readable JSON (RecursionError' in hf_error(hf, tmp_path / 'e', capsys)
+
+
+class Opaque:  # an object a weights-only load refuses
+    pass
+
+
+def test_weights_of_the_wrong_kind_are_refused_before_anything_is_written(tmp_path, capsys):
+    model = our_model()
+    hf = write_hf_dir(tmp_path / 'hf', model, symbols(N_TOKEN))
+    raw = (hf / 'model.safetensors').read_bytes()
+    (n,) = struct.unpack('<Q', raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header['transformer.word_emb.emb_layers.0.weight']['dtype'] = 'I32'  # float bits read as integers ~1e9
+    write_raw_safetensors(hf / 'model.safetensors', header, raw[8 + n:])
+    assert 'word_emb.emb_layers.0.weight is a torch.int32 tensor' in hf_error(hf, tmp_path / 'run', capsys)
+
+    hf = write_hf_dir(tmp_path / 'bin', model, symbols(N_TOKEN), safetensors=False)
+    state = torch.load(hf / 'pytorch_model.bin', weights_only=True)
+    torch.save({**state, 3: torch.zeros(1)}, hf / 'pytorch_model.bin')
+    assert 'is not a state dict' in hf_error(hf, tmp_path / 'run', capsys)
+    state['transformer.layers.0.dec_attn.r_w_bias'][0, 0] = float('nan')
+    torch.save(state, hf / 'pytorch_model.bin')
+    assert 'layers.0.dec_attn.r_w_bias holds NaN or infinite values' in hf_error(hf, tmp_path / 'run', capsys)
+    torch.save({**state, 'extra': Opaque()}, hf / 'pytorch_model.bin', _use_new_zipfile_serialization=False)
+    err = hf_error(hf, tmp_path / 'run', capsys)
+    assert 'holds pickled Python objects' in err and 'weights_only' not in err  # never torch's advice to unpickle
+
+
+def test_a_vocabulary_or_configuration_that_is_not_text_is_named(tmp_path, capsys):
+    hf = write_hf_dir(tmp_path / 'hf', our_model(), symbols(N_TOKEN))
+    (hf / 'vocab.txt').write_bytes(b'w0\n\xff\xfe\n')
+    assert f'{hf}/vocab.txt is not UTF-8 text' in hf_error(hf, tmp_path / 'run', capsys)
+    (hf / 'config.json').write_text('[' * 100_000 + ']' * 100_000)
+    assert 'config.json is not readable JSON' in hf_error(hf, tmp_path / 'run', capsys)
+
+
+def test_a_configuration_declaring_more_than_the_weights_is_refused_before_building(tmp_path):
+    """A 400-byte config.json declaring a billion layers, tokens, heads or inner units: refused by comparing
+    with the weights before any layer is built (it took memory until the machine ran out), in a process that
+    may not grow by more than 1 GiB."""
+    model = our_model()
+    config = hf_config_json(model)
+    argvs = []
+    for key in ('vocab_size', 'd_inner', 'n_head', 'n_layer'):
+        hf = write_hf_dir(tmp_path / key, model, symbols(N_TOKEN))
+        (hf / 'config.json').write_text(json.dumps({**config, key: 10 ** 9}))
+        argvs.append([hf, '--work_dir', tmp_path / f'run-{key}'])
+    codes, errors = convert_with_memory_limit(argvs)
+    assert codes == [2, 2, 2, 2], errors
+    assert all('do not fit the model: size mismatch for' in e for e in errors[:3]), errors
+    assert 'n_layer=1000000000 but the weights hold 2 layers' in errors[3]
+    assert len(errors) == 4 and not any((tmp_path / f'run-{key}').exists() for key in config)

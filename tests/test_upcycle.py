@@ -8,8 +8,9 @@ import torch
 import convert_checkpoint as cc
 import eval as evaluation
 import train
-from conftest import MOE, TINY, write_corpus
+from conftest import MOE, TINY, convert_with_memory_limit, write_corpus
 from utils import checkpoint as ckpt
+from utils import files
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +80,7 @@ def test_noise_breaks_the_symmetry_and_training_continues(dense_run, tmp_path, c
 @pytest.mark.parametrize('flags,message', [
     ([], '--upcycle needs --moe-num-expert E and --moe-top-k K'),
     (['--moe-top-k', '5'], 'top_k'),
-    (['--moe-top-k', '2', '--upcycle-noise', '-1'], '--upcycle-noise -1.0 must be >= 0'),
+    (['--moe-top-k', '2', '--upcycle-noise', '-1'], '--upcycle-noise -1.0 must be a finite number >= 0'),
 ])
 def test_bad_upcycling_input_exits_2_and_writes_nothing(dense_run, tmp_path, capsys, flags, message):
     dense, _ = dense_run
@@ -93,3 +94,39 @@ def test_upcycling_an_moe_model_is_refused(dense_run, tmp_path, capsys):
     assert upcycle(dense, tmp_path / 'moe', '--moe-top-k', '2') == 0
     assert upcycle(tmp_path / 'moe', tmp_path / 'again', '--moe-top-k', '2') == 2
     assert 'already a Mixture of Experts' in capsys.readouterr().err
+
+
+def test_a_training_run_is_never_upcycled_into(dense_run, tmp_path, capsys):
+    """--upcycle DENSE --work_dir RUN --overwrite replaced the model.pt of a run train.py was training (or had
+    finished: train.py --restart then died on it): a locked directory or one with a checkpoint.pt is refused."""
+    dense, corpus = dense_run
+    live = tmp_path / 'live'
+    assert train.main(['--data', str(corpus), '--work_dir', str(live), *TINY, '--max_step', '2']) == 0
+    before = {p.name: p.read_bytes() for p in live.iterdir() if p.is_file()}
+    lock = files.lock_directory(str(live), '--work_dir')  # train.py, running there
+    assert upcycle(dense, live, '--moe-top-k', '2', '--overwrite') == 2
+    assert 'is in use by another process' in capsys.readouterr().err
+    lock.release()
+    assert upcycle(dense, live, '--moe-top-k', '2', '--overwrite') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'holds a training run (checkpoint.pt)' in err
+    assert {p.name: p.read_bytes() for p in live.iterdir() if p.is_file()} == before
+
+
+def test_an_upcycled_model_is_finite_and_fits_in_memory(dense_run, tmp_path, capsys):
+    """--upcycle-noise inf wrote inf weights, 1e300 overflows to inf, --seed 2**70 was an overflow traceback,
+    ten million experts ran the machine out of memory."""
+    dense, _ = dense_run
+    for flags, message in [(['--upcycle-noise', 'inf'], '--upcycle-noise inf must be a finite number >= 0'),
+                           (['--upcycle-noise', 'nan'], '--upcycle-noise nan must be a finite number >= 0'),
+                           (['--upcycle-noise', '1e300'], 'holds NaN or infinite values, with which a model computes '
+                                                          'nothing: pass a smaller --upcycle-noise'),
+                           (['--seed', str(2 ** 70)], f'--seed {2 ** 70} must be between 0 and 2**64 - 1'),
+                           (['--seed', '-1'], '--seed -1 must be between 0 and 2**64 - 1')]:
+        assert upcycle(dense, tmp_path / 'out', '--moe-top-k', '2', *flags) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and message in err and not (tmp_path / 'out').exists(), err
+    codes, errors = convert_with_memory_limit([['--upcycle', dense, '--moe-num-expert', 10 ** 7, '--moe-top-k', 2,
+                                                '--work_dir', tmp_path / 'out']])
+    assert codes == [2] and len(errors) == 1 and '--moe-num-expert 10000000 needs' in errors[0], errors
+    assert not (tmp_path / 'out').exists()

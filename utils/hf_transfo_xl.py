@@ -13,6 +13,7 @@ A directory holds:
     convert_checkpoint.py extended to the tokenizer's plain containers (other objects become inert stand-ins).
 """
 import json
+import math
 import os
 import pickle
 import struct
@@ -29,6 +30,7 @@ REQUIRED = ('cutoffs', 'd_model', 'd_embed', 'n_head', 'd_head', 'd_inner', 'div
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
                       'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
                       'U8': torch.uint8, 'BOOL': torch.bool}
+MAX_HEADER = 100 << 20  # bytes of a safetensors header (the safetensors library's limit too)
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
                 'pytorch_model.bin.index.json')
 
@@ -48,7 +50,7 @@ def read_config(directory):
     try:
         with open(path, encoding='utf-8') as f:
             hf = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise HFImportError(f'{path} is not readable JSON ({e})') from None
     if not isinstance(hf, dict):
         raise HFImportError(f'{path} holds a {type(hf).__name__}, not a configuration object')
@@ -98,45 +100,106 @@ def model_config(hf, path='config.json'):
 # ----------------------------------------------------------------------------- weights
 
 def read_safetensors(path):
-    """{name: tensor} of a .safetensors file (the format: u64 header size, JSON header, raw data)."""
-    with open(path, 'rb') as f:
-        raw = f.read()
+    """{name: tensor} of a .safetensors file (the format: u64 header size, JSON header, raw little-endian data).
+    Each tensor is read from the file straight into its own memory, so reading needs about the file's size."""
     try:
-        (n,) = struct.unpack('<Q', raw[:8])
-        header = json.loads(raw[8:8 + n].decode('utf-8'))
-        data = memoryview(raw)[8 + n:]
-        out = {}
-        for name, info in header.items():
-            if name == '__metadata__':
-                continue
-            dtype = SAFETENSORS_DTYPES[info['dtype']]
-            begin, end = info['data_offsets']
-            shape = [int(d) for d in info['shape']]
-            numel = 1
-            for d in shape:
-                numel *= d
-            if not 0 <= begin <= end <= len(data) or end - begin != numel * dtype.itemsize:
-                raise ValueError(f'{name}: offsets {begin}..{end} do not hold {shape} {info["dtype"]}')
-            out[name] = (torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if numel
-                         else torch.empty(0, dtype=dtype)).reshape(shape)
-        return out
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise HFImportError(f'{path} is not a safetensors file ({type(e).__name__}: {e})') from None
+        with open(path, 'rb') as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack('<Q', f.read(8).ljust(8, b'\xff'))
+            if n > min(size - 8, MAX_HEADER):
+                raise ValueError(f'its header size {n} does not fit in its {size} bytes')
+            header = json.loads(f.read(n).decode('utf-8'))
+            out = {}
+            for name, dtype, shape, begin, end in safetensors_entries(header, size - 8 - n):
+                out[name] = torch.empty(shape, dtype=dtype)
+                f.seek(8 + n + begin)
+                _read_into(f, out[name].reshape(-1).view(torch.uint8).numpy())
+            return out
+    except (ValueError, RecursionError) as e:  # (a UnicodeDecodeError and json's errors are ValueErrors)
+        raise HFImportError(f'{path} is not a safetensors file ({type(e).__name__}: {e}): write it again with '
+                            'save_pretrained, or give pytorch_model.bin') from None
+    except OSError as e:
+        raise HFImportError(f'{path} cannot be read ({e.strerror or e})') from None
+
+
+def _read_into(f, buffer):
+    done = 0
+    while done < len(buffer):
+        got = f.readinto(buffer[done:])
+        if not got:
+            raise ValueError('the file ends before its last tensor')
+        done += got
+
+
+def safetensors_entries(header, data_size):
+    """[(name, dtype, shape, begin, end)] of a safetensors header, checked against the format: every tensor's
+    bytes are its shape's, and the tensors tile the data that follows the header (no gap, no overlap), so
+    they hold no more than the file does."""
+    if not isinstance(header, dict):
+        raise ValueError(f'its header is a JSON {type(header).__name__}, not an object')
+    entries = []
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        if not isinstance(info, dict) or info.get('dtype') not in SAFETENSORS_DTYPES:
+            raise ValueError(f'{name} has no known dtype (one of {", ".join(SAFETENSORS_DTYPES)})')
+        shape, offsets = info.get('shape'), info.get('data_offsets')
+        if not _int_list(shape) or any(d < 0 for d in shape):
+            raise ValueError(f'{name} has the shape {shape!r}, not a list of integers >= 0')
+        if not _int_list(offsets) or len(offsets) != 2:
+            raise ValueError(f'{name} has the data_offsets {offsets!r}, not two integers')
+        dtype = SAFETENSORS_DTYPES[info['dtype']]
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f'{name}: offsets {offsets[0]}..{offsets[1]} do not hold {shape} {info["dtype"]}')
+        entries.append((name, dtype, shape, *offsets))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    end = 0
+    for name, _, _, begin, stop in entries:
+        if begin != end:
+            raise ValueError(f'{name} starts at byte {begin} of the data, not at {end} where the tensor before '
+                             'it ends')
+        end = stop
+    if end != data_size:
+        raise ValueError(f'its tensors hold {end} bytes but {data_size} follow the header')
+    return entries
+
+
+def _int_list(value):
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def read_bin(path):
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
+        if 'weights_only' in str(e) or 'weights only' in str(e).lower():  # (torch's advice is not passed on)
+            raise HFImportError(f'{path} holds pickled Python objects besides tensors, which are not unpickled '
+                                '(that can run code): save the state dict of tensors, or a model.safetensors') from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HFImportError(f'{path} is not a weights-only torch checkpoint ({reason})') from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
         raise HFImportError(f'{path} is not a state dict (a mapping from names to tensors)')
     return obj
 
 
+def read_shard_index(path):
+    """{tensor name: shard file} of a *.index.json."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            index = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise HFImportError(f'{path} is not readable JSON ({type(e).__name__}: {e})') from None
+    weight_map = index.get('weight_map') if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise HFImportError(f'{path} is not a shard index: it needs a "weight_map" object from tensor names to '
+                            'shard file names')
+    return weight_map
+
+
 def read_weights(directory):
-    """(the model's tensors under Hugging Face's names, the file(s) they came from)."""
+    """(the model's tensors under Hugging Face's names, the file(s) they came from). A sharded model's tensors
+    are each taken from the shard its index names; a copy in another shard is refused, not guessed between."""
     present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
     if not present:
         raise HFImportError(f'{directory} has no weights: none of {", ".join(WEIGHT_FILES)}')
@@ -145,22 +208,28 @@ def read_weights(directory):
     reader = read_safetensors if name.startswith('model.safetensors') else read_bin
     if not name.endswith('.index.json'):
         return reader(path), name
-    try:
-        with open(path, encoding='utf-8') as f:
-            shards = sorted(set(json.load(f)['weight_map'].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise HFImportError(f'{path} is not a shard index ({e})') from None
+    weight_map = read_shard_index(path)
+    shards = sorted(set(weight_map.values()))
     state = {}
     for shard in shards:
         if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(directory, shard)):
             raise HFImportError(f'{path} names a shard {shard!r} that is not a file in {directory}')
-        state.update(reader(os.path.join(directory, shard)))
+        for key, value in reader(os.path.join(directory, shard)).items():
+            if weight_map.get(key) != shard:
+                where = f'in {weight_map[key]}' if key in weight_map else 'nowhere'
+                raise HFImportError(f'{directory}/{shard} holds {key}, which {name} puts {where}: remove the stray '
+                                    'copy or fix the index')
+            state[key] = value
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise HFImportError(f'{path} puts {missing[0]} in {weight_map[missing[0]]}, which does not hold it')
     return state, f'{name} ({len(shards)} shards)'
 
 
 def our_state_dict(hf_state, model, directory):
-    """Hugging Face's tensors under this model's names. save_pretrained drops the output layers and projections
-    tied to the embeddings from a safetensors file: they are taken from the tensors they are tied to."""
+    """Hugging Face's tensors under this model's names (`model` may be on the meta device). save_pretrained drops
+    the output layers and projections tied to the embeddings from a safetensors file: they are taken from the
+    tensors they are tied to. pos_emb.inv_freq, which transformers may leave out, is left to the model."""
     state = {}
     for key, value in hf_state.items():
         name = key[len('transformer.'):] if key.startswith('transformer.') else key
@@ -188,8 +257,6 @@ def our_state_dict(hf_state, model, directory):
         for name in names:
             if name not in state and known:
                 state[name] = state[known[0]]
-    if 'pos_emb.inv_freq' not in state:  # a buffer transformers may leave out; it is fixed by d_model
-        state['pos_emb.inv_freq'] = model.pos_emb.inv_freq
     unexpected = sorted(set(state) - set(model.state_dict()))
     if unexpected:
         raise HFImportError(f'{directory} holds weights this Transformer-XL does not have: '
@@ -230,8 +297,12 @@ def read_vocab(directory, trust_pickle, unpickler):
     """(symbols in id order, file) from vocab.txt, else (trusted) vocab.pkl; (None, None) if neither."""
     text = os.path.join(directory, 'vocab.txt')
     if os.path.isfile(text):
-        with open(text, encoding='utf-8') as f:
-            symbols = [line.split()[0] for line in f if line.strip()]
+        try:
+            with open(text, encoding='utf-8') as f:
+                symbols = [line.split()[0] for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise HFImportError(f'{text} is not UTF-8 text (byte {e.start} of a line is not): save it as UTF-8') \
+                from None
         return symbols, 'vocab.txt'
     pkl = os.path.join(directory, 'vocab.pkl')
     if not os.path.isfile(pkl):
