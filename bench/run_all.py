@@ -10,7 +10,7 @@
          optimizer; skipped when ../shared/reference/transformer-xl is absent)
      (c) the 64-expert step against the dense step of equal active FLOPs, 1 and 2 threads
      (d) the optimizer's share of those steps
-3    the MoE layer alone (bench_moe.py, the MoE layer's own benchmark); with transformers
+3    the MoE layer alone (bench_moe.py, the MoE layer's own benchmark); with transformers >= 5.0
      installed (optional), (b) against its Mixtral experts (grouped_mm and eager) at equal FLOPs
 4    long-memory evaluation (bench_eval.py)
 5    peak resident memory of a training step, --batch_chunk 1 and 2 (bench_memory.py)
@@ -19,8 +19,11 @@ Each part is its bench script, run in a process of its own with --json (what it
 prints goes to stderr; stdout holds the report). Every comparison the targets make
 is between figures measured side by side in one loop (the variants take turns in
 every repeat), so load from other processes on a shared machine slows them alike;
-each figure is a median.
---quick shortens every part (a smoke run, not for bench/README.md).
+each figure is a median. A ratio whose repeats (each a ratio of the two variants' times in the same
+repeat) spread by more than 25% is printed with their range, and a target they straddle is UNCLEAR.
+--quick shortens every part (a smoke run, not for bench/README.md) and judges no target.
+Row (b) needs transformers 5.0 or later (report.MIXTRAL_NEEDS) in a virtual environment of its own: the
+test suite's transformers 4.35.2 has no grouped_mm Mixtral experts.
 """
 import argparse
 import json
