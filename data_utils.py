@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from utils import corpus_cache
-from utils.datasets import ADAPTIVE_CUTOFFS, CHAR_LEVEL, DATASETS, LM1B_TRAIN, ORDERED, SPLITS
-from utils.vocabulary import DataError, Vocab, silent
+from utils.datasets import (ADAPTIVE_CUTOFFS, CHAR_LEVEL, DATASETS, LM1B_TRAIN, ORDERED, PLAIN_TEXT, SPLITS,
+                            TEXT_SPLIT)
+from utils.vocabulary import DataError, FirstSeen, Vocab, silent
 
 __all__ = ['DataError', 'Corpus', 'get_lm_corpus', 'LMOrderedIterator',
            'LMShuffledIterator', 'LMMultiFileIterator', 'DATASETS', 'CHAR_LEVEL', 'ADAPTIVE_CUTOFFS',
@@ -350,22 +351,47 @@ class LMMultiFileIterator(LMShuffledIterator):
 
 def _check_source_files(path, dataset):
     """Raise DataError for a missing directory or split file, or an empty one;
-    return the files the corpus is built from."""
+    return the files the corpus is built from ({role: path})."""
+    if dataset in PLAIN_TEXT:
+        files = _plain_text_files(path, dataset)
+    else:
+        files = _benchmark_files(path, dataset)
+    for f in files.values():
+        if os.path.getsize(f) == 0:
+            fix = ('delete {} and run `bash getdata.sh {}` again'.format(path, dataset) if dataset not in PLAIN_TEXT
+                   else 'give a file that holds text')
+            raise DataError('{} is empty: {}'.format(f, fix))
+    return files
+
+
+def _benchmark_files(path, dataset):
     dirname = DATASETS[dataset][0]
     fix = '`bash getdata.sh {}` creates it ({}/ under the data root)'.format(dataset, dirname)
+    if os.path.isfile(path):
+        raise DataError('{} is a file; --dataset {} reads a directory: {}{}'.format(
+            path, dataset, fix, _other_layouts(dataset)))
     if not os.path.isdir(path):
         raise DataError('data directory {} does not exist: {}'.format(path, fix))
     files = {split: os.path.join(path, split + '.txt') for split in SPLITS}
     if dataset == 'lm1b':  # training text is in the shards, found by _lm1b_train_paths
         files['vocab'] = os.path.join(path, DATASETS['lm1b'][1]['vocab_file'])
         del files['train']
-    for f in files.values():
+    for role, f in files.items():
         if not os.path.isfile(f):
-            raise DataError('{} is missing: {}'.format(f, fix))
-        if os.path.getsize(f) == 0:
-            raise DataError('{} is empty: delete {} and run `bash getdata.sh {}` again'.format(
-                f, path, dataset))
+            names = [os.path.basename(files[r]) for r in files]
+            found = _split_files(path, role) if role in SPLITS else []
+            raise DataError('{} is missing: --dataset {} reads {} and {} there (`bash getdata.sh {}` creates '
+                            'them in {}/ under the data root){}{}'.format(
+                                f, dataset, ', '.join(names[:-1]), names[-1], dataset, dirname,
+                                '; this directory has {}'.format(', '.join(map(os.path.basename, found)))
+                                if found else '', _other_layouts(dataset)))
     return files
+
+
+def _other_layouts(dataset):
+    other = 'chars' if dataset in CHAR_LEVEL else 'words'
+    return ('; text laid out otherwise (one file, or files named like ptb.train.txt) trains with --dataset '
+            '{}'.format(other))
 
 
 def _lm1b_train_paths(path):
@@ -400,6 +426,64 @@ def _check_char_symbols(dataset, vocab, files):
                             files[split], line_no, sym, what, dataset))
 
 
+# ---- any plain text: --dataset chars / words ---------------------------------
+
+def _plain_text_files(path, dataset):
+    """{'text': path} for one text file (split by _cut_splits), or {split: file} of a directory: train.txt,
+    valid.txt and test.txt, or else the one file named *.train.*, *.valid.*, *.test.* (ptb.train.txt,
+    wiki.train.tokens)."""
+    if os.path.isfile(path):
+        return {'text': path}
+    wanted = ('--dataset {} reads one text file (split {}/{}/{} into train/valid/test) or a directory holding '
+              'train.txt, valid.txt and test.txt (or one file each named *.train.*, *.valid.*, *.test.*)'.format(
+                  dataset, *TEXT_SPLIT))
+    if not os.path.isdir(path):
+        raise DataError('{} does not exist: {}'.format(path, wanted))
+    files = {}
+    for split in SPLITS:
+        plain = os.path.join(path, split + '.txt')
+        found = [plain] if os.path.isfile(plain) else _split_files(path, split)
+        if len(found) != 1:
+            raise DataError('{} has {} for the {} split: {}'.format(
+                path, 'no {}.txt and no *.{}.* file'.format(split, split) if not found else
+                'several *.{}.* files ({})'.format(split, ', '.join(map(os.path.basename, found))), split, wanted))
+        files[split] = found[0]
+    return files
+
+
+def _split_files(directory, split):
+    """The files of `directory` named *.split.* (ptb.train.txt), sorted."""
+    pattern = os.path.join(glob.escape(directory), '*.{}.*'.format(split))
+    return sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+
+
+def _cut_splits(ids):
+    """One text's ids cut into contiguous train, valid and test blocks of TEXT_SPLIT percent of its tokens."""
+    n_train, n_valid, _ = TEXT_SPLIT
+    return np.split(ids, [len(ids) * n_train // 100, len(ids) * (n_train + n_valid) // 100])
+
+
+def _plain_text_ids(files, dataset, vocab, given):
+    """{split: ids} of a plain-text corpus. The vocabulary is counted from the training split (unless `given`:
+    then vocab holds a model's symbols); valid and test symbols outside it are <unk>."""
+    chars = dataset in CHAR_LEVEL
+    first_seen = FirstSeen()  # provisional ids: every file of the corpus is tokenized once
+
+    def read(path):
+        pieces, _ = vocab.first_seen_ids(path, first_seen, add_eos=not chars, chars=chars)
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    if 'text' in files:
+        parts = dict(zip(SPLITS, _cut_splits(read(files['text']))))
+    else:
+        parts = {split: read(files[split]) for split in SPLITS}
+    symbols = list(first_seen)
+    if given:
+        table = vocab.id_table(symbols)
+    else:
+        table = vocab.build_from_counts(symbols, np.bincount(parts['train'], minlength=len(symbols)))
+    return {split: table[parts[split]] for split in SPLITS}
+
+
 class Corpus(object):
     """A dataset's vocabulary and its three splits: `train`, `valid`, `test` are 1-D id tensors for an ordered
     corpus; for lm1b `train` is the list of training shard paths (read as training goes) and `valid`/`test`
@@ -420,6 +504,13 @@ class Corpus(object):
         vocab = Vocab(log=log, **_vocab_options(datadir, dataset))
         if symbols is not None:
             vocab.set_given_symbols(symbols)
+        if dataset in PLAIN_TEXT:
+            ids = _plain_text_ids(files, dataset, vocab, given=symbols is not None)
+            for split in SPLITS:
+                if len(ids[split]) < 2:
+                    raise DataError('the {} split of {} holds {} tokens: it needs at least 2{}'.format(
+                        split, datadir, len(ids[split]), ' (give more text)' if 'text' in files else ''))
+            return cls(dataset, vocab, *(torch.from_numpy(ids[split]) for split in SPLITS))
         if dataset not in ORDERED:  # lm1b: the vocabulary file; the training shards are read by the iterator
             train = _lm1b_train_paths(datadir)
             if symbols is None:
@@ -518,7 +609,18 @@ def _vocab_options(datadir, dataset):
 
 
 def _cache_key(dataset, files, symbols=None):
-    return corpus_cache.cache_key(dataset, DATASETS[dataset][1], files, symbols)
+    rules = DATASETS[dataset][1]
+    if dataset in PLAIN_TEXT:
+        rules = dict(rules, split=TEXT_SPLIT)
+    return corpus_cache.cache_key(dataset, rules, files, symbols)
+
+
+def _cache_place(datadir, dataset):
+    """(directory, name) of a corpus's cache: in its data directory under the dataset's name; for one text
+    file, beside it under the dataset's and the file's names (so that each file of a directory keeps its own)."""
+    if os.path.isfile(datadir):
+        return os.path.dirname(os.path.abspath(datadir)), '{}-{}'.format(dataset, os.path.basename(datadir))
+    return datadir, dataset
 
 
 def get_lm_corpus(datadir, dataset, symbols=None, log=silent):
@@ -532,15 +634,16 @@ def get_lm_corpus(datadir, dataset, symbols=None, log=silent):
     if os.path.exists(os.path.join(datadir, 'cache.pt')):
         log('Not loading {}: pickles can run code; using the plain-data cache'.format(
             os.path.join(datadir, 'cache.pt')))
-    roots = corpus_cache.cache_roots(datadir)
+    place, name = _cache_place(datadir, dataset)
+    roots = corpus_cache.cache_roots(place)
     for root in roots:
         try:
-            cached = corpus_cache.load(root, dataset, key)
+            cached = corpus_cache.load(root, name, key)
         except corpus_cache.DamagedCache as err:
             log('Ignoring damaged cache {}; rebuilding it'.format(err))
             continue
         if cached is not None:
-            log('Loading cached dataset from {}'.format(corpus_cache.cache_dir(root, dataset, key)))
+            log('Loading cached dataset from {}'.format(corpus_cache.cache_dir(root, name, key)))
             return Corpus.from_cache(datadir, dataset, *cached, given=symbols is not None)
 
     log('Producing dataset {}...'.format(dataset))
@@ -548,7 +651,7 @@ def get_lm_corpus(datadir, dataset, symbols=None, log=silent):
     errors = []
     for root in roots:
         try:
-            where = corpus_cache.save(root, dataset, key, corpus.cache_arrays(), corpus.vocab.idx2sym)
+            where = corpus_cache.save(root, name, key, corpus.cache_arrays(), corpus.vocab.idx2sym)
         except OSError as err:  # read-only corpus directory: try the next place
             errors.append('{}: {}'.format(root, err.strerror or err))
             continue

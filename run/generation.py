@@ -151,6 +151,8 @@ class TextCodec:
     enwik8: tokens are byte values written in decimal; a prompt is taken as UTF-8 bytes. Newlines are dropped,
             as in the corpus: the prepared files keep them as line breaks, which the tokenizer skips.
     text8:  tokens are characters, '_' standing for a space.
+    chars:  tokens are characters, spaces and newlines included ('<unk>' reads as U+FFFD); an empty prompt starts
+            at a line break.
     others: words split on whitespace (lower-cased where the vocabulary is), '<eos>' at every line end
             (lm1b: every line inside '<S>' ... '<S>'); output lines end at '<eos>' / '<S>'.
     Unknown prompt tokens become '<unk>' (lm1b: '<UNK>') when the vocabulary has it, otherwise they are an error.
@@ -169,6 +171,8 @@ class TextCodec:
             return syms if newline in self.vocab.sym2idx else [s for s in syms if s != newline]
         if self.dataset == 'text8':
             return ['_' if c.isspace() else c for c in text]
+        if self.dataset == 'chars':  # newlines as the corpus reads them
+            return list(text.replace('\r\n', '\n').replace('\r', '\n') or '\n')
         return self._word_symbols(text)
 
     def _word_symbols(self, text):
@@ -210,6 +214,8 @@ class TextCodec:
             return bytes(int(s) for s in syms).decode('utf-8', errors='replace')
         if self.dataset == 'text8':
             return ''.join(' ' if s == '_' else s for s in syms)
+        if self.dataset == 'chars':
+            return ''.join(map(self._char, syms))
         return self._join_words(syms)
 
     def _join_words(self, syms):
@@ -227,4 +233,10 @@ class TextCodec:
         sym = self.vocab.get_sym(int(idx))
         if self.dataset == 'enwik8':
             return chr(int(sym))
+        if self.dataset == 'chars':
+            return self._char(sym)
         return ' ' if (self.dataset == 'text8' and sym == '_') else sym
+
+    @staticmethod
+    def _char(sym):
+        return '\ufffd' if sym == '<unk>' else sym

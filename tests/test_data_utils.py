@@ -527,7 +527,9 @@ def insert_line(name, line_no, text):
 
 BAD_INPUT = [
     ('enwik8', lambda r: (r / 'valid.txt').unlink(),
-     r"enwik8/valid.txt is missing: `bash getdata.sh enwik8` creates it"),
+     r"enwik8/valid.txt is missing: --dataset enwik8 reads train.txt, valid.txt and test.txt there "
+     r"\(`bash getdata.sh enwik8` creates them in enwik8/ under the data root\); text laid out otherwise "
+     r"\(one file, or files named like ptb.train.txt\) trains with --dataset chars$"),
     ('enwik8', lambda r: (r / 'test.txt').write_text(''),
      r'enwik8/test.txt is empty'),
     ('enwik8', lambda r: (r / 'valid.txt').write_text('\n \n\n'),

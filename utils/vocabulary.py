@@ -77,6 +77,12 @@ def _decode(raw, path, first_line):
     return text
 
 
+def _ends_a_line(path):
+    with open(path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) in (b'\n', b'\r')
+
+
 def ids_dtype(vocab_size):
     """The smallest signed integer type that holds every id. Signed, so -1 can
     mark line ends while encoding, and never uint8, which torch takes for a
@@ -84,7 +90,7 @@ def ids_dtype(vocab_size):
     return np.dtype(np.int16) if vocab_size < 2 ** 15 else np.dtype(np.int32)
 
 
-class _FirstSeen(dict):
+class FirstSeen(dict):
     """symbol -> order of first occurrence. Lookups of known symbols stay in
     C (dict.__getitem__); only a new symbol calls __missing__."""
 
@@ -228,17 +234,11 @@ class Vocab(object):
             self.build_vocab()
             return {path: self.encode_file_ids(path, add_eos)
                     for path in list(count_paths) + list(encode_paths)}
-        first_seen = _FirstSeen()
-        provisional = {}
-        n_lines = 0
+        first_seen = FirstSeen()
+        provisional, n_lines = {}, 0
         for path in count_paths:
-            pieces = []
-            for text, _ in self._line_blocks(path, 'reading'):
-                tokens = self._line_tokens(text, add_eos)
-                pieces.append(np.fromiter(map(first_seen.__getitem__, tokens), np.int32,
-                                          len(tokens)))
-                n_lines += text.count('\n') if add_eos else 0
-            provisional[path] = pieces
+            provisional[path], n = self.first_seen_ids(path, first_seen, add_eos)
+            n_lines += n if add_eos else 0
         symbols = list(first_seen)
         counts = np.zeros(len(symbols), np.int64)
         for pieces in provisional.values():
@@ -246,18 +246,7 @@ class Vocab(object):
                 counts += np.bincount(piece, minlength=len(symbols))
         if n_lines:  # the '<eos>' added to every line is encoded, not counted
             counts[first_seen['<eos>']] -= n_lines
-        self.counter.update({symbols[i]: int(counts[i]) for i in np.flatnonzero(counts > 0)})
-        self.build_vocab()
-
-        # provisional id -> final id (-1: not in the vocabulary)
-        table = np.array([self.sym2idx.get(s, -1) for s in symbols], dtype=np.int64)
-        if (table < 0).any():
-            missing = symbols[int(np.flatnonzero(table < 0)[0])]
-            if not hasattr(self, 'unk_idx'):
-                raise DataError('{!r} is not in the vocabulary (min_freq/max_size cut it) '
-                                'and there is no <unk> to map it to'.format(missing))
-            table[table < 0] = self.unk_idx
-        table = table.astype(ids_dtype(len(self)))
+        table = self.build_from_counts(symbols, counts)
         encoded = {}
         for path, pieces in provisional.items():
             ids = encoded[path] = np.empty(sum(len(p) for p in pieces), table.dtype)
@@ -269,6 +258,38 @@ class Vocab(object):
         for path in encode_paths:
             encoded[path] = self.encode_file_ids(path, add_eos)
         return encoded
+
+    def first_seen_ids(self, path, first_seen, add_eos=False, chars=False):
+        """(pieces, lines): the symbols of a file as provisional ids, one int32 array per block, and its number
+        of lines. first_seen[symbol] numbers the symbols in order of first occurrence (a FirstSeen, shared by
+        the files of a corpus). chars: every character is a symbol, newlines and spaces included (nothing is
+        stripped or lower-cased), but not the newline read_line_blocks adds to a last line without one."""
+        pieces, lines = [], 0
+        for text, _ in self._line_blocks(path, 'reading'):
+            tokens = text if chars else self._line_tokens(text, add_eos)
+            pieces.append(np.fromiter(map(first_seen.__getitem__, tokens), np.int32, len(tokens)))
+            lines += text.count('\n')
+        if chars and pieces and not _ends_a_line(path):
+            pieces[-1] = pieces[-1][:-1]
+        return pieces, lines
+
+    def build_from_counts(self, symbols, counts):
+        """Count symbols[i] counts[i] times (zeros skipped), build_vocab(), and return id_table(symbols)."""
+        self.counter.update({symbols[i]: int(counts[i]) for i in np.flatnonzero(counts > 0)})
+        self.build_vocab()
+        return self.id_table(symbols)
+
+    def id_table(self, symbols):
+        """The array (of ids_dtype) that maps each index of `symbols` to its id, symbols outside the
+        vocabulary to <unk>; DataError naming one if there is no <unk>."""
+        table = np.array([self.sym2idx.get(s, -1) for s in symbols], dtype=np.int64)
+        if (table < 0).any():
+            missing = symbols[int(np.flatnonzero(table < 0)[0])]
+            if not hasattr(self, 'unk_idx'):
+                raise DataError('{!r} is not in the vocabulary (min_freq/max_size cut it) '
+                                'and there is no <unk> to map it to'.format(missing))
+            table[table < 0] = self.unk_idx
+        return table.astype(ids_dtype(len(self)))
 
     def _lookup(self, table, tokens):
         if hasattr(self, 'unk_idx'):
