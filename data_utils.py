@@ -17,6 +17,11 @@ from numpy's global RNG after np.random.seed(seed). What differs:
 * bad input raises DataError with a one-line message naming the file;
 * nothing is printed: get_lm_corpus reports through the `log` function it is
   given (none by default).
+
+Besides the benchmarks, `chars` and `words` read any plain text: `datadir` is
+one text file (cut 90/5/5 into train/valid/test) or a directory of the three
+splits' files, the vocabulary is the training split's plus <unk>
+(docs/data.md).
 """
 
 import glob
