@@ -513,8 +513,8 @@ class Corpus(object):
             ids = _plain_text_ids(files, dataset, vocab, given=symbols is not None)
             for split in SPLITS:
                 if len(ids[split]) < 2:
-                    raise DataError('the {} split of {} holds {} tokens: it needs at least 2{}'.format(
-                        split, datadir, len(ids[split]), ' (give more text)' if 'text' in files else ''))
+                    raise DataError('the {} split of {} holds {} tokens: it needs at least 2 (give more text)'.format(
+                        split, files.get(split, datadir), len(ids[split])))
             return cls(dataset, vocab, *(torch.from_numpy(ids[split]) for split in SPLITS))
         if dataset not in ORDERED:  # lm1b: the vocabulary file; the training shards are read by the iterator
             train = _lm1b_train_paths(datadir)
