@@ -95,16 +95,17 @@ def read_prompt(args):
 
 
 def check_memory(args, model, tgt_len, prompt_len, device):
-    """--num_samples run as one batch: refused when the batch cannot fit in the device's memory."""
+    """--num_samples run as one batch: refused when the batch (and its --max_tokens) cannot fit in the device's
+    memory."""
     need = args.num_samples * bytes_per_sample(model, tgt_len, prompt_len + args.max_tokens)
     if device.type == 'cuda':
         have = torch.cuda.get_device_properties(device).total_memory
     else:
         have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if need > have:
-        raise ConfigError(f'--num_samples {args.num_samples} needs about {need / 2 ** 30:,.1f} GiB, more than the '
-                          f'{have / 2 ** 30:,.1f} GiB of {device.type}: generate fewer at once (another --seed '
-                          'gives others)')
+        raise ConfigError(f'--num_samples {args.num_samples} of --max_tokens {args.max_tokens} need about '
+                          f'{need / 2 ** 30:,.1f} GiB, more than the {have / 2 ** 30:,.1f} GiB of {device.type}: '
+                          'generate fewer or shorter samples at once (another --seed gives others)')
 
 
 def write_text(text, output):

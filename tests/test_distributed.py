@@ -54,6 +54,16 @@ def stop(procs):
             p.wait()
 
 
+def outcomes(procs, timeout):
+    """[(returncode, stdout, stderr)] of each process, all of them within timeout seconds."""
+    deadline = time.time() + timeout
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=max(deadline - time.time(), 1))
+        results.append((p.returncode, out, err))
+    return results
+
+
 def launch(argv, nproc=2, timeout=LAUNCH_TIMEOUT_S, kill_rank_after=None):
     """Run `python argv...` as nproc ranks with torchrun's environment variables, without the agent.
 
@@ -71,12 +81,7 @@ def launch(argv, nproc=2, timeout=LAUNCH_TIMEOUT_S, kill_rank_after=None):
             rank, seconds = kill_rank_after
             time.sleep(seconds)
             os.killpg(procs[rank].pid, signal.SIGKILL)
-        deadline = time.time() + timeout
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=max(deadline - time.time(), 1))
-            results.append((p.returncode, out, err))
-        return results
+        return outcomes(procs, timeout)
     finally:
         stop(procs)
 
@@ -396,11 +401,73 @@ def test_a_rank_that_dies_stops_the_others_and_leaves_a_loadable_checkpoint(tmp_
     assert state['step'] >= 2 and state['step'] % 2 == 0
 
 
+# ----------------------------------------------------------------------------- two machines
+
+def two_nodes(argv, timeout=LAUNCH_TIMEOUT_S):
+    """`python argv...` as two machines run it (docs/distributed.md: TORCHRUN_ARGS="--nnodes 2 --rdzv-backend c10d
+    --rdzv-endpoint HOST0:PORT --rdzv-id ID" on each): two torchrun launches of one process each, their rendezvous
+    on 127.0.0.1. Returns [(returncode, stdout, stderr)] by launch."""
+    port = free_port()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1',
+           '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{port}', '--rdzv-id', f'run{port}',
+           *map(str, argv)]
+    procs = [subprocess.Popen(cmd, env=worker_env(), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True) for _ in range(2)]
+    try:
+        return outcomes(procs, timeout)
+    finally:
+        stop(procs)
+
+
+def node_killing_worker(kill_at, argv):
+    """train.py argv, whose rank 1 takes its machine down as it starts training step kill_at: its torchrun
+    agent, then itself, by SIGKILL."""
+    from run.distributed import exit_process
+    from run.trainer import Trainer
+    from run.training import main
+    step, calls = Trainer.train_step, [0]
+
+    def train_step(self, *args):
+        calls[0] += 1
+        if calls[0] == kill_at and os.environ['RANK'] == '1':
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *args)
+    Trainer.train_step = train_step
+    exit_process(main(argv))
+
+
+@pytest.mark.parametrize('flags', [[], [*MOE, '--expert-parallel']], ids=['dense', 'moe-expert-parallel'])
+def test_two_machines_one_killed_then_both_resumed_equal_one_process(tmp_path, corpus, flags):
+    """The several-machine launch for real: rank 1's machine dies at step 4, rank 0 stops in one line, and both
+    relaunched with --restart continue from the checkpoint of step 2; every loss equals one process's."""
+    steps = ['--max_step', '6', '--save-interval', '2', '--dist-timeout', '20']
+    ref, run = tmp_path / 'ref', tmp_path / 'run'
+    train_one_process(corpus, ref, *flags, *steps)
+    killed = two_nodes(['tests/test_distributed.py', 'kill_node', 4, '--data', corpus, '--work_dir', run, *TINY,
+                        *flags, *steps])
+    codes = sorted(code for code, _, _ in killed)
+    assert codes[0] == -signal.SIGKILL and codes[1] != 0, killed
+    assert any('rank 0 lost contact with the other processes at step 3' in err for _, _, err in killed), killed
+    assert torch.load(run / 'checkpoint.pt', weights_only=True)['step'] == 2
+    assert max(metrics(run, 'train')) == 3
+
+    resumed = two_nodes(['train.py', '--data', corpus, '--work_dir', run, *TINY, *flags, *steps, '--restart'])
+    assert [code for code, _, _ in resumed] == [0, 0], resumed
+    assert 'Resuming from' in (run / 'log.txt').read_text()
+    want = metrics(ref, 'train')
+    assert_same_losses(metrics(run, 'train'), want, range(1, 7))
+    assert metrics(run, 'train')[6].get('moe_load') == want[6].get('moe_load')
+    assert_same_losses(metrics(run, 'test'), metrics(ref, 'test'), (6,))
+
+
 if __name__ == '__main__':
     if sys.argv[1] == 'exchange':
         exchange_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == 'exchange_drops':
         exchange_drops_worker(sys.argv[2])
+    elif sys.argv[1] == 'kill_node':
+        node_killing_worker(int(sys.argv[2]), sys.argv[3:])
 
 
 @pytest.mark.parametrize('world_size,finalized', [('2', False), ('1', True)])

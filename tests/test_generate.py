@@ -277,7 +277,8 @@ def test_cli_extreme_flags_are_one_line_errors(tmp_path, capsys):
     run, _, _ = make_run(tmp_path)
     for flags, message in [(['--seed', str(2 ** 70)], f'--seed {2 ** 70} must be between -2**63 and 2**64 - 1'),
                            (['--threads', '1000000'], '--threads 1000000 must be between 0'),
-                           (['--num_samples', str(10 ** 9)], f'--num_samples {10 ** 9} needs about'),
+                           (['--num_samples', str(10 ** 9)], f'--num_samples {10 ** 9} of --max_tokens 200 need about'),
+                           (['--max_tokens', str(10 ** 12)], f'--num_samples 1 of --max_tokens {10 ** 12} need'),
                            (['--temperature', 'inf'], '--temperature inf must be a finite number')]:
         code, out, err = run_cli(capsys, '--work_dir', run, '--prompt', 'An', *flags)
         assert code == 2 and out == '' and err.strip().splitlines()[-1].startswith('generate.py: error: ' + message)
