@@ -11,8 +11,9 @@ steps again, next to the dense run trained for those steps too and the same MoE 
 
 Every run is a train.py run directory under OUT/runs/NAME-sSEED: a finished one is skipped, an interrupted
 one resumes from its checkpoint (train.py --restart), so rerunning the command continues the study. Results:
-OUT/results.md, OUT/results.json, OUT/study_bpc.png (valid bpc against steps and training seconds, the
-line the mean over seeds, the band their range) and OUT/study_imbalance.png (expert load max/mean).
+OUT/results.md, OUT/results.json, OUT/study_bpc.png (valid bpc against steps and against training seconds:
+the line the mean over seeds, the band their range, the seconds those of the faster seed) and
+OUT/study_imbalance.png (expert load max/mean).
 Without --data the enwik8 sample in samples/ is prepared into OUT/data. One study at a time uses an OUT (a lock
 on it): a second one is refused instead of deleting the runs the first is training.
 """
@@ -136,7 +137,7 @@ def check_train_args(args, configs, names):
                               f'study sets from {STUDY_SETS[given[0]]}: drop it from --train_args')
         for name in names:
             p = parser()
-            options.check_args(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
+            options.run_config(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
     except ConfigError:
         raise
     except ValueError as e:
@@ -345,39 +346,74 @@ def markdown_table(results):
     return '\n'.join(lines) + '\n'
 
 
-def band(ax, xs, ys, label, color):
-    """The mean over seeds as a line, their range as a band (x: the mean over seeds too)."""
+def band(ax, xs, ys, label, style, x_of_seeds=np.mean):
+    """The mean over seeds as a line, their range as a band (x: x_of_seeds over the seeds). A curve of a few
+    points gets markers, a one-point curve an error bar: a lone point or a short segment is otherwise lost."""
     n = min(len(y) for y in ys)
-    x = np.mean([x[:n] for x in xs], axis=0)
+    x = x_of_seeds([x[:n] for x in xs], axis=0)
     y = np.array([y[:n] for y in ys])
-    ax.plot(x, y.mean(axis=0), label=label, color=color)
-    ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=color, alpha=0.2)
+    mean = y.mean(axis=0)
+    line, = ax.plot(x, mean, label=label, markersize=6, **dict(style, marker=style['marker'] if n <= 5 else None))
+    if n == 1:
+        ax.errorbar(x, mean, yerr=[mean - y.min(axis=0), y.max(axis=0) - mean], color=line.get_color(), capsize=4)
+    else:
+        ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.15)
+    return line
+
+
+def curve_styles(names):
+    """name -> a colour, line style and marker, no two alike: the dense baselines black, the others ten colours,
+    then the same colours dashed."""
+    markers, styles, dense = 'os^Dv<>pP*X', {}, 0
+    for name in names:
+        if name.startswith('dense'):
+            style = dict(color='black', linestyle=('-', '--', ':', '-.')[dense % 4])
+            dense += 1
+        else:
+            i = len(styles) - dense
+            style = dict(color=f'C{i % 10}', linestyle='-' if i < 10 else '--')
+        styles[name] = dict(style, marker=markers[len(styles) % len(markers)])
+    return styles
+
+
+def outside_legend(fig, ax, title):
+    """The legend to the right of the plots, in readable type: inside, it hid the curves it names."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc='upper left', bbox_to_anchor=(1.0, 0.93), fontsize=9, title=title,
+               title_fontsize=9, frameon=False)
 
 
 def plot_results(results, out):
-    colors = plt.get_cmap('tab20')(np.linspace(0, 1, max(len(results), 2)))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for (name, r), color in zip(results.items(), colors):
-        runs = r['runs']
-        band(axes[0], [x['steps'] for x in runs], [x['valid_bpc'] for x in runs], name, color)
-        band(axes[1], [x['seconds'] for x in runs], [x['valid_bpc'] for x in runs], name, color)
+    # best final valid bpc first: the legend reads as the table sorted
+    names = sorted(results, key=lambda name: results[name]['final_valid_bpc']['mean'])
+    styles = curve_styles(results)   # in the configurations' order: the same colours from one study to the next
+    seeds = ', '.join(str(s) for s in next(iter(results.values()))['seeds'])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True, layout='constrained')
+    for name in names:
+        runs, label = results[name]['runs'], f'{name}  {results[name]["final_valid_bpc"]["mean"]:.3f}'
+        band(axes[0], [x['steps'] for x in runs], [x['valid_bpc'] for x in runs], label, styles[name])
+        # the faster seed's seconds: one seed slowed by other load on the machine does not stretch the axis
+        band(axes[1], [x['seconds'] for x in runs], [x['valid_bpc'] for x in runs], label, styles[name],
+             x_of_seeds=np.min)
     axes[0].set_xlabel('step')
-    axes[1].set_xlabel('training seconds')
-    axes[0].set_ylabel('valid bpc (band: range over seeds)')
+    axes[1].set_xlabel('training seconds (of the faster seed at each point)')
+    axes[0].set_ylabel('valid bpc (line: mean over seeds, band: their range)')
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f'{os.path.basename(os.path.abspath(out))}: valid bpc of each configuration, seeds {seeds}')
+    outside_legend(fig, axes[1], 'final valid bpc')
     save(fig, os.path.join(out, 'study_bpc.png'))
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, r), color in zip(results.items(), colors):
-        runs = [x for x in r['runs'] if x['imbalance']]
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout='constrained')
+    for name in names:
+        runs = [x for x in results[name]['runs'] if x['imbalance']]
         if runs:
-            band(ax, [x['imbalance_steps'] for x in runs], [x['imbalance'] for x in runs], name, color)
+            band(ax, [x['imbalance_steps'] for x in runs], [x['imbalance'] for x in runs], name, styles[name])
     ax.set_xlabel('step')
     ax.set_ylabel('expert load max/mean (mean of layers)')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f'{os.path.basename(os.path.abspath(out))}: expert load imbalance, seeds {seeds} (1 = even)')
+    outside_legend(fig, ax, None)
     save(fig, os.path.join(out, 'study_imbalance.png'))
 
 

@@ -33,7 +33,7 @@ from timing import ROOT, write_json
 from flops import flops_per_token
 import moe
 from run import options
-from run.options import build_model, build_parser, check_args
+from run.options import build_model, build_parser, parse
 from run.trainer import Trainer
 from utils.exp_utils import CUBLAS_DETERMINISTIC, set_deterministic
 
@@ -172,11 +172,8 @@ def part_train(check, args):
 
 def make_trainer(flags, device, n_token=204):
     """train.py's Trainer (optimizer, scaler, clipping, memory) for a model given by train.py flags."""
-    parser = build_parser()
-    args = parser.parse_args(['--log-interval', '1000000', *(['--cuda'] if device.type == 'cuda' else []),
-                              *flags])
-    check_args(args, parser)
-    return Trainer(args, build_model(args, n_token), device, print, None), args
+    config = parse(['--log-interval', '1000000', *(['--cuda'] if device.type == 'cuda' else []), *flags])
+    return Trainer(config, build_model(config.flags, n_token), device, print, None), config.flags
 
 
 def batch_for(args, device, n_token=204):

@@ -9,7 +9,7 @@ import torch
 import timing  # noqa: F401  (puts the repository on sys.path)
 import mem_transformer as mt
 from tests.reference_attention import original_layout
-from run.options import build_parser
+from run.options import parse
 from run.trainer import Trainer
 
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
@@ -47,10 +47,10 @@ def random_batch(config, seed):
 
 
 def trainer_args(dtype, batch_chunk=1, compiled=False, optim='adam'):
-    """train.py's flags for a benchmark step: run_enwik8_base.sh's clip, a constant learning rate."""
+    """train.py's run configuration for a benchmark step: run_enwik8_base.sh's clip, a constant learning rate."""
     flags = ['--optim', optim, '--lr', str(LR), '--clip', str(CLIP), '--scheduler', 'constant',
              '--batch_chunk', str(batch_chunk), '--amp', 'none' if DTYPES[dtype] is None else dtype]
-    return build_parser().parse_args(flags + ['--compile'] * compiled)
+    return parse(flags + ['--compile'] * compiled)
 
 
 class OptimizerClock:
@@ -77,8 +77,8 @@ class TrainStep:
 
     def __init__(self, config, dtype='fp32', paths='fast', batch_chunk=1, seed=0, optimizer='train.py'):
         model = build_model(config, seed).train()
-        args = trainer_args(dtype, batch_chunk, paths == 'compiled')
-        self.trainer = Trainer(args, model, torch.device('cpu'), log=None, metrics=None)
+        run_config = trainer_args(dtype, batch_chunk, paths == 'compiled')
+        self.trainer = Trainer(run_config, model, torch.device('cpu'), log=None, metrics=None)
         if optimizer == 'per-parameter loop':
             self.trainer.optimizer = torch.optim.Adam(model.parameters(), lr=LR, foreach=False)
         self.model, self.fast = self.trainer.model, paths != 'plain'

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils import checkpoint as ckpt
+from utils.errors import ConfigError
 from moe import Dispatch, FMoETransformerMLP
 
 DEFAULT_TIMEOUT_S = 600
@@ -92,19 +93,19 @@ class Dist:
     def from_env(cls, cuda, expert_parallel=False, timeout_s=DEFAULT_TIMEOUT_S):
         """Join torchrun's process group, or a one-process Dist when not launched with several processes.
 
-        Raises ValueError (one line) for an incomplete environment or a CUDA request without enough GPUs.
+        Raises ConfigError (one line) for an incomplete environment or a CUDA request without enough GPUs.
         """
         if not launched_with_several_processes():
             return cls(expert_parallel=expert_parallel)
         missing = [v for v in TORCHRUN_VARS if v not in os.environ]
         if missing:
-            raise ValueError(f'WORLD_SIZE is set but {", ".join(missing)} not: launch with torchrun '
-                             '(see docs/distributed.md)')
+            raise ConfigError(f'WORLD_SIZE is set but {", ".join(missing)} not: launch with torchrun '
+                              '(see docs/distributed.md)')
         rank, world_size, local_rank = (int(os.environ[v]) for v in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
         use_cuda = cuda and torch.cuda.is_available()
         if use_cuda:
             if local_rank >= torch.cuda.device_count():
-                raise ValueError(f'LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPUs: '
+                raise ConfigError(f'LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPUs: '
                                  'lower --nproc_per_node')
             torch.cuda.set_device(local_rank)
         dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=datetime.timedelta(seconds=timeout_s))
@@ -149,7 +150,7 @@ class Dist:
         self.check_eval_batch(bsz, '--batch_size')
         shares = self.shares(bsz)
         if any(share % n_chunk for share in shares):
-            raise ValueError(f'--batch_chunk {n_chunk} must divide the batch columns of every process '
+            raise ConfigError(f'--batch_chunk {n_chunk} must divide the batch columns of every process '
                              f'(--batch_size {bsz} over {self.world_size} processes: {shares})')
 
     def loss_weight(self, bsz):
@@ -162,12 +163,12 @@ class Dist:
 
     def check_eval_batch(self, bsz, what):
         if self.active and bsz < self.world_size:
-            raise ValueError(f'{what} {bsz} gives some of the {self.world_size} processes no batch column: '
+            raise ConfigError(f'{what} {bsz} gives some of the {self.world_size} processes no batch column: '
                              f'use a batch of at least {self.world_size}')
 
     def check_experts(self, num_expert):
         if self.expert_parallel and num_expert % self.world_size:
-            raise ValueError(f'--expert-parallel: --moe-num-expert {num_expert} must be divisible by the number '
+            raise ConfigError(f'--expert-parallel: --moe-num-expert {num_expert} must be divisible by the number '
                              f'of processes ({self.world_size}), each holding the same number of experts')
 
     def close(self):

@@ -1,12 +1,18 @@
 """train.py's flags, their checks, and the model they describe."""
 import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
 
 import data_utils
 import mem_transformer
 from moe import GATES
 from run.distributed import DEFAULT_TIMEOUT_S
 from utils import checkpoint as ckpt
+from utils.errors import ConfigError
 from utils.exp_utils import OneLineArgumentParser, tensorboard_missing
 from utils.schedules import SCHEDULERS
 
@@ -136,9 +142,9 @@ def flag(parser, dest):
 
 
 def check_args(args, parser):
-    """Resolve derived settings; raise ValueError (one line) for an impossible or contradictory command line."""
+    """Raise a one-line ConfigError for an impossible or contradictory command line; changes nothing."""
     def fail(message):
-        raise ValueError(message)
+        raise ConfigError(message)
 
     for dest in ('n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'max_step', 'batch_size', 'batch_chunk',
                  'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'moe_num_expert', 'div_val'):
@@ -172,18 +178,10 @@ def check_args(args, parser):
              f'not --dataset {args.dataset}')
     if args.same_length and args.mem_len == 0:
         fail('--same_length needs a memory (--mem_len > 0): without one it masks every key and the loss is NaN')
-    if args.fp16:
-        if args.amp == 'bf16':
-            fail('--fp16 means --amp fp16 and contradicts --amp bf16')
-        args.amp = 'fp16'
-    if args.amp == 'fp16' and args.static_loss_scale is not None and args.static_loss_scale <= 0:
+    if args.fp16 and args.amp == 'bf16':
+        fail('--fp16 means --amp fp16 and contradicts --amp bf16')
+    if (args.fp16 or args.amp == 'fp16') and args.static_loss_scale is not None and args.static_loss_scale <= 0:
         fail(f'--static-loss-scale {args.static_loss_scale} must be positive')
-    if args.amp == 'fp16' and not args.dynamic_loss_scale and args.static_loss_scale is None:
-        # --fp16 keeps the original's default (a static scale of 1); the new --amp fp16 scales dynamically.
-        if args.fp16:
-            args.static_loss_scale = 1.
-        else:
-            args.dynamic_loss_scale = True
     if args.untie_r and args.attn_type != 0:
         fail(f'--untie_r unties the biases shared by the layers of --attn_type 0, not {args.attn_type}')
     if args.expert_parallel and not args.moe:
@@ -194,13 +192,141 @@ def check_args(args, parser):
         fail('--restart reads WORK_DIR/checkpoint.pt, which --debug runs never write')
     if args.tensorboard and tensorboard_missing():
         fail(f'--tensorboard: {tensorboard_missing()}, or drop --tensorboard')
+
+
+def check_model(flags, n_token=None):
+    """The model's own checks (dropout range, attention type...): before the corpus is read or cached, when the
+    vocabulary size is not known yet (n_token None), then against the corpus's vocabulary (the adaptive cutoffs)."""
+    if n_token is None:
+        n_token = max(data_utils.ADAPTIVE_CUTOFFS[flags.dataset][0] if flags.adaptive else [0]) + 1
+    try:  # the constructor is the model's one checker; on the meta device it allocates nothing
+        with torch.device('meta'):
+            mem_transformer.MemTransformerLM(**model_config(flags, n_token))
+    except ValueError as e:  # the model's and the MoE layer's checks name the option that cannot work
+        raise ConfigError(str(e)) from None
+
+
+def resolved_flags(args):
+    """The parsed flags with the settings they imply filled in (what the log lists and checkpoints keep as
+    'args'): --fp16 is --amp fp16, its loss scale static (1, the original's default) unless dynamic; the new
+    --amp fp16 scales dynamically; d_embed -1 is d_model; tied is not --not_tied."""
+    values = dict(vars(args))
+    if args.fp16:
+        values['amp'] = 'fp16'
+    if values['amp'] == 'fp16' and not args.dynamic_loss_scale and args.static_loss_scale is None:
+        if args.fp16:
+            values['static_loss_scale'] = 1.
+        else:
+            values['dynamic_loss_scale'] = True
     if args.d_embed < 0:
-        args.d_embed = args.d_model
-    args.tied = not args.not_tied
-    # The model's own checks (dropout range, attention type...) before the corpus is read or cached; the
-    # vocabulary size is not known yet, so the adaptive cutoffs are checked against it later.
-    cutoffs = data_utils.ADAPTIVE_CUTOFFS[args.dataset][0] if args.adaptive else [0]
-    mem_transformer.check_config(**model_config(args, max(cutoffs) + 1))
+        values['d_embed'] = args.d_model
+    values['tied'] = not args.not_tied
+    return Flags(values)
+
+
+class Flags(Mapping):
+    """A resolved command line, read-only: flags.lr or flags['lr']; dict(flags) is plain data."""
+
+    def __init__(self, values):
+        object.__setattr__(self, '_values', dict(values))
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f'the flags are resolved once and read-only (setting {name})')
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __repr__(self):
+        return f'Flags({self._values!r})'
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A training run's settings, resolved once from the command line (run_config) and read-only after.
+
+    The fields are the run's own options: data, optimizer and schedule, precision, the run directory and its
+    intervals, several processes. `flags` is the whole resolved command line: build_model reads the model's
+    options from it, the log lists it and checkpoints keep it as 'args'."""
+    flags: Flags
+    # data
+    data: str
+    dataset: str
+    batch_size: int
+    batch_chunk: int
+    tgt_len: int
+    eval_tgt_len: int
+    ext_len: int
+    mem_len: int
+    varlen: bool
+    seed: int
+    # optimizer and learning-rate schedule
+    optim: str
+    lr: float
+    mom: float
+    clip: float
+    clip_nonemb: bool
+    scheduler: str
+    warmup_step: int
+    max_step: int
+    eta_min: float
+    decay_rate: float
+    lr_min: float
+    patience: int
+    # precision and devices
+    cuda: bool
+    amp: str
+    fp16: bool
+    static_loss_scale: Optional[float]
+    dynamic_loss_scale: bool
+    no_tf32: bool
+    deterministic: bool
+    compile: bool
+    # the run directory and its intervals
+    work_dir: str
+    restart: bool
+    restart_dir: str
+    debug: bool
+    log_interval: int
+    eval_interval: int
+    save_interval: int
+    max_eval_steps: int
+    tensorboard: bool
+    # several processes
+    multi_gpu: bool
+    gpu0_bsz: int
+    expert_parallel: bool
+    dist_timeout: int
+
+    @classmethod
+    def from_flags(cls, flags):
+        return cls(flags=flags, **{f.name: flags[f.name] for f in fields(cls) if f.name != 'flags'})
+
+
+def run_config(args, parser):
+    """The run configuration of parsed flags: checked (a one-line ConfigError for an impossible or
+    contradictory command line) and resolved, once."""
+    check_args(args, parser)
+    flags = resolved_flags(args)
+    check_model(flags)
+    return RunConfig.from_flags(flags)
+
+
+def parse(argv):
+    """train.py's command line (a list of strings) as a run configuration."""
+    parser = build_parser()
+    return run_config(parser.parse_args(argv), parser)
 
 
 

@@ -167,25 +167,29 @@ class StopRequest:
 class Trainer:
     """The model, its optimizer and loss scaler, and every counter a checkpoint needs to continue exactly."""
 
-    def __init__(self, args, model, device, log, metrics, dist=None, vocab=None, tr_iter=None):
-        self.args, self.device, self.log, self.metrics = args, device, log, metrics
-        self.vocab = vocab  # the symbols of an imported model's own vocabulary, kept in its checkpoints
-        self.tr_iter = tr_iter  # its state_dict() is the data position a checkpoint holds
+    def __init__(self, config, model, device, log, metrics, dist=None, vocab=None, symbols=None, tr_iter=None):
+        """config: the RunConfig (run/options.py); log: a Logger (called with each line); metrics: a
+        MetricsWriter; dist: the processes of a torchrun run (Dist(): this one alone); vocab: the symbols of an
+        imported model's own vocabulary (None: the corpus's), kept in its checkpoints; symbols: the corpus's
+        vocabulary, kept in checkpoints to refuse another one with as many symbols; tr_iter: the training
+        iterator, whose state_dict() is the data position a checkpoint holds."""
+        self.config, self.device, self.log, self.metrics = config, device, log, metrics
+        self.vocab, self.symbols, self.tr_iter = vocab, symbols, tr_iter
         self.dist = dist or Dist()
         self.model = self.dist.shard_experts(model.to(device))
         self.forward_model = self.dist.wrap(self.model)  # DDP under torchrun, else the model itself
-        if args.compile:  # after DDP, so that the compiled graph lets the all-reduce overlap the backward
+        if config.compile:  # after DDP, so that the compiled graph lets the all-reduce overlap the backward
             mem_transformer.maybe_compile(self.forward_model)   # in place: state-dict keys stay the same
         model = self.model
-        self.optimizer = build_optimizer(args, model)
-        self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
-        dynamic = args.dynamic_loss_scale or args.static_loss_scale is None
-        self.static_scale = None if dynamic else args.static_loss_scale  # apex's dynamic scale started at 2^16
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 16 if dynamic else args.static_loss_scale,
-                                           enabled=args.amp == 'fp16')
-        self.plateau = PlateauDecay(args.decay_rate, args.patience)
-        self.base_lr = args.lr  # --restart_dir may change it (constant/dev_perf go on at the saved rate, see main)
-        self.clip_params = non_embedding_parameters(model) if args.clip_nonemb else list(model.parameters())
+        self.optimizer = build_optimizer(config, model)
+        self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(config.amp)
+        dynamic = config.dynamic_loss_scale or config.static_loss_scale is None
+        self.static_scale = None if dynamic else config.static_loss_scale  # apex's dynamic scale started at 2^16
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2. ** 16 if dynamic else config.static_loss_scale,
+                                           enabled=config.amp == 'fp16')
+        self.plateau = PlateauDecay(config.decay_rate, config.patience)
+        self.base_lr = config.lr  # --restart_dir's may replace it (start_from_optimizer)
+        self.clip_params = non_embedding_parameters(model) if config.clip_nonemb else list(model.parameters())
         self.step, self.epoch, self.batch = 0, 1, 0
         self.best_val_loss, self.last_eval_step = None, None
         # Steps in a row with a non-finite loss, and the step at which they reached NONFINITE_LIMIT (0: not yet):
@@ -195,17 +199,16 @@ class Trainer:
         self.eval_start = time.time()  # the eval line's clock, restarted by train() and by each validation
         self.mems = self.fresh_mems()
         self.window = Window()
-        self.symbols = None  # the corpus's vocabulary, kept in checkpoints to refuse another one with as many symbols
         self.saved_step = self.pending_step = None  # of checkpoint.pt, and of a state not yet known good
 
     def fresh_mems(self):
-        return [[] for _ in range(self.args.batch_chunk)]
+        return [[] for _ in range(self.config.batch_chunk)]
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def lr(self):
-        a = self.args
+        a = self.config
         return learning_rate(self.step, self.base_lr, a.scheduler, a.warmup_step, a.max_step, a.eta_min,
                              self.plateau.scale, a.lr_min)
 
@@ -219,13 +222,13 @@ class Trainer:
         sync) where the optimizer skips a step itself (torch's fused kernels: skips_on_device); the window's
         sums and the counters stay on the device until a log line, a validation or a checkpoint reads them.
         """
-        args, model, window, dist = self.args, self.model, self.window, self.dist
+        config, model, window, dist = self.config, self.model, self.window, self.dist
         for group in self.optimizer.param_groups:
             group['lr'] = self.lr()
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens, weight = target.numel(), dist.loss_weight(target.size(1))  # of the global batch
         data, target = dist.local(data), dist.local(target)  # this rank's columns
-        n_chunk = args.batch_chunk
+        n_chunk = config.batch_chunk
         step_loss, step_load = 0., None
         for i, (data_i, target_i) in enumerate(zip(data.chunk(n_chunk, 1), target.chunk(n_chunk, 1))):
             with dist.sync_context(last_chunk=i == n_chunk - 1):
@@ -238,18 +241,18 @@ class Trainer:
             step_loss = step_loss + loss.detach() / n_chunk
             window.aux_sum = window.aux_sum + aux.detach().float() / n_chunk
             window.add_moe(model.moe_load(), model.moe_balance_loss(), 1. / n_chunk)
-            if args.moe_gate == 'auxfree' and args.moe:
+            if config.flags.moe_gate == 'auxfree' and config.flags.moe:
                 step_load = model.moe_load() + (0 if step_load is None else step_load)
 
         dist.finish_grads(model)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = dist.clip_grad_norm_(self.clip_params, args.clip)
+        grad_norm = dist.clip_grad_norm_(self.clip_params, config.clip)
         finite = torch.isfinite(grad_norm)
-        if args.clip_nonemb:  # the unclipped embedding gradients must be finite too
+        if config.clip_nonemb:  # the unclipped embedding gradients must be finite too
             finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
         applied = self.optimizer_step(finite)
         if step_load is not None:  # every rank the same update from the global load; a skipped step's rate is 0
-            model.update_expert_bias(dist.sum(step_load), args.moe_bias_update_rate * applied)
+            model.update_expert_bias(dist.sum(step_load), config.flags.moe_bias_update_rate * applied)
         self.scaler.update(self.static_scale)
         self.step += 1
 
@@ -292,7 +295,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging and evaluation
     def log_train(self):
-        args, w = self.args, self.window
+        config, w = self.config, self.window
         # As the original's line: the rate of the next update, and the wall time since the last line (any
         # validation included) per step; tokens_per_s counts training time only.
         self.check_nonfinite()
@@ -304,9 +307,9 @@ class Trainer:
         self.logged_loss = loss
         line = (f'| epoch {self.epoch:3d} step {self.step:>8d} | {self.batch:>6d} batches | lr {lr:.3g} '
                 f'| ms/batch {elapsed * 1000 / max(w.timed_steps, 1):5.2f} | loss {loss:5.2f}')
-        line += ' | ' + metric_text(args.dataset, loss)
+        line += ' | ' + metric_text(config.dataset, loss)
         record = dict(step=self.step, split='train', epoch=self.epoch, batch=self.batch, loss=loss,
-                      **loss_fields(args.dataset, loss), lr=lr, ms_per_batch=elapsed * 1000 / max(w.timed_steps, 1),
+                      **loss_fields(config.dataset, loss), lr=lr, ms_per_batch=elapsed * 1000 / max(w.timed_steps, 1),
                       tokens_per_s=w.timed_tokens / w.train_seconds(), peak_mem_mb=peak_memory_mb(self.device),
                       skipped_steps=n_skipped, nonfinite_losses=n_nonfinite)
         if n_skipped or n_nonfinite:
@@ -330,34 +333,34 @@ class Trainer:
     def validation_loss(self, eval_iter):
         """The original's evaluation during training: eval_tgt_len segments, the lost context moved to
         the memory (or to the extended context without memory), then back to the training lengths."""
-        args, model = self.args, self.model
-        model.reset_length(*validation_lengths(args.tgt_len, args.eval_tgt_len, args.ext_len, args.mem_len))
+        config, model = self.config, self.model
+        model.reset_length(*validation_lengths(config.tgt_len, config.eval_tgt_len, config.ext_len, config.mem_len))
         try:
-            loss, _ = evaluate(model, eval_iter, args.max_eval_steps, self.autocast, self.dist)
+            loss, _ = evaluate(model, eval_iter, config.max_eval_steps, self.autocast, self.dist)
         finally:
-            model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
+            model.reset_length(config.tgt_len, config.ext_len, config.mem_len)
             model.train()
         return loss
 
     def validate(self, va_iter, run_dir):
         start = time.time()
         val_loss = self.validation_loss(va_iter)
-        args = self.args
+        config = self.config
         # time: since the previous validation ended (or training started), as the original's line.
-        line = (f'| Eval {self.step // args.eval_interval:3d} at step {self.step:>8d} | time: '
+        line = (f'| Eval {self.step // config.eval_interval:3d} at step {self.step:>8d} | time: '
                 f'{time.time() - self.eval_start:5.2f}s | valid loss {val_loss:5.2f}')
         # the original's validation line names the split for perplexity only
-        line += ' | ' + metric_text(args.dataset, val_loss, None if char_level(args.dataset) else 'valid')
+        line += ' | ' + metric_text(config.dataset, val_loss, None if char_level(config.dataset) else 'valid')
         self.log('-' * 100)
         self.log(line)
         self.log('-' * 100)
-        self.metrics.write(step=self.step, split='valid', loss=val_loss, **loss_fields(args.dataset, val_loss),
+        self.metrics.write(step=self.step, split='valid', loss=val_loss, **loss_fields(config.dataset, val_loss),
                            time_s=time.time() - start)
         if math.isfinite(val_loss) and (self.best_val_loss is None or val_loss < self.best_val_loss):
             self.best_val_loss = val_loss
             if run_dir:
                 self.save_best(run_dir)
-        if args.scheduler == 'dev_perf':
+        if config.scheduler == 'dev_perf':
             self.plateau.update(val_loss)
         self.last_eval_step = self.step
         self.window.eval_s += time.time() - start  # evaluation time is not training speed
@@ -371,13 +374,14 @@ class Trainer:
         optimizer = {'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
                      'optimizer_state': dist.full_optimizer_state(self.optimizer)}
         dist.write(lambda: (ckpt.save_model(os.path.join(run_dir, 'model.pt'), self.model.config, model_state,
-                                            vocab=self.vocab, args=vars(self.args), step=self.step,
+                                            vocab=self.vocab, args=dict(self.config.flags), step=self.step,
                                             val_loss=self.best_val_loss, vocab_symbols=self.symbols),
                             ckpt.atomic_save(optimizer, os.path.join(run_dir, 'optimizer.pt'))))
 
     def state_dict(self):
         dist = self.dist
-        state = {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config, 'args': vars(self.args),
+        state = {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config,
+                 'args': dict(self.config.flags),
                  'model_state': dist.full_model_state(self.model),
                  'optimizer_state': dist.full_optimizer_state(self.optimizer),
                  'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
@@ -401,13 +405,24 @@ class Trainer:
             setattr(self, key, state[key])
         # The saved rate (constant/dev_perf may have taken it from --restart_dir's optimizer), unless --lr was
         # changed for this resume (as the divergence message advises): then the new --lr.
-        if state['args'].get('lr') == self.args.lr:
-            self.base_lr = float(state.get('base_lr', self.args.lr))  # checkpoints before base_lr: --lr
+        if state['args'].get('lr') == self.config.lr:
+            self.base_lr = float(state.get('base_lr', self.config.lr))  # checkpoints before base_lr: --lr
         self.tr_iter.load_state_dict(data_state(state))
         self.window.load_state_dict(state['window'], self.device)
         self.mems = dist.local_mems(state['mems'], self.device)
-        dist.set_rng_state(state, self.args.seed, self.step)
+        dist.set_rng_state(state, self.config.seed, self.step)
         self.saved_step = self.step
+
+    def start_from_optimizer(self, optimizer_state):
+        """Continue with another run's optimizer state (--restart_dir's optimizer.pt). Returns a note for the log,
+        or None."""
+        self.optimizer.load_state_dict(self.dist.local_optimizer_state(optimizer_state, self.optimizer))
+        if self.config.scheduler not in ('constant', 'dev_perf'):
+            return None
+        # As the original: loading optimizer.pt restored the rate, and these schedules never reset it.
+        self.base_lr = float(optimizer_state['param_groups'][0]['lr'])
+        return (f'NOTE: --scheduler {self.config.scheduler} continues at the rate saved in '
+                f'{self.config.restart_dir}/optimizer.pt: {self.base_lr:.3g} (as the original)')
 
     # A state is known to be good only once the step after it has a finite loss (weights of 1e30 are finite
     # but poison the next forward): it is written to checkpoint.pt.next, which becomes checkpoint.pt then.
@@ -442,13 +457,13 @@ class Trainer:
 
     def train(self, va_iter, run_dir, stop):
         """Train until max_step or a stop signal; checkpoints every save_interval steps and at each eval."""
-        args = self.args
-        bar = progress_bar(args.max_step, 'step', initial=self.step)
+        config = self.config
+        bar = progress_bar(config.max_step, 'step', initial=self.step)
         self.log.bar = bar
         self.eval_start = time.time()
         self.model.train()
         try:
-            while self.step < args.max_step and stop.agreed is None:
+            while self.step < config.max_step and stop.agreed is None:
                 # The iterator continues from the position a checkpoint restored, else starts an epoch.
                 for data, target, seq_len in self.tr_iter:
                     loss = self.train_step(data, target)
@@ -458,7 +473,7 @@ class Trainer:
                     if run_dir and self.pending_step is not None:  # the loss is read after a save only
                         self.settle_checkpoint(run_dir, good=bool(torch.isfinite(loss)))
                     self.after_step(va_iter, run_dir, stop, bar)
-                    if self.step >= args.max_step or stop.agreed is not None:
+                    if self.step >= config.max_step or stop.agreed is not None:
                         break
                 else:
                     self.next_epoch()
@@ -468,19 +483,19 @@ class Trainer:
             self.log.bar = None
 
     def after_step(self, va_iter, run_dir, stop, bar):
-        args = self.args
+        config = self.config
         if bar is not None:
             bar.update(1)
             # the loss of the last log line: reading each step's would make the host wait for the GPU every step
             shown = {} if self.logged_loss is None else {'loss': f'{self.logged_loss:.3f}'}
             bar.set_postfix(**shown, tok_s=f'{self.window.timed_tokens / self.window.train_seconds():.0f}')
-        if self.step % args.log_interval == 0:
+        if self.step % config.log_interval == 0:
             self.log_train()
-        evaluated = self.step % args.eval_interval == 0
+        evaluated = self.step % config.eval_interval == 0
         if evaluated:
             self.validate(va_iter, run_dir)
-        last = stop.agreed is not None or self.step == args.max_step
-        if last or evaluated or (args.save_interval and self.step % args.save_interval == 0):
+        last = stop.agreed is not None or self.step == config.max_step
+        if last or evaluated or (config.save_interval and self.step % config.save_interval == 0):
             self.save_checkpoint(run_dir, confirmed=last)
 
     def test(self, te_iter, run_dir):
@@ -490,9 +505,9 @@ class Trainer:
             ckpt.load_weights(self.model, self.dist.local_model_state(best, self.model), 'model.pt')
         test_loss = self.validation_loss(te_iter)
         self.log('=' * 100)
-        self.log('| End of training ' + format_loss(self.args.dataset, 'test', test_loss))
+        self.log('| End of training ' + format_loss(self.config.dataset, 'test', test_loss))
         self.log('=' * 100)
-        self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.args.dataset, test_loss))
+        self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.config.dataset, test_loss))
         uniform = math.log(self.model.n_token)  # the loss of knowing nothing
         if not test_loss <= uniform:
             self.log(f'WARNING: the test loss {test_loss:.4g} is worse than a uniform guess over the '

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -13,12 +14,13 @@ import torch
 import data_utils
 from run.distributed import Dist, SilentLog, is_peer_failure
 from run.distributed import fail as fail_distributed
-from run.options import build_model, build_parser, check_args
+from run.options import build_model, build_parser, check_model, run_config
 from run.trainer import NonFiniteLoss, StopRequest, Trainer
 from run.work_dir import check_work_dir, claim_work_dir
 from utils import checkpoint as ckpt
 from utils import files
 from utils import malloc
+from utils.errors import UserError
 from utils.exp_utils import Logger, MetricsWriter, pick_device, set_deterministic, use_tf32
 
 
@@ -50,102 +52,128 @@ def restart_dir_optimizer_state(restart_dir, saved):
                                    f'{path} to start from the weights with a fresh optimizer')
     return optimizer['optimizer_state']
 
-def prepare(args, parser, notes, dist):
-    """Everything that can fail on bad input, before anything is written: flags, data, model, checkpoint."""
-    check_args(args, parser)
-    check_work_dir(args)
-    dist.check_batch(args.batch_size, args.batch_chunk)
+class Iterators(NamedTuple):
+    train: object
+    valid: object
+    test: object
+
+
+class Prepared(NamedTuple):
+    """What prepare finds and builds for a run, once every check has passed."""
+    device: torch.device
+    iters: Iterators
+    model: torch.nn.Module
+    n_params: tuple            # all parameters, those of the layers (the original's "non emb")
+    state: Optional[dict]      # checkpoint.pt's, with --restart
+    optimizer_state: Optional[dict]  # --restart_dir's optimizer.pt, if it has one
+    vocab: Optional[list]      # the symbols of an imported model's own vocabulary (None: the corpus's)
+    corpus_symbols: list       # the corpus's vocabulary
+    lock: object               # the run directory's lock (None in debug mode)
+
+
+def prepare(config, notes, dist):
+    """Everything that can fail on bad input, before anything is written: data, model, checkpoint."""
+    check_work_dir(config)
+    dist.check_batch(config.batch_size, config.batch_chunk)
     dist.check_eval_batch(EVAL_BATCH_SIZE, 'the evaluation batch of train.py')
-    if args.moe:
-        dist.check_experts(args.moe_num_expert)
-    device = dist.device(pick_device(args.cuda, notes.append))
+    if config.flags.moe:
+        dist.check_experts(config.flags.moe_num_expert)
+    device = dist.device(pick_device(config.cuda, notes.append))
     if dist.active:
-        notes.append(f'{dist.world_size} processes, {args.batch_size // dist.world_size} batch columns each'
+        notes.append(f'{dist.world_size} processes, {config.batch_size // dist.world_size} batch columns each'
                      + (', experts split over the processes' if dist.expert_parallel else ''))
-    elif args.multi_gpu:
+    elif config.multi_gpu:
         notes.append('NOTE: --multi_gpu: one process trains on one device with the whole batch; torchrun '
                      '--nproc_per_node N train.py ... trains on N (the run scripts launch one per visible GPU)')
-    if args.gpu0_bsz >= 0:  # nn.DataParallel's uneven split; DDP gives every process an equal share
-        notes.append(f'NOTE: --gpu0_bsz {args.gpu0_bsz} is ignored: every process takes an equal share of '
+    if config.gpu0_bsz >= 0:  # nn.DataParallel's uneven split; DDP gives every process an equal share
+        notes.append(f'NOTE: --gpu0_bsz {config.gpu0_bsz} is ignored: every process takes an equal share of '
                      '--batch_size')
-    if args.expert_parallel and not dist.active:
+    if config.expert_parallel and not dist.active:
         notes.append('NOTE: --expert-parallel needs several processes (torchrun); this process holds every expert')
-    if args.amp != 'fp16' and (args.dynamic_loss_scale or args.static_loss_scale is not None):
+    if config.amp != 'fp16' and (config.dynamic_loss_scale or config.static_loss_scale is not None):
         # The original accepted them and ignored them without --fp16; bf16 and fp32 need no scaling.
         notes.append('NOTE: --static-loss-scale/--dynamic-loss-scale are ignored without --fp16 (or --amp fp16)')
-    if args.deterministic:  # before the first product on a GPU: cuBLAS reads its workspace setting then
+    if config.deterministic:  # before the first product on a GPU: cuBLAS reads its workspace setting then
         set_deterministic(True)
-    if use_tf32(device, not args.no_tf32):
+    if use_tf32(device, not config.no_tf32):
         notes.append('NOTE: fp32 matrix products in TF32 on this GPU (--no-tf32 for full fp32, as the original)')
-    if args.fp16 and not args.dynamic_loss_scale and args.static_loss_scale == 1:
+    if config.fp16 and not config.dynamic_loss_scale and config.static_loss_scale == 1:
         notes.append("WARNING: --fp16 keeps the original's static loss scale 1, under which small gradients "
                      'vanish in fp16; --dynamic-loss-scale (or --amp fp16) is safer')
-    if args.amp == 'fp16' and device.type == 'cpu':
+    if config.amp == 'fp16' and device.type == 'cpu':
         notes.append('NOTE: fp16 autocast on the CPU works but is slow; --amp bf16 is the CPU fast path')
-    seed_everything(args.seed, device)
+    seed_everything(config.seed, device)
     state = start = None
-    if args.restart and not args.restart_dir:
-        state = ckpt.load_run_file(os.path.join(args.work_dir, 'checkpoint.pt'), 'checkpoint')
-    elif args.restart_dir:
-        start = ckpt.load_run_file(os.path.join(args.restart_dir, 'model.pt'), 'model')
+    if config.restart and not config.restart_dir:
+        state = ckpt.load_run_file(os.path.join(config.work_dir, 'checkpoint.pt'), 'checkpoint')
+    elif config.restart_dir:
+        start = ckpt.load_run_file(os.path.join(config.restart_dir, 'model.pt'), 'model')
     # A model imported with its own vocabulary (convert_checkpoint.py) keeps those ids through fine-tuning.
     symbols = (state or start or {}).get('vocab')
-    corpus = data_utils.get_lm_corpus(args.data, args.dataset, symbols, log=notes.append)  # logged with the notes
+    corpus = data_utils.get_lm_corpus(config.data, config.dataset, symbols, log=notes.append)  # logged with the notes
     # Every rank reads the same global batches and trains on its own columns of them.
-    iters = [corpus.get_iterator('train', args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len,
-                                 varlen=args.varlen, seed=args.seed)]
-    iters += [corpus.get_iterator(split, EVAL_BATCH_SIZE, args.eval_tgt_len, device=device, ext_len=args.ext_len)
+    iters = [corpus.get_iterator('train', config.batch_size, config.tgt_len, device=device, ext_len=config.ext_len,
+                                 varlen=config.varlen, seed=config.seed)]
+    iters += [corpus.get_iterator(split, EVAL_BATCH_SIZE, config.eval_tgt_len, device=device, ext_len=config.ext_len)
               for split in ('valid', 'test')]
     for split, it in zip(('train', 'valid', 'test'), iters):
         try:
-            corpus.check_batches(split, it, varlen=args.varlen and split == 'train')
+            corpus.check_batches(split, it, varlen=config.varlen and split == 'train')
         except data_utils.DataError as e:
             what = '--batch_size' if split == 'train' else f'the evaluation batch of train.py ({EVAL_BATCH_SIZE})'
-            raise data_utils.DataError(f'--data {args.data}: {e} ({what}); use a smaller batch or more data') \
+            raise data_utils.DataError(f'--data {config.data}: {e} ({what}); use a smaller batch or more data') \
                 from None
     optimizer_state = None
     if start is not None:
-        ckpt.check_vocab(start, corpus.vocab.idx2sym, f'{args.restart_dir}/model.pt', f'--data {args.data}')
-        optimizer_state = restart_dir_optimizer_state(args.restart_dir, start)
-    model = build_model(args, len(corpus.vocab), start)
-    dist.seed_rank(args.seed)  # identical weights everywhere, then each rank its own dropout stream
+        ckpt.check_vocab(start, corpus.vocab.idx2sym, f'{config.restart_dir}/model.pt', f'--data {config.data}')
+        optimizer_state = restart_dir_optimizer_state(config.restart_dir, start)
+    check_model(config.flags, len(corpus.vocab))
+    model = build_model(config.flags, len(corpus.vocab), start)
+    dist.seed_rank(config.seed)  # identical weights everywhere, then each rank its own dropout stream
     if state is not None:
-        path = os.path.join(args.work_dir, 'checkpoint.pt')
+        path = os.path.join(config.work_dir, 'checkpoint.pt')
         hint = ' (resume with the flags of that run, or start a new run in another --work_dir)'
         ckpt.check_config(model.full_config(state['config']), model.config, path, hint=hint)
-        ckpt.check_vocab(state, corpus.vocab.idx2sym, path, f'--data {args.data}')
-        ckpt.check_config(state['args'], vars(args), path, keys=RESUME_KEYS, hint=hint)
-        others = [k for k in vars(args) if k not in RESUME_KEYS and k != 'restart']
-        changed = ckpt.config_diff(state['args'], vars(args), keys=others)
+        ckpt.check_vocab(state, corpus.vocab.idx2sym, path, f'--data {config.data}')
+        ckpt.check_config(state['args'], config.flags, path, keys=RESUME_KEYS, hint=hint)
+        others = [k for k in config.flags if k not in RESUME_KEYS and k != 'restart']
+        changed = ckpt.config_diff(state['args'], config.flags, keys=others)
         if changed:  # allowed (e.g. a longer --max_step), but said
             notes.append('NOTE: flags changed since the checkpoint: ' + '; '.join(changed))
-    lock = claim_work_dir(args, dist, notes)
-    return device, iters, model, state, (symbols, corpus.vocab.idx2sym), optimizer_state, lock
+    lock = claim_work_dir(config, dist, notes)
+    n_params = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters())
+    return Prepared(device, Iterators(*iters), model, n_params, state, optimizer_state, symbols, corpus.vocab.idx2sym,
+                    lock)
+
+
+def open_log(config, dist):
+    """The log (log.txt, printed too) and metrics.jsonl of the run: only rank 0 logs and writes metrics; debug runs
+    print and write nothing. Nothing is written until the first line."""
+    run_dir = None if config.debug or not dist.is_main else config.work_dir
+    log = Logger(os.path.join(run_dir, 'log.txt') if run_dir else None) if dist.is_main else SilentLog()
+    return log, MetricsWriter(os.path.join(run_dir, 'metrics.jsonl') if run_dir else None, config.tensorboard)
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     notes = list(filter(None, [malloc.tune()]))   # before the first large tensor; logged with the notes
-    dist, lock = Dist(), None
+    dist, lock, metrics = Dist(), None, None
     try:
-        check_args(args, parser)
-        dist = Dist.from_env(args.cuda, args.expert_parallel, args.dist_timeout)
-        device, iters, model, state, vocabs, optimizer_state, lock = prepare(args, parser, notes, dist)
-        symbols, corpus_symbols = vocabs  # an imported model's own vocabulary (or None), the corpus's
-        n_params = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters()))
-        trainer = Trainer(args, model, device, None, None, dist, vocab=symbols, tr_iter=iters[0])
-        trainer.symbols = corpus_symbols
-        if state is not None:
-            trainer.load_state_dict(state)
-        elif optimizer_state is not None:  # --restart_dir's
-            trainer.optimizer.load_state_dict(dist.local_optimizer_state(optimizer_state, trainer.optimizer))
-            if args.scheduler in ('constant', 'dev_perf'):
-                # As the original: loading optimizer.pt restored the rate, and these schedules never reset it.
-                trainer.base_lr = float(optimizer_state['param_groups'][0]['lr'])
-                notes.append(f'NOTE: --scheduler {args.scheduler} continues at the rate saved in '
-                             f'{args.restart_dir}/optimizer.pt: {trainer.base_lr:.3g} (as the original)')
-    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+        config = run_config(args, parser)
+        dist = Dist.from_env(config.cuda, config.expert_parallel, config.dist_timeout)
+        setup = prepare(config, notes, dist)
+        lock = setup.lock
+        log, metrics = open_log(config, dist)
+        trainer = Trainer(config, setup.model, setup.device, log, metrics, dist, vocab=setup.vocab,
+                          symbols=setup.corpus_symbols, tr_iter=setup.iters.train)
+        if setup.state is not None:
+            trainer.load_state_dict(setup.state)
+        elif setup.optimizer_state is not None:  # --restart_dir's
+            note = trainer.start_from_optimizer(setup.optimizer_state)
+            if note:
+                notes.append(note)
+    except (UserError, OSError) as e:  # bad input, or the file system's refusal
         if dist.is_main:  # every rank finds the same fault; one line is enough
             print(f'train.py: error: {e}', file=sys.stderr)
         if lock is not None:
@@ -153,21 +181,21 @@ def main(argv=None):
         dist.close()
         return 2
     try:
-        return run(args, trainer, iters, state, notes, n_params)
+        return run(config, trainer, setup, notes)
     except OSError as e:  # a full disk, or the run directory taken away: one line, the checkpoint is kept
-        message = str(e) if isinstance(e, files.WriteError) else files.write_error(e, e.filename or args.work_dir)
+        message = str(e) if isinstance(e, files.WriteError) else files.write_error(e, e.filename or config.work_dir)
         print(f'train.py: error: {message}', file=sys.stderr)
         return 2
     except RuntimeError as e:
         if not (dist.active and is_peer_failure(e)):
             raise
-        kept = f'; the last complete checkpoint is {args.work_dir}/checkpoint.pt (relaunch with --restart)' \
-            if not args.debug else ''
+        kept = f'; the last complete checkpoint is {config.work_dir}/checkpoint.pt (relaunch with --restart)' \
+            if not config.debug else ''
         fail_distributed('train.py', f'rank {dist.rank} lost contact with the other processes at step '
                                      f'{trainer.step} ({str(e).strip().splitlines()[0][:200]}){kept}')
     finally:
-        if trainer.metrics is not None:
-            trainer.metrics.close()
+        if metrics is not None:
+            metrics.close()
         if lock is not None:
             lock.release()
         dist.close()
@@ -182,31 +210,27 @@ def kept_checkpoint(trainer, run_dir):
     return f'the last good checkpoint is {run_dir}/checkpoint.pt (step {trainer.saved_step}): resume with --restart'
 
 
-def run(args, trainer, iters, state, notes, n_params):
+def run(config, trainer, setup, notes):
     """Log the setup, train, evaluate the last and test the best model; returns the exit code."""
-    tr_iter, va_iter, te_iter = iters
-    main_rank = trainer.dist.is_main
-    run_dir = None if args.debug else args.work_dir
-    if run_dir and main_rank:
+    run_dir = None if config.debug else config.work_dir
+    if run_dir and trainer.dist.is_main:
         os.makedirs(run_dir, exist_ok=True)
-    writing = run_dir if main_rank else None  # only rank 0 logs and writes metrics
-    log = trainer.log = Logger(os.path.join(run_dir, 'log.txt') if writing else None) if main_rank else SilentLog()
-    trainer.metrics = MetricsWriter(os.path.join(run_dir, 'metrics.jsonl') if writing else None, args.tensorboard)
+    log, n_params = trainer.log, setup.n_params
     if run_dir:
         log(f'Run directory : {os.path.abspath(run_dir)} (log.txt, metrics.jsonl, model.pt = best model, '
-            f'checkpoint.pt = last state every {args.save_interval} steps)')
+            f'checkpoint.pt = last state every {config.save_interval} steps)')
     else:
         log('Debug mode: nothing is written')
     for note in notes:
         log(note)
     trainer.metrics.truncate_after(trainer.step)  # a fresh run (step 0) does not add to a killed run's lines
-    if state is not None:
+    if setup.state is not None:
         log(f'Resuming from {run_dir}/checkpoint.pt at step {trainer.step} (epoch {trainer.epoch}, '
             f'batch {trainer.batch})')
-    elif args.restart_dir:
-        log(f'Starting from the weights of {args.restart_dir}/model.pt')
+    elif config.restart_dir:
+        log(f'Starting from the weights of {config.restart_dir}/model.pt')
     log('=' * 100)
-    for k, v in vars(args).items():
+    for k, v in config.flags.items():
         log(f'    - {k} : {v}')
     log('=' * 100)
     log(f'#params = {n_params[0]}')
@@ -215,7 +239,7 @@ def run(args, trainer, iters, state, notes, n_params):
     stop = StopRequest()
     stop.install()
     try:
-        trainer.train(va_iter, run_dir, stop)
+        trainer.train(setup.iters.valid, run_dir, stop)
     except NonFiniteLoss as e:
         log(f'Stopping: {e}; {kept_checkpoint(trainer, run_dir)}. Lower --lr, use --amp bf16 or a loss scale, '
             'or check the data.')
@@ -230,7 +254,7 @@ def run(args, trainer, iters, state, notes, n_params):
     if trainer.best_val_loss is None:
         # No validation yet (a run shorter than --eval-interval: the original crashed on the missing model.pt), so
         # validate once to have a best model. Otherwise, as the original, the best periodic validation is tested.
-        trainer.validate(va_iter, run_dir)
+        trainer.validate(setup.iters.valid, run_dir)
         trainer.save_checkpoint(run_dir, confirmed=True)  # with this evaluation: a resumed finished run only tests
-    trainer.test(te_iter, run_dir)
+    trainer.test(setup.iters.test, run_dir)
     return 0

@@ -19,7 +19,7 @@ import moe
 import reference_attention as reference
 from conftest import SYNCS, OpLog, segments_and_grads, tiny_model
 from reference_attention import original_layout
-from run.options import build_model, build_parser, check_args
+from run.options import build_model, parse
 from run.trainer import Trainer, skips_on_device
 
 
@@ -416,12 +416,10 @@ def test_maybe_compile_lets_model_errors_through(monkeypatch):
 def test_a_whole_trainer_step_has_no_host_sync_with_a_fused_optimizer(device):
     """train.py's whole step between log lines (forward and backward, clipping, the fused optimizer that skips
     a non-finite step on the device, the loss and skip accounting) reads no value back to the host."""
-    parser = build_parser()
-    args = parser.parse_args(['--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16',
-                              '--d_inner', '64', '--tgt_len', '8', '--mem_len', '8', '--batch_size', '3',
-                              '--dropout', '0.1', *(['--cuda'] if device.type == 'cuda' else [])])
-    check_args(args, parser)
-    trainer = Trainer(args, build_model(args, 40), device, print, None)
+    config = parse(['--n_layer', '2', '--d_model', '32', '--n_head', '2', '--d_head', '16', '--d_inner', '64',
+                    '--tgt_len', '8', '--mem_len', '8', '--batch_size', '3', '--dropout', '0.1',
+                    *(['--cuda'] if device.type == 'cuda' else [])])
+    trainer = Trainer(config, build_model(config.flags, 40), device, print, None)
     assert skips_on_device(trainer.optimizer)  # torch's fused Adam, on the CPU as on GPUs
     data = torch.randint(0, 40, (9, 3), device=device)
     losses = [trainer.train_step(data[:-1], data[1:]) for _ in range(2)]

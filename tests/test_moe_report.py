@@ -148,9 +148,8 @@ def run_report(tmp_path, capsys, *argv):
 
 def test_report_of_a_naive_gate_with_known_routing(tmp_path, capsys, monkeypatch):
     run, data, _ = make_run(tmp_path, fixed_routing([3., 2., 1., 0.]), moe=True, moe_num_expert=4, moe_top_k=2)
-    titles = []
-    monkeypatch.setattr(moe_report, 'routing_figure',
-                        lambda layers, title, draw=moe_report.routing_figure: titles.append(title) or draw(layers, title))
+    titles, draw = [], moe_report.routing_figure
+    monkeypatch.setattr(moe_report, 'routing_figure', lambda layers, title: titles.append(title) or draw(layers, title))
     code, out, _ = run_report(tmp_path, capsys, '--work_dir', run, '--batch_size', '2', '--tgt_len', '5')
     assert code == 0
     assert titles == [f'Expert routing of run on enwik8 valid ({sum(segments(data, 2, 5))} tokens)']

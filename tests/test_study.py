@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import mem_transformer
@@ -234,3 +235,70 @@ def test_a_full_disk_while_writing_the_results_keeps_the_previous_ones(finished_
     assert err == f'study.py: error: no space left on device writing {out}/results.json: the previous file is ' \
                   'kept; free some space and run again\n'
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+# ------------------------------------------------------------------ the figures
+
+# The README's study: final valid bpc and tokens/s of each configuration (the curves: shaped like its figure).
+README_STUDY = {'dense': (4.817, 3117), 'moe8-naive': (4.722, 2429), 'moe16-naive': (4.657, 3166),
+                'moe64-naive': (4.602, 1648), 'moe16-gshard': (4.682, 3084), 'moe16-switch': (4.740, 2554),
+                'moe16-noisy': (4.668, 3033), 'moe16-auxfree': (4.648, 3367), 'moe16-auxfree-0.01': (4.662, 1585),
+                'moe16-shared': (4.685, 3555), 'moe8-top1-scratch': (4.687, 2846),
+                'dense-continued': (4.523, 3623), 'moe8-top1-upcycled': (4.524, 2579)}
+SLOW_SEED = 6.0   # moe16-auxfree-0.01's seed 2 ran six times slower (another process took the cores)
+
+
+def readme_like_results():
+    """results.json's plotted fields for the README's study; moe8-top1-upcycled validated once (one point)."""
+    results = {}
+    for name, (final, tokens_per_s) in README_STUDY.items():
+        continued = name in ('dense-continued', 'moe8-top1-upcycled')
+        steps = [225] if name == 'moe8-top1-upcycled' else [175, 200, 225] if continued else [25, 50, 75, 100, 125, 150]
+        runs = []
+        for seed in (1, 2):
+            s = np.array(steps, dtype=float)
+            bpc = final + (5.75 - final) * np.exp(-(s - 25) / 30) + (0.01 if seed == 1 else -0.01)
+            per_step = 512 / tokens_per_s * (SLOW_SEED if (name, seed) == ('moe16-auxfree-0.01', 2) else 1)
+            start = 150 * 512 / README_STUDY['dense'][1] if continued else 0.
+            seconds = start + (s - (150 if continued else 0)) * per_step
+            imbalance_steps = [] if name.startswith('dense') else list(range(5, steps[-1] + 1, 5))
+            runs.append(dict(steps=steps, seconds=seconds.tolist(), valid_bpc=bpc.tolist(),
+                             imbalance_steps=imbalance_steps, imbalance=[1.5] * len(imbalance_steps)))
+        results[name] = dict(seeds=[1, 2], runs=runs, final_valid_bpc=dict(mean=final, spread=0.02))
+    return results
+
+
+def test_study_bpc_figure_shows_short_curves_a_readable_legend_and_seconds_of_the_faster_seed(tmp_path, monkeypatch):
+    figures = {}
+    monkeypatch.setattr(study, 'save', lambda fig, path: figures.__setitem__(os.path.basename(path), fig))
+    study.plot_results(readme_like_results(), str(tmp_path / 'my-study'))
+    fig = figures['study_bpc.png']
+    steps_ax, seconds_ax = fig.axes
+    assert fig._suptitle.get_text() == 'my-study: valid bpc of each configuration, seeds 1, 2'
+    lines = {line.get_label(): line for line in steps_ax.get_lines() if not line.get_label().startswith('_')}
+
+    # the one-point curve (the table's best MoE row) is drawn: a marker, and the seeds' range as an error bar
+    upcycled, continued = lines['moe8-top1-upcycled  4.524'], lines['dense-continued  4.523']
+    assert len(upcycled.get_xdata()) == 1 and upcycled.get_marker() not in ('None', '', None)
+    assert upcycled.get_markersize() >= 5 and steps_ax.containers   # the error bar
+    assert (upcycled.get_color(), upcycled.get_marker()) != (continued.get_color(), continued.get_marker())
+    assert lines['dense  4.817'].get_marker() == 'None'   # six points: a line is enough
+
+    # the legend: every configuration, best final bpc first, in readable type, right of the plots
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert [label.split()[0] for label in labels] == sorted(README_STUDY, key=lambda n: README_STUDY[n][0])
+    assert all(t.get_fontsize() >= 9 for t in legend.get_texts())
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= seconds_ax.get_window_extent(renderer).x1
+
+    # seconds: the faster seed's, so that the slow seed does not stretch the axis
+    slow = {line.get_label(): line for line in seconds_ax.get_lines()}['moe16-auxfree-0.01  4.662']
+    assert slow.get_xdata()[-1] == pytest.approx(150 * 512 / 1585)
+    assert seconds_ax.get_xlim()[1] < 150 * 512 / 1585 * 1.5 and 'faster seed' in seconds_ax.get_xlabel()
+
+    imbalance = figures['study_imbalance.png']
+    assert len(imbalance.legends[0].get_texts()) == 11 and 'my-study' in imbalance._suptitle.get_text()
+    for fig in figures.values():
+        study.plt.close(fig)

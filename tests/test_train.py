@@ -27,7 +27,7 @@ import train
 from conftest import MOE, ROOT, SYNCS, TINY, WORDS, OpLog, launch, write_corpus
 from utils import checkpoint as ckpt
 from utils import malloc
-from run.options import build_model, build_parser, check_args, model_config
+from run.options import build_model, build_parser, model_config, parse
 from run.trainer import (OPTIMIZERS, Trainer, build_optimizer, fused_available, non_embedding_parameters,
                          skips_on_device)
 from utils.exp_utils import set_deterministic
@@ -525,11 +525,10 @@ def test_resume_with_extended_context_dev_perf_and_shorter_evaluation(tmp_path, 
 
 def clip_step(corpus, *flags):
     """One SGD step (lr 1) of a trainer: the parameters before, their unclipped gradients, and after."""
-    args = build_parser().parse_args(['--data', str(corpus), *TINY, '--optim', 'sgd', '--lr', '1',
-                                            '--scheduler', 'constant', '--clip', '0.01', *flags])
-    check_args(args, build_parser())
-    model = build_model(args, 256)
-    trainer = Trainer(args, model, torch.device('cpu'), None, None)
+    config = parse(['--data', str(corpus), *TINY, '--optim', 'sgd', '--lr', '1', '--scheduler', 'constant',
+                    '--clip', '0.01', *flags])
+    model = build_model(config.flags, 256)
+    trainer = Trainer(config, model, torch.device('cpu'), None, None)
     data = torch.randint(0, 256, (17, 4), generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(1)
@@ -557,12 +556,10 @@ def test_clip_nonemb_clips_only_the_non_embedding_gradients(corpus, clip_nonemb)
 
 
 def test_adaptive_softmax_takes_the_original_clusters(tmp_path, corpus, capsys):
-    args = build_parser().parse_args(['--dataset', 'wt103', '--adaptive', '--div_val', '4'])
-    check_args(args, build_parser())
-    config = model_config(args, 267735)
+    flags = parse(['--dataset', 'wt103', '--adaptive', '--div_val', '4']).flags
+    config = model_config(flags, 267735)
     assert (config['cutoffs'], config['tie_projs']) == ([20000, 40000, 200000], [False, True, True, True])
-    args.dataset = 'lm1b'
-    config = model_config(args, 793471)
+    config = model_config(parse(['--dataset', 'lm1b', '--adaptive', '--div_val', '4']).flags, 793471)
     assert (config['cutoffs'], config['tie_projs']) == ([60000, 100000, 640000], [False, False, False, False])
     # A corpus smaller than the first cluster: one line naming the clusters, nothing written.
     lm1b = write_lm1b(tmp_path / 'lm1b')
@@ -1201,12 +1198,10 @@ def test_progress_bar_on_a_terminal_only(tmp_path, corpus, capfd):
 def step_trainer(*flags, n_token=40):
     """A Trainer of the tiny model (no dropout, no memory: two trainers given the same batches take the same steps)
     and one batch of it."""
-    parser = build_parser()
-    args = parser.parse_args([*TINY, '--mem_len', '0', *flags])
-    check_args(args, parser)
+    config = parse([*TINY, '--mem_len', '0', *flags])
     torch.manual_seed(0)
-    trainer = Trainer(args, build_model(args, n_token), torch.device('cpu'), print, None)
-    data = torch.randint(0, n_token, (args.tgt_len + 1, args.batch_size))
+    trainer = Trainer(config, build_model(config.flags, n_token), torch.device('cpu'), print, None)
+    data = torch.randint(0, n_token, (config.tgt_len + 1, config.batch_size))
     return trainer, data[:-1], data[1:]
 
 
@@ -1277,7 +1272,7 @@ def test_a_skipped_step_leaves_the_auxfree_bias_alone(optim):
     assert all(torch.equal(gate.expert_bias, torch.zeros(4)) for gate in gates)
     trainer.train_step(data, target)
     load = trainer.model.moe_load().float()
-    rate = trainer.args.moe_bias_update_rate
+    rate = trainer.config.flags.moe_bias_update_rate
     for gate, layer_load in zip(gates, load):
         assert torch.equal(gate.expert_bias, rate * torch.sign(layer_load.mean() - layer_load))
     assert any(gate.expert_bias.abs().sum() > 0 for gate in gates)

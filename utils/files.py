@@ -14,6 +14,8 @@ import sys
 import tempfile
 from contextlib import contextmanager
 
+from utils.errors import ConfigError
+
 
 def current_umask():
     mask = os.umask(0)
@@ -75,26 +77,26 @@ def check_writable_dir(path, what):
     files. Tried with a real file (created and removed at once), since permissions alone do not show a read-only
     mount or /proc to root."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f'{what} {path} is a file, not a directory: choose a directory')
+        raise ConfigError(f'{what} {path} is a file, not a directory: choose a directory')
     existing = nearest_existing(path)
     if not os.path.isdir(existing):
-        raise ValueError(f'{what} {path} cannot be created: {existing} is a file, not a directory')
+        raise ConfigError(f'{what} {path} cannot be created: {existing} is a file, not a directory')
     try:
         fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=existing)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f'{what} {path} is not writable ({e.strerror} in {existing}): choose another '
+        raise ConfigError(f'{what} {path} is not writable ({e.strerror} in {existing}): choose another '
                          'directory') from None
 
 
 def check_output_file(path, what):
     """ValueError (one line) unless `path` can be written as a file: not a directory, in a writable directory."""
     if os.path.isdir(path):
-        raise ValueError(f'{what} {path} is a directory: give a file name')
+        raise ConfigError(f'{what} {path} is a directory: give a file name')
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ValueError(f'{what} {path}: its directory {parent} does not exist')
+        raise ConfigError(f'{what} {path}: its directory {parent} does not exist')
     check_writable_dir(parent, f'{what} {path}: its directory')
 
 
@@ -129,7 +131,7 @@ def lock_directory(path, what):
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise ValueError(f'{what} {path} is in use by another process (it holds the lock on it): wait for it '
+            raise ConfigError(f'{what} {path} is in use by another process (it holds the lock on it): wait for it '
                              'to end or choose another directory') from None
         raise
     return DirectoryLock(fd)
