@@ -145,7 +145,7 @@ def test_ddp_gradients_are_views_into_its_buckets_and_compile_wraps_ddp(monkeypa
     """DDP with gradient_as_bucket_view (no copy of every gradient after the backward), and train.py compiles
     the DDP module, not the model inside it, so the compiled graph lets the all-reduce overlap the backward."""
     import mem_transformer
-    from run.options import build_model, build_parser, check_args
+    from run.options import build_model, parse
     from run.trainer import Trainer
     monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', RecordedDDP)
     two_ranks = Dist(rank=0, world_size=2)
@@ -154,11 +154,9 @@ def test_ddp_gradients_are_views_into_its_buckets_and_compile_wraps_ddp(monkeypa
 
     compiled = []
     monkeypatch.setattr(mem_transformer, 'maybe_compile', compiled.append)
-    parser = build_parser()
-    args = parser.parse_args(['--n_layer', '1', '--d_model', '8', '--n_head', '1', '--d_head', '8',
-                              '--d_inner', '8', '--compile', '--work_dir', str(tmp_path)])
-    check_args(args, parser)
-    trainer = Trainer(args, build_model(args, 10), torch.device('cpu'), None, None, two_ranks)
+    config = parse(['--n_layer', '1', '--d_model', '8', '--n_head', '1', '--d_head', '8', '--d_inner', '8',
+                    '--compile', '--work_dir', str(tmp_path)])
+    trainer = Trainer(config, build_model(config.flags, 10), torch.device('cpu'), None, None, two_ranks)
     assert compiled == [trainer.forward_model] and isinstance(trainer.forward_model, RecordedDDP)
 
 
