@@ -718,7 +718,6 @@ class MemTransformerLM(nn.Module):
         self.clamp_len = clamp_len
         self.moe_balance_coef = moe_balance_coef
         self.moe_zloss_coef = moe_zloss_coef
-        self.moe_stats = None   # [MoEStats] of the MoE layers in the last forward: see aux_loss
         self._shape_cache = {}  # masks and position tables by shape (see _cached)
         ATTN_TYPES[attn_type].create_params(self)
 
@@ -827,6 +826,12 @@ class MemTransformerLM(nn.Module):
         return self._cached(key, lambda: self.pos_emb(self._position_sequence(klen, like)))
 
     def _forward(self, dec_inp, mems=None):
+        """dec_inp [len, bsz] -> (the last layer's hidden states [len, bsz, d_model], new_mems)."""
+        hidden, new_mems, _ = self._forward_with_stats(dec_inp, mems)
+        return hidden, new_mems
+
+    def _forward_with_stats(self, dec_inp, mems=None):
+        """_forward's results and the MoE layers' moe.MoEStats, in layer order ([] for a dense model)."""
         qlen, bsz = dec_inp.size()
         word_emb = self.word_emb(dec_inp)
         mlen = mems[0].size(0) if mems is not None else 0
@@ -847,23 +852,23 @@ class MemTransformerLM(nn.Module):
             hids.append(core_out)
             if stats is not None:
                 moe_stats.append(stats)
-        # The one record of the routing, replaced by every forward (the training loop reads it through
-        # aux_loss/moe_load/moe_balance_loss after calling the model, whose return value stays [loss, *mems]).
-        self.moe_stats = moe_stats
 
         core_out = self.drop(core_out)
         new_mems = self._update_mems(hids, layer_mems, qlen, mlen)
-        return core_out, new_mems
+        return core_out, new_mems, moe_stats
 
-    def forward(self, data, target, *mems):
+    def forward(self, data, target, *mems, return_moe_stats=False):
         """data [len, bsz], target [tgt_len, bsz] -> [loss [tgt_len, bsz]] + new_mems.
 
-        loss is the per-token negative log-likelihood in nats.
+        loss is the per-token negative log-likelihood in nats. With return_moe_stats=True the call returns
+        ([loss] + new_mems, moe_stats): the MoE layers' moe.MoEStats of this call, in layer order ([] for a
+        dense model), in the loss's autograd graph; aux_loss, moe_load and moe_balance_loss read them. The model
+        keeps nothing of a call.
         """
         if not mems:
             mems = self.init_mems()
         tgt_len = target.size(0)
-        hidden, new_mems = self._forward(data, mems=mems)
+        hidden, new_mems, moe_stats = self._forward_with_stats(data, mems=mems)
         pred_hid = hidden[-tgt_len:]
         if self.sample_softmax > 0 and self.training:
             logit = sample_logits(self.out_layer.weight, self.out_layer.bias,
@@ -874,7 +879,8 @@ class MemTransformerLM(nn.Module):
         else:
             loss = self.crit(pred_hid.reshape(-1, pred_hid.size(-1)), target.reshape(-1))
             loss = loss.view(tgt_len, -1)
-        return [loss] if new_mems is None else [loss] + new_mems
+        out = [loss] if new_mems is None else [loss] + new_mems
+        return (out, moe_stats) if return_moe_stats else out
 
     def log_prob(self, hidden):
         """Log-probabilities of the next token over the vocabulary: [..., d_model] -> [..., n_token]."""
@@ -885,29 +891,22 @@ class MemTransformerLM(nn.Module):
             out = self.crit.log_prob(flat)
         return out.view(*hidden.shape[:-1], -1)
 
-    # Mixture-of-Experts bookkeeping for the training loop: the routing statistics of the last forward.
+    # Mixture-of-Experts bookkeeping for the training loop, from the statistics a forward returns
+    # (forward(..., return_moe_stats=True)).
     def moe_layers(self):
         return [layer.pos_ff for layer in self.layers if isinstance(layer.pos_ff, MoEPositionwiseFF)]
 
-    def _last_moe_stats(self):
-        """The MoE layers' MoEStats of the last forward ([] for a dense model, called or not)."""
-        if not self.moe_layers():
-            return []
-        if self.moe_stats is None:
-            raise RuntimeError('the MoE statistics are those of the last forward: call the model first')
-        return self.moe_stats
-
-    def aux_loss(self):
-        """Balance and router z-losses of the last forward, weighted by their coefficients (in its graph)."""
+    def aux_loss(self, moe_stats):
+        """A forward's balance and router z-losses, weighted by their coefficients: a 0-dim tensor in the forward's
+        graph (0 for a dense model)."""
         total = torch.zeros((), device=next(self.parameters()).device)
-        for stats in self._last_moe_stats():
+        for stats in moe_stats:
             total = total + self.moe_balance_coef * stats.balance_loss + self.moe_zloss_coef * stats.z_loss
         return total
 
-    def moe_load(self):
-        """Tokens routed to each expert in the last forward, [n_moe_layers, num_expert] (None if dense)."""
-        layers = self._last_moe_stats()
-        return torch.stack([stats.load for stats in layers]) if layers else None
+    def moe_load(self, moe_stats):
+        """Tokens a forward routed to each expert, [n_moe_layers, num_expert] (None for a dense model)."""
+        return torch.stack([stats.load for stats in moe_stats]) if moe_stats else None
 
     def update_expert_bias(self, load, rate):
         """After an optimizer step: move the aux-loss-free gates' biases toward balance, given the
@@ -916,10 +915,9 @@ class MemTransformerLM(nn.Module):
             if hasattr(ff.gate, 'update_bias'):
                 ff.gate.update_bias(layer_load, rate)
 
-    def moe_balance_loss(self):
-        """Raw balance loss of each MoE layer in the last forward (None if dense)."""
-        layers = self._last_moe_stats()
-        return torch.stack([stats.balance_loss.detach().float() for stats in layers]) if layers else None
+    def moe_balance_loss(self, moe_stats):
+        """A forward's raw balance loss of each MoE layer, detached, [n_moe_layers] (None for a dense model)."""
+        return torch.stack([stats.balance_loss.detach().float() for stats in moe_stats]) if moe_stats else None
 
 
 def init_weights(model, init='normal', init_range=0.1, init_std=0.02, proj_init_std=0.01):

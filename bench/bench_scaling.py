@@ -84,9 +84,9 @@ def worker(args, moe, expert_parallel):
     def step():
         nonlocal mems
         optimizer.zero_grad(set_to_none=True)
-        ret = forward(inp, target, *mems)
+        ret, moe_stats = forward(inp, target, *mems, return_moe_stats=True)
         mems = ret[1:]
-        (ret[0].float().mean() * weight + model.aux_loss()).backward()
+        (ret[0].float().mean() * weight + model.aux_loss(moe_stats)).backward()
         d.finish_grads(model)
         d.clip_grad_norm_(list(model.parameters()), 0.25)
         optimizer.step()

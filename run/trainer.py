@@ -233,16 +233,17 @@ class Trainer:
         for i, (data_i, target_i) in enumerate(zip(data.chunk(n_chunk, 1), target.chunk(n_chunk, 1))):
             with dist.sync_context(last_chunk=i == n_chunk - 1):
                 with self.autocast():
-                    ret = self.forward_model(data_i.contiguous(), target_i.contiguous(), *self.mems[i])
+                    ret, moe_stats = self.forward_model(data_i.contiguous(), target_i.contiguous(), *self.mems[i],
+                                                        return_moe_stats=True)
                     loss = ret[0].float().mean() * weight
-                    aux = model.aux_loss()
+                    aux = model.aux_loss(moe_stats)
                 self.mems[i] = ret[1:]
                 self.scaler.scale((loss + aux) / n_chunk).backward()
             step_loss = step_loss + loss.detach() / n_chunk
             window.aux_sum = window.aux_sum + aux.detach().float() / n_chunk
-            window.add_moe(model.moe_load(), model.moe_balance_loss(), 1. / n_chunk)
+            window.add_moe(model.moe_load(moe_stats), model.moe_balance_loss(moe_stats), 1. / n_chunk)
             if config.flags.moe_gate == 'auxfree' and config.flags.moe:
-                step_load = model.moe_load() + (0 if step_load is None else step_load)
+                step_load = model.moe_load(moe_stats) + (0 if step_load is None else step_load)
 
         dist.finish_grads(model)
         self.scaler.unscale_(self.optimizer)

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -476,10 +477,10 @@ def test_moe_model_has_fastmoe_keys_and_trains():
     assert sd['layers.0.pos_ff.layer_norm.weight'].shape == (16,)
     assert not any('CoreNet' in k for k in sd)
     data = torch.randint(0, 40, (7, 3))
-    loss = model(data[:6], data[1:7])[0]
-    load = model.moe_load()
+    out, moe_stats = model(data[:6], data[1:7], return_moe_stats=True)
+    load = model.moe_load(moe_stats)
     assert load.shape == (2, 4) and load.sum(1).tolist() == [6 * 3 * 2] * 2
-    (loss.mean() + model.aux_loss()).backward()
+    (out[0].mean() + model.aux_loss(moe_stats)).backward()
     assert model.layers[0].pos_ff.experts.htoh4.weight.grad.abs().sum() > 0
     assert model.layers[0].pos_ff.gate.gate.weight.grad.abs().sum() > 0
 
@@ -508,17 +509,44 @@ def test_moe_aux_loss_uses_the_coefficients():
     model = tiny_model(moe=True, moe_num_expert=4, moe_top_k=2, moe_gate='gshard',
                        moe_balance_coef=0.5, moe_zloss_coef=0.25).train()
     data = torch.randint(0, 40, (7, 3))
-    with pytest.raises(RuntimeError, match='call the model first'):
-        model.aux_loss()
-    model(data[:3], data[1:4])
-    first = model.moe_stats
-    model(data[:6], data[1:7])
-    assert model.moe_stats is not first and len(model.moe_stats) == len(first) == 2   # the last forward's only
-    expected = sum(0.5 * stats.balance_loss + 0.25 * stats.z_loss for stats in model.moe_stats)
-    torch.testing.assert_close(model.aux_loss(), expected)
-    assert len(model.moe_stats) == 2 and all(stats.z_loss > 0 for stats in model.moe_stats)
-    assert model.moe_balance_loss().shape == (2,) and (model.moe_balance_loss() > 0).all()
-    assert tiny_model().aux_loss().item() == 0 and tiny_model().moe_load() is None
+    out, moe_stats = model(data[:6], data[1:7], return_moe_stats=True)
+    assert len(out) == 1 + 3 and len(moe_stats) == 2   # [loss, *mems] (the embedding's and each layer's), a MoEStats per layer
+    expected = sum(0.5 * stats.balance_loss + 0.25 * stats.z_loss for stats in moe_stats)
+    torch.testing.assert_close(model.aux_loss(moe_stats), expected)
+    assert all(stats.z_loss > 0 for stats in moe_stats)
+    assert model.moe_balance_loss(moe_stats).shape == (2,) and (model.moe_balance_loss(moe_stats) > 0).all()
+    dense = tiny_model()
+    out, moe_stats = dense(data[:6], data[1:7], return_moe_stats=True)
+    assert moe_stats == [] and dense.aux_loss(moe_stats).item() == 0 and dense.moe_load(moe_stats) is None
+
+
+@pytest.mark.parametrize('moe', [False, True])
+def test_a_forward_leaves_no_tensor_on_the_model(moe):
+    """The statistics of a forward are returned, never kept: after a training forward and backward no module holds
+    a tensor it did not hold before (parameters and buffers aside), and the model deep-copies (autograd's
+    non-leaf tensors cannot be)."""
+    model = tiny_model(**(dict(moe=True, moe_num_expert=4, moe_top_k=2, moe_gate='gshard') if moe else {})).train()
+
+    def tensors(value):
+        if torch.is_tensor(value):
+            return [value]
+        if isinstance(value, dict):
+            value = list(value.values())
+        return [t for v in value for t in tensors(v)] if isinstance(value, (list, tuple)) else []
+
+    def holding_tensors():   # (module, attribute) holding a tensor, in containers too; parameters, buffers aside
+        return {(name, key) for name, module in model.named_modules() for key, value in vars(module).items()
+                if key not in ('_parameters', '_buffers', '_modules') and tensors(value)}
+    before = holding_tensors()
+    data = torch.randint(0, 40, (7, 3))
+    out, moe_stats = model(data[:6], data[1:7], return_moe_stats=True)
+    (out[0].mean() + model.aux_loss(moe_stats)).backward()
+    # the cache of masks and position tables by shape holds constants, outside any graph
+    assert holding_tensors() - before == {('', '_shape_cache')}
+    assert not any(t.requires_grad for t in tensors(model._shape_cache))
+    assert len(moe_stats) == (2 if moe else 0)
+    assert all(any(t.grad_fn is not None for t in stats) for stats in moe_stats)   # what a kept copy would block
+    copy.deepcopy(model)
 
 
 def test_init_weights_covers_the_experts_and_gate():
