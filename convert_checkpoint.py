@@ -41,7 +41,7 @@ from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 from run.corpus import open_corpus
 from run.upcycle import upcycle, upcycled_bytes
-from utils.errors import ConversionError
+from utils.errors import ConversionError, UserError
 
 # The original train.py's defaults for what the weights do not determine.
 ORIGINAL_DEFAULTS = dict(n_head=10, dropout=0.0, dropatt=0.0, tgt_len=70, ext_len=0, mem_len=0, pre_lnorm=False,
@@ -649,7 +649,7 @@ def write_out(saved, args, lock):
     try:
         lock = claim_out(args, lock)
         ckpt.atomic_save(saved, out)
-    except ValueError as e:
+    except UserError as e:
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return False
     except OSError as e:  # files.WriteError says what happened; another OSError: the directory changed under us
@@ -748,7 +748,7 @@ def main_upcycle(args):
                      f'--moe-num-expert {args.moe_num_expert}')
         model = upcycle(dense, args.moe_num_expert, args.moe_top_k, gate, args.upcycle_noise, args.seed)
         check_finite(model, 'the upcycled model', 'pass a smaller --upcycle-noise')
-    except ValueError as e:  # ConversionError, CheckpointError and the model's own checks
+    except UserError as e:  # ConversionError, CheckpointError, the model's own checks (as a ConfigError)
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return 2
     n_dense, n_moe = (sum(p.numel() for p in m.parameters()) for m in (dense, model))
@@ -784,7 +784,7 @@ def main(argv=None):
         if args.data or args.dataset:  # the corpus must exist and its vocabulary fit the weights
             open_corpus({'vocab': vocab}, args.src, model.n_token, args.data, args.dataset,
                         log=lambda line: print(line, file=sys.stderr))
-    except ValueError as e:  # ConversionError, HFImportError, CheckpointError and DataError
+    except UserError as e:  # ConversionError, HFImportError, CheckpointError and DataError
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return 2
 

@@ -19,6 +19,7 @@ from run.corpus import open_corpus
 from run.distributed import Dist, SilentLog, exit_process
 from run.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device, set_deterministic
+from utils.errors import ConfigError, UserError
 from utils.files import atomic_write
 from run.generation import load_trained_model
 
@@ -56,14 +57,14 @@ def load_model(work_dir, device):
 def check_args(args):
     for name in ('batch_size', 'tgt_len'):
         if getattr(args, name) < 1:
-            raise ValueError(f'--{name} {getattr(args, name)} must be at least 1')
+            raise ConfigError(f'--{name} {getattr(args, name)} must be at least 1')
     for name in ('ext_len', 'mem_len'):
         if getattr(args, name) < 0:
-            raise ValueError(f'--{name} {getattr(args, name)} must be non-negative')
+            raise ConfigError(f'--{name} {getattr(args, name)} must be non-negative')
     if os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
-        raise ValueError(f'--work_dir {args.work_dir} is a file: give the run directory (it holds model.pt)')
+        raise ConfigError(f'--work_dir {args.work_dir} is a file: give the run directory (it holds model.pt)')
     if not os.path.isdir(args.work_dir):
-        raise ValueError(f'--work_dir {args.work_dir} does not exist')
+        raise ConfigError(f'--work_dir {args.work_dir} does not exist')
     if not args.no_log:  # log.txt and eval.json go there
         files.check_writable_dir(args.work_dir, '--work_dir (add --no_log to write nothing)')
 
@@ -89,7 +90,7 @@ def main(argv=None):
                 corpus.check_batches(split, iters[split])
             except data_utils.DataError as e:
                 raise data_utils.DataError(f'{data_dir}: {e}: pass a smaller --batch_size') from None
-    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+    except (UserError, OSError) as e:  # bad input, or the file system's refusal
         if dist.is_main:
             print(f'eval.py: error: {e}', file=sys.stderr)
         dist.close()

@@ -19,7 +19,7 @@ from utils import files
 from run.corpus import open_corpus
 from run.evaluation import set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, pick_device
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
 from utils.files import atomic_write
 from run.generation import Decoder, TextCodec, bytes_per_sample, check_sampling, iter_tokens, load_trained_model
 
@@ -62,7 +62,7 @@ def build_parser():
 def check_args(args):
     for name in ('max_tokens', 'num_samples'):
         if getattr(args, name) < 1:
-            raise ValueError(f'--{name} {getattr(args, name)} must be at least 1')
+            raise ConfigError(f'--{name} {getattr(args, name)} must be at least 1')
     cpus = os.cpu_count() or 1
     if not 0 <= args.threads <= cpus:
         raise ConfigError(f'--threads {args.threads} must be between 0 (torch\'s choice) and this machine\'s '
@@ -72,14 +72,14 @@ def check_args(args):
     for name, low in (('tgt_len', 1), ('mem_len', 0)):
         value = getattr(args, name)
         if value is not None and value < low:
-            raise ValueError(f'--{name} {value} must be at least {low}')
+            raise ConfigError(f'--{name} {value} must be at least {low}')
     check_sampling(args.temperature, args.top_k, args.top_p)
     if not os.path.exists(args.work_dir):
-        raise ValueError(f'--work_dir {args.work_dir} does not exist')
+        raise ConfigError(f'--work_dir {args.work_dir} does not exist')
     if args.prompt_file is not None and os.path.isdir(args.prompt_file):
-        raise ValueError(f'--prompt_file {args.prompt_file} is a directory: give the file holding the prompt')
+        raise ConfigError(f'--prompt_file {args.prompt_file} is a directory: give the file holding the prompt')
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
-        raise ValueError(f'--prompt_file {args.prompt_file} does not exist')
+        raise ConfigError(f'--prompt_file {args.prompt_file} does not exist')
     if args.output is not None:
         files.check_output_file(args.output, '--output')
 
@@ -91,7 +91,7 @@ def read_prompt(args):
         with open(args.prompt_file, encoding='utf-8') as f:
             return f.read()
     except UnicodeDecodeError:
-        raise ValueError(f'--prompt_file {args.prompt_file} is not UTF-8 text') from None
+        raise ConfigError(f'--prompt_file {args.prompt_file} is not UTF-8 text') from None
 
 
 def check_memory(args, model, tgt_len, prompt_len, device):
@@ -130,7 +130,7 @@ def main(argv=None):
         codec = TextCodec(corpus.vocab, dataset)
         prompt_ids = codec.encode(prompt_text)
         check_memory(args, model, tgt_len, len(prompt_ids), device)
-    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+    except (UserError, OSError) as e:  # bad input, or the file system's refusal
         print(f'generate.py: error: {e}', file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ from utils import files
 from run.corpus import open_corpus
 from run.evaluation import evaluate, set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
+from utils.errors import CheckpointError, ConfigError, UserError
 from utils.files import atomic_write
 from utils.plots import DIVERGING, centred_norm, colour_bar, label_cells, label_every_tick, plt, save  # Agg
 from run.generation import TextCodec, checkpoint_path, load_trained_model
@@ -126,7 +127,7 @@ class RoutingRecorder:
     def __init__(self, model, classes_of_token=None):
         self.layers = model.moe_layers()
         if not self.layers:
-            raise ValueError('the model has no MoE layers (it was trained without --moe): nothing to report')
+            raise CheckpointError('the model has no MoE layers (it was trained without --moe): nothing to report')
         self.classes_of_token = classes_of_token
         n_classes = len(BYTE_CLASSES) if classes_of_token is not None else 0
         self.routing = [LayerRouting(ff.num_expert, ff.top_k, n_classes) for ff in self.layers]
@@ -299,13 +300,13 @@ def check_args(args):
     for name in ('batch_size', 'tgt_len'):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f'--{name} {value} must be at least 1')
+            raise ConfigError(f'--{name} {value} must be at least 1')
     for name in ('mem_len', 'max_segments'):
         value = getattr(args, name)
         if value is not None and value < 0:
-            raise ValueError(f'--{name} {value} must be non-negative')
+            raise ConfigError(f'--{name} {value} must be non-negative')
     if not os.path.exists(args.work_dir):
-        raise ValueError(f'--work_dir {args.work_dir} does not exist')
+        raise ConfigError(f'--work_dir {args.work_dir} does not exist')
     for name in ('json', 'png'):  # where the report goes, checked before the work
         files.check_output_file(output_path(args, name), f'--{name}')
 
@@ -322,12 +323,12 @@ def main(argv=None):
         device = pick_device(args.cuda, print)
         model, saved, path = load_trained_model(args.work_dir, device)
         if not model.moe_layers():
-            raise ValueError(f'the model in {path} has no MoE layers (trained without --moe): nothing to report')
+            raise CheckpointError(f'the model in {path} has no MoE layers (trained without --moe): nothing to report')
         corpus, dataset, data = open_corpus(saved, path, model.n_token, args.data, args.dataset,
                                             log=lambda line: print(line, file=sys.stderr))  # stdout: the report
         tgt_len, mem_len = set_eval_lengths(model, args.tgt_len, args.mem_len)
         split_iter = corpus.get_iterator(args.split, args.batch_size, tgt_len, device=device, ext_len=0)
-    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+    except (UserError, OSError) as e:  # bad input, or the file system's refusal
         print(f'moe_report.py: error: {e}', file=sys.stderr)
         return 2
 
@@ -335,7 +336,7 @@ def main(argv=None):
     recorder = RoutingRecorder(model, classes)
     try:
         loss, n_segments = evaluate(model, split_iter, max_steps=args.max_segments)
-    except ValueError as e:
+    except UserError as e:
         print(f'moe_report.py: error: {args.split} split of {data}: {e}', file=sys.stderr)
         return 2
     finally:

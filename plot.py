@@ -16,6 +16,7 @@ import numpy as np
 
 from utils import files
 from utils.exp_utils import OneLineArgumentParser, read_metrics
+from utils.errors import DataError, UserError
 from utils.plots import (DIVERGING, centred_norm, colour_bar, expert_load, label_every_tick,  # the Agg backend
                          load_imbalance, save)
 
@@ -111,15 +112,15 @@ def make_plots(work_dir, out_dir=None):
     """Write the PNGs for the run in work_dir; returns their paths."""
     path = os.path.join(work_dir, 'metrics.jsonl')
     if not os.path.isfile(path):
-        raise ValueError(f'{path} does not exist: is {work_dir} a run directory of train.py?')
+        raise DataError(f'{path} does not exist: is {work_dir} a run directory of train.py?')
     try:
         records = read_metrics(path)
     except UnicodeDecodeError as e:
-        raise ValueError(f'{path} is not UTF-8 text (byte {e.start}): is it the metrics.jsonl of a run?') from None
+        raise DataError(f'{path} is not UTF-8 text (byte {e.start}): is it the metrics.jsonl of a run?') from None
     out_dir = out_dir or work_dir
     files.check_writable_dir(out_dir, '--out' if out_dir != work_dir else '--work_dir')
     if not any(r.get('split') in ('train', 'valid', 'test') for r in records):
-        raise ValueError(f'{path} has no training or evaluation line yet (training writes one every '
+        raise DataError(f'{path} has no training or evaluation line yet (training writes one every '
                          '--log-interval steps, and evaluates every --eval-interval steps and at the end)')
     os.makedirs(out_dir, exist_ok=True)
     run = os.path.basename(os.path.abspath(work_dir))
@@ -138,7 +139,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         written = make_plots(args.work_dir, args.out)
-    except (ValueError, OSError) as e:  # files.WriteError (a full disk...) is an OSError
+    except (UserError, OSError) as e:  # files.WriteError (a full disk...) is an OSError
         print(f'plot.py: error: {e}', file=sys.stderr)
         return 2
     for path in written:

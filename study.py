@@ -32,7 +32,7 @@ from mem_transformer import MemTransformerLM
 from utils import checkpoint as ckpt, files
 from run import options, training
 from utils.datasets import DATASETS, SPLITS
-from utils.errors import CheckpointError, ConfigError, DataError
+from utils.errors import CheckpointError, ConfigError, DataError, UserError
 from utils.exp_utils import OneLineArgumentParser, read_metrics
 from utils.plots import load_imbalance, save  # files only: the Agg backend
 from run.upcycle import upcycle
@@ -126,23 +126,23 @@ def check_train_args(args, configs, names):
         return p
 
     def refuse(message):
-        raise ValueError(message)
+        raise ConfigError(message)
     try:
         unset, marker = parser(), object()   # the dests --train_args sets are those not left at the marker
         unset.set_defaults(**{a.dest: marker for a in unset._actions})
         given = [dest for dest, value in vars(unset.parse_args(args.train_args.split())).items()
                  if value is not marker and dest in STUDY_SETS]
-        if given:
-            raise ConfigError(f'--train_args {args.train_args!r} sets {options.flag(unset, given[0])}, which the '
-                              f'study sets from {STUDY_SETS[given[0]]}: drop it from --train_args')
         for name in names:
+            if given:   # refused below, in the study's words
+                break
             p = parser()
             options.run_config(p.parse_args(run_argv(args, name, configs[name], 1, 'RUN', args.data or 'DATA')), p)
-    except ConfigError:
-        raise
-    except ValueError as e:
+    except ConfigError as e:   # argparse's refusal or train.py's
         extra = f' with --train_args {args.train_args!r}' if args.train_args else ''
         raise ConfigError(f"train.py refuses the runs' flags{extra}: {e}") from None
+    if given:
+        raise ConfigError(f'--train_args {args.train_args!r} sets {options.flag(unset, given[0])}, which the '
+                          f'study sets from {STUDY_SETS[given[0]]}: drop it from --train_args')
 
 
 # ----------------------------------------------------------------------------- running
@@ -178,7 +178,7 @@ def check_same_run(work_dir, argv):
             saved = json.load(f)
         if saved != argv:
             changed = sorted(set(saved) ^ set(argv))[:6]
-            raise ValueError(f'{work_dir} was trained with other flags (differing: {" ".join(changed)}); '
+            raise ConfigError(f'{work_dir} was trained with other flags (differing: {" ".join(changed)}); '
                              'rerun with the same flags to continue, or choose another --out')
 
 
@@ -433,7 +433,7 @@ def check_args(args):
     names = list(configs) if args.configs == 'all' else args.configs.split(',')
     unknown = [n for n in names if n not in configs]
     if unknown:
-        raise ValueError(f'--configs: unknown {", ".join(unknown)}; known: {", ".join(configs)}')
+        raise ConfigError(f'--configs: unknown {", ".join(unknown)}; known: {", ".join(configs)}')
     for name in names:   # a continued run needs the one it starts from
         start = configs[name].get('start')
         if start and start not in names:
@@ -441,15 +441,15 @@ def check_args(args):
     try:
         seeds = [int(s) for s in args.seeds.split(',')]
     except ValueError:
-        raise ValueError(f'--seeds {args.seeds!r}: comma-separated integers, e.g. 1,2') from None
+        raise ConfigError(f'--seeds {args.seeds!r}: comma-separated integers, e.g. 1,2') from None
     for dest in ('steps', 'n_layer', 'd_model', 'n_head', 'd_inner', 'tgt_len', 'batch_size', 'eval_interval'):
         if getattr(args, dest) < 1:
-            raise ValueError(f'--{dest} {getattr(args, dest)} must be at least 1')
+            raise ConfigError(f'--{dest} {getattr(args, dest)} must be at least 1')
     if args.d_inner % 4 or args.d_model % args.n_head:
-        raise ValueError(f'--d_inner {args.d_inner} must be a multiple of 4 (experts of d_inner/2 and /4) and '
+        raise ConfigError(f'--d_inner {args.d_inner} must be a multiple of 4 (experts of d_inner/2 and /4) and '
                          f'--n_head {args.n_head} must divide --d_model {args.d_model}')
     if args.data and not os.path.isdir(args.data):
-        raise ValueError(f'--data {args.data} is not a directory')
+        raise ConfigError(f'--data {args.data} is not a directory')
     if args.dataset not in DATASETS:
         raise ConfigError(f'--dataset {args.dataset}: unknown; known: {", ".join(DATASETS)}')
     names = list(dict.fromkeys(names))
@@ -464,7 +464,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         configs, names, seeds = check_args(args)
-    except ValueError as e:
+    except UserError as e:
         print(f'study.py: error: {e}', file=sys.stderr)
         return 2
     start = time.time()
@@ -472,7 +472,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         lock = files.lock_directory(args.out, '--out')  # kept until the study ends
         data = prepare_data(args)
-    except (ValueError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f'study.py: error: {e}', file=sys.stderr)
         return 2
     runs = os.path.join(args.out, 'runs')
@@ -481,7 +481,7 @@ def main(argv=None):
         for seed in seeds:
             try:
                 code = run_one(args, name, configs[name], seed, runs, data)
-            except ValueError as e:
+            except UserError as e:
                 print(f'study.py: error: {e}', file=sys.stderr)
                 return 2
             if code != 0:
@@ -491,7 +491,7 @@ def main(argv=None):
     try:
         results = summarize(args, names, configs, seeds, runs)
         write_results(results, args.out)
-    except (ValueError, OSError) as e:   # a broken finished run, a full disk
+    except (UserError, OSError) as e:   # a broken finished run, a full disk
         print(f'study.py: error: {e}', file=sys.stderr)
         return 2
     lock.release()

@@ -7,19 +7,20 @@ from contextlib import nullcontext
 import torch
 
 from mem_transformer import kv_caching, new_kv_caches
+from utils.errors import ConfigError, DataError
 
 
 def set_eval_lengths(model, tgt_len=None, mem_len=None, ext_len=0, clamp_len=-1, same_length=False):
     """Set the segment, memory and extended-context lengths an evaluation (or generation) runs with, and
     clamp_len/same_length where given; None means the training value. Returns (tgt_len, mem_len).
 
-    ValueError when same_length attention (asked, or trained with) has no memory: it would mask every key,
+    ConfigError when same_length attention (asked, or trained with) has no memory: it would mask every key,
     and every probability would be NaN.
     """
     tgt_len = tgt_len or model.config['tgt_len'] or 128
     mem_len = (model.config['mem_len'] or 0) if mem_len is None else mem_len
     if (same_length or model.same_length) and mem_len == 0:
-        raise ValueError('same_length attention (--same_length, or the model was trained with it) needs '
+        raise ConfigError('same_length attention (--same_length, or the model was trained with it) needs '
                          '--mem_len > 0: without a memory it masks every key')
     model.reset_length(tgt_len, ext_len, mem_len)
     if clamp_len > 0:
@@ -69,7 +70,7 @@ def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None, kv
             total_len += seq_len
             n_segments += 1
     if total_len == 0:
-        raise ValueError('the split yields no segment: it is too small for this batch size and length')
+        raise DataError('the split yields no segment: it is too small for this batch size and length')
     if sharded:
         totals = dist.sum(torch.stack([torch.as_tensor(total_loss, dtype=torch.float64, device=loss.device),
                                        torch.tensor(n_tokens, dtype=torch.float64, device=loss.device)]))

@@ -190,15 +190,15 @@ class TextCodec:
         return syms
 
     def encode(self, text):
-        """Prompt text -> list of ids; ValueError naming the tokens the vocabulary lacks (without <unk>)."""
+        """Prompt text -> list of ids; ConfigError naming the tokens the vocabulary lacks (without <unk>)."""
         syms = self.symbols(text)
         if not syms:
-            raise ValueError('the prompt is empty: give at least one character')
+            raise ConfigError('the prompt is empty: give at least one character')
         table = self.vocab.sym2idx
         missing = [s for s in syms if s not in table]
         if missing and self.unk is None:
             shown = ', '.join(self._describe(s) for s in dict.fromkeys(missing))
-            raise ValueError(f'the prompt has {len(missing)} token(s) that are not in the {self.dataset} vocabulary, '
+            raise ConfigError(f'the prompt has {len(missing)} token(s) that are not in the {self.dataset} vocabulary, '
                              f'which has no <unk>: {shown}')
         return [table.get(s, table.get(self.unk)) for s in syms]
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from mem_transformer import MemTransformerLM, init_weights
+from utils.errors import CheckpointError, ConfigError
 
 # dense PositionwiseFF parameter -> MoE experts parameter (both layers are ReLU MLPs of d_inner)
 DENSE_TO_EXPERTS = {'CoreNet.0.weight': 'experts.htoh4.weight', 'CoreNet.0.bias': 'experts.htoh4.bias',
@@ -22,7 +23,7 @@ DENSE_TO_EXPERTS = {'CoreNet.0.weight': 'experts.htoh4.weight', 'CoreNet.0.bias'
 def upcycled_config(config, num_expert, top_k, gate='naive', **moe_options):
     """The dense model's configuration with every feed-forward a Mixture of Experts of d_inner each."""
     if config.get('moe'):
-        raise ValueError('the model is already a Mixture of Experts: upcycling starts from a dense model')
+        raise CheckpointError('the model is already a Mixture of Experts: upcycling starts from a dense model')
     return dict(config, moe=True, moe_num_expert=num_expert, moe_top_k=top_k, moe_gate=gate, **moe_options)
 
 
@@ -44,10 +45,14 @@ def upcycle(dense, num_expert, top_k, gate='naive', noise=0.0, seed=0, init_std=
     zero bias), from `seed`.
     """
     if not 0 <= noise < math.inf:
-        raise ValueError(f'noise must be a finite number >= 0, got {noise!r}')
+        raise ConfigError(f'noise must be a finite number >= 0, got {noise!r}')
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)   # the router's initial weights (NoisyGate's too)
-    model = MemTransformerLM(**upcycled_config(dense.config, num_expert, top_k, gate, **moe_options))
+    config = upcycled_config(dense.config, num_expert, top_k, gate, **moe_options)
+    try:
+        model = MemTransformerLM(**config)
+    except ValueError as e:  # the model's and the MoE layer's checks name the option that cannot work
+        raise ConfigError(f'upcycling: {e}') from None
     init_weights(model, init_std=init_std)
     state = model.state_dict()
     dense_state = dense.state_dict()

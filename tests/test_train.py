@@ -3,6 +3,7 @@ mixed precision on the CPU, non-finite steps and every bad-input case."""
 import contextlib
 import errno
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -275,7 +276,11 @@ def test_debug_writes_nothing(tmp_path, corpus):
 
 def test_multi_gpu_flags_explain_torchrun_and_train(tmp_path, corpus, capsys):
     assert run(tmp_path / 'run', corpus, '--max_step', '2', '--multi_gpu', '--gpu0_bsz', '4') == 0
-    assert 'torchrun' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ('NOTE: --multi_gpu: one process trains on one device with the whole batch; torchrun --nproc_per_node N '
+            'train.py ... trains on N') in out
+    assert 'NOTE: --gpu0_bsz 4 is ignored: every process takes an equal share of --batch_size' in out
+    assert [r['step'] for r in records(tmp_path / 'run', 'train')] == [1, 2]
 
 
 def test_epochs_wrap_around_with_fresh_memory(tmp_path, tmp_path_factory):
@@ -425,12 +430,12 @@ def test_sigint_stops_after_the_step_then_tests_the_best_model(tmp_path, corpus,
     """Ctrl-C as in the original: training stops early, then the best model is evaluated on test."""
     forward, calls = mem_transformer.MemTransformerLM.forward, [0]
 
-    def interrupt_at_third_step(self, *args):
+    def interrupt_at_third_step(self, *args, **kwargs):
         if self.training:
             calls[0] += 1
             if calls[0] == 3:
                 os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args)
+        return forward(self, *args, **kwargs)
     monkeypatch.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_at_third_step)
     handler_before = signal.getsignal(signal.SIGINT)   # SIG_IGN when the suite runs under nohup ... &
     work = tmp_path / 'run'
@@ -533,7 +538,8 @@ def clip_step(corpus, *flags):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(1)
     trainer.model.zero_grad()
-    (model(data[:16], data[1:])[0].float().mean() + model.aux_loss()).backward()
+    out, moe_stats = model(data[:16], data[1:], return_moe_stats=True)
+    (out[0].float().mean() + model.aux_loss(moe_stats)).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.manual_seed(1)
     trainer.train_step(data[:16], data[1:])
@@ -724,7 +730,9 @@ def test_fp16_loss_scaling_on_the_cpu(tmp_path, corpus, capsys):
     assert 'static loss scale 1' not in capsys.readouterr().out
     dynamic = records(tmp_path / 'dynamic', 'train')
     assert all(math.isfinite(r['loss']) for r in dynamic)
-    assert dynamic[0]['loss_scale'] <= 2. ** 16  # starts at apex's 2^16 and may back off on overflow
+    # apex's start, 2^16, halved at each overflow (a skipped step); it grows only after 2000 steps in a row
+    overflows = itertools.accumulate(r['skipped_steps'] for r in dynamic)
+    assert [r['loss_scale'] for r in dynamic] == [2. ** 16 * 0.5 ** n for n in overflows]
     assert run(tmp_path / 'static', corpus, '--max_step', '6', '--fp16', '--static-loss-scale', '128') == 0
     assert {r['loss_scale'] for r in records(tmp_path / 'static', 'train')} == {128.}
     assert run(tmp_path / 'default', corpus, '--max_step', '2', '--fp16') == 0  # the original's static scale 1
@@ -785,13 +793,13 @@ def poisoned_steps(monkeypatch):
     bad, calls = set(), [0]
     forward = mem_transformer.MemTransformerLM.forward
 
-    def poisoned(self, data, target, *mems):
-        ret = forward(self, data, target, *mems)
+    def poisoned(self, data, target, *mems, return_moe_stats=False):
+        ret, moe_stats = forward(self, data, target, *mems, return_moe_stats=True)
         if self.training:
             calls[0] += 1
             if calls[0] in bad:
                 ret[0] = ret[0] * float('nan')
-        return ret
+        return (ret, moe_stats) if return_moe_stats else ret
     monkeypatch.setattr(mem_transformer.MemTransformerLM, 'forward', poisoned)
     return bad
 
@@ -1146,7 +1154,9 @@ def test_run_script_trains_and_evaluates_a_tiny_moe(tmp_path, corpus):
     done = subprocess.run(['bash', str(ROOT / 'run_enwik8_base_moe.sh'), 'train', '--work_dir', str(work), *tiny],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert 'torchrun' in done.stdout and 'End of training' in done.stdout
+    # the launcher's choice for the scripts' --multi_gpu, then train.py's run to its end
+    assert re.search(r'^--multi_gpu: (\d+ GPU visible: one process|torchrun with \d+ processes)', done.stdout, re.M)
+    assert 'End of training' in done.stdout
     done = subprocess.run(['bash', str(ROOT / 'run_enwik8_base_moe.sh'), 'eval', '--work_dir', str(work)],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -1208,7 +1218,10 @@ def step_trainer(*flags, n_token=40):
 def nan_loss_step(trainer, data, target):
     """One training step whose loss is NaN (so are its gradients)."""
     forward = trainer.forward_model
-    trainer.forward_model = lambda *inputs: [forward(*inputs)[0] * float('nan'), *forward(*inputs)[1:]]
+    def nan_loss(*inputs, return_moe_stats):
+        ret, moe_stats = forward(*inputs, return_moe_stats=True)
+        return [ret[0] * float('nan'), *ret[1:]], moe_stats
+    trainer.forward_model = nan_loss
     try:
         return trainer.train_step(data, target)
     finally:
@@ -1270,8 +1283,9 @@ def test_a_skipped_step_leaves_the_auxfree_bias_alone(optim):
     nan_loss_step(trainer, data, target)
     assert trainer.window.totals()['n_skipped'] == 1
     assert all(torch.equal(gate.expert_bias, torch.zeros(4)) for gate in gates)
+    before = trainer.window.moe_load.clone()   # the skipped step's
     trainer.train_step(data, target)
-    load = trainer.model.moe_load().float()
+    load = (trainer.window.moe_load - before).float()   # this step's
     rate = trainer.config.flags.moe_bias_update_rate
     for gate, layer_load in zip(gates, load):
         assert torch.equal(gate.expert_bias, rate * torch.sign(layer_load.mean() - layer_load))
@@ -1288,3 +1302,21 @@ def test_the_nonfinite_stop_comes_at_the_next_log_line(tmp_path, corpus, poisone
     log = (work / 'log.txt').read_text()
     assert 'non-finite for 4 steps in a row (up to step 10; seen at step 12)' in log
     assert [r['step'] for r in records(work, 'train')] == [6]
+
+
+def test_a_bug_keeps_its_traceback_while_bad_input_is_one_line(tmp_path, corpus):
+    """Only the UserError family (and the file system's OSError) is bad input: a ValueError from a bug is not turned
+    into a one-line error and exit code 2 but ends the run with its traceback."""
+    bug = ('import sys\nimport run.training\n'
+           'def build_model(*args, **kwargs):\n    raise ValueError("a bug, not bad input")\n'
+           'run.training.build_model = build_model\nsys.exit(run.training.main(sys.argv[1:]))\n')
+    flags = ['--data', str(corpus), *TINY, '--max_step', '1']
+    done = subprocess.run([sys.executable, '-c', bug, *flags, '--work_dir', str(tmp_path / 'bug')], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and 'Traceback (most recent call last)' in done.stderr
+    assert done.stderr.rstrip().endswith('ValueError: a bug, not bad input')
+    done = subprocess.run([sys.executable, 'train.py', *flags, '--batch_chunk', '3', '--work_dir', str(tmp_path / 'bad')],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and 'Traceback' not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == 'train.py: error: --batch_chunk 3 must divide --batch_size 4'
+    assert not (tmp_path / 'bad').exists()

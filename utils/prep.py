@@ -11,7 +11,7 @@ import sys
 import zipfile
 
 from utils.files import WriteError, atomic_write, check_writable_dir, progress_bar
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 
 SPLITS = ('train', 'valid', 'test')
 BLOCK = 1 << 22
@@ -110,7 +110,7 @@ def run(name, unit, description, decode, tokenize):
         check_writable_dir(args.out, '--out')
         data = decode(read_corpus(args.input, name), args.input)
         parts = split_parts(data, args.valid, args.test, args.input)
-    except (PrepError, ValueError) as err:  # ValueError: an --out that cannot be written
+    except UserError as err:  # PrepError, or an --out that cannot be written (ConfigError)
         print('{}: error: {}'.format(os.path.basename(sys.argv[0]), err), file=sys.stderr)
         return 2
     print('Length of {}: {}'.format(name, len(data)))
