@@ -51,12 +51,12 @@ def test_study_writes_results_resumes_after_ctrl_c_and_skips_finished_runs(tmp_p
 
     forward, calls = mem_transformer.MemTransformerLM.forward, [0]
 
-    def interrupt_in_the_auxfree_run(self, *args):
+    def interrupt_in_the_auxfree_run(self, *args, **kwargs):
         if self.training and self.config['moe_gate'] == 'auxfree':
             calls[0] += 1
             if calls[0] == 3:
                 os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args)
+        return forward(self, *args, **kwargs)
     with monkeypatch.context() as m:
         m.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_in_the_auxfree_run)
         assert run_study(tmp_path / 'out', corpus, *configs) == 128 + signal.SIGINT
