@@ -1166,7 +1166,7 @@ def test_run_script_trains_and_evaluates_a_tiny_moe(tmp_path, corpus):
                                       same_length=True)
     bad = subprocess.run(['bash', str(ROOT / 'run_enwik8_base_moe.sh'), 'tran'], env=env, capture_output=True,
                          text=True)
-    assert bad.returncode == 2 and 'usage: bash run_enwik8_base_moe.sh train|eval' in bad.stderr
+    assert bad.returncode == 2 and 'usage: [SIZE=tiny] bash run_enwik8_base_moe.sh train|eval' in bad.stderr
 
 
 # ----------------------------------------------------------------------------- progress
