@@ -73,6 +73,21 @@ def skips_on_device(optimizer):
                for group in optimizer.param_groups)
 
 
+def record_skip(scaler, optimizer, finite):
+    """Make the loss scaler's overflow record of this step the step's skip decision `finite` (a device bool).
+
+    GradScaler.unscale_ records whether this process's own gradients overflowed, and update() halves the scale
+    by that record. Under expert parallelism each process holds other experts, so an overflow in one process's
+    expert gradient would halve its scale alone, while the skip decision (the global gradient norm) is taken by
+    all: from then on DDP would average dense gradients scaled differently and the processes' weights drift
+    apart. With this, every process halves or grows its scale together, exactly when the step is skipped.
+    The record is GradScaler's private state (one tensor per device, which update() sums), as torch's FSDP
+    scaler rewrites it too (it all-reduces it); tests/test_train.py checks that update() still reads it."""
+    if scaler.is_enabled():
+        for found_inf in scaler._found_inf_per_device(optimizer).values():
+            found_inf.copy_(~finite)
+
+
 def non_embedding_parameters(model):
     embedding = {id(p) for name in ('word_emb', 'crit', 'out_layer') if hasattr(model, name)
                  for p in getattr(model, name).parameters()}
@@ -251,6 +266,7 @@ class Trainer:
         finite = torch.isfinite(grad_norm)
         if config.clip_nonemb:  # the unclipped embedding gradients must be finite too
             finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
+        record_skip(self.scaler, self.optimizer, finite)
         applied = self.optimizer_step(finite)
         if step_load is not None:  # every rank the same update from the global load; a skipped step's rate is 0
             model.update_expert_bias(dist.sum(step_load), config.flags.moe_bias_update_rate * applied)

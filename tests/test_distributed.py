@@ -399,6 +399,49 @@ def test_a_rank_that_dies_stops_the_others_and_leaves_a_loadable_checkpoint(tmp_
     assert state['step'] >= 2 and state['step'] % 2 == 0
 
 
+def scaler_worker(work_dir):
+    """Three fp16 steps with dynamic loss scaling on two expert-parallel ranks, the first of which overflows in
+    rank 1's expert gradient alone (a hook makes it inf). Prints, after each step, every rank's loss scale and the
+    largest difference between rank 0's dense weights and each rank's."""
+    from moe import FMoETransformerMLP
+    from run.options import build_model, build_parser, check_args
+    from run.trainer import Trainer
+    d = Dist.from_env(cuda=False, expert_parallel=True, timeout_s=60)
+    parser = build_parser()
+    config = parser.parse_args([*TINY, *MOE, '--amp', 'fp16', '--expert-parallel', '--work_dir', work_dir])
+    check_args(config, parser)
+    torch.manual_seed(0)
+    trainer = Trainer(config, build_model(config, 50), torch.device('cpu'), print, None, d)
+    d.seed_rank(config.seed)
+    if d.rank == 1:
+        expert = next(m for m in trainer.model.modules() if isinstance(m, FMoETransformerMLP)).experts.htoh4
+        expert.weight.register_hook(lambda grad: torch.full_like(grad, float('inf')) if trainer.step == 0 else None)
+    torch.manual_seed(1)   # the same batches on both ranks; each trains on its own columns
+    batches = torch.randint(0, 50, (3, config.tgt_len + 1, config.batch_size))
+    for batch in batches:
+        trainer.train_step(batch[:-1], batch[1:])
+        dense = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if not hasattr(p, 'dp_comm')])
+        scales, weights = zip(*d.gather_objects((trainer.scaler.get_scale(), dense)))
+        print(json.dumps(dict(step=trainer.step, scales=scales, skipped=trainer.window.totals()['n_skipped'],
+                              dense_diff=[float((w - weights[0]).abs().max()) for w in weights],
+                              dense_sum=float(weights[0].double().sum()))), flush=True)
+    d.close()
+
+
+def test_expert_parallel_fp16_ranks_keep_one_loss_scale(tmp_path):
+    """An overflow in one rank's expert gradient makes every rank skip the step (the global gradient norm is
+    inf); the loss scale must then be halved on every rank, not on that rank alone, or DDP averages dense
+    gradients scaled differently and the ranks' dense weights drift apart for good."""
+    results = launch([__file__, 'scaler', tmp_path], timeout=90)
+    assert_all_ok(results)
+    steps = [json.loads(line) for line in results[0][1].splitlines() if line.startswith('{')]
+    assert [s['step'] for s in steps] == [1, 2, 3]
+    assert [s['skipped'] for s in steps] == [1, 1, 1]   # the window counts: step 1 skipped, 2 and 3 applied
+    assert [s['scales'] for s in steps] == [[2. ** 15] * 2] * 3
+    assert all(s['dense_diff'] == [0., 0.] for s in steps)
+    assert steps[0]['dense_sum'] != steps[2]['dense_sum']   # the later steps did train
+
+
 # ----------------------------------------------------------------------------- two machines
 
 def two_nodes(argv, timeout=LAUNCH_TIMEOUT_S):
@@ -464,6 +507,8 @@ if __name__ == '__main__':
         exchange_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == 'exchange_drops':
         exchange_drops_worker(sys.argv[2])
+    elif sys.argv[1] == 'scaler':
+        scaler_worker(sys.argv[2])
     elif sys.argv[1] == 'kill_node':
         node_killing_worker(int(sys.argv[2]), sys.argv[3:])
 

@@ -30,7 +30,7 @@ from utils import checkpoint as ckpt
 from utils import malloc
 from run.options import build_model, build_parser, model_config, parse
 from run.trainer import (OPTIMIZERS, Trainer, build_optimizer, fused_available, non_embedding_parameters,
-                         skips_on_device)
+                         record_skip, skips_on_device)
 from utils.exp_utils import set_deterministic
 from utils.schedules import learning_rate
 
@@ -1270,6 +1270,28 @@ def test_fused_sgd_with_momentum_reads_the_flag_on_its_first_step():
     p.grad, sgd.found_inf = torch.ones(1000), torch.ones(())
     sgd.step()
     assert 'momentum_buffer' in sgd.state[p]  # allocated by a step that did not run
+
+
+@pytest.mark.parametrize('own_overflow', [False, True])
+def test_the_loss_scale_follows_the_step_skip_decision(own_overflow):
+    """torch's GradScaler.update reads the overflow record that record_skip rewrites: the scale halves when the
+    step is skipped and grows when it is applied, whatever this process's own gradients showed (under expert
+    parallelism another process's expert may have overflowed). Left to itself, the scaler follows its own record."""
+    def scale_after(skip, record):
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.full((3,), math.inf if own_overflow else 1.)
+        optimizer = torch.optim.SGD([p], lr=0.1)
+        scaler = torch.amp.GradScaler('cpu', init_scale=1024., growth_interval=1)
+        scaler.scale(torch.ones(()))   # the scale tensor is made at the first call
+        scaler.unscale_(optimizer)
+        if record:
+            record_skip(scaler, optimizer, torch.tensor(not skip))
+        scaler.update()
+        return scaler.get_scale()
+    own = 512. if own_overflow else 2048.
+    assert scale_after(skip=not own_overflow, record=False) == own   # torch's scaler: its own record
+    assert scale_after(skip=not own_overflow, record=True) == (2048. if own_overflow else 512.)
+    assert scale_after(skip=own_overflow, record=True) == own
 
 
 @pytest.mark.parametrize('optim', ['adam', 'sgd'], ids=['skipped-on-the-device', 'read-on-the-host'])
