@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from utils import checkpoint as ckpt
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
-from moe import GATES, FMoETransformerMLP, FusedExpertLinear, check_expert_backend
+from moe import GATES, FMoETransformerMLP, FusedExpertLinear, check_expert_backend, probe_before_compile
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
 
 class PositionalEmbedding(nn.Module):
@@ -983,6 +983,8 @@ def maybe_compile(model, **options):
     if not hasattr(torch, 'compile'):
         warnings.warn('torch.compile is not available in this version of torch; running eagerly')
         return model
+    if any(isinstance(m, FMoETransformerMLP) for m in model.modules()):
+        probe_before_compile(next(model.parameters()).device)
     try:
         model.compile(**options)
     except Exception as err:  # e.g. a Python version torch.compile does not support

@@ -370,6 +370,13 @@ def grouped_mm_fits(device, dtype, widths):
     return all(w % align == 0 for w in widths) and grouped_mm_available(device, dtype)
 
 
+def probe_before_compile(device):
+    """Run now the one probe a compiled forward can meet on this device (inside torch.compile only bf16 may
+    take grouped_mm: grouped_mm_fits), so that it is cached before compiling: the probe's backward cannot be
+    traced and would break the first compiled graph."""
+    grouped_mm_available(device, torch.bfloat16)
+
+
 def expert_path(backend, device, dtype, widths):
     """The expert compute that `backend` ('auto', 'grouped_mm', 'tiles', 'slices') runs on this device and
     dtype. The rule for 'auto', none of whose choices reads a value back to the host:

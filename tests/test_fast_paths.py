@@ -413,6 +413,23 @@ def test_maybe_compile_lets_model_errors_through(monkeypatch):
         model(data[:5], data[1:6, :1])  # targets for one of the two sequences
 
 
+def test_the_grouped_mm_probe_runs_before_compiling_not_inside_the_graph(monkeypatch):
+    """The first compiled MoE step in bf16 meets the grouped_mm probe (grouped_mm_fits); run inside the compiled
+    call, its backward breaks the graph there. maybe_compile probes first: the step compiles without a break."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(moe, '_GROUPED_MM_PROBES', {})   # nothing probed yet, as in a fresh process
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model(moe=True, moe_num_expert=4, moe_top_k=2).train()
+    mt.maybe_compile(model, backend='eager')
+    data = torch.randint(0, 40, (6, 2))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = model(data[:5], data[1:6])[0].float().mean()
+    loss.backward()
+    assert counters['stats']['unique_graphs'] >= 1   # it did compile
+    assert not counters['graph_break'], list(counters['graph_break'])
+
+
 def test_a_whole_trainer_step_has_no_host_sync_with_a_fused_optimizer(device):
     """train.py's whole step between log lines (forward and backward, clipping, the fused optimizer that skips
     a non-finite step on the device, the loss and skip accounting) reads no value back to the host."""
