@@ -404,14 +404,12 @@ def scaler_worker(work_dir):
     rank 1's expert gradient alone (a hook makes it inf). Prints, after each step, every rank's loss scale and the
     largest difference between rank 0's dense weights and each rank's."""
     from moe import FMoETransformerMLP
-    from run.options import build_model, build_parser, check_args
+    from run.options import build_model, parse
     from run.trainer import Trainer
     d = Dist.from_env(cuda=False, expert_parallel=True, timeout_s=60)
-    parser = build_parser()
-    config = parser.parse_args([*TINY, *MOE, '--amp', 'fp16', '--expert-parallel', '--work_dir', work_dir])
-    check_args(config, parser)
+    config = parse([*TINY, *MOE, '--amp', 'fp16', '--expert-parallel', '--work_dir', work_dir])
     torch.manual_seed(0)
-    trainer = Trainer(config, build_model(config, 50), torch.device('cpu'), print, None, d)
+    trainer = Trainer(config, build_model(config.flags, 50), torch.device('cpu'), print, None, d)
     d.seed_rank(config.seed)
     if d.rank == 1:
         expert = next(m for m in trainer.model.modules() if isinstance(m, FMoETransformerMLP)).experts.htoh4
