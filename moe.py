@@ -300,17 +300,43 @@ def dispatch(routing, num_expert, need_host_counts):
 
 
 def combine(rows_out, score, plan):
-    """Rows back to token order; output[n] = sum_j score[n, j] * copy (n, j). Dropped copies give 0
-    (cut off: they point at one zero row; padding rows: the expert compute left them 0)."""
-    n_tok, top_k = score.shape
-    d_out = rows_out.shape[-1]
-    if plan.num_rows < plan.num_copies:
-        rows_out = F.pad(rows_out, (0, 0, 0, 1))   # a zero row for every cut-off copy to point at
-    row_of_copy = torch.full((plan.num_copies,), plan.num_rows, dtype=torch.long,
-                             device=score.device)
-    row_of_copy[plan.order] = torch.arange(plan.num_rows, device=score.device)
-    copies = rows_out.index_select(0, row_of_copy).view(n_tok, top_k, d_out)
-    return torch.bmm(score.to(copies.dtype).unsqueeze(1), copies).squeeze(1)
+    """Rows back to token order; output[n] = sum_j score[n, j] * copy (n, j), in the wider of the rows' and the
+    scores' dtypes (fp32 for bf16 rows: the sum and the scores keep their precision). Dropped copies give 0 (cut
+    off: they read a zero row; padding rows: the expert compute left them 0)."""
+    return Combine.apply(rows_out, score, plan.order, plan.token)
+
+
+class Combine(torch.autograd.Function):
+    """combine's weighted sum of each token's k rows, written out: autograd's backward of the gather is a
+    scatter-add into zeros, where a gather does (each row is one copy's: plan.order), and its backward of the
+    batched product computes the scores' gradient as N products of a [k, d] matrix by a vector, many times
+    slower on CPUs than the elementwise product and sum here."""
+
+    @staticmethod
+    def forward(ctx, rows_out, score, order, token):
+        n_tok, top_k = score.shape
+        num_rows, d_out = rows_out.shape
+        if num_rows < n_tok * top_k:
+            rows_out = F.pad(rows_out, (0, 0, 0, 1))   # a zero row for every cut-off copy to point at
+        row_of_copy = torch.full((n_tok * top_k,), num_rows, dtype=torch.long, device=score.device)
+        row_of_copy[order] = torch.arange(num_rows, device=score.device)
+        copies = rows_out.index_select(0, row_of_copy).view(n_tok, top_k, d_out)
+        dtype = torch.promote_types(rows_out.dtype, score.dtype)
+        ctx.save_for_backward(copies, score, order, token)
+        ctx.rows_dtype = rows_out.dtype
+        return torch.bmm(score.to(dtype).unsqueeze(1), copies.to(dtype)).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        copies, score, order, token = ctx.saved_tensors
+        grad_rows = grad_score = None
+        if ctx.needs_input_grad[0]:   # row r is copy order[r] of token token[r]: score * grad of that token
+            row_score = score.reshape(-1).index_select(0, order).to(grad.dtype)
+            grad_rows = grad.index_select(0, token).mul_(row_score.unsqueeze(1)).to(ctx.rows_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_score = (copies.to(grad.dtype) * grad.unsqueeze(1)).sum(-1).to(score.dtype)
+        return grad_rows, grad_score, None, None
 
 
 # ----------------------------------------------------------------------------- expert compute
