@@ -1,6 +1,6 @@
 """Data and expert parallelism on two CPU processes (gloo): the all_to_all exchange against one process holding
 every expert, train.py under torchrun against one process step for step, resume across world sizes, eval.py
-under torchrun, and a rank that dies.
+under torchrun, a rank that dies, and two machines (two torchrun launches) of which one dies, then resumed.
 
 Processes listen on 127.0.0.1 on free ports, every launch has a timeout and is killed in a finally. This file is
 also the worker script of the exchange tests: `python tests/test_distributed.py exchange ...` under torchrun's
