@@ -14,7 +14,7 @@ from run.old_checkpoints import data_state
 from utils import checkpoint as ckpt
 from utils.exp_utils import char_level, format_loss, loss_fields, metric_text, peak_memory_mb
 from utils.files import progress_bar
-from utils.schedules import PlateauDecay, learning_rate
+from utils.schedules import PlateauDecay, learning_rate, stretched_anchor
 
 # The run stops when the loss itself (not just the scaled gradients) is non-finite this many steps in a row.
 NONFINITE_LIMIT = 10
@@ -204,6 +204,8 @@ class Trainer:
                                            enabled=config.amp == 'fp16')
         self.plateau = PlateauDecay(config.decay_rate, config.patience)
         self.base_lr = config.lr  # --restart_dir's may replace it (start_from_optimizer)
+        self.cosine_anchor = (0, 0.0)  # (step, progress) of the cosine; a resume that changes max_step moves it
+        self.first_step = 0  # the step this process started training from
         self.clip_params = non_embedding_parameters(model) if config.clip_nonemb else list(model.parameters())
         self.step, self.epoch, self.batch = 0, 1, 0
         self.best_val_loss, self.last_eval_step = None, None
@@ -225,7 +227,7 @@ class Trainer:
     def lr(self):
         a = self.config
         return learning_rate(self.step, self.base_lr, a.scheduler, a.warmup_step, a.max_step, a.eta_min,
-                             self.plateau.scale, a.lr_min)
+                             self.plateau.scale, a.lr_min, self.cosine_anchor)
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self, data, target):
@@ -341,8 +343,9 @@ class Trainer:
             # max/mean of the experts' copy counts per layer: 1 is an even load, E all on one expert
             load = load.float()
             record['moe_imbalance'] = (load.max(1).values / load.mean(1).clamp(min=1e-9)).tolist()
-            line += (f' | aux loss {record["moe_aux_loss"]:.4f}'
-                     f' | imbalance {sum(record["moe_imbalance"]) / len(record["moe_imbalance"]):.2f}')
+            if record['moe_aux_loss']:  # naive and auxfree gates have no balance loss: no column of zeros
+                line += f' | aux loss {record["moe_aux_loss"]:.4f}'
+            line += (f' | imbalance {sum(record["moe_imbalance"]) / len(record["moe_imbalance"]):.2f}')
         self.log(line)
         self.metrics.write(**record)
         w.reset()
@@ -364,10 +367,10 @@ class Trainer:
         val_loss = self.validation_loss(va_iter)
         config = self.config
         # time: since the previous validation ended (or training started), as the original's line.
-        line = (f'| Eval {self.step // config.eval_interval:3d} at step {self.step:>8d} | time: '
+        # numbered by the eval interval it ends (the one at the end of a run, off the interval, counts as one too)
+        line = (f'| Eval {-(-self.step // config.eval_interval):3d} at step {self.step:>8d} | time: '
                 f'{time.time() - self.eval_start:5.2f}s | valid loss {val_loss:5.2f}')
-        # the original's validation line names the split for perplexity only
-        line += ' | ' + metric_text(config.dataset, val_loss, None if char_level(config.dataset) else 'valid')
+        line += ' | ' + metric_text(config.dataset, val_loss, 'valid')  # 'valid bpc' and 'valid ppl' alike
         self.log('-' * 100)
         self.log(line)
         self.log('-' * 100)
@@ -404,7 +407,8 @@ class Trainer:
                  'scaler_state': self.scaler.state_dict(), 'plateau': self.plateau.state_dict(),
                  'step': self.step, 'epoch': self.epoch, 'batch': self.batch, 'data': self.tr_iter.state_dict(),
                  'best_val_loss': self.best_val_loss, 'last_eval_step': self.last_eval_step,
-                 'nonfinite_run': int(self.nonfinite_run), 'base_lr': self.base_lr, 'window': self.window.state_dict(),
+                 'nonfinite_run': int(self.nonfinite_run), 'base_lr': self.base_lr,
+                 'cosine_anchor': list(self.cosine_anchor), 'window': self.window.state_dict(),
                  'mems': dist.full_mems(self.mems), 'rng': ckpt.rng_state(), 'vocab_symbols': self.symbols}
         if self.vocab is not None:
             state['vocab'] = self.vocab
@@ -424,6 +428,9 @@ class Trainer:
         # changed for this resume (as the divergence message advises): then the new --lr.
         if state['args'].get('lr') == self.config.lr:
             self.base_lr = float(state.get('base_lr', self.config.lr))  # checkpoints before base_lr: --lr
+        # A changed --max_step stretches the rest of the cosine from the rate reached (docs/training.md).
+        self.cosine_anchor = stretched_anchor(self.step, state['args']['max_step'], self.config.max_step,
+                                              self.config.warmup_step, tuple(state.get('cosine_anchor', (0, 0.0))))
         self.tr_iter.load_state_dict(data_state(state))
         self.window.load_state_dict(state['window'], self.device)
         self.mems = dist.local_mems(state['mems'], self.device)
@@ -478,6 +485,7 @@ class Trainer:
         bar = progress_bar(config.max_step, 'step', initial=self.step)
         self.log.bar = bar
         self.eval_start = time.time()
+        self.first_step = self.step  # this process's first (announce_first_line)
         self.model.train()
         try:
             while self.step < config.max_step and stop.agreed is None:
@@ -506,25 +514,44 @@ class Trainer:
             # the loss of the last log line: reading each step's would make the host wait for the GPU every step
             shown = {} if self.logged_loss is None else {'loss': f'{self.logged_loss:.3f}'}
             bar.set_postfix(**shown, tok_s=f'{self.window.timed_tokens / self.window.train_seconds():.0f}')
-        if self.step % config.log_interval == 0:
+        end = self.step == config.max_step
+        last = stop.agreed is not None or end
+        if self.step % config.log_interval == 0 or (end and self.window.n_steps):  # a run shorter than it too
             self.log_train()
-        evaluated = self.step % config.eval_interval == 0
+        elif self.step == self.first_step + 1:
+            self.announce_first_line()
+        evaluated = self.step % config.eval_interval == 0 or end  # the final model is validated
         if evaluated:
             self.validate(va_iter, run_dir)
-        last = stop.agreed is not None or self.step == config.max_step
         if last or evaluated or (config.save_interval and self.step % config.save_interval == 0):
             self.save_checkpoint(run_dir, confirmed=last)
 
+    def announce_first_line(self):
+        """After this process's first step: when the first training line is far off (a full-size model on a CPU),
+        say when it will come, so that a long silence is not taken for a hang."""
+        config, took = self.config, time.time() - self.eval_start
+        next_line = min(-(-self.step // config.log_interval) * config.log_interval, config.max_step)
+        wait = took * (next_line - self.step)
+        if wait > 30:
+            self.log(f'| step {self.step} took {took:.1f}s: the next line comes at step {next_line} '
+                     f'(--log-interval {config.log_interval}), in about {wait / 60:.0f} min')
+
     def test(self, te_iter, run_dir):
-        """The original's end of training: the best model (model.pt) on the test split."""
+        """The original's end of training: the best model (model.pt) on the test split; the log says which."""
+        model_step = self.step
         if run_dir and os.path.exists(os.path.join(run_dir, 'model.pt')):
-            best = ckpt.load_run_file(os.path.join(run_dir, 'model.pt'), 'model')['model_state']
-            ckpt.load_weights(self.model, self.dist.local_model_state(best, self.model), 'model.pt')
+            best = ckpt.load_run_file(os.path.join(run_dir, 'model.pt'), 'model')
+            ckpt.load_weights(self.model, self.dist.local_model_state(best['model_state'], self.model), 'model.pt')
+            model_step = best.get('step')
+            valid = best.get('val_loss')
+            self.log(f'Testing {run_dir}/model.pt, the best model by validation: step {model_step}'
+                     + ('' if valid is None else ', ' + ' '.join(metric_text(self.config.dataset, valid, 'valid').split())))
         test_loss = self.validation_loss(te_iter)
         self.log('=' * 100)
         self.log('| End of training ' + format_loss(self.config.dataset, 'test', test_loss))
         self.log('=' * 100)
-        self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.config.dataset, test_loss))
+        self.metrics.write(step=self.step, split='test', loss=test_loss, **loss_fields(self.config.dataset, test_loss),
+                           model_step=model_step)
         uniform = math.log(self.model.n_token)  # the loss of knowing nothing
         if not test_loss <= uniform:
             self.log(f'WARNING: the test loss {test_loss:.4g} is worse than a uniform guess over the '

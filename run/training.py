@@ -20,7 +20,7 @@ from run.work_dir import check_work_dir, claim_work_dir
 from utils import checkpoint as ckpt
 from utils import files
 from utils import malloc
-from utils.errors import UserError
+from utils.errors import ConfigError, UserError
 from utils.exp_utils import Logger, MetricsWriter, pick_device, set_deterministic, use_tf32
 
 
@@ -140,10 +140,27 @@ def prepare(config, notes, dist):
         changed = ckpt.config_diff(state['args'], config.flags, keys=others)
         if changed:  # allowed (e.g. a longer --max_step), but said
             notes.append('NOTE: flags changed since the checkpoint: ' + '; '.join(changed))
+        if config.scheduler == 'cosine' and state['args']['max_step'] != config.max_step:
+            notes.append(resumed_cosine(state, config, path))
     lock = claim_work_dir(config, dist, notes)
     n_params = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters())
     return Prepared(device, Iterators(*iters), model, n_params, state, optimizer_state, symbols, corpus.vocab.idx2sym,
                     lock)
+
+
+def resumed_cosine(state, config, path):
+    """What a resume with another --max_step does to the cosine (Trainer.load_state_dict stretches it): a note;
+    a ConfigError where the schedule had already ended at a rate of 0, so that more steps would change nothing."""
+    step, old = state['step'], state['args']['max_step']
+    if step >= old and config.eta_min == 0:
+        raise ConfigError(f'--max_step {config.max_step}: {path} is a run that finished its cosine schedule at step '
+                          f'{old}, where the rate is --eta_min 0: more steps would not change the model; start a '
+                          f'new schedule from its weights with --restart_dir {config.work_dir} --work_dir NEW_DIR')
+    if step >= config.max_step:
+        return f'NOTE: --max_step {config.max_step}: the run is at step {step} already; it is validated and tested'
+    return (f'NOTE: --max_step {old} -> {config.max_step}: the cosine schedule goes on from the rate reached at '
+            f'step {max(step, config.warmup_step)} and is stretched to reach --eta_min at step {config.max_step} '
+            '(docs/training.md)')
 
 
 def open_log(config, dist):
@@ -217,8 +234,9 @@ def run(config, trainer, setup, notes):
         os.makedirs(run_dir, exist_ok=True)
     log, n_params = trainer.log, setup.n_params
     if run_dir:
-        log(f'Run directory : {os.path.abspath(run_dir)} (log.txt, metrics.jsonl, model.pt = best model, '
-            f'checkpoint.pt = last state every {config.save_interval} steps)')
+        every = f'every {config.save_interval} steps, ' if 0 < config.save_interval < config.max_step else ''
+        log(f'Run directory : {os.path.abspath(run_dir)} (log.txt, metrics.jsonl, model.pt = best model by '
+            f'validation, checkpoint.pt = last state: {every}at each validation and at the end)')
     else:
         log('Debug mode: nothing is written')
     for note in notes:
@@ -251,9 +269,10 @@ def run(config, trainer, setup, notes):
         log(f'Exiting from training early (SIGTERM) at step {trainer.step}: {kept_checkpoint(trainer, run_dir)}')
         return 128 + signal.SIGTERM
     log('Exiting from training early' if stop.agreed is not None else 'End of training')
-    if trainer.best_val_loss is None:
-        # No validation yet (a run shorter than --eval-interval: the original crashed on the missing model.pt), so
-        # validate once to have a best model. Otherwise, as the original, the best periodic validation is tested.
+    if trainer.last_eval_step != trainer.step:
+        # Stopped by a signal, or resumed past a shorter --max_step: the final model is validated (a run that
+        # reaches --max_step validates there); the original crashed here on a missing model.pt. As the original,
+        # the best model by validation is then tested.
         trainer.validate(setup.iters.valid, run_dir)
         trainer.save_checkpoint(run_dir, confirmed=True)  # with this evaluation: a resumed finished run only tests
     trainer.test(setup.iters.test, run_dir)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from utils.schedules import PlateauDecay, learning_rate
+from utils.schedules import PlateauDecay, learning_rate, stretched_anchor
 
 
 def original_rates(scheduler, lr, warmup_step, max_step, eta_min, n_steps):
@@ -90,3 +90,28 @@ def test_plateau_state_round_trip():
         a.update(val)
         b.update(val)
         assert a.state_dict() == b.state_dict()
+
+
+@pytest.mark.parametrize('warmup', [0, 10])
+@pytest.mark.parametrize('new_max', [150, 60])
+def test_a_changed_max_step_stretches_the_rest_of_the_cosine_from_the_rate_reached(warmup, new_max):
+    """A resume at step 40 of a 100-step cosine with another max_step: the rate goes on from where it was (no jump
+    back up, as the closed form of the new max_step would give), falls steadily and reaches eta_min at the new end;
+    a resume during warmup finishes the warmup first."""
+    lr, eta_min = 1.0, 0.1
+    for at in (40, 5):
+        anchor = stretched_anchor(at, 100, new_max, warmup)
+        start = max(at, warmup)
+        old = [learning_rate(s, lr, 'cosine', warmup, 100, eta_min) for s in range(start + 1)]
+        new = [learning_rate(s, lr, 'cosine', warmup, new_max, eta_min, anchor=anchor) for s in range(new_max + 5)]
+        assert new[at:start + 1] == pytest.approx(old[at:])  # the same rates at the resume (to the end of warmup)
+        assert all(b < a for a, b in zip(new[start:new_max], new[start + 1:new_max + 1]))
+        assert new[new_max:] == pytest.approx([eta_min] * 5)
+        plain = learning_rate(start + 1, lr, 'cosine', warmup, new_max, eta_min)
+        assert (new[start + 1] < plain) == (new_max > 100)  # not the new max_step's curve, which jumps
+    assert stretched_anchor(40, 100, 100, warmup, anchor=(7, 0.25)) == (7, 0.25)  # unchanged: the saved anchor
+    # a second change goes on from the first one's rate
+    first = stretched_anchor(40, 100, 150)
+    second = stretched_anchor(90, 150, 120, anchor=first)
+    assert learning_rate(90, lr, 'cosine', 0, 120, eta_min, anchor=second) == \
+        pytest.approx(learning_rate(90, lr, 'cosine', 0, 150, eta_min, anchor=first))

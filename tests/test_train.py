@@ -196,9 +196,11 @@ def test_train_writes_the_run_directory(tmp_path, corpus, capsys):
     assert sorted(os.listdir(work)) == ['checkpoint.pt', 'log.txt', 'metrics.jsonl', 'model.pt', 'optimizer.pt']
 
     log = (work / 'log.txt').read_text()
+    # the naive gate has no balance loss: no column of zeros (gates that have one: test_moe_gates_log_...)
     assert re.search(r'\| epoch +1 step +30 \| +30 batches \| lr \S+ \| ms/batch +[\d.]+ \| loss +[\d.]+ '
-                     r'\| bpc +[\d.]+ \| aux loss [\d.]+', log)
-    assert re.search(r'\| Eval +3 at step +30 \| time: +[\d.]+s \| valid loss +[\d.]+ \| bpc +[\d.]+', log)
+                     r'\| bpc +[\d.]+ \| imbalance [\d.]+$', log, re.M)
+    assert re.search(r'\| Eval +3 at step +30 \| time: +[\d.]+s \| valid loss +[\d.]+ \| valid bpc +[\d.]+', log)
+    assert 'checkpoint.pt = last state: every 7 steps, at each validation and at the end)' in log
     assert re.search(r'\| End of training \| test loss +[\d.]+ \| test bpc +[\d.]+', log)
     assert log.count('malloc: ') == (malloc.glibc() is not None or bool(os.environ.get(malloc.OPT_OUT)))
 
@@ -414,16 +416,27 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same(tmp_path, corpu
     assert train_losses(work) == train_losses(reference)
 
 
-def test_the_end_of_a_run_tests_the_best_periodic_validation_as_the_original(tmp_path, corpus):
-    """No extra validation after the last periodic one: model.pt stays the best of those (only a run with no
-    validation at all is validated once at its end, where the original crashed)."""
+def test_the_end_of_a_run_validates_the_final_model_and_tests_the_best(tmp_path, corpus, capsys):
+    """A run that reaches --max_step validates its final model too (the original stopped after the last periodic
+    validation); model.pt is the best by validation, as the original's, and the log says which model the test
+    scores. A run shorter than --log-interval and --eval-interval still logs a training line and an Eval 1."""
     work = tmp_path / 'run'
     assert run(work, corpus, '--max_step', '15') == 0
-    assert [(r['step'], r['split']) for r in records(work) if r['split'] != 'train'] == [(10, 'valid'), (15, 'test')]
-    assert ckpt.load(work / 'model.pt', 'model')['step'] == 10
-    assert run(tmp_path / 'short', corpus, '--max_step', '4') == 0
-    assert [(r['step'], r['split']) for r in records(tmp_path / 'short') if r['split'] != 'train'] == \
-        [(4, 'valid'), (4, 'test')]
+    evals = [r for r in records(work) if r['split'] != 'train']
+    assert [(r['step'], r['split']) for r in evals] == [(10, 'valid'), (15, 'valid'), (15, 'test')]
+    best = min(evals[:2], key=lambda r: r['loss'])['step']
+    assert ckpt.load(work / 'model.pt', 'model')['step'] == best == evals[2]['model_step']
+    assert re.search(rf'^Testing {work}/model.pt, the best model by validation: step {best}, valid bpc [\d.]+$',
+                     (work / 'log.txt').read_text(), re.M)
+    assert re.search(r'^\| Eval +2 at step +15 \|', (work / 'log.txt').read_text(), re.M)
+    capsys.readouterr()
+    short = tmp_path / 'short'
+    assert run(short, corpus, '--max_step', '4', '--log-interval', '200', '--eval-interval', '4000') == 0
+    assert [(r['step'], r['split']) for r in records(short)] == [(4, 'train'), (4, 'valid'), (4, 'test')]
+    out = capsys.readouterr().out
+    assert re.search(r'^\| epoch +1 step +4 \| +4 batches \|', out, re.M)
+    assert re.search(r'^\| Eval +1 at step +4 \|', out, re.M)
+    assert 'checkpoint.pt = last state: at each validation and at the end)' in out
 
 
 def test_sigint_stops_after_the_step_then_tests_the_best_model(tmp_path, corpus, monkeypatch):
@@ -444,6 +457,44 @@ def test_sigint_stops_after_the_step_then_tests_the_best_model(tmp_path, corpus,
     assert 'Exiting from training early' in (work / 'log.txt').read_text()
     assert [(r['step'], r['split']) for r in records(work) if r['split'] != 'train'] == [(3, 'valid'), (3, 'test')]
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is put back
+
+
+def test_a_resume_with_another_max_step_stretches_the_cosine(tmp_path, corpus, monkeypatch, capsys):
+    """Stopped at step 6 of 20, resumed with --max_step 30: the rate goes on down from where it was to 0 at step 30
+    (the closed form of a 30-step cosine would jump back up), said in the log. A finished run resumed with a longer
+    --max_step would train at rate 0: refused in one line."""
+    forward, calls = mem_transformer.MemTransformerLM.forward, [0]
+
+    def interrupt_at_sixth_step(self, *args):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args)
+    work = tmp_path / 'run'
+    with monkeypatch.context() as patch:
+        patch.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_at_sixth_step)
+        assert run(work, corpus, '--max_step', '20') == 0
+    assert run(work, corpus, '--max_step', '30', '--restart') == 0
+    assert 'NOTE: --max_step 20 -> 30: the cosine schedule goes on from the rate reached at step 6' in \
+        (work / 'log.txt').read_text()
+    rates = {r['step']: r['lr'] for r in records(work, 'train')}
+    assert rates[6] == pytest.approx(learning_rate(6, 0.002, 'cosine', 0, 20))
+    assert all(rates[s + 1] < rates[s] for s in range(6, 30)) and rates[30] == 0
+    assert rates[7] < learning_rate(7, 0.002, 'cosine', 0, 30)
+    assert [(r['step'], r['split']) for r in records(work) if r['split'] != 'train'][-2:] == [(30, 'valid'), (30, 'test')]
+    capsys.readouterr()
+    assert run(work, corpus, '--max_step', '40', '--restart') == 2
+    err = capsys.readouterr().err
+    assert err.startswith('train.py: error: --max_step 40: ') and err.count('\n') == 1
+    assert 'finished its cosine schedule at step 30' in err and f'--restart_dir {work}' in err
+
+
+def test_only_gates_with_a_balance_loss_log_it(tmp_path, corpus):
+    assert run(tmp_path / 'gshard', corpus, *MOE, '--moe-gate', 'gshard', '--max_step', '2') == 0
+    assert re.search(r'\| bpc +[\d.]+ \| aux loss [\d.]+ \| imbalance', (tmp_path / 'gshard' / 'log.txt').read_text())
+    assert run(tmp_path / 'naive', corpus, *MOE, '--max_step', '2') == 0
+    assert 'aux loss' not in (tmp_path / 'naive' / 'log.txt').read_text()
 
 
 AUXFREE = [*MOE, '--moe-gate', 'auxfree', '--moe-bias-update-rate', '0.01', '--scheduler', 'constant']

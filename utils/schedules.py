@@ -17,8 +17,10 @@ SCHEDULERS = ('cosine', 'inv_sqrt', 'dev_perf', 'constant')
 
 
 def learning_rate(step, base_lr, scheduler, warmup_step=0, max_step=1, eta_min=0.0, plateau_scale=1.0,
-                  lr_min=0.0):
-    """The rate of the update that follows `step` finished updates (step = 0 for the first one)."""
+                  lr_min=0.0, anchor=(0, 0.0)):
+    """The rate of the update that follows `step` finished updates (step = 0 for the first one). `anchor`
+    (step, progress): where the cosine stands at that step; (0, 0.0) unless a resume changed max_step
+    (see stretched_anchor)."""
     if scheduler == 'inv_sqrt':
         # Attention-is-all-you-need shape: linear up to warmup, then 1/sqrt(step), as a multiplier of base_lr.
         if step == 0 and warmup_step == 0:
@@ -30,13 +32,32 @@ def learning_rate(step, base_lr, scheduler, warmup_step=0, max_step=1, eta_min=0
         return base_lr * step / warmup_step
     if scheduler == 'cosine':
         # CosineAnnealingLR's closed form, counted from step 0 as the original (not from the end of warmup).
-        progress = min(step, max_step) / max_step
+        progress = cosine_progress(step, max_step, anchor)
         return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
     if scheduler == 'dev_perf':
         return max(base_lr * plateau_scale, lr_min)
     if scheduler == 'constant':
         return base_lr
     raise ValueError(f'unknown scheduler {scheduler!r}; known: {", ".join(SCHEDULERS)}')
+
+
+def cosine_progress(step, max_step, anchor=(0, 0.0)):
+    """How far the cosine has gone at `step`, 0 at its start (rate base_lr) to 1 at max_step (rate eta_min):
+    linear from the anchor (step, progress) to (max_step, 1). The anchor (0, 0.0) is the original's step/max_step."""
+    anchor_step, anchor_progress = anchor
+    if step >= max_step or max_step <= anchor_step:
+        return 1.0
+    return anchor_progress + (1 - anchor_progress) * (step - anchor_step) / (max_step - anchor_step)
+
+
+def stretched_anchor(step, old_max_step, new_max_step, warmup_step=0, anchor=(0, 0.0)):
+    """The cosine's anchor after a resume at `step` changes max_step: the schedule goes on from the rate it has
+    reached (its progress at this step, or at the end of warmup if that is still ahead) and is stretched, or
+    squeezed, to reach eta_min at the new max_step instead of jumping to where a new max_step's curve is."""
+    if new_max_step == old_max_step:
+        return anchor
+    start = max(step, warmup_step)
+    return start, cosine_progress(start, old_max_step, anchor)
 
 
 class PlateauDecay:
