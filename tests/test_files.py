@@ -2,7 +2,10 @@
 terminal."""
 import io
 import os
+import pty
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +41,24 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     bar = progress_bar(10, 'step', initial=3)
     assert bar is not None and bar.n == 3
     bar.close()
+
+
+def test_the_progress_bar_shows_on_a_terminal_that_reports_no_size():
+    """The pseudo-terminal of `script` (or an IDE) reports 0 x 0: tqdm hid the bar there."""
+    main_fd, terminal = pty.openpty()  # a new pseudo-terminal has no size
+    code = ('import time\nfrom utils.files import progress_bar\nbar = progress_bar(30, "step")\n'
+            'for _ in range(3):\n    bar.update(1)\n    time.sleep(0.15)\nbar.close()\n')
+    subprocess.run([sys.executable, '-c', code], stderr=terminal, cwd=Path(__file__).resolve().parents[1], timeout=60,
+                   check=True)
+    os.close(terminal)
+    shown = b''
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main_fd)
+    assert b'2/30 [' in shown and b'step/s' in shown

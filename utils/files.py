@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -176,5 +177,11 @@ def progress_bar(total, unit, initial=0, desc=None):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit == 'B', dynamic_ncols=True,
-                leave=False)
+    # A terminal that reports no size (the pseudo-terminal of `script` or of an IDE: 0 x 0) gets 80 x 24: tqdm
+    # hides a bar that does not fit the screen's height.
+    try:
+        unsized = not os.get_terminal_size(sys.stderr.fileno()).lines
+    except (OSError, ValueError, AttributeError):  # a stand-in stream that says it is a terminal
+        unsized = False
+    size = dict(zip(('ncols', 'nrows'), shutil.get_terminal_size())) if unsized else dict(dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit == 'B', leave=False, **size)
