@@ -1044,10 +1044,11 @@ def test_a_second_process_on_a_work_dir_is_refused_until_the_first_is_killed(tmp
     assert run(work, corpus, '--max_step', '3') == 0
     assert [r['step'] for r in records(work, 'train')] == [1, 2, 3]  # the killed run's lines are not mixed in
 
-    with running_train(work, corpus, '--restart', *never, lines=4):
-        assert run(work, corpus, '--restart', '--max_step', '6') == 2
+    # a finished cosine goes on at --eta_min, which must not be 0 for more steps to be taken
+    with running_train(work, corpus, '--restart', *never, '--eta_min', '1e-4', lines=4):
+        assert run(work, corpus, '--restart', '--max_step', '6', '--eta_min', '1e-4') == 2
         assert 'is in use by another process' in capsys.readouterr().err
-    assert run(work, corpus, '--restart', '--max_step', '5') == 0
+    assert run(work, corpus, '--restart', '--max_step', '5', '--eta_min', '1e-4') == 0
 
 
 def test_temporary_files_of_a_killed_save_are_removed_at_start_up(tmp_path, finished_run, corpus):
@@ -1057,7 +1058,7 @@ def test_temporary_files_of_a_killed_save_are_removed_at_start_up(tmp_path, fini
                'checkpoint.pt.next', 'checkpoint.pt.next.tmp5', '.checkpoint.pt.next.k3j_x1.tmp', '.model.pt.a8c.tmp']
     for name in orphans + ['notes.txt', 'eval.json.tmp5']:  # not train.py's: left alone
         (work / name).write_bytes(b'x' * 1000)
-    assert run(work, corpus, '--restart', '--max_step', '5') == 0
+    assert run(work, corpus, '--restart', '--max_step', '5', '--eta_min', '1e-4') == 0
     assert sorted(os.listdir(work)) == ['checkpoint.pt', 'eval.json.tmp5', 'log.txt', 'metrics.jsonl', 'model.pt',
                                         'notes.txt', 'optimizer.pt']
     assert 'Removed the temporary files of an interrupted run: ' + ', '.join(sorted(orphans)) in \
@@ -1136,7 +1137,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, fini
     def no_space(fd):
         raise OSError(errno.ENOSPC, 'No space left on device')
     monkeypatch.setattr(os, 'fsync', no_space)
-    assert run(work, corpus, '--restart', '--max_step', '8', '--save-interval', '1') == 2
+    assert run(work, corpus, '--restart', '--max_step', '8', '--eta_min', '1e-4', '--save-interval', '1') == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'no space left on device writing' in err, err
     assert {name: (work / name).read_bytes() for name in before} == before
