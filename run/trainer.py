@@ -12,7 +12,7 @@ from run.distributed import Dist
 from run.evaluation import evaluate, validation_lengths
 from run.old_checkpoints import data_state
 from utils import checkpoint as ckpt
-from utils.exp_utils import char_level, format_loss, loss_fields, metric_text, peak_memory_mb
+from utils.exp_utils import format_loss, loss_fields, metric_text, peak_memory_mb
 from utils.files import progress_bar
 from utils.schedules import PlateauDecay, learning_rate, stretched_anchor
 

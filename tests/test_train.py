@@ -465,12 +465,12 @@ def test_a_resume_with_another_max_step_stretches_the_cosine(tmp_path, corpus, m
     --max_step would train at rate 0: refused in one line."""
     forward, calls = mem_transformer.MemTransformerLM.forward, [0]
 
-    def interrupt_at_sixth_step(self, *args):
+    def interrupt_at_sixth_step(self, *args, **kwargs):
         if self.training:
             calls[0] += 1
             if calls[0] == 6:
                 os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args)
+        return forward(self, *args, **kwargs)
     work = tmp_path / 'run'
     with monkeypatch.context() as patch:
         patch.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_at_sixth_step)
