@@ -537,3 +537,32 @@ def test_a_configuration_declaring_more_than_the_weights_is_refused_before_build
     assert all('do not fit the model: size mismatch for' in e for e in errors[:3]), errors
     assert 'n_layer=1000000000 but the weights hold 2 layers' in errors[3]
     assert len(errors) == 4 and not any((tmp_path / f'run-{key}').exists() for key in config)
+
+
+@pytest.mark.parametrize('changes,message', [
+    ({'cutoffs': 12}, 'cutoffs is 12, not a list of integers'),
+    ({'cutoffs': 'ab'}, "cutoffs is 'ab', not a list of integers"),
+    ({'cutoffs': [12, 'x']}, "cutoffs is [12, 'x'], not a list of integers"),
+    ({'dropout': 'x'}, "dropout is 'x', not a number"),
+    ({'mem_len': 'x'}, "mem_len is 'x', not an integer or null"),
+    ({'mem_len': 1.5}, 'mem_len is 1.5, not an integer or null'),
+    ({'d_embed': 'x'}, "d_embed is 'x', not an integer"),
+    ({'d_embed': [16]}, 'd_embed is [16], not an integer'),
+    ({'n_layer': True}, 'n_layer is True, not an integer'),
+    ({'tie_projs': 5}, 'tie_projs is 5, not a list of true/false values'),
+    ({'tie_projs': 'yes'}, "tie_projs is 'yes'"),      # was tied: 'yes' is a list of three true letters
+    ({'tie_projs': [False, True, True, True]}, 'tie_projs has 4 entries, more than the 3 clusters'),
+    ({'same_length': 'false'}, "same_length is 'false', not true or false"),  # was True: bool('false')
+    ({'untie_r': 'true'}, "untie_r is 'true'"),
+    ({'clamp_len': 'x'}, "clamp_len is 'x'"),          # was converted, then eval.py and generate.py raised TypeError
+    ({'sample_softmax': 'x'}, "sample_softmax is 'x'"),
+    ({'sample_softmax': 8}, "sample_softmax 8; Hugging Face's model has none"),
+    ({'layer_norm_epsilon': 'x'}, "layer_norm_epsilon is 'x'"),
+    ({'proj_share_all_but_first': 'no', 'tie_projs': None}, "proj_share_all_but_first is 'no'"),
+], ids=lambda v: str(v) if isinstance(v, dict) else '')
+def test_a_configuration_value_of_the_wrong_type_is_one_line(tmp_path, capsys, changes, message):
+    hf = write_hf_dir(tmp_path / 'hf', our_model(), symbols(N_TOKEN))
+    config = {**json.loads((hf / 'config.json').read_text()), **changes}
+    (hf / 'config.json').write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    err = hf_error(hf, tmp_path / 'run', capsys)
+    assert message in err and 'config.json' in err, err
