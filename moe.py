@@ -430,7 +430,9 @@ class GroupedLinear(torch.autograd.Function):
     Written out rather than left to autograd because _grouped_mm's own backward rejects
     incoming gradients with zero strides (e.g. from out.sum()); here the gradient is made
     contiguous, the bias is added in place and its gradient is a scatter-add per expert.
-    It saves the rows, the weight in the rows' dtype (cast once, in the forward) and the group ends.
+    It saves the rows, the weight itself and the group ends; under autocast the weight is cast to the rows' dtype
+    in the forward and again in the backward (a weight-sized pass more per step, rather than a second copy of
+    every expert weight alive from the forward to the backward).
     The weight stays [E, out, in]: its transposed view is the column-major operand CUDA's kernel takes,
     and on CPUs the products read it through BLAS's transpose flag (no copy either way).
 
@@ -448,14 +450,14 @@ class GroupedLinear(torch.autograd.Function):
             out += bias.to(out.dtype).index_select(0, expert)
         in_group = torch.arange(out.shape[0], device=out.device) < offs[-1] if padded else None
         out = kept_rows(out, in_group)
-        ctx.save_for_backward(rows, w, offs, expert if bias is not None else None, in_group)
+        ctx.save_for_backward(rows, weight, offs, expert if bias is not None else None, in_group)
         ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, w, offs, expert, in_group = ctx.saved_tensors
+        rows, weight, offs, expert, in_group = ctx.saved_tensors
         grad = kept_rows(grad.contiguous(), in_group)
         grad_rows = grad_weight = grad_bias = None
         # Experts that received no rows must get a zero gradient; a mask, not a branch (no host sync), and only
@@ -463,7 +465,7 @@ class GroupedLinear(torch.autograd.Function):
         empty = (None if grouped_mm_zeroes_empty_groups(grad.device)
                  else torch.diff(offs, prepend=offs.new_zeros(1)) == 0)
         if ctx.needs_input_grad[0]:
-            grad_rows = kept_rows(grouped_mm(grad, w, offs=offs), in_group)
+            grad_rows = kept_rows(grouped_mm(grad, weight.to(grad.dtype), offs=offs), in_group)
         if ctx.needs_input_grad[1]:
             grad_weight = zero_experts(grouped_mm(grad.t(), rows, offs=offs), empty).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
