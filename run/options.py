@@ -190,8 +190,9 @@ def check_args(args, parser):
         fail(f'--dist-timeout {args.dist_timeout} must be at least 1 second')
     if args.restart and not args.restart_dir and args.debug:
         fail('--restart reads WORK_DIR/checkpoint.pt, which --debug runs never write')
-    if args.tensorboard and tensorboard_missing():
-        fail(f'--tensorboard: {tensorboard_missing()}, or drop --tensorboard')
+    missing = args.tensorboard and tensorboard_missing()
+    if missing:
+        fail(f'--tensorboard: {missing}, or drop --tensorboard')
 
 
 def check_model(flags, n_token=None):

@@ -271,6 +271,25 @@ def test_tensorboard_without_the_package_is_refused_before_anything_is_written(t
     assert not (tmp_path / 'run').exists()
 
 
+def test_tensorboard_that_fails_to_import_is_refused_before_anything_is_written(tmp_path, corpus, monkeypatch,
+                                                                                capsys):
+    """A tensorboard that is installed (found) but breaks on import, as one built against other protobuf
+    versions does: one line naming the failure, exit 2, no run directory (it used to train, then die at the
+    first log line without a checkpoint)."""
+    broken = tmp_path / 'site' / 'tensorboard'
+    broken.mkdir(parents=True)
+    (broken / '__init__.py').write_text('raise TypeError("Descriptors cannot be created directly")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / 'site'))
+    for name in [m for m in sys.modules if m.split('.')[0] == 'tensorboard' or m.startswith('torch.utils.tensorboard')]:
+        monkeypatch.delitem(sys.modules, name)
+    assert run(tmp_path / 'run', corpus, '--max_step', '2', '--tensorboard') == 2
+    assert capsys.readouterr().err == (
+        'train.py: error: --tensorboard: the tensorboard package is installed but does not import (TypeError: '
+        'Descriptors cannot be created directly); reinstall it (pip install --force-reinstall tensorboard), or '
+        'drop --tensorboard\n')
+    assert not (tmp_path / 'run').exists()
+
+
 def test_debug_writes_nothing(tmp_path, corpus):
     assert run(tmp_path / 'run', corpus, '--max_step', '3', '--debug') == 0
     assert not (tmp_path / 'run').exists()

@@ -99,10 +99,18 @@ class MetricsWriter:
 
 
 def tensorboard_missing():
-    """Why TensorBoard logging cannot work here, or None: it needs the tensorboard package, which is optional."""
+    """Why TensorBoard logging cannot work here, or None: it needs the tensorboard package, which is optional,
+    and torch's writer must import (a tensorboard built against other protobuf or numpy versions is found but
+    fails there, which would otherwise surface at the first log line, after training started)."""
     import importlib.util
     if importlib.util.find_spec('tensorboard') is None:
         return 'the tensorboard package is not installed (pip install tensorboard)'
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (what MetricsWriter opens)
+    except Exception as err:  # any failure of a third-party import: ImportError, protobuf's TypeError...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ''
+        return (f'the tensorboard package is installed but does not import ({type(err).__name__}: {reason}); '
+                'reinstall it (pip install --force-reinstall tensorboard)')
     return None
 
 
