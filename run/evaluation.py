@@ -38,7 +38,19 @@ def validation_lengths(tgt_len, eval_tgt_len, ext_len, mem_len):
     return eval_tgt_len, ext_len, mem_len + tgt_len - eval_tgt_len
 
 
-def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None, kv_cache=True):
+def run_eval_lengths(model, run_flags=None):
+    """(tgt_len, ext_len, mem_len) the run evaluated its model with: its validations and its end-of-training test
+    read --eval_tgt_len segments with the lost context moved to the memory (validation_lengths), so evaluating
+    with these reproduces the run's own figure. A model without the run's flags (run_flags None, or no
+    eval_tgt_len: a converted checkpoint) or with an eval_tgt_len longer than its segments: the training lengths."""
+    tgt_len, ext_len, mem_len = model.tgt_len or 128, model.ext_len, model.mem_len
+    eval_tgt_len = (run_flags or {}).get('eval_tgt_len')
+    if eval_tgt_len and eval_tgt_len <= tgt_len:
+        return validation_lengths(tgt_len, eval_tgt_len, ext_len, mem_len)
+    return tgt_len, ext_len, mem_len
+
+
+def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None, kv_cache=True, progress=None):
     """Mean per-token loss in nats over a split, and the number of segments read.
 
     The memory of each segment is carried into the next; each segment's mean loss counts in proportion to its
@@ -46,6 +58,8 @@ def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None, kv
     host synchronisation per split instead of one per segment. Leaves the model in eval mode.
     With several processes (dist), each evaluates its batch columns; the same mean is then the sum of every
     token's loss over the number of tokens, added up over the ranks.
+    progress, if given, is called with the number of segments read after each one (it must not read the loss:
+    the losses stay on the device).
     """
     sharded = dist is not None and dist.active
     model.eval()
@@ -69,6 +83,8 @@ def evaluate(model, eval_iter, max_steps=-1, autocast=nullcontext, dist=None, kv
                 total_loss = total_loss + seq_len * loss.float().mean().double()
             total_len += seq_len
             n_segments += 1
+            if progress is not None:
+                progress(n_segments)
     if total_len == 0:
         raise DataError('the split yields no segment: it is too small for this batch size and length')
     if sharded:

@@ -180,3 +180,53 @@ def test_bad_input(trained, tmp_path, capsys):
     saved['config']['moe_top_k'] = 9
     ckpt.atomic_save(saved, broken / 'model.pt')
     expect_error(capsys, broken, 'holds a model configuration this code rejects: moe_top_k=9')
+
+
+def test_without_length_flags_the_run_s_own_lengths(trained, tmp_path):
+    """No length flag: the run's own evaluation lengths (its --eval_tgt_len 8 of 16, the lost 8 moved to the
+    memory: 16 + 8 = 24), the loss the same as with those lengths given; a flag given wins over its default."""
+    _, corpus = trained
+    work = tmp_path / 'run'
+    assert train.main(['--data', str(corpus), '--work_dir', str(work), *TINY, '--eval_tgt_len', '8',
+                       '--clamp_len', '12', '--max_step', '2']) == 0
+    assert eval_main(work, '--split', 'test') == 0
+    own = json.loads((work / 'eval.json').read_text())
+    assert {k: own['settings'][k] for k in ('tgt_len', 'ext_len', 'mem_len', 'clamp_len', 'same_length')} == \
+        dict(tgt_len=8, ext_len=0, mem_len=24, clamp_len=12, same_length=False)
+    assert own['test']['loss'] == pytest.approx(reference_loss(work, corpus, 'test', 10, 8, 24, clamp_len=12),
+                                                rel=1e-6)
+    assert eval_main(work, '--split', 'test', '--tgt_len', '8', '--mem_len', '24') == 0
+    assert json.loads((work / 'eval.json').read_text())['test']['loss'] == own['test']['loss']
+    assert eval_main(work, '--split', 'test', '--mem_len', '4', '--clamp_len', '-1') == 0
+    given = json.loads((work / 'eval.json').read_text())['settings']
+    assert (given['tgt_len'], given['mem_len'], given['clamp_len']) == (8, 4, -1)
+
+
+def test_a_model_without_its_run_s_flags_is_evaluated_with_its_training_lengths(trained, tmp_path):
+    work, corpus = trained
+    converted = tmp_path / 'converted'
+    converted.mkdir()
+    saved = ckpt.load(work / 'model.pt', 'model')
+    del saved['args']
+    ckpt.atomic_save(saved, converted / 'model.pt')
+    assert eval_main(converted, '--split', 'test', '--data', str(corpus), '--dataset', 'enwik8') == 0
+    settings = json.loads((converted / 'eval.json').read_text())['settings']
+    assert (settings['tgt_len'], settings['ext_len'], settings['mem_len']) == (16, 0, 16)  # TINY's
+
+
+def test_help_says_what_the_lengths_default_to(capsys):
+    with pytest.raises(SystemExit):
+        evaluation.build_parser().parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert "number of tokens to predict (default: the run's own, see below)" in text
+    assert "max positional embedding index (default: the model's own; -1 for none)" in text
+    assert "Lengths not given are the run's own" in text
+
+
+def test_a_long_evaluation_says_how_far_it_is(trained, monkeypatch, capsys):
+    """Off a terminal (pytest's captured output), a line every PROGRESS_LINE_S seconds: here 0, every segment."""
+    work, _ = trained
+    monkeypatch.setattr(evaluation, 'PROGRESS_LINE_S', 0)
+    assert eval_main(work, '--split', 'test', '--no_log') == 0
+    lines = re.findall(r'^\| test segment (\d+)/(\d+) \| \d+s \| about \d+s left$', capsys.readouterr().out, re.M)
+    assert [int(n) for n, _ in lines] == list(range(1, len(lines) + 1)) and lines[-1][0] == lines[-1][1]
