@@ -762,6 +762,14 @@ class MemTransformerLM(nn.Module):
         self.mem_len = mem_len
         self.ext_len = ext_len
 
+    def parameter_counts(self):
+        """{'total', 'layers' (the original's "non emb"), 'experts'}: each parameter counted once, a tied weight too
+        (a state dict lists it under each of its names)."""
+        named = dict(self.named_parameters())  # a shared tensor under its first name only
+        return {'total': sum(p.numel() for p in named.values()),
+                'layers': sum(p.numel() for name, p in named.items() if name.startswith('layers.')),
+                'experts': sum(p.numel() for name, p in named.items() if '.experts.' in name)}
+
     def init_mems(self):
         """One empty memory per hidden state (embeddings + each layer), or None without memory."""
         if self.mem_len <= 0:

@@ -287,13 +287,13 @@ def run_summary(work_dir, tokens_per_step, step_offset=0, time_offset=0.):
     test = tests[-1]
     path = os.path.join(work_dir, 'model.pt')
     try:
-        state = ckpt.load_run_file(path, 'model')
+        model, state = MemTransformerLM.from_checkpoint(path)
     except CheckpointError:
         what = 'is missing' if not os.path.isfile(path) else 'is truncated or not a model file of train.py'
         raise broken_run(work_dir, f'{path} {what}', CheckpointError) from None
     config = state['config']
-    total = sum(v.numel() for k, v in state['model_state'].items() if not k.endswith('expert_bias'))
-    experts = sum(v.numel() for k, v in state['model_state'].items() if '.experts.' in k)
+    counts = model.parameter_counts()  # train.py's #params
+    total, experts = counts['total'], counts['experts']
     active = total - experts + (experts * config['moe_top_k'] // config['moe_num_expert'] if config['moe'] else 0)
     imbalance_steps, imbalance = load_imbalance(records)
     return {

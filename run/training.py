@@ -143,7 +143,8 @@ def prepare(config, notes, dist):
         if config.scheduler == 'cosine' and state['args']['max_step'] != config.max_step:
             notes.append(resumed_cosine(state, config, path))
     lock = claim_work_dir(config, dist, notes)
-    n_params = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.layers.parameters())
+    counts = model.parameter_counts()
+    n_params = counts['total'], counts['layers']
     return Prepared(device, Iterators(*iters), model, n_params, state, optimizer_state, symbols, corpus.vocab.idx2sym,
                     lock)
 

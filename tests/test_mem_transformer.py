@@ -558,3 +558,16 @@ def test_init_weights_covers_the_experts_and_gate():
     assert abs(ff.experts.htoh4.weight.std().item() - 0.02) < 0.002
     assert abs(ff.gate.gate.weight.std().item() - 0.02) < 0.004
     assert torch.count_nonzero(ff.experts.h4toh.bias) == 0 and torch.count_nonzero(ff.gate.gate.bias) == 0
+
+
+def test_parameter_counts_count_a_tied_weight_once():
+    model = tiny_model(tie_weight=True, moe=True, moe_num_expert=4, moe_top_k=2)
+    counts = model.parameter_counts()
+    assert counts['total'] == sum(p.numel() for p in model.parameters())
+    # every name of a parameter (as a state dict lists them) names the tied softmax weight twice (word_emb and
+    # out_layer): 40 tokens x 16 once too many
+    named = model.named_parameters(remove_duplicate=False)
+    assert counts['total'] == sum(p.numel() for _, p in named) - 40 * 16
+    assert counts['layers'] == sum(p.numel() for p in model.layers.parameters())
+    # each layer's experts: 4 x (16 x 24 + 24 + 24 x 16 + 16) weights and biases
+    assert counts['experts'] == 2 * 4 * (16 * 24 + 24 + 24 * 16 + 16)

@@ -302,3 +302,16 @@ def test_study_bpc_figure_shows_short_curves_a_readable_legend_and_seconds_of_th
     assert len(imbalance.legends[0].get_texts()) == 11 and 'my-study' in imbalance._suptitle.get_text()
     for fig in figures.values():
         study.plt.close(fig)
+
+
+def test_the_parameter_count_is_train_py_s(finished_study):
+    """The table's count is train.py's #params: each parameter once, the tied softmax weight too (a sum over the
+    state dict counts it twice)."""
+    out, run = finished_study()
+    results = json.loads((out / 'results.json').read_text())
+    model, saved = mem_transformer.MemTransformerLM.from_checkpoint(run / 'model.pt')
+    assert model.crit.out_layers[0].weight is model.word_emb.emb_layers[0].weight  # enwik8's default: tied
+    total = sum(p.numel() for p in model.parameters())
+    assert total < sum(v.numel() for v in saved['model_state'].values())
+    assert results['dense']['params_total'] == results['dense']['params_active'] == total
+    assert f'#params = {total}\n' in (run / 'log.txt').read_text()
