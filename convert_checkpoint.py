@@ -40,6 +40,7 @@ from utils.exp_utils import OneLineArgumentParser
 from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 from run.corpus import open_corpus
+from run.model_file import load_model, save_model
 from run.upcycle import upcycle, upcycled_bytes
 from utils.errors import ConversionError, UserError
 
@@ -375,10 +376,8 @@ def _infer_feed_forward(inf):
     else:
         per_expert = 'layers.0.pos_ff.experts.0.htoh4.weight'
         inf.set('d_inner', inf.shape(per_expert, 3)[1], 'shapes (per-expert layout, FastMoE >= 1.0.1)')
-    top_k = inf.setting('moe_top_k')
+    inf.setting('moe_top_k')
     inf.setting('moe_gate')
-    if not 1 <= top_k <= num_expert:
-        raise ConversionError(f'--moe-top-k {top_k} must be between 1 and the {num_expert} experts of the weights')
 
 
 def _infer_vocabulary(inf, dataset):
@@ -578,11 +577,10 @@ def convert_hf(directory, trust_pickle=False, flags=None):
     return model, symbols, sources, f'Hugging Face TransfoXLLMHeadModel ({weights}, {vocab_file})'
 
 
-def checkpoint_dict(model, sources, src, kind, dataset, data, vocab=None):
-    """model.pt as train.py writes it, plus where it came from (and an imported model's own vocabulary)."""
-    return ckpt.model_file(model.config, model.state_dict(), vocab=vocab, args={'dataset': dataset, 'data': data},
-                           step=None, val_loss=None, converted_from={'path': os.path.abspath(src), 'kind': kind,
-                                                                     'sources': sources})
+def model_info(sources, src, kind, dataset, data, vocab=None):
+    """What model.pt holds beside the model: where it came from (and an imported model's own vocabulary)."""
+    return dict(vocab=vocab, args={'dataset': dataset, 'data': data}, step=None, val_loss=None,
+                converted_from={'path': os.path.abspath(src), 'kind': kind, 'sources': sources})
 
 
 def describe(config, sources):
@@ -642,13 +640,13 @@ FLAG_KEYS = ('n_head', 'tgt_len', 'ext_len', 'mem_len', 'dropout', 'dropatt', 'p
              'clamp_len', 'cutoffs', 'sample_softmax', 'moe_top_k', 'moe_gate')
 
 
-def write_out(saved, args, lock):
+def write_out(model, info, args, lock):
     """Write WORK_DIR/model.pt (and WORK_DIR) under WORK_DIR's lock (claim_out), then release it; a refusal or a
     failed write, such as a full disk, is one line on stderr."""
     out = os.path.join(args.work_dir, 'model.pt')
     try:
         lock = claim_out(args, lock)
-        ckpt.atomic_save(saved, out)
+        save_model(out, model, **info)
     except UserError as e:
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return False
@@ -703,9 +701,7 @@ def load_dense(src, args):
     if not os.path.isfile(path):
         raise ConversionError(f'--upcycle {src}: no such file or run directory with a model.pt')
     if _is_project_checkpoint(path):
-        saved = ckpt.load(path, 'model')
-        model = MemTransformerLM(**saved['config'])
-        ckpt.load_weights(model, saved['model_state'], path)
+        model, saved = load_model(path)
         check_finite(model, path)
         saved_args = saved.get('args') or {}
         return (model, args.dataset or saved_args.get('dataset'), args.data or saved_args.get('data'),
@@ -758,7 +754,7 @@ def main_upcycle(args):
         print(f'NOTE: the {gate} gate does not start equal to the dense model: '
               + ('its capacity limit drops copies' if gate == 'gshard' else 'it scales its expert by its probability'))
     how = {'noise': args.upcycle_noise, 'seed': args.seed}
-    if not write_out(checkpoint_dict(model, how, args.upcycle, 'upcycled dense model', dataset, data, vocab), args,
+    if not write_out(model, model_info(how, args.upcycle, 'upcycled dense model', dataset, data, vocab), args,
                      lock):
         return 2
     flags = (f'--moe --moe-num-expert {args.moe_num_expert} --moe-top-k {args.moe_top_k} --moe-gate {gate}')
@@ -792,7 +788,7 @@ def main(argv=None):
           f'{sum(p.numel() for p in model.parameters()):,} parameters')
     print('Inferred configuration (value, from):')
     print(describe(model.config, sources))
-    if not write_out(checkpoint_dict(model, sources, args.src, kind, args.dataset, args.data, vocab), args, lock):
+    if not write_out(model, model_info(sources, args.src, kind, args.dataset, args.data, vocab), args, lock):
         return 2
     print(f'Wrote {out}')
     return 0

@@ -22,7 +22,7 @@ from run.evaluation import evaluate, run_eval_lengths, set_eval_lengths
 from utils.exp_utils import Logger, OneLineArgumentParser, format_loss, loss_fields, pick_device, set_deterministic
 from utils.errors import ConfigError, UserError
 from utils.files import atomic_write, progress_bar
-from run.generation import load_trained_model
+from run.model_file import load_model
 
 
 def build_parser():
@@ -55,12 +55,6 @@ def build_parser():
                      "split; a model without its run's flags (a converted checkpoint) uses its training lengths. "
                      "The run scripts' eval mode passes the original's evaluation lengths, e.g. a long memory.")
     return parser
-
-
-def load_model(work_dir, device):
-    """The model in WORK_DIR/model.pt (plain data: config + weights) and the checkpoint dict."""
-    model, saved, _ = load_trained_model(os.path.join(work_dir, 'model.pt'), device)
-    return model, saved
 
 
 def check_args(args):

@@ -21,7 +21,8 @@ from run.evaluation import set_eval_lengths
 from utils.exp_utils import OneLineArgumentParser, pick_device
 from utils.errors import ConfigError, UserError
 from utils.files import atomic_write
-from run.generation import Decoder, TextCodec, bytes_per_sample, check_sampling, iter_tokens, load_trained_model
+from run.generation import Decoder, TextCodec, bytes_per_sample, check_sampling, iter_tokens
+from run.model_file import load_model, model_path
 
 
 def build_parser():
@@ -124,7 +125,8 @@ def main(argv=None):
         check_args(args)
         prompt_text = read_prompt(args)
         device = pick_device(args.cuda, log)
-        model, saved, path = load_trained_model(args.work_dir, device)
+        path = model_path(args.work_dir)
+        model, saved = load_model(path, device)
         tgt_len, mem_len = set_eval_lengths(model, args.tgt_len, args.mem_len, 0, args.clamp_len, args.same_length)
         corpus, dataset, _ = open_corpus(saved, path, model.n_token, args.data, args.dataset, log=log)
         codec = TextCodec(corpus.vocab, dataset)

@@ -11,17 +11,21 @@ Attention runs heads-first, [bsz, n_head, len, d_head] with scores
 over contiguous keys. tests/reference_attention.py holds the original's
 seq-first einsums, which tests/test_fast_paths.py checks this against.
 """
-import inspect
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import checkpoint as ckpt
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
-from moe import GATES, FMoETransformerMLP, FusedExpertLinear, check_expert_backend, probe_before_compile
+from moe import FMoETransformerMLP, FusedExpertLinear, MoEConfig, check_expert_backend, probe_before_compile
+from utils.config import (OptionError, all_checks, at_least_zero, check_options, option, plain, positive,
+                          probability)
+from utils.errors import ConfigError
 from utils.proj_adaptive_softmax import ProjectedAdaptiveLogSoftmax, rename_projection_keys
 
 class PositionalEmbedding(nn.Module):
@@ -84,11 +88,9 @@ class MoEPositionwiseFF(FMoETransformerMLP):
     """FastMoE's CustomizedMoEPositionwiseFF: experts are ReLU -> Dropout MLPs,
     then dropout, residual and LayerNorm around the mixture."""
 
-    def __init__(self, d_model, d_inner, dropout, pre_lnorm=False,
-                 moe_num_expert=64, moe_top_k=2, **moe_options):
+    def __init__(self, d_model, d_inner, dropout, pre_lnorm=False, config=MoEConfig()):
         activation = nn.Sequential(nn.ReLU(), Dropout(dropout))
-        super().__init__(num_expert=moe_num_expert, d_model=d_model, d_hidden=d_inner,
-                         activation=activation, top_k=moe_top_k, **moe_options)
+        super().__init__(d_model=d_model, d_hidden=d_inner, activation=activation, config=config)
         self.pre_lnorm = pre_lnorm
         self.layer_norm = nn.LayerNorm(d_model)
         self.dropout = Dropout(dropout)
@@ -594,74 +596,184 @@ def attention_mask(qlen, mlen, mem_len, same_length, device):
     return mask
 
 
-def check_config(n_token, n_layer, n_head, d_model, d_head, d_inner, dropout, dropatt,
-                 d_embed, div_val, cutoffs, tgt_len, ext_len, mem_len, attn_type,
-                 sample_softmax, tie_weight, moe, moe_num_expert, moe_top_k, moe_gate,
-                 untie_r=False, **unchecked):
-    """Raise ValueError naming the first argument whose value cannot work."""
-    def bad(name, value, why):
-        raise ValueError(f'{name}={value!r}: {why}')
+def _cutoffs_fit(cutoffs, c):
+    if any(not 0 < x < c.n_token for x in cutoffs) or list(cutoffs) != sorted(set(cutoffs)):
+        return 'must be strictly increasing and within (0, {n_token})'
+    return None
 
-    for name, value in [('n_token', n_token), ('n_layer', n_layer), ('n_head', n_head),
-                        ('d_model', d_model), ('d_head', d_head), ('d_inner', d_inner)]:
-        if not isinstance(value, int) or value < 1:
-            bad(name, value, 'must be a positive integer')
-    for name, value in [('dropout', dropout), ('dropatt', dropatt)]:
-        if not 0 <= value < 1:
-            bad(name, value, 'must be in [0, 1)')
+
+def _div_val_fits(div_val, c):
+    if div_val > 1 and c.d_embed // div_val ** len(c.cutoffs) < 1:
+        return 'the last cluster of {d_embed} would have no dimensions'
+    return None
+
+
+def _attn_type_known(attn_type, c):
     if attn_type not in ATTN_TYPES:
-        bad('attn_type', attn_type, 'unknown attention type; known: '
-            + ', '.join(f'{k} ({v.description})' for k, v in ATTN_TYPES.items()))
-    for name, value in [('tgt_len', tgt_len), ('ext_len', ext_len), ('mem_len', mem_len)]:
-        if value is not None and value < 0:
-            bad(name, value, 'must be >= 0')
-    if attn_type in (1, 3) and not tgt_len:
-        bad('tgt_len', tgt_len, f'attn_type {attn_type} sizes its position table by tgt_len + ext_len + mem_len')
-    if untie_r and attn_type != 0:
-        bad('untie_r', untie_r, f'only attn_type 0 shares r_w_bias/r_r_bias across layers (attn_type {attn_type})')
-    if attn_type == 3 and n_head * d_head != d_model:
-        bad('d_head', d_head, 'attn_type 3 adds per-head position embeddings to the hidden state, '
-            'so n_head * d_head must equal d_model')
-    if not isinstance(div_val, int) or div_val < 1:
-        bad('div_val', div_val, 'must be an integer >= 1')
-    if d_embed is not None and d_embed < 1:
-        bad('d_embed', d_embed, 'must be a positive integer')
-    if any(not 0 < c < n_token for c in cutoffs) or list(cutoffs) != sorted(set(cutoffs)):
-        bad('cutoffs', list(cutoffs), f'must be strictly increasing and within (0, n_token={n_token})')
-    d_embed = d_model if d_embed is None else d_embed
-    if div_val > 1 and d_embed // div_val ** len(cutoffs) < 1:
-        bad('div_val', div_val, f'the last cluster of d_embed={d_embed} would have no dimensions')
-    if sample_softmax > 0 and (div_val != 1 or d_embed != d_model):
-        bad('sample_softmax', sample_softmax, 'the sampled softmax needs div_val=1 and d_embed=d_model')
-    if moe:
-        if not isinstance(moe_num_expert, int) or moe_num_expert < 1:
-            bad('moe_num_expert', moe_num_expert, 'must be a positive integer')
-        if not isinstance(moe_top_k, int) or not 1 <= moe_top_k <= moe_num_expert:
-            bad('moe_top_k', moe_top_k, f'must be between 1 and moe_num_expert={moe_num_expert}')
-        if moe_gate not in GATES:
-            bad('moe_gate', moe_gate, 'unknown gate; known: ' + ', '.join(GATES))
+        return 'unknown attention type; known: ' + ', '.join(f'{k} ({v.description})' for k, v in ATTN_TYPES.items())
+    return None
+
+
+def _tgt_len_fits(tgt_len, c):
+    if tgt_len is not None and tgt_len < 1:
+        return 'must be a positive integer'
+    if c.attn_type in (1, 3) and not tgt_len:
+        return '{attn_type} sizes its position table by tgt_len + ext_len + mem_len'
+    return None
+
+
+def _d_head_fits(d_head, c):
+    if d_head < 1:
+        return 'must be a positive integer'
+    if c.attn_type == 3 and c.n_head * d_head != c.d_model:
+        return ('{attn_type} adds per-head position embeddings to the hidden state, so n_head * d_head must '
+                'equal {d_model}')
+    return None
+
+
+def _sample_softmax_fits(sample_softmax, c):
+    if sample_softmax > 0 and (c.div_val != 1 or c.d_embed != c.d_model):
+        return 'the sampled softmax needs div_val=1 and d_embed=d_model'
+    return None
+
+
+def _untie_r_fits(untie_r, c):
+    return 'only attn_type 0 shares r_w_bias/r_r_bias across layers ({attn_type})' if untie_r and c.attn_type else None
+
+
+@dataclass(frozen=True, eq=False)
+class ModelConfig(Mapping):
+    """Everything that defines a MemTransformerLM, checked when made: MemTransformerLM(config).
+
+    Each option is defined here once, with its train.py flag (the original's names, defaults and help).
+    It reads as the flat dict of MemTransformerLM's keywords (config['moe_top_k'], dict(config)), which is
+    also what model.pt and checkpoint.pt store, as plain data: ModelConfig.from_dict reads it back.
+    """
+    n_token: int = option(help='vocabulary size', check=positive)
+    n_layer: int = option(12, 'number of layers', '--n_layer', positive)
+    n_head: int = option(10, 'number of attention heads', '--n_head', positive)
+    d_model: int = option(500, 'model dimension', '--d_model', positive)
+    d_head: int = option(50, 'dimension of each head', '--d_head', _d_head_fits)
+    d_inner: int = option(1000, 'inner dimension of the feed-forward (of each expert)', '--d_inner', positive)
+    dropout: float = option(0.0, 'global dropout rate', '--dropout', probability)
+    dropatt: float = option(0.0, 'attention probability dropout rate', '--dropatt', probability)
+    tie_weight: bool = option(True, 'do not tie the word embedding and softmax weights', '--not_tied',
+                              negated=True)
+    d_embed: int = option(-1, 'embedding dimension (-1: d_model)', '--d_embed', positive)
+    div_val: int = option(1, 'divident value for adaptive input and softmax', '--div_val',
+                          all_checks(positive, _div_val_fits))
+    tie_projs: Tuple[bool, ...] = option((False,), 'tie the adaptive softmax projections to the embedding\'s')
+    pre_lnorm: bool = option(False, 'apply LayerNorm to the input instead of the output', '--pre_lnorm')
+    tgt_len: Optional[int] = option(70, 'number of tokens to predict', '--tgt_len', _tgt_len_fits)
+    ext_len: int = option(0, 'length of the extended context', '--ext_len', at_least_zero)
+    mem_len: int = option(0, 'length of the retained previous heads', '--mem_len', at_least_zero)
+    cutoffs: Tuple[int, ...] = option((), 'adaptive softmax cluster boundaries', check=_cutoffs_fit)
+    adapt_inp: bool = option(False, "the original's, unused")
+    same_length: bool = option(False, 'use the same attn length for all tokens', '--same_length')
+    attn_type: int = option(0, 'attention type. 0 for ours, 1 for Shaw et al, 2 for Vaswani et al, 3 for Al Rfou '
+                            'et al.', '--attn_type', _attn_type_known)
+    clamp_len: int = option(-1, 'use the same pos embeddings after clamp_len', '--clamp_len')
+    sample_softmax: int = option(-1, 'number of samples in sampled softmax', '--sample_softmax',
+                                 _sample_softmax_fits)
+    moe: bool = option(False, 'replace the position-wise FFN with a Mixture of Experts', '--moe')
+    moe_options: MoEConfig = field(default_factory=MoEConfig)   # the MoE layers' (their keys: moe_top_k, ...)
+    untie_r: bool = option(False, 'attn_type 0: a pair of r_w_bias/r_r_bias per layer (the TensorFlow and Hugging '
+                           'Face models) instead of one pair shared by all layers (the original PyTorch code)',
+                           '--untie_r', _untie_r_fits)
+
+    def __post_init__(self):
+        # The spellings of "the default" that older callers and files use: d_embed None or -1 is d_model,
+        # no length is 0; lists become tuples (the configuration is immutable).
+        resolved = dict(d_embed=self.d_model if self.d_embed in (None, -1) else self.d_embed,
+                        ext_len=self.ext_len or 0, mem_len=self.mem_len or 0)
+        for name in ('tie_projs', 'cutoffs'):
+            value = getattr(self, name)
+            resolved[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+        check_options(self)
+
+    # ---------------------------------------------------------------- the flat view: keywords and plain data
+    @classmethod
+    def keys_in_order(cls):
+        """MemTransformerLM's keywords, in the original constructor's order (the MoE options as moe_*)."""
+        out = []
+        for f in fields(cls):
+            if f.name == 'moe_options':
+                out += [MOE_PREFIX + g.name for g in fields(MoEConfig)]
+            else:
+                out.append(f.name)
+        return tuple(out)
+
+    def __getitem__(self, key):
+        if key.startswith(MOE_PREFIX) and key in MOE_KEYS:
+            return plain(getattr(self.moe_options, key[len(MOE_PREFIX):]))
+        if key == 'moe_options' or key not in FLAT_KEYS:
+            raise KeyError(key)
+        return plain(getattr(self, key))
+
+    def __iter__(self):
+        return iter(FLAT_KEYS)
+
+    def __len__(self):
+        return len(FLAT_KEYS)
+
+    @classmethod
+    def from_dict(cls, flat):
+        """The configuration a flat dict of keywords describes (what checkpoints store); an option it does not
+        name (a file written before the option existed) takes its default. A ConfigError for a bad value."""
+        unknown = [k for k in flat if k not in FLAT_KEYS]
+        if unknown:
+            raise ConfigError(f'unknown model option {unknown[0]!r}; known: {", ".join(FLAT_KEYS)}')
+        moe = {k[len(MOE_PREFIX):]: v for k, v in flat.items() if k in MOE_KEYS}
+        try:
+            moe_options = MoEConfig(**moe)
+        except OptionError as e:
+            raise e.with_prefix(MOE_PREFIX) from None
+        return cls(**{k: v for k, v in flat.items() if k not in MOE_KEYS}, moe_options=moe_options)
+
+    @classmethod
+    def from_keywords(cls, *args, **kwargs):
+        """The original constructor's call: MemTransformerLM(n_token, n_layer, n_head, d_model, d_head, d_inner,
+        dropout, dropatt, tie_weight, ...) in keys_in_order, with keywords for the rest."""
+        if len(args) > len(FLAT_KEYS):
+            raise TypeError(f'MemTransformerLM takes at most {len(FLAT_KEYS)} positional options')
+        given = dict(zip(FLAT_KEYS, args))
+        twice = [k for k in kwargs if k in given]
+        if twice:
+            raise TypeError(f'MemTransformerLM got {twice[0]!r} both by position and by keyword')
+        return cls.from_dict({**given, **kwargs})
+
+    def replace(self, **changes):
+        """A copy with some options changed, given as keywords (moe_top_k=1), checked again."""
+        return ModelConfig.from_dict({**self, **changes})
+
+    def to_dict(self):
+        """Plain data: what model.pt and checkpoint.pt store."""
+        return dict(self)
+
+
+MOE_PREFIX = 'moe_'
+MOE_KEYS = frozenset(MOE_PREFIX + f.name for f in fields(MoEConfig))
+FLAT_KEYS = ModelConfig.keys_in_order()
 
 
 class MemTransformerLM(nn.Module):
-    def __init__(self, n_token, n_layer, n_head, d_model, d_head, d_inner,
-                 dropout, dropatt, tie_weight=True, d_embed=None,
-                 div_val=1, tie_projs=[False], pre_lnorm=False,
-                 tgt_len=None, ext_len=None, mem_len=None,
-                 cutoffs=[], adapt_inp=False,
-                 same_length=False, attn_type=0, clamp_len=-1,
-                 sample_softmax=-1, moe=False, moe_num_expert=64, moe_top_k=2,
-                 moe_gate='naive', moe_capacity_factor=1.2, moe_eval_capacity_factor=2.4,
-                 moe_balance_coef=0.01, moe_zloss_coef=0.0, moe_gate_bias=True, moe_switch_eps=0.1,
-                 moe_random_routing=True, moe_shared_expert=0, untie_r=False):
+    def __init__(self, *args, **kwargs):
+        """MemTransformerLM(config), a ModelConfig; or the original's call, MemTransformerLM(n_token, n_layer,
+        n_head, d_model, d_head, d_inner, dropout, dropatt, ..., moe=False, moe_num_expert=64, ...)."""
         super().__init__()
-        # Plain data: MemTransformerLM(**model.config) rebuilds this model.
-        config = {k: v for k, v in locals().items() if k not in ('self', '__class__')}
-        config['cutoffs'], config['tie_projs'] = list(cutoffs), list(tie_projs)
-        check_config(**config)
+        if len(args) == 1 and not kwargs and isinstance(args[0], ModelConfig):
+            config = args[0]
+        else:
+            config = ModelConfig.from_keywords(*args, **kwargs)
         self.config = config
+        n_token, n_layer, n_head, d_model, d_head = (config.n_token, config.n_layer, config.n_head, config.d_model,
+                                                     config.d_head)
+        d_embed, dropout, cutoffs, div_val = config.d_embed, config.dropout, config.cutoffs, config.div_val
+        tgt_len, attn_type, untie_r, pre_lnorm = config.tgt_len, config.attn_type, config.untie_r, config.pre_lnorm
 
         self.n_token = n_token
-        d_embed = d_model if d_embed is None else d_embed
         self.d_embed = d_embed
         self.d_model = d_model
         self.n_head = n_head
@@ -672,74 +784,49 @@ class MemTransformerLM(nn.Module):
         self.n_layer = n_layer
 
         self.tgt_len = tgt_len
-        self.mem_len = mem_len or 0
-        self.ext_len = ext_len or 0
+        self.mem_len = config.mem_len
+        self.ext_len = config.ext_len
         self.max_klen = (tgt_len or 0) + self.ext_len + self.mem_len
         self.attn_type = attn_type
 
         attn_class = ATTN_TYPES[attn_type].attention
-        moe_options = dict(moe_num_expert=moe_num_expert, moe_top_k=moe_top_k, gate=moe_gate,
-                           capacity_factor=(moe_capacity_factor, moe_eval_capacity_factor),
-                           gate_bias=moe_gate_bias, switch_eps=moe_switch_eps,
-                           random_routing=moe_random_routing, shared_expert=moe_shared_expert)
         self.untie_r = untie_r
         attn_options = dict(untie_r=untie_r) if attn_type == 0 else {}
         self.layers = nn.ModuleList()
         for _ in range(n_layer):
-            dec_attn = attn_class(n_head, d_model, d_head, dropout, dropatt=dropatt,
+            dec_attn = attn_class(n_head, d_model, d_head, dropout, dropatt=config.dropatt,
                                   pre_lnorm=pre_lnorm, **attn_options)
-            if moe:
-                pos_ff = MoEPositionwiseFF(d_model, d_inner, dropout, pre_lnorm=pre_lnorm,
-                                           **moe_options)
+            if config.moe:
+                pos_ff = MoEPositionwiseFF(d_model, config.d_inner, dropout, pre_lnorm, config.moe_options)
             else:
-                pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm=pre_lnorm)
+                pos_ff = PositionwiseFF(d_model, config.d_inner, dropout, pre_lnorm=pre_lnorm)
             self.layers.append(DecoderLayer(dec_attn, pos_ff))
 
-        self.sample_softmax = sample_softmax
+        self.sample_softmax = sample_softmax = config.sample_softmax
         if sample_softmax > 0:
             self.out_layer = nn.Linear(d_model, n_token)
-            if tie_weight:
+            if config.tie_weight:
                 # The original tied to `word_emb.weight`, which does not exist.
                 self.out_layer.weight = self.word_emb.emb_layers[0].weight
             self.sampler = LogUniformSampler(n_token, sample_softmax)
         else:
             self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs,
                                                     div_val=div_val)
-            if tie_weight:
+            if config.tie_weight:
                 for i in range(len(self.crit.out_layers)):
                     self.crit.out_layers[i].weight = self.word_emb.emb_layers[i].weight
-            for i, tie_proj in enumerate(tie_projs or []):
+            for i, tie_proj in enumerate(config.tie_projs):
                 if tie_proj and div_val == 1 and d_model != d_embed:
                     self.crit.out_projs[i] = self.word_emb.emb_projs[0]
                 elif tie_proj and div_val != 1:
                     self.crit.out_projs[i] = self.word_emb.emb_projs[i]
 
-        self.same_length = same_length
-        self.clamp_len = clamp_len
-        self.moe_balance_coef = moe_balance_coef
-        self.moe_zloss_coef = moe_zloss_coef
+        self.same_length = config.same_length
+        self.clamp_len = config.clamp_len
+        self.moe_balance_coef = config.moe_options.balance_coef
+        self.moe_zloss_coef = config.moe_options.zloss_coef
         self._shape_cache = {}  # masks and position tables by shape (see _cached)
         ATTN_TYPES[attn_type].create_params(self)
-
-    @classmethod
-    def full_config(cls, config):
-        """A saved config with the constructor's defaults for the options it predates (a checkpoint written before
-        untie_r or moe_shared_expert existed is the same model as one that says untie_r=False)."""
-        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-        return {**defaults, **config}
-
-    @classmethod
-    def from_checkpoint(cls, path):
-        """(model, the file's dict) from a model.pt (utils.checkpoint.model_file's layout), on the CPU; a
-        one-line CheckpointError when the file, its configuration or its weights do not fit."""
-        saved = ckpt.load_run_file(path, 'model')
-        try:
-            model = cls(**saved['config'])
-        except (TypeError, ValueError) as e:
-            raise ckpt.CheckpointError(f'{path} holds a model configuration this code rejects: {e}') from None
-        ckpt.load_weights(model, saved['model_state'], path)
-        return model, saved
 
     def set_fast_paths(self, sdpa=True, dropout=True, expert_backend='auto'):
         """This model's fast paths (all on unless switched off here). Each computes the same function

@@ -22,11 +22,15 @@ once (it splits the rows by them); an expert-parallel layer reads its all_to_all
 split sizes once.
 """
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.config import check_options, finite_at_least_zero, finite_positive, option, positive, at_least_zero
+from utils.errors import ConfigError
 
 GATES = ('naive', 'gshard', 'switch', 'noisy', 'auxfree')
 EXPERT_BACKENDS = ('auto', 'grouped_mm', 'tiles', 'slices')
@@ -637,47 +641,72 @@ def check_expert_backend(expert_backend):
         raise ValueError(f'expert_backend must be one of {", ".join(EXPERT_BACKENDS)}, got {expert_backend!r}')
 
 
-def _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps,
-                  shared_expert, expert_backend):
-    check_expert_backend(expert_backend)
-    if not isinstance(num_expert, int) or num_expert < 1:
-        raise ValueError(f'num_expert must be an integer >= 1, got {num_expert!r}')
-    for name, value in (('d_model', d_model), ('d_hidden', d_hidden)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_expert:
-        raise ValueError(f'top_k must be an integer in [1, num_expert={num_expert}], got {top_k!r}')
-    if gate not in GATES:
-        raise ValueError(f'unknown gate {gate!r}; known gates: {", ".join(GATES)}')
-    if gate == 'gshard' and top_k != 2:
-        raise ValueError(f"gate 'gshard' routes to exactly 2 experts: top_k must be 2, got {top_k!r}")
-    if gate == 'switch' and top_k != 1:
-        raise ValueError(f"gate 'switch' routes to exactly 1 expert: top_k must be 1, got {top_k!r}")
+def _top_k_fits(top_k, config):
+    if not 1 <= top_k <= config.num_expert:
+        return 'must be between 1 and {num_expert}'
+    routes = {'gshard': 2, 'switch': 1}.get(config.gate)
+    if routes is not None and top_k != routes:
+        return f'{{gate}} routes to exactly {routes} expert{"s" if routes > 1 else ""}'
+    return None
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts feed-forward's options (FastMoE's, and the newer gates'), checked when made.
+    The model keeps them as ModelConfig.moe_options (its keywords and checkpoints spell them moe_top_k, ...)."""
+    num_expert: int = option(64, 'number of experts in MoE', '--moe-num-expert', positive)
+    top_k: int = option(2, 'top_k experts in hard gate of moe', '--moe-top-k', _top_k_fits)
+    gate: str = option('naive', "FastMoE's gates (naive, gshard, switch, noisy) or auxfree: DeepSeek-V3's "
+                       'loss-free balancing bias', '--moe-gate',
+                       lambda v, c: None if v in GATES else 'unknown gate; known: ' + ', '.join(GATES),
+                       choices=GATES)
+    capacity_factor: float = option(1.2, 'expert capacity factor in training (gshard/switch)',
+                                    '--moe-capacity-factor', finite_positive)
+    eval_capacity_factor: float = option(2.4, 'expert capacity factor in evaluation',
+                                         '--moe-eval-capacity-factor', finite_positive)
+    balance_coef: float = option(0.01, 'weight of the load-balance loss', '--moe-balance-coef',
+                                 finite_at_least_zero)
+    zloss_coef: float = option(0.0, 'weight of the router z-loss', '--moe-zloss-coef', finite_at_least_zero)
+    gate_bias: bool = option(True, 'router logits without a bias (naive/gshard/switch/auxfree)',
+                             '--moe-no-gate-bias', negated=True)
+    switch_eps: float = option(0.1, "the switch gate's jitter: uniform noise in [1-eps, 1+eps]",
+                               '--moe-switch-eps', finite_at_least_zero)
+    random_routing: bool = option(True, 'gshard gate: always keep the 2nd expert (no random routing in '
+                                  'training)', '--moe-no-random-routing', negated=True)
+    shared_expert: int = option(0, 'N always-active shared experts beside the routed ones: a dense FFN of N x '
+                                '--d_inner', '--moe-shared-expert', at_least_zero)
+
+    def __post_init__(self):
+        check_options(self)
+
+    @property
+    def capacity(self):
+        """(training, evaluation) capacity factors, as the gates take them."""
+        return (self.capacity_factor, self.eval_capacity_factor)
+
+
+def _make_gate(d_model, config):
+    if config.gate == 'gshard':
+        return GShardGate(d_model, config.num_expert, config.top_k, config.capacity, config.random_routing,
+                          config.gate_bias)
+    if config.gate == 'switch':
+        return SwitchGate(d_model, config.num_expert, config.top_k, config.switch_eps, config.capacity,
+                          config.gate_bias)
+    if config.gate == 'noisy':
+        return NoisyGate(d_model, config.num_expert, config.top_k)   # FastMoE's has no bias
+    if config.gate == 'auxfree':
+        return AuxFreeGate(d_model, config.num_expert, config.top_k, config.gate_bias)
+    return NaiveGate(d_model, config.num_expert, config.top_k, config.gate_bias)
+
+
+def _capacity_pair(capacity_factor):
+    """FastMoE's capacity_factor argument, a (training, evaluation) pair, as two numbers (or a ConfigError)."""
     try:
-        pair = tuple(float(c) for c in capacity_factor)
+        train, evaluation = (float(c) for c in capacity_factor)
     except (TypeError, ValueError):
-        pair = ()
-    if len(pair) != 2 or not all(math.isfinite(c) and c > 0 for c in pair):
-        raise ValueError('capacity_factor must be two positive numbers (training, eval), '
-                         f'got {capacity_factor!r}')
-    if not switch_eps >= 0:
-        raise ValueError(f'switch_eps must be >= 0, got {switch_eps!r}')
-    if not isinstance(shared_expert, int) or shared_expert < 0:
-        raise ValueError(f'shared_expert must be an integer >= 0, got {shared_expert!r}')
-
-
-def _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias, switch_eps,
-               random_routing):
-    if gate == 'gshard':
-        return GShardGate(d_model, num_expert, top_k, tuple(capacity_factor), random_routing,
-                          gate_bias)
-    if gate == 'switch':
-        return SwitchGate(d_model, num_expert, top_k, switch_eps, tuple(capacity_factor), gate_bias)
-    if gate == 'noisy':
-        return NoisyGate(d_model, num_expert, top_k)   # FastMoE's has no bias
-    if gate == 'auxfree':
-        return AuxFreeGate(d_model, num_expert, top_k, gate_bias)
-    return NaiveGate(d_model, num_expert, top_k, gate_bias)
+        raise ConfigError('capacity_factor must be two positive numbers (training, eval), '
+                          f'got {capacity_factor!r}') from None
+    return train, evaluation
 
 
 class SharedExpert(nn.Module):
@@ -702,24 +731,33 @@ class FMoETransformerMLP(nn.Module):
     ``expert_backend`` picks the expert compute: 'auto' (expert_path's rule), 'grouped_mm', 'tiles' or
     'slices'. ``shared_expert`` N > 0 adds ``shared_expert``, a dense FFN of N * d_hidden that every token
     goes through beside its routed experts. ``shard(exchange)`` makes the layer one process's part of an
-    expert-parallel layer (run.distributed).
+    expert-parallel layer (run.distributed). The options are FastMoE's keywords (num_expert, top_k, gate,
+    capacity_factor as a (training, evaluation) pair, ...) or one MoEConfig, `config`; either way they are
+    checked once, by MoEConfig.
     """
 
-    def __init__(self, num_expert, d_model, d_hidden, activation=None, top_k=2, gate='naive',
-                 capacity_factor=(1.2, 2.4), gate_bias=True, switch_eps=0.1, random_routing=True,
-                 shared_expert=0, expert_backend='auto'):
+    def __init__(self, num_expert=None, d_model=None, d_hidden=None, activation=None, top_k=MoEConfig.top_k,
+                 gate=MoEConfig.gate, capacity_factor=MoEConfig().capacity, gate_bias=MoEConfig.gate_bias,
+                 switch_eps=MoEConfig.switch_eps, random_routing=MoEConfig.random_routing,
+                 shared_expert=MoEConfig.shared_expert, expert_backend='auto', config=None):
         super().__init__()
-        _check_config(num_expert, d_model, d_hidden, top_k, gate, capacity_factor, switch_eps,
-                      shared_expert, expert_backend)
-        self.num_expert, self.d_model, self.d_hidden, self.top_k = num_expert, d_model, d_hidden, top_k
-        self.gate_type = gate
-        self.gate = _make_gate(gate, d_model, num_expert, top_k, capacity_factor, gate_bias,
-                               switch_eps, random_routing)
+        if config is None:   # FastMoE's keywords; a MoEConfig given as config stands for all of them
+            train_capacity, eval_capacity = _capacity_pair(capacity_factor)
+            config = MoEConfig(num_expert=num_expert, top_k=top_k, gate=gate, capacity_factor=train_capacity,
+                               eval_capacity_factor=eval_capacity, gate_bias=gate_bias, switch_eps=switch_eps,
+                               random_routing=random_routing, shared_expert=shared_expert)
+        check_expert_backend(expert_backend)
+        for name, value in (('d_model', d_model), ('d_hidden', d_hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f'{name} must be an integer >= 1, got {value!r}')
+        self.num_expert, self.d_model, self.d_hidden, self.top_k = config.num_expert, d_model, d_hidden, config.top_k
+        self.gate_type = config.gate
+        self.gate = _make_gate(d_model, config)
         # FastMoE's default activation, a module of this layer's own (a default instance would be shared)
         activation = nn.GELU() if activation is None else activation
-        self.experts = ExpertFFN(num_expert, d_model, d_hidden, activation)
-        self.shared_expert = (SharedExpert(d_model, shared_expert * d_hidden, activation)
-                              if shared_expert else None)
+        self.experts = ExpertFFN(config.num_expert, d_model, d_hidden, activation)
+        self.shared_expert = (SharedExpert(d_model, config.shared_expert * d_hidden, activation)
+                              if config.shared_expert else None)
         self.expert_backend = expert_backend
         self.exchange = None   # see shard
         self.register_load_state_dict_pre_hook(_fuse_per_expert_layout)

@@ -32,7 +32,8 @@ from utils.exp_utils import OneLineArgumentParser, format_loss, pick_device
 from utils.errors import CheckpointError, ConfigError, UserError
 from utils.files import atomic_write
 from utils.plots import DIVERGING, centred_norm, colour_bar, label_cells, label_every_tick, plt, save  # Agg
-from run.generation import TextCodec, checkpoint_path, load_trained_model
+from run.generation import TextCodec
+from run.model_file import load_model, model_path
 
 BYTE_CLASSES = ('letters', 'digits', 'whitespace', 'markup', 'punctuation', 'non-ASCII')
 MARKUP = set('<>[]{}|=&;#*/')  # XML tags and entities, wiki links, templates, tables, lists
@@ -313,7 +314,7 @@ def check_args(args):
 
 def output_path(args, name):
     """--json/--png, or moe_report.json/.png next to the model."""
-    return getattr(args, name) or os.path.join(os.path.dirname(checkpoint_path(args.work_dir)), f'moe_report.{name}')
+    return getattr(args, name) or os.path.join(os.path.dirname(model_path(args.work_dir)), f'moe_report.{name}')
 
 
 def main(argv=None):
@@ -321,7 +322,8 @@ def main(argv=None):
     try:
         check_args(args)
         device = pick_device(args.cuda, print)
-        model, saved, path = load_trained_model(args.work_dir, device)
+        path = model_path(args.work_dir)
+        model, saved = load_model(path, device)
         if not model.moe_layers():
             raise CheckpointError(f'the model in {path} has no MoE layers (trained without --moe): nothing to report')
         corpus, dataset, data = open_corpus(saved, path, model.n_token, args.data, args.dataset,

@@ -28,9 +28,9 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mem_transformer import MemTransformerLM
-from utils import checkpoint as ckpt, files
+from utils import files
 from run import options, training
+from run.model_file import load_model, save_model
 from utils.datasets import DATASETS, SPLITS
 from utils.errors import CheckpointError, ConfigError, DataError, UserError
 from utils.exp_utils import OneLineArgumentParser, read_metrics
@@ -191,15 +191,11 @@ def prepare_start(args, config, seed, work_dir, runs):
         return source
     init = work_dir + '.init'
     if not os.path.isfile(os.path.join(init, 'model.pt')):
-        saved = ckpt.load(os.path.join(source, 'model.pt'), 'model')
-        dense = MemTransformerLM(**saved['config'])
-        ckpt.load_weights(dense, saved['model_state'], source)
+        dense, saved = load_model(source)
         n_expert, top_k = config['upcycle']
         model = upcycle(dense, n_expert, top_k, noise=0.01, seed=seed)
         os.makedirs(init, exist_ok=True)
-        ckpt.atomic_save({'format': ckpt.FORMAT, 'kind': 'model', 'config': model.config,
-                          'model_state': model.state_dict(), 'args': saved['args'], 'step': None,
-                          'val_loss': None}, os.path.join(init, 'model.pt'))
+        save_model(os.path.join(init, 'model.pt'), model, args=saved['args'], step=None, val_loss=None)
     return init
 
 
@@ -287,11 +283,11 @@ def run_summary(work_dir, tokens_per_step, step_offset=0, time_offset=0.):
     test = tests[-1]
     path = os.path.join(work_dir, 'model.pt')
     try:
-        model, state = MemTransformerLM.from_checkpoint(path)
+        model, state = load_model(path)
     except CheckpointError:
         what = 'is missing' if not os.path.isfile(path) else 'is truncated or not a model file of train.py'
         raise broken_run(work_dir, f'{path} {what}', CheckpointError) from None
-    config = state['config']
+    config = model.config
     counts = model.parameter_counts()  # train.py's #params
     total, experts = counts['total'], counts['experts']
     active = total - experts + (experts * config['moe_top_k'] // config['moe_num_expert'] if config['moe'] else 0)

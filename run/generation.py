@@ -10,26 +10,11 @@ itself (bench/bench_generate.py measures it). A model with mem_len 0 (a vanilla 
 every step re-runs the last `chunk_len` tokens.
 """
 import math
-import os
 
 import torch
 
-from mem_transformer import MemTransformerLM, kv_caching, new_kv_caches
+from mem_transformer import kv_caching, new_kv_caches
 from utils.errors import ConfigError
-
-# ----------------------------------------------------------------------------- loading
-
-def checkpoint_path(path):
-    """A run directory means its best model, DIR/model.pt (as eval.py); a file is taken as it is."""
-    return os.path.join(path, 'model.pt') if os.path.isdir(path) else path
-
-
-def load_trained_model(path, device):
-    """(model, checkpoint dict, file) from a run directory or a checkpoint file of this project."""
-    path = checkpoint_path(path)
-    model, saved = MemTransformerLM.from_checkpoint(path)
-    return model.to(device).eval(), saved, path
-
 
 # ----------------------------------------------------------------------------- choosing the next token
 

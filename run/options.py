@@ -5,13 +5,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Optional
 
-import torch
-
 import data_utils
 import mem_transformer
-from moe import GATES
+from mem_transformer import ModelConfig
+from moe import MoEConfig
 from run.distributed import DEFAULT_TIMEOUT_S
+from run.model_file import read_model_file
 from utils import checkpoint as ckpt
+from utils.config import OptionError, add_flags, flag_values
 from utils.errors import ConfigError
 from utils.exp_utils import OneLineArgumentParser, tensorboard_missing
 from utils.schedules import SCHEDULERS
@@ -23,19 +24,16 @@ RUNTIME_KEYS = ('dropout', 'dropatt', 'tgt_len', 'ext_len', 'mem_len', 'same_len
 
 
 def build_parser():
+    """train.py's flags in the original's order; the model's are ModelConfig's (utils.config.add_flags)."""
     p = OneLineArgumentParser(prog='train.py', description='PyTorch Transformer Language Model')
     add = p.add_argument
+
+    def model(*names):
+        add_flags(p, ModelConfig, *names)
     # Data and model: the original's flags, names and defaults.
     add('--data', type=str, default='../data/wikitext-103', help='location of the data corpus')
     add('--dataset', type=str, default='wt103', choices=data_utils.DATASETS, help='dataset name')
-    add('--n_layer', type=int, default=12, help='number of layers')
-    add('--n_head', type=int, default=10, help='number of attention heads')
-    add('--d_head', type=int, default=50, help='dimension of each head')
-    add('--d_embed', type=int, default=-1, help='embedding dimension (-1: d_model)')
-    add('--d_model', type=int, default=500, help='model dimension')
-    add('--d_inner', type=int, default=1000, help='inner dimension of the feed-forward (of each expert)')
-    add('--dropout', type=float, default=0.0, help='global dropout rate')
-    add('--dropatt', type=float, default=0.0, help='attention probability dropout rate')
+    model('n_layer', 'n_head', 'd_head', 'd_embed', 'd_model', 'd_inner', 'dropout', 'dropatt')
     add('--init', default='normal', type=str, choices=['normal', 'uniform'], help='parameter initializer')
     add('--emb_init', default='normal', type=str,
         help='kept for compatibility: the original parsed it but initialized embeddings with --init')
@@ -58,16 +56,13 @@ def build_parser():
     add('--max_step', type=int, default=100000, help='number of training steps')
     add('--batch_size', type=int, default=60, help='batch size')
     add('--batch_chunk', type=int, default=1, help='split each batch into chunks to save memory')
-    add('--tgt_len', type=int, default=70, help='number of tokens to predict')
+    model('tgt_len')
     add('--eval_tgt_len', type=int, default=50, help='number of tokens to predict for evaluation')
-    add('--ext_len', type=int, default=0, help='length of the extended context')
-    add('--mem_len', type=int, default=0, help='length of the retained previous heads')
-    add('--not_tied', action='store_true', help='do not tie the word embedding and softmax weights')
+    model('ext_len', 'mem_len', 'tie_weight')
     add('--seed', type=int, default=1111, help='random seed')
     add('--cuda', action='store_true', help='use CUDA (without a GPU the run stays on the CPU)')
     add('--adaptive', action='store_true', help='use adaptive softmax (wt103, lm1b)')
-    add('--div_val', type=int, default=1, help='divident value for adaptive input and softmax')
-    add('--pre_lnorm', action='store_true', help='apply LayerNorm to the input instead of the output')
+    model('div_val', 'pre_lnorm')
     add('--varlen', action='store_true', help='use variable length')
     add('--multi_gpu', action='store_true', help='multi-device training: launch with torchrun instead')
     add('--log-interval', type=int, default=200, help='report interval')
@@ -76,17 +71,11 @@ def build_parser():
     add('--restart', action='store_true', help='resume exactly from WORK_DIR/checkpoint.pt')
     add('--restart_dir', type=str, default='', help="start from another run's model.pt (and optimizer.pt)")
     add('--debug', action='store_true', help='run in debug mode (write nothing)')
-    add('--same_length', action='store_true', help='use the same attn length for all tokens')
-    add('--attn_type', type=int, default=0,
-        help='attention type. 0 for ours, 1 for Shaw et al, 2 for Vaswani et al, 3 for Al Rfou et al.')
-    add('--clamp_len', type=int, default=-1, help='use the same pos embeddings after clamp_len')
-    add('--untie_r', action='store_true',
-        help='attn_type 0: a pair of r_w_bias/r_r_bias per layer (the TensorFlow and Hugging Face models) instead '
-             'of one pair shared by all layers (the original PyTorch code)')
+    model('same_length', 'attn_type', 'clamp_len', 'untie_r')
     add('--eta_min', type=float, default=0.0, help='min learning rate for cosine scheduler')
     add('--gpu0_bsz', type=int, default=-1, help='batch size on gpu 0 (multi-device: see --multi_gpu)')
     add('--max_eval_steps', type=int, default=-1, help='max eval steps')
-    add('--sample_softmax', type=int, default=-1, help='number of samples in sampled softmax')
+    model('sample_softmax')
     add('--patience', type=int, default=0, help='patience of dev_perf')
     add('--finetune_v2', action='store_true', help='kept for compatibility (unused, as in the original)')
     add('--finetune_v3', action='store_true', help='kept for compatibility (unused, as in the original)')
@@ -112,21 +101,7 @@ def build_parser():
     add('--save-interval', type=int, default=1000,
         help='write WORK_DIR/checkpoint.pt every N steps (also at each evaluation, at the end, on a signal)')
     # FastMoE's flags and the MoE options of the model.
-    add('--moe', action='store_true', help='replace the position-wise FFN with a Mixture of Experts')
-    add('--moe-num-expert', type=int, default=64, help='number of experts in MoE')
-    add('--moe-top-k', type=int, default=2, help='top_k experts in hard gate of moe')
-    add('--moe-gate', default='naive', choices=GATES,
-        help="FastMoE's gates (naive, gshard, switch, noisy) or auxfree: DeepSeek-V3's loss-free balancing bias")
-    add('--moe-capacity-factor', type=float, default=1.2, help='expert capacity factor in training (gshard/switch)')
-    add('--moe-eval-capacity-factor', type=float, default=2.4, help='expert capacity factor in evaluation')
-    add('--moe-balance-coef', type=float, default=0.01, help='weight of the load-balance loss')
-    add('--moe-zloss-coef', type=float, default=0.0, help='weight of the router z-loss')
-    add('--moe-no-gate-bias', action='store_true', help='router logits without a bias (naive/gshard/switch/auxfree)')
-    add('--moe-switch-eps', type=float, default=0.1, help="the switch gate's jitter: uniform noise in [1-eps, 1+eps]")
-    add('--moe-no-random-routing', action='store_true',
-        help="gshard gate: always keep the 2nd expert (no random routing in training)")
-    add('--moe-shared-expert', type=int, default=0,
-        help='N always-active shared experts beside the routed ones: a dense FFN of N x --d_inner')
+    model('moe', *(f'moe_options.{f.name}' for f in fields(MoEConfig)))
     add('--moe-bias-update-rate', type=float, default=0.001,
         help='auxfree gate: each step, expert bias += rate * sign(mean load - load)')
     # Several processes (torchrun).
@@ -146,12 +121,10 @@ def check_args(args, parser):
     def fail(message):
         raise ConfigError(message)
 
-    for dest in ('n_layer', 'n_head', 'd_head', 'd_model', 'd_inner', 'max_step', 'batch_size', 'batch_chunk',
-                 'tgt_len', 'eval_tgt_len', 'log_interval', 'eval_interval', 'moe_num_expert', 'div_val'):
+    for dest in ('max_step', 'batch_size', 'batch_chunk', 'eval_tgt_len', 'log_interval', 'eval_interval'):
         if getattr(args, dest) < 1:
             fail(f'{flag(parser, dest)} {getattr(args, dest)} must be at least 1')
-    for dest in ('ext_len', 'mem_len', 'warmup_step', 'save_interval', 'patience', 'moe_shared_expert',
-                 'moe_switch_eps', 'moe_bias_update_rate'):
+    for dest in ('warmup_step', 'save_interval', 'patience', 'moe_bias_update_rate'):
         if getattr(args, dest) < 0:
             fail(f'{flag(parser, dest)} {getattr(args, dest)} must be non-negative')
     if not args.work_dir:
@@ -161,18 +134,13 @@ def check_args(args, parser):
                                     ('mom', 0, math.inf, True), ('decay_rate', 0, 1, False),
                                     ('lr_min', 0, math.inf, True), ('eta_min', 0, math.inf, True),
                                     ('init_range', 0, math.inf, False), ('init_std', 0, math.inf, False),
-                                    ('proj_init_std', 0, math.inf, False),
-                                    ('moe_capacity_factor', 0, math.inf, False),
-                                    ('moe_eval_capacity_factor', 0, math.inf, False),
-                                    ('moe_balance_coef', 0, math.inf, True), ('moe_zloss_coef', 0, math.inf, True)):
+                                    ('proj_init_std', 0, math.inf, False)):
         value = getattr(args, dest)
         if not (math.isfinite(value) and (low <= value if low_ok else low < value) and value <= high):
             bounds = f'{"at least" if low_ok else "above"} {low}' + (f' and at most {high}' if high < math.inf else '')
             fail(f'{flag(parser, dest)} {value} must be a finite number {bounds}')
     if args.batch_size % args.batch_chunk:
         fail(f'--batch_chunk {args.batch_chunk} must divide --batch_size {args.batch_size}')
-    if not 1 <= args.moe_top_k <= args.moe_num_expert:
-        fail(f'--moe-top-k {args.moe_top_k} must be between 1 and --moe-num-expert {args.moe_num_expert}')
     if args.adaptive and args.dataset not in data_utils.ADAPTIVE_CUTOFFS:
         fail(f'--adaptive is for the large word-level vocabularies ({", ".join(data_utils.ADAPTIVE_CUTOFFS)}), '
              f'not --dataset {args.dataset}')
@@ -182,8 +150,6 @@ def check_args(args, parser):
         fail('--fp16 means --amp fp16 and contradicts --amp bf16')
     if (args.fp16 or args.amp == 'fp16') and args.static_loss_scale is not None and args.static_loss_scale <= 0:
         fail(f'--static-loss-scale {args.static_loss_scale} must be positive')
-    if args.untie_r and args.attn_type != 0:
-        fail(f'--untie_r unties the biases shared by the layers of --attn_type 0, not {args.attn_type}')
     if args.expert_parallel and not args.moe:
         fail('--expert-parallel splits the experts of --moe layers: add --moe')
     if args.dist_timeout < 1:
@@ -200,11 +166,7 @@ def check_model(flags, n_token=None):
     vocabulary size is not known yet (n_token None), then against the corpus's vocabulary (the adaptive cutoffs)."""
     if n_token is None:
         n_token = max(data_utils.ADAPTIVE_CUTOFFS[flags.dataset][0] if flags.adaptive else [0]) + 1
-    try:  # the constructor is the model's one checker; on the meta device it allocates nothing
-        with torch.device('meta'):
-            mem_transformer.MemTransformerLM(**model_config(flags, n_token))
-    except ValueError as e:  # the model's and the MoE layer's checks name the option that cannot work
-        raise ConfigError(str(e)) from None
+    model_config(flags, n_token)   # ModelConfig checks every option when it is made
 
 
 def resolved_flags(args):
@@ -331,37 +293,33 @@ def parse(argv):
 
 
 
-def model_config(args, n_token):
-    cutoffs, tie_projs = [], [False]
-    if args.adaptive:
-        cutoffs, tie_tail = data_utils.ADAPTIVE_CUTOFFS[args.dataset]
-        tie_projs = [False] + [tie_tail] * len(cutoffs)
-    return dict(n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                d_head=args.d_head, d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt,
-                tie_weight=args.tied, d_embed=args.d_embed, div_val=args.div_val, tie_projs=tie_projs,
-                pre_lnorm=args.pre_lnorm, tgt_len=args.tgt_len, ext_len=args.ext_len, mem_len=args.mem_len,
-                cutoffs=cutoffs, same_length=args.same_length, attn_type=args.attn_type,
-                clamp_len=args.clamp_len, sample_softmax=args.sample_softmax, moe=args.moe,
-                moe_num_expert=args.moe_num_expert, moe_top_k=args.moe_top_k, moe_gate=args.moe_gate,
-                moe_capacity_factor=args.moe_capacity_factor,
-                moe_eval_capacity_factor=args.moe_eval_capacity_factor,
-                moe_balance_coef=args.moe_balance_coef, moe_zloss_coef=args.moe_zloss_coef,
-                moe_gate_bias=not args.moe_no_gate_bias, moe_switch_eps=args.moe_switch_eps,
-                moe_random_routing=not args.moe_no_random_routing, moe_shared_expert=args.moe_shared_expert,
-                untie_r=args.untie_r)
+def model_config(flags, n_token):
+    """The ModelConfig of the model flags, for a vocabulary of n_token (--adaptive: the dataset's clusters); a
+    bad value is a one-line ConfigError naming its flag."""
+    cutoffs, tie_projs = (), (False,)
+    if flags.adaptive:
+        cutoffs, tie_tail = data_utils.ADAPTIVE_CUTOFFS[flags.dataset]
+        tie_projs = (False,) + (tie_tail,) * len(cutoffs)
+    values = flag_values(ModelConfig, flags)
+    try:
+        moe_options = MoEConfig(**{path[1]: v for path, v in values.items() if path[0] == 'moe_options'})
+        return ModelConfig(n_token=n_token, cutoffs=cutoffs, tie_projs=tie_projs, moe_options=moe_options,
+                           **{path[0]: v for path, v in values.items() if len(path) == 1})
+    except OptionError as e:
+        raise e.with_flags() from None
 
 
-def build_model(args, n_token, saved=None):
-    """A freshly initialized model (the original's init), or another run's weights with --restart_dir
-    (`saved`: its model.pt, when already read)."""
-    model = mem_transformer.MemTransformerLM(**model_config(args, n_token))
-    mem_transformer.init_weights(model, init=args.init, init_range=args.init_range, init_std=args.init_std,
-                                 proj_init_std=args.proj_init_std)
-    if args.restart_dir:
-        path = os.path.join(args.restart_dir, 'model.pt')
-        saved = saved or ckpt.load_run_file(path, 'model')
+def build_model(flags, n_token, start=None):
+    """A freshly initialized model (the original's init), or with --restart_dir another run's weights
+    (`start`: its model.pt as read_model_file gives it, when already read)."""
+    model = mem_transformer.MemTransformerLM(model_config(flags, n_token))
+    mem_transformer.init_weights(model, init=flags.init, init_range=flags.init_range, init_std=flags.init_std,
+                                 proj_init_std=flags.proj_init_std)
+    if flags.restart_dir:
+        path = os.path.join(flags.restart_dir, 'model.pt')
+        config, saved = start or read_model_file(path)
         arch = [k for k in model.config if k not in RUNTIME_KEYS]
-        ckpt.check_config(model.full_config(saved['config']), model.config, path, keys=arch,
+        ckpt.check_config(config, model.config, path, keys=arch,
                           hint=' (the architecture flags must match the run it comes from)')
         ckpt.load_weights(model, saved['model_state'], path)
     return model

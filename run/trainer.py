@@ -10,6 +10,7 @@ import torch
 import mem_transformer
 from run.distributed import Dist
 from run.evaluation import evaluate, validation_lengths
+from run.model_file import read_model_file, save_model
 from run.old_checkpoints import data_state
 from utils import checkpoint as ckpt
 from utils.exp_utils import format_loss, loss_fields, metric_text, peak_memory_mb
@@ -393,14 +394,14 @@ class Trainer:
         model_state = dist.full_model_state(self.model)
         optimizer = {'format': ckpt.FORMAT, 'kind': 'optimizer', 'step': self.step,
                      'optimizer_state': dist.full_optimizer_state(self.optimizer)}
-        dist.write(lambda: (ckpt.save_model(os.path.join(run_dir, 'model.pt'), self.model.config, model_state,
-                                            vocab=self.vocab, args=dict(self.config.flags), step=self.step,
-                                            val_loss=self.best_val_loss, vocab_symbols=self.symbols),
+        dist.write(lambda: (save_model(os.path.join(run_dir, 'model.pt'), self.model, model_state,
+                                       vocab=self.vocab, args=dict(self.config.flags), step=self.step,
+                                       val_loss=self.best_val_loss, vocab_symbols=self.symbols),
                             ckpt.atomic_save(optimizer, os.path.join(run_dir, 'optimizer.pt'))))
 
     def state_dict(self):
         dist = self.dist
-        state = {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config,
+        state = {'format': ckpt.FORMAT, 'kind': 'checkpoint', 'config': self.model.config.to_dict(),
                  'args': dict(self.config.flags),
                  'model_state': dist.full_model_state(self.model),
                  'optimizer_state': dist.full_optimizer_state(self.optimizer),
@@ -540,7 +541,7 @@ class Trainer:
         """The original's end of training: the best model (model.pt) on the test split; the log says which."""
         model_step = self.step
         if run_dir and os.path.exists(os.path.join(run_dir, 'model.pt')):
-            best = ckpt.load_run_file(os.path.join(run_dir, 'model.pt'), 'model')
+            best = read_model_file(os.path.join(run_dir, 'model.pt'))[1]
             ckpt.load_weights(self.model, self.dist.local_model_state(best['model_state'], self.model), 'model.pt')
             model_step = best.get('step')
             valid = best.get('val_loss')

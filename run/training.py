@@ -14,6 +14,7 @@ import torch
 import data_utils
 from run.distributed import Dist, SilentLog, is_peer_failure
 from run.distributed import fail as fail_distributed
+from run.model_file import read_model_file, saved_config
 from run.options import build_model, build_parser, check_model, run_config
 from run.trainer import NonFiniteLoss, StopRequest, Trainer
 from run.work_dir import check_work_dir, claim_work_dir
@@ -107,9 +108,9 @@ def prepare(config, notes, dist):
     if config.restart and not config.restart_dir:
         state = ckpt.load_run_file(os.path.join(config.work_dir, 'checkpoint.pt'), 'checkpoint')
     elif config.restart_dir:
-        start = ckpt.load_run_file(os.path.join(config.restart_dir, 'model.pt'), 'model')
+        start = read_model_file(os.path.join(config.restart_dir, 'model.pt'))   # (config, the file's dict)
     # A model imported with its own vocabulary (convert_checkpoint.py) keeps those ids through fine-tuning.
-    symbols = (state or start or {}).get('vocab')
+    symbols = (state or (start or (None, {}))[1]).get('vocab')
     corpus = data_utils.get_lm_corpus(config.data, config.dataset, symbols, log=notes.append)  # logged with the notes
     # Every rank reads the same global batches and trains on its own columns of them.
     iters = [corpus.get_iterator('train', config.batch_size, config.tgt_len, device=device, ext_len=config.ext_len,
@@ -125,15 +126,15 @@ def prepare(config, notes, dist):
                 from None
     optimizer_state = None
     if start is not None:
-        ckpt.check_vocab(start, corpus.vocab.idx2sym, f'{config.restart_dir}/model.pt', f'--data {config.data}')
-        optimizer_state = restart_dir_optimizer_state(config.restart_dir, start)
+        ckpt.check_vocab(start[1], corpus.vocab.idx2sym, f'{config.restart_dir}/model.pt', f'--data {config.data}')
+        optimizer_state = restart_dir_optimizer_state(config.restart_dir, start[1])
     check_model(config.flags, len(corpus.vocab))
     model = build_model(config.flags, len(corpus.vocab), start)
     dist.seed_rank(config.seed)  # identical weights everywhere, then each rank its own dropout stream
     if state is not None:
         path = os.path.join(config.work_dir, 'checkpoint.pt')
         hint = ' (resume with the flags of that run, or start a new run in another --work_dir)'
-        ckpt.check_config(model.full_config(state['config']), model.config, path, hint=hint)
+        ckpt.check_config(saved_config(state, path), model.config, path, hint=hint)
         ckpt.check_vocab(state, corpus.vocab.idx2sym, path, f'--data {config.data}')
         ckpt.check_config(state['args'], config.flags, path, keys=RESUME_KEYS, hint=hint)
         others = [k for k in config.flags if k not in RESUME_KEYS and k != 'restart']

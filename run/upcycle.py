@@ -21,10 +21,11 @@ DENSE_TO_EXPERTS = {'CoreNet.0.weight': 'experts.htoh4.weight', 'CoreNet.0.bias'
 
 
 def upcycled_config(config, num_expert, top_k, gate='naive', **moe_options):
-    """The dense model's configuration with every feed-forward a Mixture of Experts of d_inner each."""
-    if config.get('moe'):
+    """The dense model's ModelConfig with every feed-forward a Mixture of Experts of d_inner each; moe_options:
+    other MoE options as MemTransformerLM's keywords (moe_capacity_factor=...)."""
+    if config.moe:
         raise CheckpointError('the model is already a Mixture of Experts: upcycling starts from a dense model')
-    return dict(config, moe=True, moe_num_expert=num_expert, moe_top_k=top_k, moe_gate=gate, **moe_options)
+    return config.replace(moe=True, moe_num_expert=num_expert, moe_top_k=top_k, moe_gate=gate, **moe_options)
 
 
 def upcycled_bytes(dense, num_expert):
@@ -48,10 +49,9 @@ def upcycle(dense, num_expert, top_k, gate='naive', noise=0.0, seed=0, init_std=
         raise ConfigError(f'noise must be a finite number >= 0, got {noise!r}')
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)   # the router's initial weights (NoisyGate's too)
-    config = upcycled_config(dense.config, num_expert, top_k, gate, **moe_options)
     try:
-        model = MemTransformerLM(**config)
-    except ValueError as e:  # the model's and the MoE layer's checks name the option that cannot work
+        model = MemTransformerLM(upcycled_config(dense.config, num_expert, top_k, gate, **moe_options))
+    except ConfigError as e:  # the model's and the MoE layer's checks name the option that cannot work
         raise ConfigError(f'upcycling: {e}') from None
     init_weights(model, init_std=init_std)
     state = model.state_dict()

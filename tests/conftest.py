@@ -139,7 +139,7 @@ def make_run(tmp_path, prepare=None, **config):
     """A run directory whose model.pt (untrained weights, changed by `prepare`) points at a tiny
     enwik8-format corpus: what generate.py, eval.py and moe_report.py read. Returns (run, data, model)."""
     import data_utils
-    from utils import checkpoint as ckpt
+    from run.model_file import save_model
     data = make_enwik8_dir(tmp_path / 'data')
     n_token = len(data_utils.get_lm_corpus(data, 'enwik8').vocab)
     config = dict(dict(init_std=0.3, router_bias_std=1.0, tgt_len=8, mem_len=32), **config)
@@ -149,7 +149,7 @@ def make_run(tmp_path, prepare=None, **config):
             prepare(model)
     run = tmp_path / 'run'
     run.mkdir()
-    ckpt.save_model(run / 'model.pt', model.config, model.state_dict(), args={'dataset': 'enwik8', 'data': data})
+    save_model(run / 'model.pt', model, args={'dataset': 'enwik8', 'data': data})
     return str(run), data, model
 
 

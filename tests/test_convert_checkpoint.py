@@ -14,7 +14,7 @@ import torch.nn as nn
 import convert_checkpoint as cc
 import data_utils
 from conftest import convert_with_memory_limit, make_enwik8_dir, tiny_model
-from run.generation import load_trained_model
+from run.model_file import load_model
 from utils import files
 
 ARCH_KEYS = ('n_token', 'n_layer', 'n_head', 'd_model', 'd_head', 'd_inner', 'div_val', 'cutoffs',
@@ -36,7 +36,7 @@ def log_probs(model, n_token, seed=0):
 def convert(tmp_path, src, *flags, name='out'):
     out = tmp_path / name
     assert cc.main([str(src), '--work_dir', str(out), *flags]) == 0
-    model, saved, _ = load_trained_model(str(out), 'cpu')
+    model, saved = load_model(str(out))
     return model, saved
 
 

@@ -16,6 +16,7 @@ from conftest import MOE, TINY, write_corpus
 from utils import checkpoint as ckpt
 from utils import files
 from run.evaluation import evaluate
+from run.model_file import load_model
 from utils.exp_utils import format_loss
 
 
@@ -39,7 +40,7 @@ def eval_main(work, *flags):
 def reference_loss(work, corpus, split, batch_size, tgt_len, mem_len, clamp_len=-1, same_length=False):
     """Mean per-token NLL over the split, read in bsz parallel streams of consecutive tgt_len segments,
     each segment attending to the memory of the previous ones: the token-level definition of the metric."""
-    model, _ = mem_transformer.MemTransformerLM.from_checkpoint(work / 'model.pt')
+    model, _ = load_model(work / 'model.pt')
     model.eval()
     model.reset_length(tgt_len, 0, mem_len)
     if clamp_len > 0:

@@ -208,11 +208,13 @@ def test_a_folder_with_its_own_moe_py_first_on_sys_path_imports_fmoe(tmp_path):
     """FastMoE's tests/ (like many users' folders) holds a moe.py; it comes first on sys.path, and fmoe must still
     run on this repository's moe.py (found by its path), leaving the name `moe` to the user's module."""
     (tmp_path / 'moe.py').write_text('NAME = "the user\'s moe"\n')
+    (tmp_path / 'utils.py').write_text('NAME = "the user\'s utils"\n')
     script = (
         'import sys, torch, fmoe, fmoe.gates\n'
-        'assert "moe" not in sys.modules\n'
-        'import moe\n'
+        'assert "moe" not in sys.modules and "utils" not in sys.modules\n'
+        'import moe, utils\n'
         'assert moe.NAME == "the user\'s moe", moe.__file__\n'
+        'assert utils.NAME == "the user\'s utils", utils.__file__\n'
         'layer = fmoe.FMoETransformerMLP(num_expert=4, d_model=8, d_hidden=16, gate=fmoe.gates.GShardGate)\n'
         'print(tuple(layer(torch.randn(5, 8)).shape))\n')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO / 'compat')]))

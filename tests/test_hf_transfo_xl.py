@@ -27,7 +27,8 @@ from mem_transformer import MemTransformerLM, init_weights
 from utils import checkpoint as ckpt
 from conftest import ROOT, convert_with_memory_limit
 from utils import hf_transfo_xl as hf_xl
-from run.generation import Decoder, load_trained_model
+from run.generation import Decoder
+from run.model_file import load_model
 
 SEGMENTS, TGT_LEN, BSZ = 3, 6, 2
 
@@ -119,7 +120,7 @@ def our_segment_losses(model, data):
 
 def convert(hf_dir, work, *flags):
     assert cc.main([str(hf_dir), '--work_dir', str(work), *flags]) == 0
-    model, saved, _ = load_trained_model(str(work), 'cpu')
+    model, saved = load_model(str(work))
     return model, saved
 
 

@@ -30,20 +30,6 @@ def atomic_save(obj, path):
         torch.save(obj, f)
 
 
-def model_file(config, model_state, vocab=None, **info):
-    """model.pt's layout: the configuration that rebuilds the model (MemTransformerLM(**config)), its
-    weights, an imported model's own vocabulary (symbols in id order; only when it has one), and what the
-    writer knows besides (args, step, val_loss, converted_from). MemTransformerLM.from_checkpoint reads it."""
-    saved = {'format': FORMAT, 'kind': 'model', 'config': config, 'model_state': model_state, **info}
-    if vocab is not None:
-        saved['vocab'] = vocab
-    return saved
-
-
-def save_model(path, config, model_state, vocab=None, **info):
-    atomic_save(model_file(config, model_state, vocab, **info), path)
-
-
 def load(path, what='checkpoint'):
     """Load a plain-data checkpoint onto the CPU, or raise CheckpointError naming the file and the fix."""
     path = os.fspath(path)

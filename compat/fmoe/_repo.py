@@ -4,11 +4,13 @@ A FastMoE user's folder often holds a `moe.py` of its own (FastMoE's tests/ does
 sys.path; `import moe` would then pick that one. The repository's file is loaded here under a private module
 name instead, or reused when the process has already imported that same file as `moe`.
 """
+import contextlib
 import importlib.util
 import os
 import sys
 
-MOE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'moe.py')
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MOE_PATH = os.path.join(REPOSITORY, 'moe.py')
 PRIVATE_NAME = 'fmoe._repository_moe'
 
 
@@ -38,11 +40,27 @@ def _load():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PRIVATE_NAME] = module
     try:
-        spec.loader.exec_module(module)
+        with _repository_utils():
+            spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[PRIVATE_NAME]
         raise
     return module
+
+
+@contextlib.contextmanager
+def _repository_utils():
+    """While moe.py loads, `utils` is the repository's package (moe.py imports its configuration helpers and
+    errors from it); afterwards the names are the user's again (a user's folder may hold a utils.py of its own)."""
+    user = {name: sys.modules.pop(name) for name in list(sys.modules) if name == 'utils' or name.startswith('utils.')}
+    sys.path.insert(0, REPOSITORY)
+    try:
+        yield
+    finally:
+        sys.path.remove(REPOSITORY)
+        for name in [n for n in sys.modules if n == 'utils' or n.startswith('utils.')]:
+            del sys.modules[name]
+        sys.modules.update(user)
 
 
 moe = _load()

@@ -7,6 +7,7 @@ were made (with today's code it writes today's format).
 """
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,19 +29,23 @@ V1_FLAGS = ['--dataset', 'enwik8', '--n_layer', '1', '--d_model', '8', '--n_head
 V1_STEPS, V1_RESUMED_STEPS = 3, 6
 
 
+def train(*argv):
+    return subprocess.run([sys.executable, str(HERE.parent.parent / 'train.py'), *argv],
+                          env={'OMP_NUM_THREADS': '1', 'PATH': ''}, capture_output=True).returncode
+
+
 def main():
-    import train
     out = HERE / 'v1_run'
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(Path(tmp) / 'corpus', sizes=V1_SIZES)
         work = Path(tmp) / 'run'
         base = ['--data', str(corpus), '--work_dir', str(work), *V1_FLAGS]
         torch.set_num_threads(1)
-        assert train.main(base + ['--max_step', str(V1_STEPS)]) == 0
+        assert train(*base, '--max_step', str(V1_STEPS)) == 0
         out.mkdir(exist_ok=True)
         for name in ('model.pt', 'checkpoint.pt'):
             shutil.copy(work / name, out / name)
-        assert train.main(base + ['--max_step', str(V1_RESUMED_STEPS), '--restart']) == 0
+        assert train(*base, '--max_step', str(V1_RESUMED_STEPS), '--restart') == 0
         records = [json.loads(line) for line in (work / 'metrics.jsonl').read_text().splitlines()]
         resumed = [(r['step'], r['split'], r['loss']) for r in records if r['step'] > V1_STEPS]
 
@@ -54,7 +59,8 @@ def main():
             loss, *mems = model(data[:6], data[1:7])
             loss2, *_ = model(data[6:11], data[7:12], *mems)
         expected = {'commit': 'ad660eb', 'resumed': resumed,
-                    'model_losses': [loss.tolist(), loss2.tolist()]}
+                    'model_losses': [loss.tolist(), loss2.tolist()], 'flags': V1_FLAGS,
+                    'corpus_sizes': list(V1_SIZES), 'steps': V1_STEPS, 'resumed_steps': V1_RESUMED_STEPS}
         (out / 'expected.json').write_text(json.dumps(expected, indent=1) + '\n')
 
 
