@@ -11,12 +11,12 @@ import torch
 import data_utils
 import eval as evaluation
 import generate
-import mem_transformer
 import train
 from conftest import TINY, WORDS
 from data_utils import DataError, get_lm_corpus
 from moe_report import BYTE_CLASSES, token_classes
 from run.generation import TextCodec
+from run.model_file import load_model
 from tests.sample_corpora import listing, shared
 from utils.vocabulary import Vocab
 
@@ -256,7 +256,7 @@ def test_train_resume_eval_and_generate(tmp_path, text_file, dataset, capsys):
     assert evaluation.main(['--work_dir', str(work), '--split', 'valid', '--batch_size', '1', '--tgt_len', '16',
                             '--mem_len', '0']) == 0
     report = json.loads((work / 'eval.json').read_text())
-    model, _ = mem_transformer.MemTransformerLM.from_checkpoint(work / 'model.pt')
+    model, _ = load_model(work / 'model.pt')
     model.eval().reset_length(16, 0, 0)
     vocab = get_lm_corpus(str(text_file), dataset).vocab
     text = text_file.read_text()
