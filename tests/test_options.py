@@ -39,7 +39,7 @@ def test_the_run_configuration_is_read_only():
 
 @pytest.mark.parametrize('flags,message', [(['--fp16', '--amp', 'bf16'], 'contradicts --amp bf16'),
                                            (['--batch_chunk', '7'], 'must divide --batch_size'),
-                                           (['--moe', '--moe-gate', 'switch'], 'top_k must be 1')])
+                                           (['--moe', '--moe-gate', 'switch'], '--moe-gate switch routes to exactly 1 expert')])
 def test_a_contradictory_command_line_is_a_config_error(flags, message):
     with pytest.raises(ConfigError, match=message):
         parse(flags)
