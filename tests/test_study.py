@@ -14,6 +14,7 @@ import pytest
 
 import mem_transformer
 import study
+from run.model_file import load_model
 from conftest import ROOT, write_corpus
 
 TINY = ['--steps', '4', '--n_layer', '1', '--d_model', '16', '--n_head', '2', '--d_inner', '32', '--tgt_len', '8',
@@ -309,7 +310,7 @@ def test_the_parameter_count_is_train_py_s(finished_study):
     state dict counts it twice)."""
     out, run = finished_study()
     results = json.loads((out / 'results.json').read_text())
-    model, saved = mem_transformer.MemTransformerLM.from_checkpoint(run / 'model.pt')
+    model, saved = load_model(run / 'model.pt')
     assert model.crit.out_layers[0].weight is model.word_emb.emb_layers[0].weight  # enwik8's default: tied
     total = sum(p.numel() for p in model.parameters())
     assert total < sum(v.numel() for v in saved['model_state'].values())
