@@ -132,11 +132,15 @@ def make_plots(work_dir, out_dir=None):
     return written
 
 
-def main(argv=None):
+def build_parser():
     parser = OneLineArgumentParser(prog='plot.py', description='Plot the curves of a training run')
     parser.add_argument('--work_dir', required=True, help='the run directory (holds metrics.jsonl)')
     parser.add_argument('--out', default=None, help='where to write the PNG files (default: work_dir)')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         written = make_plots(args.work_dir, args.out)
     except (UserError, OSError) as e:  # files.WriteError (a full disk...) is an OSError

@@ -85,7 +85,7 @@ def build_parser():
     add('--mem_len', type=int, default=64)
     add('--batch_size', type=int, default=8)
     add('--lr', type=float, default=0.002)
-    add('--eval_interval', type=int, default=25)
+    add('--eval-interval', type=int, default=25)
     add('--max_eval_steps', type=int, default=10, help='batches of each evaluation (-1: the whole split)')
     add('--cuda', action='store_true', help='train on the GPU')
     add('--train_args', default='', help='more train.py flags for every run, e.g. "--amp bf16"')
@@ -111,8 +111,8 @@ STUDY_SETS = {'data': '--data', 'dataset': '--dataset', 'work_dir': '--out', 'se
               'n_layer': '--n_layer', 'd_model': '--d_model', 'n_head': '--n_head', 'd_head': '--d_model/--n_head',
               'tgt_len': '--tgt_len', 'eval_tgt_len': '--tgt_len', 'mem_len': '--mem_len',
               'batch_size': '--batch_size', 'lr': '--lr', 'max_step': '--steps', 'warmup_step': '--steps',
-              'log_interval': '--eval_interval', 'eval_interval': '--eval_interval',
-              'save_interval': '--eval_interval', 'max_eval_steps': '--max_eval_steps', 'cuda': '--cuda',
+              'log_interval': '--eval-interval', 'eval_interval': '--eval-interval',
+              'save_interval': '--eval-interval', 'max_eval_steps': '--max_eval_steps', 'cuda': '--cuda',
               'restart': 'its runs (it resumes them itself)', 'restart_dir': 'its configurations'}
 
 
@@ -438,9 +438,11 @@ def check_args(args):
         seeds = [int(s) for s in args.seeds.split(',')]
     except ValueError:
         raise ConfigError(f'--seeds {args.seeds!r}: comma-separated integers, e.g. 1,2') from None
-    for dest in ('steps', 'n_layer', 'd_model', 'n_head', 'd_inner', 'tgt_len', 'batch_size', 'eval_interval'):
-        if getattr(args, dest) < 1:
-            raise ConfigError(f'--{dest} {getattr(args, dest)} must be at least 1')
+    for flag in ('--steps', '--n_layer', '--d_model', '--n_head', '--d_inner', '--tgt_len', '--batch_size',
+                 '--eval-interval'):
+        value = getattr(args, flag[2:].replace('-', '_'))
+        if value < 1:
+            raise ConfigError(f'{flag} {value} must be at least 1')
     if args.d_inner % 4 or args.d_model % args.n_head:
         raise ConfigError(f'--d_inner {args.d_inner} must be a multiple of 4 (experts of d_inner/2 and /4) and '
                          f'--n_head {args.n_head} must divide --d_model {args.d_model}')

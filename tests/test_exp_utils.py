@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from utils.exp_utils import MetricsWriter, demo_device_flags, set_deterministic, use_tf32
+from utils.exp_utils import MetricsWriter, OneLineArgumentParser, demo_device_flags, set_deterministic, use_tf32
 
 
 def board_scalars(directory, tag):
@@ -89,3 +89,70 @@ def test_deterministic_sets_torch_cudnn_and_a_deterministic_cublas_workspace(res
     assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == kept  # one of cuBLAS's two reproducible settings
     set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+def spellings_parser():
+    parser = OneLineArgumentParser(prog='x.py')
+    parser.add_argument('--eval-interval', type=int, default=25)
+    parser.add_argument('--work_dir', required=True)
+    parser.add_argument('--clamp_len', type=int, default=-1)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument('--prompt_file', default=None)
+    return parser
+
+
+@pytest.mark.parametrize('argv', [
+    ['--work_dir', 'a-b_c', '--eval-interval', '7', '--prompt_file', 'x_y-z'],
+    ['--work-dir', 'a-b_c', '--eval_interval', '7', '--prompt-file', 'x_y-z'],
+    ['--work-dir=a-b_c', '--eval_interval=7', '--prompt-file=--x_y-z'],
+    ['--work_d', 'a-b_c', '--eval_int', '7', '--prompt-f', 'x_y-z'],   # abbreviations of either spelling
+])
+def test_a_flag_takes_either_spelling_and_values_are_left_alone(argv):
+    args = spellings_parser().parse_args(argv)
+    assert vars(args) == dict(work_dir='a-b_c', eval_interval=7, clamp_len=-1, prompt_file=argv[-1].split('=')[-1])
+
+
+def test_an_abbreviation_of_both_spellings_is_one_flag_and_help_shows_the_declared_one(capsys):
+    assert spellings_parser().parse_args(['--work_dir', 'w', '--clam', '3']).clamp_len == 3
+    with pytest.raises(SystemExit):
+        spellings_parser().parse_args(['--help'])
+    text = capsys.readouterr().out
+    assert '--eval-interval EVAL_INTERVAL' in text and '--prompt_file PROMPT_FILE' in text
+    assert '--eval_interval' not in text and '--work-dir' not in text and '--prompt-file' not in text
+
+
+def script_parsers():
+    import convert_checkpoint, eval, generate, moe_report, plot, study
+    from run import options
+    return {'train.py': options.build_parser, 'eval.py': eval.build_parser, 'generate.py': generate.build_parser,
+            'study.py': study.build_parser, 'moe_report.py': moe_report.build_parser, 'plot.py': plot.build_parser,
+            'convert_checkpoint.py': convert_checkpoint.build_parser}
+
+
+def a_value(action):
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [str(list(action.choices)[-1])]
+    return ['3'] if action.type in (int, float) else ['x']
+
+
+@pytest.mark.parametrize('script', ['train.py', 'eval.py', 'generate.py', 'study.py', 'moe_report.py', 'plot.py',
+                                    'convert_checkpoint.py'])
+def test_every_flag_of_every_script_takes_both_spellings_and_help_shows_one(script, capsys):
+    parser = script_parsers()[script]()
+    flags = [a for a in parser._actions if getattr(a, 'aliases', ())]
+    required = [arg for a in parser._actions if a.required for arg in (a.option_strings[0], *a_value(a))]
+    checked = 0
+    for action in flags:
+        declared = parser.parse_args([*required, action.option_strings[0], *a_value(action)])
+        for alias in action.aliases:
+            assert action.option_strings[0].replace('_', '-') == alias.replace('_', '-')
+            assert vars(parser.parse_args([*required, alias, *a_value(action)])) == vars(declared), alias
+            checked += 1
+    assert checked > 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--help'])
+    text = capsys.readouterr().out
+    for action in flags:
+        assert not any(alias in text.replace(',', ' ').split() for alias in getattr(action, 'aliases', ())), action

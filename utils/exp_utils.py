@@ -1,5 +1,6 @@
 """Run-directory helpers shared by train.py and eval.py: the human log, metrics.jsonl, a progress bar."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -180,10 +181,59 @@ def peak_memory_mb(device):
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (and exit code 2), not usage + error."""
+    """The scripts' argparse: a bad command line is one line (and exit code 2), not usage + error; and a flag
+    takes either spelling of its name, '-' or '_' between words (--eval-interval or --eval_interval: the original
+    mixes them), the one it is declared with shown in --help, the other a hidden alias of the same option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _accept_both_spellings(self)
+
+    def add_argument_group(self, *args, **kwargs):
+        return _accept_both_spellings(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return _accept_both_spellings(super().add_mutually_exclusive_group(**kwargs))
+
+    def _get_option_tuples(self, option_string):
+        """An abbreviation matching both spellings of a flag matches one option, not two (ambiguous)."""
+        matches = {}
+        for match in super()._get_option_tuples(option_string):
+            matches.setdefault(match[0], match)
+        return list(matches.values())
+
+    def _get_formatter(self):
+        return _declared_names_only(self.formatter_class)(prog=self.prog)
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def _accept_both_spellings(container):
+    """container.add_argument('--eval-interval', ...) also registers --eval_interval for the same option."""
+    declare = container.add_argument
+
+    def add_argument(*names, **kwargs):
+        aliases = [alias for name in names if name.startswith('--')
+                   for alias in dict.fromkeys(('--' + name[2:].replace('_', '-'), '--' + name[2:].replace('-', '_')))
+                   if alias not in names and alias not in container._option_string_actions]
+        action = declare(*names, *aliases, **kwargs)
+        action.aliases = aliases
+        return action
+    container.add_argument = add_argument
+    return container
+
+
+def _declared_names_only(formatter_class):
+    """formatter_class listing each option under the names it was declared with, its aliases left out."""
+    class Formatter(formatter_class):
+        def _format_action_invocation(self, action):
+            aliases = getattr(action, 'aliases', ())
+            if aliases:
+                action = copy.copy(action)
+                action.option_strings = [name for name in action.option_strings if name not in aliases]
+            return super()._format_action_invocation(action)
+    return Formatter
 
 
 def use_tf32(device, allowed=True):
