@@ -735,10 +735,12 @@ class ModelConfig(Mapping):
     @classmethod
     def from_keywords(cls, *args, **kwargs):
         """The original constructor's call: MemTransformerLM(n_token, n_layer, n_head, d_model, d_head, d_inner,
-        dropout, dropatt, tie_weight, ...) in keys_in_order, with keywords for the rest."""
-        if len(args) > len(FLAT_KEYS):
-            raise TypeError(f'MemTransformerLM takes at most {len(FLAT_KEYS)} positional options')
-        given = dict(zip(FLAT_KEYS, args))
+        dropout, dropatt, tie_weight, ...), positionally up to FastMoE's last one (moe_top_k), with keywords for
+        the rest: a newer option is a keyword only, so adding one moves no position."""
+        if len(args) > len(POSITIONAL_KEYS):
+            raise TypeError(f'MemTransformerLM takes at most {len(POSITIONAL_KEYS)} positional options '
+                            f'({", ".join(POSITIONAL_KEYS)}); give the others as keywords')
+        given = dict(zip(POSITIONAL_KEYS, args))
         twice = [k for k in kwargs if k in given]
         if twice:
             raise TypeError(f'MemTransformerLM got {twice[0]!r} both by position and by keyword')
@@ -756,6 +758,7 @@ class ModelConfig(Mapping):
 MOE_PREFIX = 'moe_'
 MOE_KEYS = frozenset(MOE_PREFIX + f.name for f in fields(MoEConfig))
 FLAT_KEYS = ModelConfig.keys_in_order()
+POSITIONAL_KEYS = FLAT_KEYS[:FLAT_KEYS.index('moe_top_k') + 1]   # FastMoE's MemTransformerLM signature
 
 
 class MemTransformerLM(nn.Module):

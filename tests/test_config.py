@@ -123,6 +123,11 @@ def test_the_original_positional_call_maps_onto_the_fields_in_order():
             c.d_embed) == (40, 2, 2, 16, 8, 24, 0.1, 0.2, False, 12)
     with pytest.raises(TypeError, match="'n_layer' both by position and by keyword"):
         MemTransformerLM(40, 2, n_layer=3)
+    fastmoe = (40, 2, 2, 16, 8, 24, 0., 0., True, None, 1, [False], False, 6, 0, 6, [], False, False, 0, -1, -1,
+               True, 4, 1)   # FastMoE's signature, every option by position
+    assert MemTransformerLM(*fastmoe).config.moe_options.top_k == 1
+    with pytest.raises(TypeError, match='at most 25 positional options'):
+        MemTransformerLM(*fastmoe, 'naive')
 
 
 def test_d_embed_and_the_lengths_have_one_spelling_each():
