@@ -796,10 +796,10 @@ class MemTransformerLM(nn.Module):
         self.untie_r = untie_r
         attn_options = dict(untie_r=untie_r) if attn_type == 0 else {}
         self.layers = nn.ModuleList()
-        for _ in range(n_layer):
+        for i in range(n_layer):
             dec_attn = attn_class(n_head, d_model, d_head, dropout, dropatt=config.dropatt,
                                   pre_lnorm=pre_lnorm, **attn_options)
-            if config.moe:
+            if config.moe and (i + 1) % config.moe_options.every == 0:
                 pos_ff = MoEPositionwiseFF(d_model, config.d_inner, dropout, pre_lnorm, config.moe_options)
             else:
                 pos_ff = PositionwiseFF(d_model, config.d_inner, dropout, pre_lnorm=pre_lnorm)

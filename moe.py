@@ -675,6 +675,8 @@ class MoEConfig:
                                   'training)', '--moe-no-random-routing', negated=True)
     shared_expert: int = option(0, 'N always-active shared experts beside the routed ones: a dense FFN of N x '
                                 '--d_inner', '--moe-shared-expert', at_least_zero)
+    every: int = option(1, 'a Mixture of Experts in every N-th layer (layers N-1, 2N-1, ...), dense feed-forwards '
+                        'in the others (GShard and the Switch Transformer use 2)', '--moe-every', positive)
 
     def __post_init__(self):
         check_options(self)

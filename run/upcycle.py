@@ -58,7 +58,7 @@ def upcycle(dense, num_expert, top_k, gate='naive', noise=0.0, seed=0, init_std=
     dense_state = dense.state_dict()
     for key, value in dense_state.items():
         prefix, _, name = key.partition('.pos_ff.')
-        if name in DENSE_TO_EXPERTS:
+        if f'{prefix}.pos_ff.{DENSE_TO_EXPERTS.get(name)}' in state:   # an MoE layer (all of them, but --moe-every)
             copies = value.detach().unsqueeze(0).repeat(num_expert, *[1] * value.dim())
             if noise > 0:
                 scale = noise * float(value.std()) if value.numel() > 1 else noise

@@ -70,6 +70,7 @@ MOE_CASES = [
     (dict(switch_eps=-1), 'switch_eps=-1: must be a finite number at least 0'),
     (dict(random_routing=0), 'random_routing=0: must be True or False'),
     (dict(shared_expert=-1), 'shared_expert=-1: must be >= 0'),
+    (dict(every=0), 'every=0: must be a positive integer'),
 ]
 
 
@@ -212,3 +213,22 @@ def test_the_gate_options_reach_the_layers():
     assert ff.shared_expert.htoh4.weight.shape == (2 * 24, 16)
     switch = MemTransformerLM(**SMALL, moe=True, moe_num_expert=4, moe_top_k=1, moe_gate='switch', moe_switch_eps=0.3)
     assert switch.layers[1].pos_ff.gate.switch_eps == 0.3
+
+
+def test_moe_every_n_th_layer_and_its_upcycling():
+    """--moe-every 2: MoE feed-forwards in layers 1 and 3, dense ones in 0 and 2; upcycling a dense model copies
+    only those layers' feed-forwards into experts, and the naive gate keeps the dense model's function."""
+    import torch
+    from conftest import tiny_model
+    from run.upcycle import upcycle
+    config = dict(n_layer=4, moe=True, moe_num_expert=3, moe_every=2)
+    model = MemTransformerLM(**SMALL | config)
+    assert [type(layer.pos_ff).__name__ for layer in model.layers] == ['PositionwiseFF', 'MoEPositionwiseFF'] * 2
+    assert len(model.moe_layers()) == 2
+    dense = tiny_model(n_layer=4)
+    moe = upcycle(dense, 3, 2, moe_every=2).eval()
+    assert moe.config.moe_options.every == 2 and len(moe.moe_layers()) == 2
+    assert torch.equal(moe.layers[0].pos_ff.CoreNet[0].weight, dense.layers[0].pos_ff.CoreNet[0].weight)
+    data = torch.arange(12).remainder(40).view(6, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(data, data)[0], dense(data, data)[0])
