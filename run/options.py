@@ -5,6 +5,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import torch
+
 import data_utils
 import mem_transformer
 from mem_transformer import ModelConfig
@@ -14,7 +16,7 @@ from run.model_file import read_model_file
 from utils import checkpoint as ckpt
 from utils.config import OptionError, add_flags, flag_values
 from utils.errors import ConfigError
-from utils.exp_utils import OneLineArgumentParser, tensorboard_missing
+from utils.exp_utils import OneLineArgumentParser, physical_memory, tensorboard_missing
 from utils.schedules import SCHEDULERS
 
 # Settings that may differ when starting from another run's weights (--restart_dir): they shape no tensor.
@@ -166,7 +168,33 @@ def check_model(flags, n_token=None):
     vocabulary size is not known yet (n_token None), then against the corpus's vocabulary (the adaptive cutoffs)."""
     if n_token is None:
         n_token = max(data_utils.ADAPTIVE_CUTOFFS[flags.dataset][0] if flags.adaptive else [0]) + 1
-    model_config(flags, n_token)   # ModelConfig checks every option when it is made
+    config = model_config(flags, n_token)   # ModelConfig checks every option when it is made
+    with torch.device('meta'):   # allocates nothing
+        check_fits(mem_transformer.MemTransformerLM(config), flags)
+
+
+# The flags that size each part of a model, by parameter name (the first part whose pattern the name contains).
+SIZE_PARTS = (('.shared_expert.', lambda f: f'--moe-shared-expert {f.moe_shared_expert}'),
+              ('.experts.', lambda f: f'--moe-num-expert {f.moe_num_expert} and --d_inner {f.d_inner}'),
+              ('layers.', lambda f: f'--n_layer {f.n_layer}, --d_model {f.d_model} and --d_inner {f.d_inner}'),
+              ('', lambda f: f'the vocabulary and --d_embed {f.d_embed}'))
+
+
+def check_fits(model, flags):
+    """Refuse a model (on the meta device) whose fp32 weights alone need more than this machine's memory, where
+    train.py builds them: one line naming the flags behind most of them, not an allocation error."""
+    total = model.parameter_counts()['total']
+    need, have = 4 * total, physical_memory()
+    if need <= have:
+        return
+    parts = {}
+    for name, p in model.named_parameters():  # a shared tensor under its first name only
+        part = next(describe for pattern, describe in SIZE_PARTS if pattern in name)
+        parts[part] = parts.get(part, 0) + p.numel()
+    largest = max(parts, key=parts.get)
+    raise ConfigError(f'the model has {total:.3g} parameters, {need / 2 ** 30:,.0f} GiB of weights, more than the '
+                      f'{have / 2 ** 30:,.0f} GiB of memory of this machine; {parts[largest] / total:.0%} of them '
+                      f'come from {largest(flags)}: use a smaller model')
 
 
 def resolved_flags(args):

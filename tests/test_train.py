@@ -933,6 +933,10 @@ BAD_INPUT = {
     'negative momentum': (['--mom', '-0.5'], '--mom -0.5 must be a finite number at least 0'),
     'zero capacity': (['--moe-capacity-factor', '0'], '--moe-capacity-factor 0.0: must be a finite number above 0'),
     'missing restart_dir model': (['--restart_dir', '/nonexistent/run'], 'holds no model.pt'),
+    # 8e12 parameters: more than any machine's memory (an allocation traceback, or the kernel's OOM killer)
+    'shared experts beyond memory': (['--moe', '--moe-num-expert', '4', '--moe-shared-expert', '1000000000'],
+                                     'GiB of memory of this machine; 100% of them come from --moe-shared-expert '
+                                     '1000000000: use a smaller model'),
 }
 
 

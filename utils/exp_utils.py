@@ -172,6 +172,11 @@ def format_loss(dataset, split, loss):
     return f'| {split} loss {loss:5.2f} | {metric_text(dataset, loss, split)}'
 
 
+def physical_memory():
+    """This machine's memory in bytes."""
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
 def peak_memory_mb(device):
     """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident set on the CPU."""
     if device.type == 'cuda':
