@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.config import check_options, finite_at_least_zero, finite_positive, option, positive, at_least_zero
+from utils.config import (check_options, finite_at_least_zero, finite_positive, option, positive, probability,
+                          at_least_zero)
 from utils.errors import ConfigError
 
 GATES = ('naive', 'gshard', 'switch', 'noisy', 'auxfree')
@@ -669,8 +670,8 @@ class MoEConfig:
     zloss_coef: float = option(0.0, 'weight of the router z-loss', '--moe-zloss-coef', finite_at_least_zero)
     gate_bias: bool = option(True, 'router logits without a bias (naive/gshard/switch/auxfree)',
                              '--moe-no-gate-bias', negated=True)
-    switch_eps: float = option(0.1, "the switch gate's jitter: uniform noise in [1-eps, 1+eps]",
-                               '--moe-switch-eps', finite_at_least_zero)
+    switch_eps: float = option(0.1, "the switch gate's jitter: uniform noise in [1-eps, 1+eps], eps in [0, 1)",
+                               '--moe-switch-eps', probability)
     random_routing: bool = option(True, 'gshard gate: always keep the 2nd expert (no random routing in '
                                   'training)', '--moe-no-random-routing', negated=True)
     shared_expert: int = option(0, 'N always-active shared experts beside the routed ones: a dense FFN of N x '

@@ -105,7 +105,7 @@ def build_parser():
     # FastMoE's flags and the MoE options of the model.
     model('moe', *(f'moe_options.{f.name}' for f in fields(MoEConfig)))
     add('--moe-bias-update-rate', type=float, default=0.001,
-        help='auxfree gate: each step, expert bias += rate * sign(mean load - load)')
+        help='auxfree gate: each step, expert bias += rate * sign(mean load - load); rate in [0, 1]')
     # Several processes (torchrun).
     add('--expert-parallel', action='store_true',
         help='under torchrun: split the experts of each MoE layer over the processes (all_to_all exchange)')
@@ -126,7 +126,7 @@ def check_args(args, parser):
     for dest in ('max_step', 'batch_size', 'batch_chunk', 'eval_tgt_len', 'log_interval', 'eval_interval'):
         if getattr(args, dest) < 1:
             fail(f'{flag(parser, dest)} {getattr(args, dest)} must be at least 1')
-    for dest in ('warmup_step', 'save_interval', 'patience', 'moe_bias_update_rate'):
+    for dest in ('warmup_step', 'save_interval', 'patience'):
         if getattr(args, dest) < 0:
             fail(f'{flag(parser, dest)} {getattr(args, dest)} must be non-negative')
     if not args.work_dir:
@@ -136,7 +136,10 @@ def check_args(args, parser):
                                     ('mom', 0, math.inf, True), ('decay_rate', 0, 1, False),
                                     ('lr_min', 0, math.inf, True), ('eta_min', 0, math.inf, True),
                                     ('init_range', 0, math.inf, False), ('init_std', 0, math.inf, False),
-                                    ('proj_init_std', 0, math.inf, False)):
+                                    ('proj_init_std', 0, math.inf, False),
+                                    # the auxfree biases move by this many logits a step (DeepSeek-V3: 0.001);
+                                    # above 1 they swing the routing wholesale every step
+                                    ('moe_bias_update_rate', 0, 1, True)):
         value = getattr(args, dest)
         if not (math.isfinite(value) and (low <= value if low_ok else low < value) and value <= high):
             bounds = f'{"at least" if low_ok else "above"} {low}' + (f' and at most {high}' if high < math.inf else '')

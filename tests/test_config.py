@@ -1,6 +1,7 @@
 """Typed configurations (utils/config.py): ModelConfig and MoEConfig check each value once, and train.py's model
 flags are generated from them and map back onto them (run/options.py)."""
 import dataclasses
+import re
 
 import pytest
 
@@ -67,7 +68,11 @@ MOE_CASES = [
     (dict(balance_coef=-0.1), 'balance_coef=-0.1: must be a finite number at least 0'),
     (dict(zloss_coef=float('nan')), 'zloss_coef=nan: must be a finite number at least 0'),
     (dict(gate_bias=None), 'gate_bias=None: must be True or False'),
-    (dict(switch_eps=-1), 'switch_eps=-1: must be a finite number at least 0'),
+    (dict(switch_eps=-1), 'switch_eps=-1: must be in [0, 1)'),
+    # the jitter is uniform in [1-eps, 1+eps]: 1e30 (or inf) drowned the logits and gave NaN steps
+    (dict(switch_eps=1e30), 'switch_eps=1e+30: must be in [0, 1)'),
+    (dict(switch_eps=float('inf')), 'switch_eps=inf: must be in [0, 1)'),
+    (dict(switch_eps=float('nan')), 'switch_eps=nan: must be in [0, 1)'),
     (dict(random_routing=0), 'random_routing=0: must be True or False'),
     (dict(shared_expert=-1), 'shared_expert=-1: must be >= 0'),
     (dict(every=0), 'every=0: must be a positive integer'),
@@ -76,7 +81,7 @@ MOE_CASES = [
 
 @pytest.mark.parametrize('changes,message', MOE_CASES)
 def test_moe_config_checks_each_option(changes, message):
-    with pytest.raises(OptionError, match=f'^{message}$'.replace('[', r'\[').replace('(', r'\(').replace(')', r'\)')):
+    with pytest.raises(OptionError, match=f'^{re.escape(message)}$'):
         MoEConfig(**changes)
 
 
@@ -190,7 +195,8 @@ def test_the_parser_has_every_model_flag_with_the_configs_default_and_help():
     (['--moe-num-expert', '4', '--moe-top-k', '5'], '--moe-top-k 5: must be between 1 and --moe-num-expert 4'),
     (['--moe-gate', 'switch'], '--moe-top-k 2: --moe-gate switch routes to exactly 1 expert'),
     (['--moe-capacity-factor', '0'], '--moe-capacity-factor 0.0: must be a finite number above 0'),
-    (['--moe-switch-eps', '-1'], '--moe-switch-eps -1.0: must be a finite number at least 0'),
+    (['--moe-switch-eps', '-1'], '--moe-switch-eps -1.0: must be in [0, 1)'),
+    (['--moe-switch-eps', 'inf'], '--moe-switch-eps inf: must be in [0, 1)'),
     (['--untie_r', '--attn_type', '2'], '--untie_r: only attn_type 0 shares r_w_bias/r_r_bias across layers '
                                         '(--attn_type 2)'),
     (['--attn_type', '3', '--d_head', '4'], '--d_head 4: --attn_type 3 adds per-head position embeddings'),

@@ -922,7 +922,16 @@ BAD_INPUT = {
     'same_length without memory': (['--same_length', '--mem_len', '0'], '--same_length needs a memory'),
     'unknown flag': (['--n_layers', '3'], 'unrecognized arguments: --n_layers 3'),
     'unknown gate': (['--moe-gate', 'hash'], "invalid choice: 'hash'"),
-    'negative bias update rate': (['--moe-bias-update-rate', '-1'], '--moe-bias-update-rate -1.0 must be non-negative'),
+    'negative bias update rate': (['--moe-bias-update-rate', '-1'],
+                                  '--moe-bias-update-rate -1.0 must be a finite number at least 0 and at most 1'),
+    # NaN or inf made the auxfree biases NaN: the routing froze with a finite loss, so no guard stopped the run
+    'nan bias update rate': (['--moe', '--moe-num-expert', '4', '--moe-gate', 'auxfree', '--moe-bias-update-rate',
+                              'nan'], '--moe-bias-update-rate nan must be a finite number at least 0 and at most 1'),
+    'huge bias update rate': (['--moe-bias-update-rate', '1e30'],
+                              '--moe-bias-update-rate 1e+30 must be a finite number at least 0 and at most 1'),
+    # it trained 10 NaN steps, then stopped advising a lower --lr
+    'huge switch jitter': (['--moe', '--moe-num-expert', '4', '--moe-top-k', '1', '--moe-gate', 'switch',
+                            '--moe-switch-eps', '1e30'], '--moe-switch-eps 1e+30: must be in [0, 1)'),
     'switch gate with top-2': (['--moe', '--moe-num-expert', '4', '--moe-gate', 'switch'], '--moe-top-k 2: --moe-gate switch routes to exactly 1 expert'),
     'model rejects': (['--attn_type', '7'], '--attn_type 7: unknown attention type'),
     'restart without checkpoint': (['--restart'], 'checkpoint.pt does not exist'),
