@@ -4,6 +4,7 @@ Test modules import the plain helpers (`from conftest import tiny_model, TINY`) 
 """
 import os
 import random
+import signal
 import subprocess
 from pathlib import Path
 
@@ -193,3 +194,17 @@ def convert_with_memory_limit(argvs, limit=1 << 30, timeout=120):
     done = subprocess.run([sys.executable, '-c', LIMITED_MAIN, json.dumps([[str(a) for a in argv] for argv in argvs]),
                            str(limit)], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     return [int(line) for line in done.stdout.split()], done.stderr.splitlines()
+
+
+def sigint_at_training_forward(patch, n, when=lambda model: True):
+    """Ctrl-C in the middle of a run: the n-th training forward (counting only models for which `when` holds)
+    sends this process SIGINT, then runs as usual. `patch` is a monkeypatch (or its context)."""
+    forward, calls = MemTransformerLM.forward, [0]
+
+    def interrupting_forward(self, *args, **kwargs):
+        if self.training and when(self):
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+    patch.setattr(MemTransformerLM, 'forward', interrupting_forward)

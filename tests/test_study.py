@@ -12,10 +12,9 @@ import time
 import numpy as np
 import pytest
 
-import mem_transformer
 import study
 from run.model_file import load_model
-from conftest import ROOT, write_corpus
+from conftest import ROOT, sigint_at_training_forward, write_corpus
 
 TINY = ['--steps', '4', '--n_layer', '1', '--d_model', '16', '--n_head', '2', '--d_inner', '32', '--tgt_len', '8',
         '--mem_len', '8', '--batch_size', '2', '--eval_interval', '2', '--max_eval_steps', '2']
@@ -50,16 +49,8 @@ def test_study_writes_results_resumes_after_ctrl_c_and_skips_finished_runs(tmp_p
     reference = tmp_path / 'reference'
     assert run_study(reference, corpus, '--configs', 'moe16-auxfree', '--seeds', '1') == 0
 
-    forward, calls = mem_transformer.MemTransformerLM.forward, [0]
-
-    def interrupt_in_the_auxfree_run(self, *args, **kwargs):
-        if self.training and self.config['moe_gate'] == 'auxfree':
-            calls[0] += 1
-            if calls[0] == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_in_the_auxfree_run)
+        sigint_at_training_forward(m, 3, when=lambda model: model.config['moe_gate'] == 'auxfree')
         assert run_study(tmp_path / 'out', corpus, *configs) == 128 + signal.SIGINT
     assert 'rerun the same command to continue' in capsys.readouterr().err
     runs = tmp_path / 'out' / 'runs'

@@ -25,7 +25,7 @@ import eval as evaluation
 import generate
 import mem_transformer
 import train
-from conftest import MOE, ROOT, SYNCS, TINY, WORDS, OpLog, launch, write_corpus
+from conftest import MOE, ROOT, SYNCS, TINY, WORDS, OpLog, launch, sigint_at_training_forward, write_corpus
 from utils import checkpoint as ckpt
 from utils import malloc
 from run.options import build_model, build_parser, model_config, parse
@@ -460,15 +460,7 @@ def test_the_end_of_a_run_validates_the_final_model_and_tests_the_best(tmp_path,
 
 def test_sigint_stops_after_the_step_then_tests_the_best_model(tmp_path, corpus, monkeypatch):
     """Ctrl-C as in the original: training stops early, then the best model is evaluated on test."""
-    forward, calls = mem_transformer.MemTransformerLM.forward, [0]
-
-    def interrupt_at_third_step(self, *args, **kwargs):
-        if self.training:
-            calls[0] += 1
-            if calls[0] == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
-    monkeypatch.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_at_third_step)
+    sigint_at_training_forward(monkeypatch, 3)
     handler_before = signal.getsignal(signal.SIGINT)   # SIG_IGN when the suite runs under nohup ... &
     work = tmp_path / 'run'
     assert run(work, corpus, '--max_step', '20') == 0
@@ -482,17 +474,9 @@ def test_a_resume_with_another_max_step_stretches_the_cosine(tmp_path, corpus, m
     """Stopped at step 6 of 20, resumed with --max_step 30: the rate goes on down from where it was to 0 at step 30
     (the closed form of a 30-step cosine would jump back up), said in the log. A finished run resumed with a longer
     --max_step would train at rate 0: refused in one line."""
-    forward, calls = mem_transformer.MemTransformerLM.forward, [0]
-
-    def interrupt_at_sixth_step(self, *args, **kwargs):
-        if self.training:
-            calls[0] += 1
-            if calls[0] == 6:
-                os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
     work = tmp_path / 'run'
     with monkeypatch.context() as patch:
-        patch.setattr(mem_transformer.MemTransformerLM, 'forward', interrupt_at_sixth_step)
+        sigint_at_training_forward(patch, 6)
         assert run(work, corpus, '--max_step', '20') == 0
     assert run(work, corpus, '--max_step', '30', '--restart') == 0
     assert 'NOTE: --max_step 20 -> 30: the cosine schedule goes on from the rate reached at step 6' in \
