@@ -32,7 +32,7 @@ import zipfile
 import torch
 
 from data_utils import ADAPTIVE_CUTOFFS
-from mem_transformer import MemTransformerLM
+from mem_transformer import MemTransformerLM, ModelConfig
 from utils import checkpoint as ckpt
 from utils import files
 from utils import hf_transfo_xl as hf_xl
@@ -499,14 +499,18 @@ COMPUTED_BUFFERS = ('pos_emb.inv_freq',)  # fixed by d_model; transformers may l
 
 
 def model_on_meta(config, state, rejected):
-    """The model `config` describes, on the meta device (its tensors take no memory), once it declares as many
-    layers as `state` holds (building a billion declared layers would take the memory anyway)."""
+    """The model `config` describes, on the meta device (its tensors take no memory), once its values are
+    checked and it declares as many layers as `state` holds (building a billion layers would take the memory)."""
+    try:
+        config = ModelConfig.from_dict(config)
+    except ValueError as e:
+        raise ConversionError(f'{rejected}: {e}') from None
     layers = {m.group(1) for m in map(LAYER_KEY.match, state) if m}
-    if config['n_layer'] != len(layers):
-        raise ConversionError(f'{rejected}: n_layer={config["n_layer"]!r} but the weights hold {len(layers)} layers')
+    if config.n_layer != len(layers):
+        raise ConversionError(f'{rejected}: n_layer={config.n_layer} but the weights hold {len(layers)} layers')
     try:
         with torch.device('meta'):
-            return MemTransformerLM(**config)
+            return MemTransformerLM(config)
     except ValueError as e:
         raise ConversionError(f'{rejected}: {e}') from None
 

@@ -602,6 +602,12 @@ def _cutoffs_fit(cutoffs, c):
     return None
 
 
+def _tie_projs_fit(tie_projs, c):
+    if isinstance(c.cutoffs, tuple) and len(tie_projs) > len(c.cutoffs) + 1:
+        return f'{len(tie_projs)} entries, more than the {len(c.cutoffs) + 1} clusters of {{cutoffs}}'
+    return None
+
+
 def _div_val_fits(div_val, c):
     if div_val > 1 and c.d_embed // div_val ** len(c.cutoffs) < 1:
         return 'the last cluster of {d_embed} would have no dimensions'
@@ -662,7 +668,8 @@ class ModelConfig(Mapping):
     d_embed: int = option(-1, 'embedding dimension (-1: d_model)', '--d_embed', positive)
     div_val: int = option(1, 'divident value for adaptive input and softmax', '--div_val',
                           all_checks(positive, _div_val_fits))
-    tie_projs: Tuple[bool, ...] = option((False,), 'tie the adaptive softmax projections to the embedding\'s')
+    tie_projs: Tuple[bool, ...] = option((False,), 'tie the adaptive softmax projections to the embedding\'s',
+                                         check=_tie_projs_fit)
     pre_lnorm: bool = option(False, 'apply LayerNorm to the input instead of the output', '--pre_lnorm')
     tgt_len: Optional[int] = option(70, 'number of tokens to predict', '--tgt_len', _tgt_len_fits)
     ext_len: int = option(0, 'length of the extended context', '--ext_len', at_least_zero)

@@ -541,25 +541,25 @@ def test_a_configuration_declaring_more_than_the_weights_is_refused_before_build
 
 
 @pytest.mark.parametrize('changes,message', [
-    ({'cutoffs': 12}, 'cutoffs is 12, not a list of integers'),
-    ({'cutoffs': 'ab'}, "cutoffs is 'ab', not a list of integers"),
-    ({'cutoffs': [12, 'x']}, "cutoffs is [12, 'x'], not a list of integers"),
-    ({'dropout': 'x'}, "dropout is 'x', not a number"),
-    ({'mem_len': 'x'}, "mem_len is 'x', not an integer or null"),
-    ({'mem_len': 1.5}, 'mem_len is 1.5, not an integer or null'),
-    ({'d_embed': 'x'}, "d_embed is 'x', not an integer"),
-    ({'d_embed': [16]}, 'd_embed is [16], not an integer'),
-    ({'n_layer': True}, 'n_layer is True, not an integer'),
-    ({'tie_projs': 5}, 'tie_projs is 5, not a list of true/false values'),
-    ({'tie_projs': 'yes'}, "tie_projs is 'yes'"),      # was tied: 'yes' is a list of three true letters
-    ({'tie_projs': [False, True, True, True]}, 'tie_projs has 4 entries, more than the 3 clusters'),
-    ({'same_length': 'false'}, "same_length is 'false', not true or false"),  # was True: bool('false')
-    ({'untie_r': 'true'}, "untie_r is 'true'"),
-    ({'clamp_len': 'x'}, "clamp_len is 'x'"),          # was converted, then eval.py and generate.py raised TypeError
-    ({'sample_softmax': 'x'}, "sample_softmax is 'x'"),
+    ({'cutoffs': 12}, 'cutoffs is 12, not a list of token ids'),
+    ({'cutoffs': 'ab'}, "cutoffs is 'ab', not a list of token ids"),
+    ({'cutoffs': [12, 'x']}, "cutoffs=[12, 'x']: must be a list of int"),
+    ({'dropout': 'x'}, "dropout='x': must be a number"),
+    ({'mem_len': 'x'}, "mem_len='x': must be an integer"),
+    ({'mem_len': 1.5}, 'mem_len=1.5: must be an integer'),
+    ({'d_embed': 'x'}, "d_embed='x': must be an integer"),
+    ({'d_embed': [16]}, 'd_embed=[16]: must be an integer'),
+    ({'n_layer': True}, 'n_layer=True: must be an integer'),
+    ({'tie_projs': 5}, 'tie_projs=5: must be a list of bool'),
+    ({'tie_projs': 'yes'}, "tie_projs='yes': must be a list of bool"),  # was tied: three true letters
+    ({'tie_projs': [False, True, True, True]}, '4 entries, more than the 3 clusters of cutoffs=[12, 40]'),
+    ({'same_length': 'false'}, "same_length='false': must be True or False"),  # was True: bool('false')
+    ({'untie_r': 'true'}, "untie_r='true': must be True or False"),
+    ({'clamp_len': 'x'}, "clamp_len='x': must be an integer"),  # was converted, then eval.py raised TypeError
+    ({'sample_softmax': 'x'}, "sample_softmax 'x'; Hugging Face's model has none"),
     ({'sample_softmax': 8}, "sample_softmax 8; Hugging Face's model has none"),
-    ({'layer_norm_epsilon': 'x'}, "layer_norm_epsilon is 'x'"),
-    ({'proj_share_all_but_first': 'no', 'tie_projs': None}, "proj_share_all_but_first is 'no'"),
+    ({'layer_norm_epsilon': 'x'}, "layer_norm_epsilon 'x'; this model's LayerNorms use 1e-5"),
+    ({'proj_share_all_but_first': 'no', 'tie_projs': None}, "tie_projs=[False, 'no', 'no']: must be a list of bool"),
 ], ids=lambda v: str(v) if isinstance(v, dict) else '')
 def test_a_configuration_value_of_the_wrong_type_is_one_line(tmp_path, capsys, changes, message):
     hf = write_hf_dir(tmp_path / 'hf', our_model(), symbols(N_TOKEN))

@@ -30,13 +30,6 @@ REQUIRED = ('cutoffs', 'd_model', 'd_embed', 'n_head', 'd_head', 'd_inner', 'div
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
                       'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
                       'U8': torch.uint8, 'BOOL': torch.bool}
-# The JSON type of each field read from config.json: int (not a bool), float (any number), bool, [int], [bool];
-# None where a length may be null. (The model's typed configuration will check these; until then, here.)
-FIELD_TYPES = dict(vocab_size=int, n_token=int, n_layer=int, n_head=int, d_model=int, d_head=int, d_inner=int,
-                   d_embed=int, div_val=int, attn_type=int, sample_softmax=int, clamp_len=int, tgt_len=(int, None),
-                   ext_len=(int, None), mem_len=(int, None), dropout=float, dropatt=float, layer_norm_epsilon=float,
-                   same_length=bool, pre_lnorm=bool, untie_r=bool, tie_word_embeddings=bool,
-                   proj_share_all_but_first=bool, cutoffs=[int], tie_projs=[bool])
 MAX_HEADER = 100 << 20  # bytes of a safetensors header (the safetensors library's limit too)
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
                 'pytorch_model.bin.index.json')
@@ -70,9 +63,6 @@ def read_config(directory):
 def model_config(hf, path='config.json'):
     """This repository's MemTransformerLM configuration for a TransfoXLConfig: (config, {key: source})."""
     get = lambda key: hf.get(key, HF_DEFAULTS.get(key))  # noqa: E731
-    wrong = next((k for k, kind in FIELD_TYPES.items() if k in hf and not _is(hf[k], kind)), None)
-    if wrong:
-        raise HFImportError(f'{path}: {wrong} is {hf[wrong]!r}, not {_type_name(FIELD_TYPES[wrong])}: correct it')
     missing = [k for k in REQUIRED if k not in hf] + ([] if 'vocab_size' in hf or 'n_token' in hf else ['vocab_size'])
     if missing:
         raise HFImportError(f'{path} has no {", ".join(missing)}: it is not a Transformer-XL configuration')
@@ -84,12 +74,12 @@ def model_config(hf, path='config.json'):
         raise HFImportError(f'{path}: layer_norm_epsilon {get("layer_norm_epsilon")!r}; this model\'s LayerNorms '
                             'use 1e-5, as the original')
     cutoffs = hf['cutoffs']
+    if not isinstance(cutoffs, list):
+        raise HFImportError(f'{path}: cutoffs is {cutoffs!r}, not a list of token ids')
     tie_projs = hf.get('tie_projs')
     if tie_projs is None:  # the current config stores the rule; TransfoXLConfig turns it into the list
         tie_projs = [False] + [get('proj_share_all_but_first')] * len(cutoffs)
-    if len(tie_projs) > len(cutoffs) + 1:
-        raise HFImportError(f'{path}: tie_projs has {len(tie_projs)} entries, more than the {len(cutoffs) + 1} '
-                            'clusters of its cutoffs')
+    # The values as config.json gives them: ModelConfig checks them ("false" is not a bool, "yes" no list).
     config = dict(n_token=hf.get('vocab_size', hf.get('n_token')), n_layer=hf['n_layer'], n_head=hf['n_head'],
                   d_model=hf['d_model'], d_head=hf['d_head'], d_inner=hf['d_inner'], dropout=get('dropout'),
                   dropatt=get('dropatt'), tie_weight=get('tie_word_embeddings'), d_embed=hf['d_embed'],
@@ -108,26 +98,6 @@ def model_config(hf, path='config.json'):
         sources[key] = 'config.json' if key in hf else 'default (eval.py and train.py set it)'
     sources['attn_type'] = sources['sample_softmax'] = 'Hugging Face (the only one)'
     return config, sources
-
-
-def _is(value, kind):
-    if isinstance(kind, list):
-        return isinstance(value, list) and all(_is(v, kind[0]) for v in value)
-    if isinstance(kind, tuple):
-        return any(_is(value, k) for k in kind)
-    if kind is None:
-        return value is None
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-
-
-def _type_name(kind):
-    if isinstance(kind, list):
-        return {int: 'a list of integers', bool: 'a list of true/false values'}[kind[0]]
-    if isinstance(kind, tuple):
-        return ' or '.join(_type_name(k) for k in kind)
-    return {int: 'an integer', float: 'a number', bool: 'true or false', None: 'null'}[kind]
 
 
 # ----------------------------------------------------------------------------- weights
