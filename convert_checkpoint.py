@@ -36,7 +36,7 @@ from mem_transformer import MemTransformerLM, ModelConfig
 from utils import checkpoint as ckpt
 from utils import files
 from utils import hf_transfo_xl as hf_xl
-from utils.exp_utils import OneLineArgumentParser
+from utils.exp_utils import OneLineArgumentParser, physical_memory
 from moe import GATES
 from utils.proj_adaptive_softmax import rename_projection_keys
 from run.corpus import open_corpus
@@ -724,7 +724,7 @@ def _is_project_checkpoint(path):
 
 def check_memory(need, what):
     """Refuse to build what needs more bytes than this machine's memory, rather than fail while building it."""
-    have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    have = physical_memory()
     if need > have:
         raise ConversionError(f'{what} needs {need / 2 ** 30:.1f} GiB to build, more than the {have / 2 ** 30:.1f} '
                               'GiB of memory of this machine: ask for less')

@@ -18,7 +18,7 @@ import torch
 from utils import files
 from run.corpus import open_corpus
 from run.evaluation import set_eval_lengths
-from utils.exp_utils import OneLineArgumentParser, pick_device
+from utils.exp_utils import OneLineArgumentParser, physical_memory, pick_device
 from utils.errors import ConfigError, UserError
 from utils.files import atomic_write
 from run.generation import Decoder, TextCodec, bytes_per_sample, check_sampling, iter_tokens
@@ -102,7 +102,7 @@ def check_memory(args, model, tgt_len, prompt_len, device):
     if device.type == 'cuda':
         have = torch.cuda.get_device_properties(device).total_memory
     else:
-        have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+        have = physical_memory()
     if need > have:
         raise ConfigError(f'--num_samples {args.num_samples} of --max_tokens {args.max_tokens} need about '
                           f'{need / 2 ** 30:,.1f} GiB, more than the {have / 2 ** 30:,.1f} GiB of {device.type}: '
