@@ -110,6 +110,9 @@ def main(argv=None):
         return 2
     try:
         return evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist)
+    except files.WriteError as e:  # eval.json: a full disk, or a run directory taken away
+        print(f'eval.py: error: {e}', file=sys.stderr)
+        return 2
     finally:
         dist.close()
 
@@ -177,12 +180,8 @@ def evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist):
                                                               'clamp_len', 'same_length')},
                   **results}
         path = os.path.join(args.work_dir, 'eval.json')
-        try:
-            with atomic_write(path) as f:
-                json.dump(report, f, indent=2)
-        except files.WriteError as e:
-            print(f'eval.py: error: {e}', file=sys.stderr)
-            return 2
+        with atomic_write(path) as f:
+            json.dump(report, f, indent=2)
         log(f'Wrote {path}')
     return 0
 

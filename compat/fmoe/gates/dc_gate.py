@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from .._repo import moe
-from .gshard_gate import check_top_k
 from .naive_gate import NaiveGate
 from .switch_gate import check_local_capacity
 
@@ -17,8 +16,7 @@ class DCGate(NaiveGate):
 
     def __init__(self, d_model, num_expert, world_size, topk=2, capacity=(1.2, 2.4), random_routing=True,
                  gate_bias=True):
-        check_top_k('DCGate', topk, 2)
-        check_local_capacity('DCGate', world_size)
+        check_local_capacity('DCGate', topk, 2, world_size)
         super().__init__(d_model, num_expert, world_size, top_k=2, gate_bias=gate_bias)
         self.capacity, self.random_routing = capacity, random_routing
 

@@ -9,7 +9,9 @@ from .gshard_gate import check_top_k
 from .naive_gate import NaiveGate
 
 
-def check_local_capacity(gate, world_size):
+def check_local_capacity(gate, topk, routes, world_size):
+    """The gates whose capacity counts every worker's tokens: exactly `routes` experts per token, one worker."""
+    check_top_k(gate, topk, routes)
     if world_size != 1:
         raise refuse(f'{gate}(world_size={world_size!r})',
                      f'{gate}\'s capacity counts the tokens of every worker (FastMoE exchanges the counts in its '
@@ -24,8 +26,7 @@ class SwitchGate(NaiveGate):
 
     def __init__(self, d_model, num_expert, world_size, topk=1, switch_eps=.1, capacity=(1.2, 2.4),
                  gate_bias=True):
-        check_top_k('SwitchGate', topk, 1)
-        check_local_capacity('SwitchGate', world_size)
+        check_local_capacity('SwitchGate', topk, 1, world_size)
         super().__init__(d_model, num_expert, world_size, top_k=1, gate_bias=gate_bias)
         self.switch_eps, self.capacity = switch_eps, capacity
 
