@@ -74,6 +74,29 @@ def test_fastmoes_benchmark_runs_the_shims_layer(harness_run):
     assert re.search(r'Performance test of FMoETransformerMLP .*\nTime mean/max/stdev/back [\d. ]+ ms', log), log
 
 
+# FastMoE's worker processes (started by test_ddp._run_distributed, which sets OMPI_COMM_WORLD_RANK) end through
+# the interpreter's finalization with their gloo process group alive, and gloo's threads then abort now and then
+# ("terminate called without an active exception", exit -6) after the work is done and checked: the repository's
+# own scripts leave through os._exit under torchrun for the same reason (run.distributed.exit_process). These
+# workers do the same: after every other exit handler, flush and leave with 1 if an exception went uncaught, else 0.
+WORKER_EXIT = """import atexit, os, sys
+if 'OMPI_COMM_WORLD_RANK' in os.environ:
+    _uncaught = []
+    _excepthook = sys.excepthook
+
+    def _record(*exc_info):
+        _uncaught.append(exc_info[0])
+        _excepthook(*exc_info)
+
+    def _leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if _uncaught else 0)
+    sys.excepthook = _record
+    atexit.register(_leave)
+"""
+
+
 @pytest.fixture(scope='module')
 def two_device_tests(tmp_path_factory):
     """FastMoE's tests/ as it is, and a venv of their own whose Python processes see the shim as `fmoe`, the
@@ -85,9 +108,10 @@ def two_device_tests(tmp_path_factory):
     python = work / 'venv' / 'bin' / 'python'
     site = subprocess.run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
                           capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / 'fastmoe_worker_exit.py').write_text(WORKER_EXIT)
     (Path(site) / 'fastmoe_two_devices.pth').write_text('\n'.join([
         str(TORCH_SITE), str(REPO / 'compat'), str(HARNESS / 'py'),
-        'import sys; sys.dont_write_bytecode = True; import fmoe_suite_cpu, torch; '
+        'import sys; sys.dont_write_bytecode = True; import fmoe_suite_cpu, torch, fastmoe_worker_exit; '
         'torch.cuda.device_count = lambda: 2', '']))
     # test_ddp's launcher copies LD_LIBRARY_PATH into its processes' environment and fails when it is unset
     env = dict(os.environ, LD_LIBRARY_PATH=os.environ.get('LD_LIBRARY_PATH') or str(TORCH_SITE / 'torch' / 'lib'))
