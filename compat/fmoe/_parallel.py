@@ -4,10 +4,6 @@ import torch
 import torch.distributed as dist
 
 
-def group_rank(group):
-    return dist.get_rank(group)
-
-
 def exchange(rows, send_splits, recv_splits, group):
     """all_to_all of rows: send_splits[r] rows go to rank r of group, recv_splits[r] rows come from it."""
     out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
