@@ -1005,8 +1005,11 @@ class MemTransformerLM(nn.Module):
         """A forward's balance and router z-losses, weighted by their coefficients: a 0-dim tensor in the forward's
         graph (0 for a dense model)."""
         total = torch.zeros((), device=next(self.parameters()).device)
-        for stats in moe_stats:
-            total = total + self.moe_balance_coef * stats.balance_loss + self.moe_zloss_coef * stats.z_loss
+        for stats in moe_stats:   # a loss with weight 0 is not computed (z_loss is computed when read)
+            if self.moe_balance_coef:
+                total = total + self.moe_balance_coef * stats.balance_loss
+            if self.moe_zloss_coef:
+                total = total + self.moe_zloss_coef * stats.z_loss
         return total
 
     def moe_load(self, moe_stats):

@@ -57,9 +57,17 @@ class Routing(NamedTuple):
 class MoEStats(NamedTuple):
     """What one MoE layer's forward reports beside its output."""
     balance_loss: torch.Tensor  # 0-d, in the graph: the gate's balance loss
-    z_loss: torch.Tensor        # 0-d, in the graph: the router z-loss (ST-MoE), mean logsumexp(logits)^2
+    logits: torch.Tensor        # [N, E] the gate's raw logits (before any noise), in the graph
     load: torch.Tensor          # [E] long, detached: token copies each expert computed
     dropped: torch.Tensor       # 0-d long, detached: copies dropped by the capacity limit
+
+    @property
+    def z_loss(self):
+        """0-d, in the graph: the router z-loss (ST-MoE), mean over tokens of logsumexp(logits)^2, which keeps
+        the logits small. Computed when read, so that a caller that does not weigh it pays nothing for it."""
+        if self.logits.shape[0] == 0:
+            return self.logits.new_zeros((), dtype=torch.float32)
+        return (torch.logsumexp(at_least_fp32(self.logits), dim=-1) ** 2).mean()
 
 
 def sort_by_expert(expert, num_expert):
@@ -435,9 +443,9 @@ class GroupedLinear(torch.autograd.Function):
     Written out rather than left to autograd because _grouped_mm's own backward rejects
     incoming gradients with zero strides (e.g. from out.sum()); here the gradient is made
     contiguous, the bias is added in place and its gradient is a scatter-add per expert.
-    It saves the rows, the weight itself and the group ends; under autocast the weight is cast to the rows' dtype
-    in the forward and again in the backward (a weight-sized pass more per step, rather than a second copy of
-    every expert weight alive from the forward to the backward).
+    `weight` is the parameter, whose gradient this returns in its dtype; `w` is the weight the products read, the
+    parameter itself or its copy in the rows' dtype (FusedExpertLinear.weight_in). It saves the rows, w and the group
+    ends: no cast of a weight-sized tensor in the backward.
     The weight stays [E, out, in]: its transposed view is the column-major operand CUDA's kernel takes,
     and on CPUs the products read it through BLAS's transpose flag (no copy either way).
 
@@ -447,22 +455,22 @@ class GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, offs, expert, padded):
-        rows, w = rows.contiguous(), weight.to(rows.dtype)
+    def forward(ctx, rows, weight, w, bias, offs, expert, padded):
+        rows = rows.contiguous()
         out = grouped_mm(rows, w.transpose(1, 2), offs=offs)
         if bias is not None:
             expert = expert.clamp(max=w.shape[0] - 1)   # a padding row's id is num_expert: index anything
             out += bias.to(out.dtype).index_select(0, expert)
         in_group = torch.arange(out.shape[0], device=out.device) < offs[-1] if padded else None
         out = kept_rows(out, in_group)
-        ctx.save_for_backward(rows, weight, offs, expert if bias is not None else None, in_group)
+        ctx.save_for_backward(rows, w, offs, expert if bias is not None else None, in_group)
         ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, weight, offs, expert, in_group = ctx.saved_tensors
+        rows, w, offs, expert, in_group = ctx.saved_tensors
         grad = kept_rows(grad.contiguous(), in_group)
         grad_rows = grad_weight = grad_bias = None
         # Experts that received no rows must get a zero gradient; a mask, not a branch (no host sync), and only
@@ -470,12 +478,12 @@ class GroupedLinear(torch.autograd.Function):
         empty = (None if grouped_mm_zeroes_empty_groups(grad.device)
                  else torch.diff(offs, prepend=offs.new_zeros(1)) == 0)
         if ctx.needs_input_grad[0]:
-            grad_rows = kept_rows(grouped_mm(grad, weight.to(grad.dtype), offs=offs), in_group)
+            grad_rows = kept_rows(grouped_mm(grad, w, offs=offs), in_group)
         if ctx.needs_input_grad[1]:
             grad_weight = zero_experts(grouped_mm(grad.t(), rows, offs=offs), empty).to(ctx.weight_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = zero_experts(per_expert_column_sums(grad, expert, offs), empty).to(ctx.weight_dtype)
-        return grad_rows, grad_weight, grad_bias, None, None, None
+        return grad_rows, grad_weight, None, grad_bias, None, None, None
 
 
 def kept_rows(t, in_group):
@@ -540,7 +548,8 @@ def tiling(plan, num_expert, tile):
 
 
 class TileCopies(torch.autograd.Function):
-    """param [E, ...] -> [n_tiles, ...] in `dtype`: each tile's copy of its expert's slice, param[tile_expert].
+    """param [E, ...] -> [n_tiles, ...]: each tile's copy of its expert's slice, read from `source` (param itself, or
+    its copy in the compute dtype: FusedExpertLinear.weight_in), source[tile_expert].
 
     The gradient of the copies that share an expert is summed in the parameter's dtype by one index_add_ over a
     contiguous gradient (autograd's own backward of index_select scatters a strided one, 6x slower on CPUs).
@@ -548,10 +557,10 @@ class TileCopies(torch.autograd.Function):
     kernel instead."""
 
     @staticmethod
-    def forward(ctx, param, tile_expert, dtype):
+    def forward(ctx, param, source, tile_expert):
         ctx.save_for_backward(tile_expert)
         ctx.param_shape, ctx.param_dtype = param.shape, param.dtype
-        return param.index_select(0, tile_expert).to(dtype)
+        return source.index_select(0, tile_expert)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -573,12 +582,38 @@ class FusedExpertLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_expert, out_feat)) if bias else None
         # As FMoELinear: kaiming_uniform_ on the 3-D tensor (so its fan-in is out*in), bias zero.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self._weight_copy = None   # (key, copy): weight_in's copy of the weight in another dtype
+
+    def weight_in(self, dtype):
+        """The weight for products in `dtype`, outside autograd: the parameter itself, or its copy in `dtype`, cast
+        once and reused until the parameter changes. Under autocast the experts' weights are the largest tensors
+        the layer reads; one cast per optimizer step (and none per gradient-accumulation chunk or evaluation batch)
+        replaces a cast in every forward and another in every backward. The copy (half the fp32 weight's size)
+        stays with the module between steps and is never saved.
+
+        "Changes" as autograd sees a saved tensor change: a new version (any in-place write: an optimizer step,
+        load_state_dict, copy_ under no_grad) or new storage (to(), `.data = `). Like autograd, it cannot see a
+        write through `.data`, which bypasses the version counter; call drop_weight_copy() after one."""
+        weight = self.weight
+        if weight.dtype == dtype or torch.compiler.is_compiling():
+            return weight.detach().to(dtype)
+        key = (dtype, weight.device, weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
+        if self._weight_copy is None or self._weight_copy[0] != key:
+            self._weight_copy = None   # free the old copy before making the new one
+            with torch.no_grad():
+                self._weight_copy = (key, weight.to(dtype))
+        return self._weight_copy[1]
+
+    def drop_weight_copy(self):
+        """Forget weight_in's copy (after a write through `.data`, or to free its memory)."""
+        self._weight_copy = None
 
     def forward(self, rows, plan, path):
         """rows [M, in] sorted by expert -> [M, out]; path 'grouped_mm' or 'slices' (see expert_path)."""
         if path == 'grouped_mm':
             offs = torch.cumsum(plan.counts, 0).to(torch.int32)
-            return GroupedLinear.apply(rows, self.weight, self.bias, offs, plan.expert, plan.padded)
+            return GroupedLinear.apply(rows, self.weight, self.weight_in(rows.dtype), self.bias, offs, plan.expert,
+                                       plan.padded)
         weight = self.weight.to(rows.dtype)
         bias = None if self.bias is None else self.bias.to(rows.dtype)
         # unbind/split have cheap backwards (stack/cat), unlike indexing weight[e] per expert
@@ -590,10 +625,11 @@ class FusedExpertLinear(nn.Module):
     def tiled(self, x, tile_expert):
         """x [n_tiles, tile, in] -> [n_tiles, tile, out], tile t through expert tile_expert[t]'s map: one batched
         product on each tile's copy of its expert's weight (TileCopies)."""
-        w = TileCopies.apply(self.weight, tile_expert, x.dtype).transpose(1, 2)
+        w = TileCopies.apply(self.weight, self.weight_in(x.dtype), tile_expert).transpose(1, 2)
         if self.bias is None:
             return torch.bmm(x, w)
-        return torch.baddbmm(TileCopies.apply(self.bias, tile_expert, x.dtype).unsqueeze(1), x, w)
+        bias = TileCopies.apply(self.bias, self.bias.detach().to(x.dtype), tile_expert)
+        return torch.baddbmm(bias.unsqueeze(1), x, w)
 
     def keep_experts(self, start, stop):
         """Keep experts [start, stop) only (new parameters holding their weights): an expert-parallel shard."""
@@ -804,13 +840,11 @@ class FMoETransformerMLP(nn.Module):
 
     @staticmethod
     def _stats(routing, plan):
-        # router z-loss (ST-MoE): keeps the logits small; on the raw logits, before switch jitter
-        z_loss = (torch.logsumexp(at_least_fp32(routing.logits), dim=-1) ** 2).mean()
-        return MoEStats(routing.balance_loss, z_loss, plan.counts.detach(), routing.dropped.detach())
+        return MoEStats(routing.balance_loss, routing.logits, plan.counts.detach(), routing.dropped.detach())
 
     def _empty_stats(self, device):
-        zero = torch.zeros((), device=device)
-        return MoEStats(zero, zero, torch.zeros(self.num_expert, dtype=torch.long, device=device),
+        return MoEStats(torch.zeros((), device=device), torch.zeros(0, self.num_expert, device=device),
+                        torch.zeros(self.num_expert, dtype=torch.long, device=device),
                         torch.zeros((), dtype=torch.long, device=device))
 
 

@@ -74,6 +74,24 @@ def skips_on_device(optimizer):
                for group in optimizer.param_groups)
 
 
+def clips_in_step(optimizer, clip_params):
+    """Whether the gradient clipping can ride in the optimizer's own kernel: torch's fused optimizers divide each
+    gradient by `grad_scale` (GradScaler's contract, as found_inf) as they read it, which spares clipping's own pass
+    over every gradient (the largest part of a 64-expert model's clipping: bench/README.md). Only where every
+    parameter the optimizer updates is one that is clipped (not with --clip_nonemb's unclipped embeddings)."""
+    if not getattr(optimizer, '_step_supports_amp_scaling', False):
+        return False
+    if not all(group.get('fused') for group in optimizer.param_groups):
+        return False
+    clipped = {id(p) for p in clip_params}
+    return all(id(p) in clipped for group in optimizer.param_groups for p in group['params'])
+
+
+def clip_coefficient(total_norm, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
 def record_skip(scaler, optimizer, finite):
     """Make the loss scaler's overflow record of this step the step's skip decision `finite` (a device bool).
 
@@ -265,7 +283,11 @@ class Trainer:
 
         dist.finish_grads(model)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = dist.clip_grad_norm_(self.clip_params, config.clip)
+        if clips_in_step(self.optimizer, self.clip_params):
+            grad_norm = dist.grad_norm(self.clip_params)
+            self.optimizer.grad_scale = 1. / clip_coefficient(grad_norm, config.clip)   # optimizer_step removes it
+        else:
+            grad_norm = dist.clip_grad_norm_(self.clip_params, config.clip)
         finite = torch.isfinite(grad_norm)
         if config.clip_nonemb:  # the unclipped embedding gradients must be finite too
             finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
@@ -291,17 +313,18 @@ class Trainer:
         as GradScaler.step would. Returns whether the update was applied: the device flag itself where the
         optimizer skips on the device, else the bool read from it (one host sync)."""
         optimizer = self.optimizer
-        if skips_on_device(optimizer):
-            optimizer.found_inf = (~finite).float()  # GradScaler's contract with torch's fused optimizers
-            try:
+        try:
+            if skips_on_device(optimizer):
+                optimizer.found_inf = (~finite).float()  # GradScaler's contract with torch's fused optimizers
                 optimizer.step()
-            finally:
-                del optimizer.found_inf
-            return finite
-        if bool(finite):
-            optimizer.step()
-            return True
-        return False
+                return finite
+            if bool(finite):
+                optimizer.step()
+                return True
+            return False
+        finally:
+            optimizer.__dict__.pop('found_inf', None)
+            optimizer.__dict__.pop('grad_scale', None)
 
     def check_nonfinite(self):
         """Stop the run once the loss has been non-finite NONFINITE_LIMIT steps in a row. Called where the host

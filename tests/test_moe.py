@@ -419,6 +419,70 @@ def test_fast_paths_equal_slices_bf16_autocast(gate, capacity, path, device):
     assert (outs['slices'] - fp32).abs().max() <= 4 * BF16_RTOL * outs['slices'].abs().max()
 
 
+def bf16_step(layer, x, seed=2):
+    """One bf16-autocast forward and backward of `layer` on a copy of x: (output, input grad, parameter grads)."""
+    layer.zero_grad(set_to_none=True)
+    xb = x.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out = run_layer(layer, xb, seed)[0]
+    out.square().sum().backward()
+    return [out, xb.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize('path', FAST_PATHS)
+def test_bf16_weight_copy_is_made_once_per_change_and_equals_a_fresh_cast(path, device):
+    """Under autocast the experts read a bf16 copy of their weights, cast once and kept until the parameter changes:
+    an optimizer step, load_state_dict, a move. Each step's output and gradients equal those of a layer that casts
+    afresh at every call (drop_weight_copy), bit for bit, through a few optimizer steps."""
+    if path == 'grouped_mm' and not grouped_mm_available(device, torch.bfloat16):
+        pytest.skip(f'grouped_mm does not run bf16 on this {device.type}')
+    x = torch.randn(64, 32).to(device)
+    kept, fresh = (make_layer(num_expert=8, d_model=32, d_hidden=64, expert_backend=path).to(device)
+                   for _ in range(2))
+    optimizers = [torch.optim.Adam(layer.parameters(), lr=1e-2) for layer in (kept, fresh)]
+    linears = (kept.experts.htoh4, kept.experts.h4toh)
+    for step in range(3):
+        copies = [lin.weight_in(torch.bfloat16) for lin in linears]
+        for lin in (fresh.experts.htoh4, fresh.experts.h4toh):
+            lin.drop_weight_copy()
+        got, want = bf16_step(kept, x), bf16_step(fresh, x)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        for lin, copy in zip(linears, copies):   # the same copy served the forward and the backward
+            assert lin.weight_in(torch.bfloat16) is copy
+            assert torch.equal(copy, lin.weight.detach().to(torch.bfloat16))
+        for opt in optimizers:
+            opt.step()
+        for lin, copy in zip(linears, copies):   # the step changed the weights: a new copy, of the new values
+            new = lin.weight_in(torch.bfloat16)
+            assert new is not copy and torch.equal(new, lin.weight.detach().to(torch.bfloat16))
+    assert kept.experts.htoh4.weight_in(torch.float32) is not None   # fp32 reads the parameter itself:
+    assert kept.experts.htoh4.weight_in(torch.float32).data_ptr() == kept.experts.htoh4.weight.data_ptr()
+
+
+def test_weight_copy_follows_load_state_dict_moves_and_inference_mode():
+    layer = make_layer(num_expert=4, d_model=16, d_hidden=32)
+    lin = layer.experts.htoh4
+    copy = lin.weight_in(torch.bfloat16)
+    other = make_layer(num_expert=4, d_model=16, d_hidden=32, seed=1)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(lin.weight_in(torch.bfloat16), other.experts.htoh4.weight.detach().bfloat16())
+    assert not torch.equal(copy, lin.weight_in(torch.bfloat16))
+    lin.weight.data = lin.weight.detach() * 2   # new storage: seen
+    assert torch.equal(lin.weight_in(torch.bfloat16), lin.weight.detach().bfloat16())
+    lin.weight.data.mul_(3)                     # through .data, as autograd, unseen until dropped
+    lin.drop_weight_copy()
+    assert torch.equal(lin.weight_in(torch.bfloat16), lin.weight.detach().bfloat16())
+    assert 'weight_copy' not in ' '.join(layer.state_dict())
+    # A copy made under inference_mode is an inference tensor, which autograd cannot save: a training step
+    # after an evaluation under inference_mode makes its own.
+    x = torch.randn(8, 16)
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(x)
+    bf16_step(layer, x)[0].sum()
+    assert layer.experts.htoh4.weight.grad is not None and torch.isfinite(layer.experts.htoh4.weight.grad).all()
+
+
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_experts_without_tokens_forward_and_backward(backend):
     layer = make_layer('naive', num_expert=8, expert_backend=backend)

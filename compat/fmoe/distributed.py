@@ -67,11 +67,12 @@ class DistributedGroupedDataParallel(nn.Module):
 
     def _sync_params(self):
         for (comm, _), group in self._groups(list(self.module.parameters())).items():
-            datas = [p.data for p in group]
+            datas = [p.detach() for p in group]
             flat = _flatten_dense_tensors(datas)
             dist.broadcast(flat, dist.get_global_rank(self.comms[comm], 0), group=self.comms[comm])
-            for data, synced in zip(datas, _unflatten_dense_tensors(flat, datas)):
-                data.copy_(synced)
+            with torch.no_grad():   # not through .data: the parameters' versions move, as moe.weight_in reads them
+                for param, synced in zip(group, _unflatten_dense_tensors(flat, datas)):
+                    param.copy_(synced)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -24,8 +24,8 @@ def linear_rows(module, inp, fwd_expert_count, weight, bias):
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
     rows = inp.to(dtype)
     plan = expert_plan(fwd_expert_count, dev)
-    use_grouped_mm = moe.grouped_mm_fits(dev, dtype, (weight.shape[1], weight.shape[2]))
-    return moe.FusedExpertLinear.forward(module, rows, plan, use_grouped_mm)
+    path = 'grouped_mm' if moe.grouped_mm_fits(dev, dtype, (weight.shape[1], weight.shape[2])) else 'slices'
+    return moe.FusedExpertLinear.forward(module, rows, plan, path)
 
 
 class FMoELinear(moe.FusedExpertLinear):
@@ -63,3 +63,6 @@ class _Weights:
 
     def __init__(self, weight, bias):
         self.weight, self.bias, self.num_expert = weight, bias, weight.shape[0]
+
+    def weight_in(self, dtype):
+        return self.weight.detach().to(dtype)   # a bare tensor: no copy kept between calls
