@@ -52,12 +52,16 @@ def test_verdicts(value, spread, quick, expected):
 def test_full_run_report_judges_every_target_under_a_heading(real_run, capsys):
     run_all.report(real_run)
     out = capsys.readouterr().out
-    heading = next(line for line in out.splitlines() if line.startswith('Targets of issue 6'))
+    heading = next(line for line in out.splitlines() if line.startswith('Targets:'))
     assert "bench/README.md, 'Targets'" in heading
     judged = [line for line in out.split(heading)[1].splitlines() if line.startswith('  ')]
-    # 7 of training (bf16 step, enwik8-base, (a) in fp32 and bf16, (c) three times), 10 of the MoE layer
-    assert len(judged) == 17 and all(line.endswith(('holds', 'MISSED')) for line in judged)
-    assert '  train, (c) 64-expert step fp32, 1 thread(s): 0.62x' in out
+    # 7 of training (bf16 step, enwik8-base, (a) in fp32 and bf16, (c) three times); of the MoE layer, at each of
+    # 2 shapes x 3 expert counts: against the floor, Mixtral's time and its peak memory, and in bf16 moe-stepped
+    # against the floor too: 2 x 3 x 7
+    assert len(judged) == 7 + 42
+    assert all(line.endswith(('holds', 'MISSED')) or 'UNCLEAR: its repeats gave' in line for line in judged)
+    assert '  train, (c) 64-expert step fp32, 1 thread(s): 0.75x' in out
+    assert "  MoE layer, 64 experts bf16, 5632x512x1024, moe: time / transformers' grouped_mm Mixtral" in out
     assert '(b) skipped' not in out   # its Mixtral rows are there
 
 
@@ -69,8 +73,8 @@ def test_quick_run_report_says_why_no_target_is_judged(real_run, capsys):
     run_all.report(quick)
     out = capsys.readouterr().out
     assert 'MISSED' not in out and 'holds' not in out
-    assert out.count('not judged (--quick)\n') == 17 + 1   # and the loss check
-    heading = next(line for line in out.splitlines() if line.startswith('Targets of issue 6'))
+    assert out.count('not judged (--quick)\n') == 49 + 1   # and the loss check
+    heading = next(line for line in out.splitlines() if line.startswith('Targets, not judged'))
     assert '--quick times 3 repeats after 1 warm-up (a full run: 10 after 2)' in heading
     assert 'the bf16 loss check over 40 steps (the target: 200)' in heading and 'not judged' in heading
 
@@ -117,3 +121,30 @@ def test_the_installed_version_is_read_and_reported(real_run, monkeypatch, capsy
     del without_mixtral['transformers']   # an earlier run's JSON: what was installed then is not known
     run_all.report(without_mixtral)
     assert '(b) skipped: no Mixtral rows in this run (they need transformers 5.0 or later' in capsys.readouterr().out
+
+
+def moe_row(variant, dtype='fp32', vs_floor=1.0, vs_mixtral=None, peak_mib=None, shape='1024x256x512'):
+    return dict(shape=shape, experts=8, dtype=dtype, variant=variant, vs_floor=vs_floor, vs_mixtral=vs_mixtral,
+                vs_mixtral_range=None, peak_mib=peak_mib)
+
+
+def test_the_moe_layer_is_judged_against_its_floor_and_the_mixtral_experts_cell_by_cell():
+    rows = [moe_row('moe', vs_floor=1.09, vs_mixtral=0.97, peak_mib=30.0),
+            moe_row('moe-stepped', vs_floor=1.12),                       # fp32: no copy to make, not judged
+            moe_row('mixtral-grouped_mm', vs_floor=1.2, vs_mixtral=1.0, peak_mib=29.0),
+            moe_row('moe', 'bf16', vs_floor=1.21, vs_mixtral=0.6),
+            moe_row('mixtral-grouped_mm', 'bf16', vs_floor=2.0, vs_mixtral=1.0),
+            moe_row('moe-stepped', 'bf16', vs_floor=1.19),
+            moe_row('moe', shape='5632x512x1024', vs_floor=1.11)]       # no Mixtral row in this cell
+    lines = report.moe_target_lines(rows)
+    assert lines == [
+        '  8 experts fp32, 1024x256x512, moe: time / floor = 1.09 (target <= 1.1) holds',
+        "  8 experts fp32, 1024x256x512, moe: time / transformers' grouped_mm Mixtral experts = 0.97 (target <= 1.0) "
+        'holds',
+        "  8 experts fp32, 1024x256x512, moe: peak MiB 30.0 vs the Mixtral experts' 29.0 (target <=) MISSED",
+        '  8 experts bf16, 1024x256x512, moe: time / floor = 1.21 (target <= 1.2) MISSED',
+        "  8 experts bf16, 1024x256x512, moe: time / transformers' grouped_mm Mixtral experts = 0.60 (target <= 1.0) "
+        'holds',
+        '  8 experts bf16, 1024x256x512, moe-stepped: time / floor = 1.19 (target <= 1.2) holds',
+        '  8 experts fp32, 5632x512x1024, moe: time / floor = 1.11 (target <= 1.1) MISSED']
+    assert all(line.endswith('not judged (--quick)') for line in report.moe_target_lines(rows, quick=True))
