@@ -443,9 +443,10 @@ class GroupedLinear(torch.autograd.Function):
     Written out rather than left to autograd because _grouped_mm's own backward rejects
     incoming gradients with zero strides (e.g. from out.sum()); here the gradient is made
     contiguous, the bias is added in place and its gradient is a scatter-add per expert.
-    `weight` is the parameter, whose gradient this returns in its dtype; `w` is the weight the products read, the
-    parameter itself or its copy in the rows' dtype (FusedExpertLinear.weight_in). It saves the rows, w and the group
-    ends: no cast of a weight-sized tensor in the backward.
+    `weight` is the parameter, whose gradient this returns in its dtype; `w` is the weight the products read: the
+    parameter itself or the copy in the rows' dtype that FusedExpertLinear.weight_in keeps, both saved for the
+    backward as they are; None where no copy is kept (keeps_weight_copies), and then the weight is cast in the forward
+    and again in the backward, so that no cast copy stays alive from one to the other.
     The weight stays [E, out, in]: its transposed view is the column-major operand CUDA's kernel takes,
     and on CPUs the products read it through BLAS's transpose flag (no copy either way).
 
@@ -457,13 +458,15 @@ class GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, w, bias, offs, expert, padded):
         rows = rows.contiguous()
+        ctx.recast = w is None
+        saved_weight, w = (weight, weight.to(rows.dtype)) if ctx.recast else (w, w)
         out = grouped_mm(rows, w.transpose(1, 2), offs=offs)
         if bias is not None:
             expert = expert.clamp(max=w.shape[0] - 1)   # a padding row's id is num_expert: index anything
             out += bias.to(out.dtype).index_select(0, expert)
         in_group = torch.arange(out.shape[0], device=out.device) < offs[-1] if padded else None
         out = kept_rows(out, in_group)
-        ctx.save_for_backward(rows, w, offs, expert if bias is not None else None, in_group)
+        ctx.save_for_backward(rows, saved_weight, offs, expert if bias is not None else None, in_group)
         ctx.weight_dtype, ctx.has_bias = weight.dtype, bias is not None
         return out
 
@@ -471,6 +474,7 @@ class GroupedLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         rows, w, offs, expert, in_group = ctx.saved_tensors
+        w = w.to(grad.dtype) if ctx.recast else w
         grad = kept_rows(grad.contiguous(), in_group)
         grad_rows = grad_weight = grad_bias = None
         # Experts that received no rows must get a zero gradient; a mask, not a branch (no host sync), and only
@@ -548,8 +552,8 @@ def tiling(plan, num_expert, tile):
 
 
 class TileCopies(torch.autograd.Function):
-    """param [E, ...] -> [n_tiles, ...]: each tile's copy of its expert's slice, read from `source` (param itself, or
-    its copy in the compute dtype: FusedExpertLinear.weight_in), source[tile_expert].
+    """param [E, ...] -> [n_tiles, ...] in `dtype`: each tile's copy of its expert's slice, read from `source` (the
+    copy FusedExpertLinear.weight_in keeps; param itself when None), source[tile_expert].
 
     The gradient of the copies that share an expert is summed in the parameter's dtype by one index_add_ over a
     contiguous gradient (autograd's own backward of index_select scatters a strided one, 6x slower on CPUs).
@@ -557,20 +561,29 @@ class TileCopies(torch.autograd.Function):
     kernel instead."""
 
     @staticmethod
-    def forward(ctx, param, source, tile_expert):
+    def forward(ctx, param, source, tile_expert, dtype):
         ctx.save_for_backward(tile_expert)
         ctx.param_shape, ctx.param_dtype = param.shape, param.dtype
-        return source.index_select(0, tile_expert)
+        return (param if source is None else source).index_select(0, tile_expert).to(dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         tile_expert, = ctx.saved_tensors
         summed = grad.new_zeros(ctx.param_shape, dtype=ctx.param_dtype)
-        return summed.index_add_(0, tile_expert, grad.contiguous().to(ctx.param_dtype)), None, None
+        return summed.index_add_(0, tile_expert, grad.contiguous().to(ctx.param_dtype)), None, None, None
 
 
 # ----------------------------------------------------------------------------- the experts' FFN
+
+def keeps_weight_copies(device):
+    """Whether the experts keep a copy of their weights in the compute dtype from one use to the next
+    (FusedExpertLinear.weight_in). On CPUs a cast of a 64-expert layer's weights takes about a tenth of the time of
+    their products and memory is plentiful: the copy is kept. On accelerators a cast is a few hundredths of a
+    percent of a step and memory is what runs out (run_enwik8_base_moe.sh's model would keep 1.6 GB of bf16 copies):
+    each use casts afresh, and no cast copy lives from the forward to the backward."""
+    return torch.device(device).type == 'cpu'
+
 
 class FusedExpertLinear(nn.Module):
     """num_expert linear maps in one tensor, as FastMoE's FMoELinear: weight [E, out, in], bias [E, out]."""
@@ -585,18 +598,21 @@ class FusedExpertLinear(nn.Module):
         self._weight_copy = None   # (key, copy): weight_in's copy of the weight in another dtype
 
     def weight_in(self, dtype):
-        """The weight for products in `dtype`, outside autograd: the parameter itself, or its copy in `dtype`, cast
-        once and reused until the parameter changes. Under autocast the experts' weights are the largest tensors
-        the layer reads; one cast per optimizer step (and none per gradient-accumulation chunk or evaluation batch)
-        replaces a cast in every forward and another in every backward. The copy (half the fp32 weight's size)
-        stays with the module between steps and is never saved.
+        """The weight for products in `dtype`, outside autograd: the parameter itself; or where copies are kept
+        (keeps_weight_copies: CPUs), its copy in `dtype`, cast once and reused until the parameter changes; else
+        None (the products cast it at each use). Under autocast the experts' weights are the largest tensors the
+        layer reads; with the copy, one cast per optimizer step (and none per gradient-accumulation chunk or
+        evaluation batch) replaces a cast in every forward and another in every backward. The copy (half the fp32
+        weight's size) stays with the module between steps and is never saved.
 
         "Changes" as autograd sees a saved tensor change: a new version (any in-place write: an optimizer step,
         load_state_dict, copy_ under no_grad) or new storage (to(), `.data = `). Like autograd, it cannot see a
         write through `.data`, which bypasses the version counter; call drop_weight_copy() after one."""
         weight = self.weight
-        if weight.dtype == dtype or torch.compiler.is_compiling():
-            return weight.detach().to(dtype)
+        if weight.dtype == dtype:
+            return weight.detach()
+        if torch.compiler.is_compiling() or not keeps_weight_copies(weight.device):
+            return None
         key = (dtype, weight.device, weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
         if self._weight_copy is None or self._weight_copy[0] != key:
             self._weight_copy = None   # free the old copy before making the new one
@@ -625,11 +641,10 @@ class FusedExpertLinear(nn.Module):
     def tiled(self, x, tile_expert):
         """x [n_tiles, tile, in] -> [n_tiles, tile, out], tile t through expert tile_expert[t]'s map: one batched
         product on each tile's copy of its expert's weight (TileCopies)."""
-        w = TileCopies.apply(self.weight, self.weight_in(x.dtype), tile_expert).transpose(1, 2)
+        w = TileCopies.apply(self.weight, self.weight_in(x.dtype), tile_expert, x.dtype).transpose(1, 2)
         if self.bias is None:
             return torch.bmm(x, w)
-        bias = TileCopies.apply(self.bias, self.bias.detach().to(x.dtype), tile_expert)
-        return torch.baddbmm(bias.unsqueeze(1), x, w)
+        return torch.baddbmm(TileCopies.apply(self.bias, None, tile_expert, x.dtype).unsqueeze(1), x, w)
 
     def keep_experts(self, start, stop):
         """Keep experts [start, stop) only (new parameters holding their weights): an expert-parallel shard."""

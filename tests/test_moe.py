@@ -430,24 +430,27 @@ def bf16_step(layer, x, seed=2):
 
 
 @pytest.mark.parametrize('path', FAST_PATHS)
-def test_bf16_weight_copy_is_made_once_per_change_and_equals_a_fresh_cast(path, device):
-    """Under autocast the experts read a bf16 copy of their weights, cast once and kept until the parameter changes:
-    an optimizer step, load_state_dict, a move. Each step's output and gradients equal those of a layer that casts
-    afresh at every call (drop_weight_copy), bit for bit, through a few optimizer steps."""
-    if path == 'grouped_mm' and not grouped_mm_available(device, torch.bfloat16):
-        pytest.skip(f'grouped_mm does not run bf16 on this {device.type}')
-    x = torch.randn(64, 32).to(device)
-    kept, fresh = (make_layer(num_expert=8, d_model=32, d_hidden=64, expert_backend=path).to(device)
-                   for _ in range(2))
-    optimizers = [torch.optim.Adam(layer.parameters(), lr=1e-2) for layer in (kept, fresh)]
+def test_bf16_weight_copy_is_made_once_per_change_and_equals_a_fresh_cast(path, monkeypatch):
+    """Under autocast on CPUs the experts read a bf16 copy of their weights, cast once and kept until the parameter
+    changes: an optimizer step, load_state_dict, a move. Each step's output and gradients equal, bit for bit and
+    through a few optimizer steps, those of a layer that casts afresh at every call (drop_weight_copy), and those
+    of the accelerators' rule (keeps_weight_copies False: a cast in the forward, another in the backward)."""
+    x = torch.randn(64, 32)
+    kept, fresh, recast = (make_layer(num_expert=8, d_model=32, d_hidden=64, expert_backend=path) for _ in range(3))
+    optimizers = [torch.optim.Adam(layer.parameters(), lr=1e-2) for layer in (kept, fresh, recast)]
     linears = (kept.experts.htoh4, kept.experts.h4toh)
     for step in range(3):
         copies = [lin.weight_in(torch.bfloat16) for lin in linears]
         for lin in (fresh.experts.htoh4, fresh.experts.h4toh):
             lin.drop_weight_copy()
         got, want = bf16_step(kept, x), bf16_step(fresh, x)
-        for a, b in zip(got, want):
-            assert a.dtype == b.dtype and torch.equal(a, b)
+        with monkeypatch.context() as patch:
+            patch.setattr(moe, 'keeps_weight_copies', lambda device: False)
+            assert recast.experts.htoh4.weight_in(torch.bfloat16) is None
+            uncached = bf16_step(recast, x)
+        assert recast.experts.htoh4._weight_copy is None
+        for a, b, c in zip(got, want, uncached):
+            assert a.dtype == b.dtype == c.dtype and torch.equal(a, b) and torch.equal(a, c)
         for lin, copy in zip(linears, copies):   # the same copy served the forward and the backward
             assert lin.weight_in(torch.bfloat16) is copy
             assert torch.equal(copy, lin.weight.detach().to(torch.bfloat16))
@@ -456,8 +459,13 @@ def test_bf16_weight_copy_is_made_once_per_change_and_equals_a_fresh_cast(path, 
         for lin, copy in zip(linears, copies):   # the step changed the weights: a new copy, of the new values
             new = lin.weight_in(torch.bfloat16)
             assert new is not copy and torch.equal(new, lin.weight.detach().to(torch.bfloat16))
-    assert kept.experts.htoh4.weight_in(torch.float32) is not None   # fp32 reads the parameter itself:
-    assert kept.experts.htoh4.weight_in(torch.float32).data_ptr() == kept.experts.htoh4.weight.data_ptr()
+    lin = kept.experts.htoh4   # fp32 reads the parameter itself
+    assert lin.weight_in(torch.float32).data_ptr() == lin.weight.data_ptr()
+
+
+def test_copies_are_kept_on_cpus_only():
+    assert moe.keeps_weight_copies('cpu') and moe.keeps_weight_copies(torch.device('cpu'))
+    assert not moe.keeps_weight_copies('cuda') and not moe.keeps_weight_copies(torch.device('cuda', 1))
 
 
 def test_weight_copy_follows_load_state_dict_moves_and_inference_mode():

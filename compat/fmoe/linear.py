@@ -65,4 +65,5 @@ class _Weights:
         self.weight, self.bias, self.num_expert = weight, bias, weight.shape[0]
 
     def weight_in(self, dtype):
-        return self.weight.detach().to(dtype)   # a bare tensor: no copy kept between calls
+        """As moe.FusedExpertLinear.weight_in, for a bare tensor: no copy kept between calls."""
+        return self.weight.detach() if self.weight.dtype == dtype else None
