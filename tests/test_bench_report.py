@@ -60,7 +60,7 @@ def test_full_run_report_judges_every_target_under_a_heading(real_run, capsys):
     # against the floor too: 2 x 3 x 7
     assert len(judged) == 7 + 42
     assert all(line.endswith(('holds', 'MISSED')) or 'UNCLEAR: its repeats gave' in line for line in judged)
-    assert '  train, (c) 64-expert step fp32, 1 thread(s): 0.75x' in out
+    assert '  train, (c) 64-expert step fp32, 1 thread(s): 0.67x' in out
     assert "  MoE layer, 64 experts bf16, 5632x512x1024, moe: time / transformers' grouped_mm Mixtral" in out
     assert '(b) skipped' not in out   # its Mixtral rows are there
 
