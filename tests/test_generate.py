@@ -298,6 +298,11 @@ def test_cli_ctrl_c_writes_the_text_so_far(tmp_path, capsys, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return feed(self, tokens)
     monkeypatch.setattr(Decoder, 'feed', ctrl_c_at_the_fifth_feed)
-    code, out, err = run_cli(capsys, *args, '--max_tokens', '1000')
+    # Ctrl-C as a terminal delivers it: a suite started in the background (nohup ... &) inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, out, err = run_cli(capsys, *args, '--max_tokens', '1000')
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 128 + signal.SIGINT and 'Interrupted after 4 of 1000 tokens' in err
     assert out == four_tokens
