@@ -15,8 +15,9 @@ the expert compute:
     combine   put the rows back in token order, weighted sum over the k copies
 
 The forward returns the output and the call's routing statistics (MoEStats: the
-balance and z-losses in the graph, the load, the dropped copies); nothing is kept
-on the layer between forwards. Host synchronisations: none on the grouped_mm and
+balance loss and the router logits, from which the z-loss, in the graph; the load,
+the dropped copies); nothing of a forward is kept on the layer (on CPUs, a copy of
+the expert weights in the autocast dtype is: FusedExpertLinear.weight_in). Host synchronisations: none on the grouped_mm and
 tiles paths, capacity drops included; the slices path reads the per-expert counts
 once (it splits the rows by them); an expert-parallel layer reads its all_to_all
 split sizes once.

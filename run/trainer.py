@@ -283,16 +283,12 @@ class Trainer:
 
         dist.finish_grads(model)
         self.scaler.unscale_(self.optimizer)
-        if clips_in_step(self.optimizer, self.clip_params):
-            grad_norm = dist.grad_norm(self.clip_params)
-            self.optimizer.grad_scale = 1. / clip_coefficient(grad_norm, config.clip)   # optimizer_step removes it
-        else:
-            grad_norm = dist.clip_grad_norm_(self.clip_params, config.clip)
+        grad_norm, grad_scale = self.clip_gradients()
         finite = torch.isfinite(grad_norm)
         if config.clip_nonemb:  # the unclipped embedding gradients must be finite too
             finite = finite & torch.isfinite(dist.grad_norm(list(model.parameters())))
         record_skip(self.scaler, self.optimizer, finite)
-        applied = self.optimizer_step(finite)
+        applied = self.optimizer_step(finite, grad_scale)
         if step_load is not None:  # every rank the same update from the global load; a skipped step's rate is 0
             model.update_expert_bias(dist.sum(step_load), config.flags.moe_bias_update_rate * applied)
         self.scaler.update(self.static_scale)
@@ -307,12 +303,24 @@ class Trainer:
                                       self.limit_step)
         return step_loss
 
-    def optimizer_step(self, finite):
-        """The optimizer's update, unless `finite` (a device bool) is False. With the scaler of --amp fp16 the
-        gradients are already unscaled, and a step with an overflow has a non-finite norm, so `finite` decides
-        as GradScaler.step would. Returns whether the update was applied: the device flag itself where the
-        optimizer skips on the device, else the bool read from it (one host sync)."""
+    def clip_gradients(self):
+        """The gradients' global norm, and the --clip factor: applied here in a pass of its own over the gradients
+        (None returned), or returned as the grad_scale that the optimizer's fused kernel divides each gradient by as
+        it reads it (clips_in_step)."""
+        if clips_in_step(self.optimizer, self.clip_params):
+            grad_norm = self.dist.grad_norm(self.clip_params)
+            return grad_norm, 1. / clip_coefficient(grad_norm, self.config.clip)
+        return self.dist.clip_grad_norm_(self.clip_params, self.config.clip), None
+
+    def optimizer_step(self, finite, grad_scale=None):
+        """The optimizer's update, unless `finite` (a device bool) is False; `grad_scale`, where given, divides every
+        gradient inside the fused kernel (clip_gradients). With the scaler of --amp fp16 the gradients are already
+        unscaled, and a step with an overflow has a non-finite norm, so `finite` decides as GradScaler.step would.
+        Returns whether the update was applied: the device flag itself where the optimizer skips on the device, else
+        the bool read from it (one host sync)."""
         optimizer = self.optimizer
+        if grad_scale is not None:
+            optimizer.grad_scale = grad_scale   # GradScaler's contract with torch's fused optimizers, as found_inf
         try:
             if skips_on_device(optimizer):
                 optimizer.found_inf = (~finite).float()  # GradScaler's contract with torch's fused optimizers
