@@ -15,8 +15,11 @@ their defaults (ModelConfig.from_dict).
 """
 import os
 
+import torch
+
 from mem_transformer import MemTransformerLM, ModelConfig
 from utils import checkpoint as ckpt
+from utils.exp_utils import physical_memory
 
 
 def model_path(path):
@@ -59,6 +62,20 @@ def read_model_file(path):
 def load_model(path, device='cpu'):
     """(model in evaluation mode on `device`, the file's dict) from a model.pt or a run directory's."""
     config, saved = read_model_file(path)
+    check_fits_memory(config, model_path(path))
     model = MemTransformerLM(config)
     ckpt.load_weights(model, saved['model_state'], model_path(path))
     return model.to(device).eval(), saved
+
+
+def check_fits_memory(config, path):
+    """Refuse, in one line, a file whose configuration declares more fp32 weights than this machine's memory (a
+    damaged file, or one made for a larger machine) before the model is built: counted on the meta device, which
+    allocates nothing, where building it would end in an allocation error."""
+    with torch.device('meta'):
+        total = MemTransformerLM(config).parameter_counts()['total']
+    need, have = 4 * total, physical_memory()
+    if need > have:
+        raise ckpt.CheckpointError(f'{path} holds a model of {total:.3g} parameters, {need / 2 ** 30:,.1f} GiB of '
+                                   f'weights, more than the {have / 2 ** 30:,.1f} GiB of memory of this machine: '
+                                   'load it on a machine where it fits, or check that it is the file you meant')

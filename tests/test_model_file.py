@@ -79,6 +79,50 @@ def test_a_config_this_code_rejects_is_one_line_naming_the_file(tmp_path):
         load_model(tmp_path / 'model.pt')
 
 
+def test_a_model_larger_than_memory_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """The fp32 weights the configuration declares against the machine's memory: at the boundary, and before any
+    weight-sized allocation (the model is counted on the meta device)."""
+    import run.model_file as model_file
+    model, _ = load_model(V1 / 'model.pt')
+    need = 4 * sum(p.numel() for p in set(model.parameters()))
+    monkeypatch.setattr(model_file, 'physical_memory', lambda: need)
+    load_model(V1 / 'model.pt')
+    monkeypatch.setattr(model_file, 'physical_memory', lambda: need - 1)
+    built = []
+    monkeypatch.setattr(model_file, 'MemTransformerLM',
+                        lambda config: built.append(torch.empty(0).device.type) or MemTransformerLM(config))
+    with pytest.raises(ckpt.CheckpointError, match=r'model\.pt holds a model of .* parameters, .* GiB of weights, '
+                                                   r'more than the .* GiB of memory of this machine: load it on a '
+                                                   r'machine where it fits'):
+        load_model(V1 / 'model.pt')
+    assert built == ['meta']
+
+
+def test_scripts_refuse_a_model_file_declaring_more_than_any_memory_in_one_line(tmp_path, capsys):
+    """A damaged config (d_inner 10^11: 10^13 weights) gave an allocation traceback in eval.py, generate.py,
+    moe_report.py and convert_checkpoint.py --upcycle; now one line and exit code 2, nothing written."""
+    import eval as evaluation
+    import generate
+    import moe_report
+    from conftest import convert_with_memory_limit
+    saved = ckpt.load(V1 / 'model.pt', 'model')
+    saved['config']['d_inner'] = 10 ** 11
+    run = tmp_path / 'run'
+    run.mkdir()
+    ckpt.atomic_save(saved, run / 'model.pt')
+    for main in (evaluation.main, generate.main, moe_report.main):
+        try:
+            code = main(['--work_dir', str(run)])
+        except SystemExit as e:
+            code = e.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and 'more than the' in lines[0], (main, lines)
+    codes, errors = convert_with_memory_limit([['--upcycle', run, '--moe-num-expert', '4', '--moe-top-k', '2',
+                                                '--work_dir', tmp_path / 'out']])
+    assert codes == [2] and len(errors) == 1 and 'more than the' in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
+
+
 def test_a_checkpoint_written_before_the_typed_configuration_resumes_exactly(tmp_path):
     """train.py --restart on checkpoint.pt and model.pt of ad660eb: the same losses as that code's resume."""
     corpus = write_corpus(tmp_path / 'corpus', sizes=EXPECTED['corpus_sizes'])
