@@ -625,6 +625,10 @@ class FusedExpertLinear(nn.Module):
         """Forget weight_in's copy (after a write through `.data`, or to free its memory)."""
         self._weight_copy = None
 
+    def weight_copy_bytes(self):
+        """The memory weight_in's kept copy takes (0 when none is kept)."""
+        return 0 if self._weight_copy is None else self._weight_copy[1].nbytes
+
     def forward(self, rows, plan, path):
         """rows [M, in] sorted by expert -> [M, out]; path 'grouped_mm' or 'slices' (see expert_path)."""
         if path == 'grouped_mm':

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 from report import mixtral_skipped, moe_target_lines, transformers_version  # noqa: E402
 from timing import time_side_by_side, write_json  # noqa: E402
 from utils import malloc  # noqa: E402
-from moe import FMoETransformerMLP, grouped_mm, grouped_mm_available, sort_by_expert  # noqa: E402
+from moe import FMoETransformerMLP, FusedExpertLinear, grouped_mm, grouped_mm_available, sort_by_expert  # noqa: E402
 
 VARIANTS = ('moe', 'moe-stepped', 'moe-slices', 'moe-tiles', 'dense', 'loop')
 # transformers' Mixtral experts, when transformers is installed (an optional, benchmark-only dependency)
@@ -237,8 +237,7 @@ def peak_memory_child(variant, num_expert, dtype_name, args):
         f.write('5')             # reset VmHWM to the current RSS
     base = _status_kib('VmRSS')
     step()
-    kept = sum(m._weight_copy[1].nbytes for m in module.modules()
-               if getattr(m, '_weight_copy', None) is not None)
+    kept = sum(m.weight_copy_bytes() for m in module.modules() if isinstance(m, FusedExpertLinear))
     return (_status_kib('VmHWM') - base) / 1024 + kept / 2 ** 20
 
 

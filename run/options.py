@@ -14,7 +14,7 @@ from moe import MoEConfig
 from run.distributed import DEFAULT_TIMEOUT_S
 from run.model_file import read_model_file
 from utils import checkpoint as ckpt
-from utils.config import OptionError, add_flags, flag_values
+from utils.config import OptionError, add_flags, flag_fields, flag_or_keyword, flag_values
 from utils.errors import ConfigError
 from utils.exp_utils import OneLineArgumentParser, physical_memory, tensorboard_missing
 from utils.schedules import SCHEDULERS
@@ -164,6 +164,19 @@ def check_args(args, parser):
     missing = args.tensorboard and tensorboard_missing()
     if missing:
         fail(f'--tensorboard: {missing}, or drop --tensorboard')
+
+
+def moe_flags_without_moe(flags):
+    """The MoE flags given other values than their defaults in a run without --moe, where they shape nothing
+    (the original accepts and ignores them too): ['--moe-num-expert 16', ...]."""
+    if flags.moe:
+        return []
+    defaults, fields_ = MoEConfig(), flag_fields(MoEConfig)
+    changed = [flag_or_keyword(path[0], value, fields_[path].metadata)
+               for path, value in flag_values(MoEConfig, flags).items() if value != getattr(defaults, path[0])]
+    if flags.moe_bias_update_rate != build_parser().get_default('moe_bias_update_rate'):
+        changed.append(f'--moe-bias-update-rate {flags.moe_bias_update_rate}')
+    return changed
 
 
 def check_model(flags, n_token=None):

@@ -15,7 +15,7 @@ import data_utils
 from run.distributed import Dist, SilentLog, is_peer_failure
 from run.distributed import fail as fail_distributed
 from run.model_file import read_model_file, saved_config
-from run.options import build_model, build_parser, check_model, run_config
+from run.options import build_model, build_parser, check_model, moe_flags_without_moe, run_config
 from run.trainer import NonFiniteLoss, StopRequest, Trainer
 from run.work_dir import check_work_dir, claim_work_dir
 from utils import checkpoint as ckpt
@@ -89,6 +89,9 @@ def prepare(config, notes, dist):
     if config.gpu0_bsz >= 0:  # nn.DataParallel's uneven split; DDP gives every process an equal share
         notes.append(f'NOTE: --gpu0_bsz {config.gpu0_bsz} is ignored: every process takes an equal share of '
                      '--batch_size')
+    ignored = moe_flags_without_moe(config.flags)
+    if ignored:
+        notes.append(f'NOTE: {", ".join(ignored)}: MoE options, ignored without --moe (this model is dense)')
     if config.expert_parallel and not dist.active:
         notes.append('NOTE: --expert-parallel needs several processes (torchrun); this process holds every expert')
     if config.amp != 'fp16' and (config.dynamic_loss_scale or config.static_loss_scale is not None):

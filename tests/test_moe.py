@@ -448,7 +448,7 @@ def test_bf16_weight_copy_is_made_once_per_change_and_equals_a_fresh_cast(path, 
             patch.setattr(moe, 'keeps_weight_copies', lambda device: False)
             assert recast.experts.htoh4.weight_in(torch.bfloat16) is None
             uncached = bf16_step(recast, x)
-        assert recast.experts.htoh4._weight_copy is None
+        assert recast.experts.htoh4.weight_copy_bytes() == 0
         for a, b, c in zip(got, want, uncached):
             assert a.dtype == b.dtype == c.dtype and torch.equal(a, b) and torch.equal(a, c)
         for lin, copy in zip(linears, copies):   # the same copy served the forward and the backward
@@ -471,7 +471,9 @@ def test_copies_are_kept_on_cpus_only():
 def test_weight_copy_follows_load_state_dict_moves_and_inference_mode():
     layer = make_layer(num_expert=4, d_model=16, d_hidden=32)
     lin = layer.experts.htoh4
+    assert lin.weight_copy_bytes() == 0
     copy = lin.weight_in(torch.bfloat16)
+    assert lin.weight_copy_bytes() == 4 * 32 * 16 * 2   # [E, out, in] in bf16
     other = make_layer(num_expert=4, d_model=16, d_hidden=32, seed=1)
     layer.load_state_dict(other.state_dict())
     assert torch.equal(lin.weight_in(torch.bfloat16), other.experts.htoh4.weight.detach().bfloat16())
@@ -480,6 +482,7 @@ def test_weight_copy_follows_load_state_dict_moves_and_inference_mode():
     assert torch.equal(lin.weight_in(torch.bfloat16), lin.weight.detach().bfloat16())
     lin.weight.data.mul_(3)                     # through .data, as autograd, unseen until dropped
     lin.drop_weight_copy()
+    assert lin.weight_copy_bytes() == 0
     assert torch.equal(lin.weight_in(torch.bfloat16), lin.weight.detach().bfloat16())
     assert 'weight_copy' not in ' '.join(layer.state_dict())
     # A copy made under inference_mode is an inference tensor, which autograd cannot save: a training step

@@ -304,6 +304,19 @@ def test_multi_gpu_flags_explain_torchrun_and_train(tmp_path, corpus, capsys):
     assert [r['step'] for r in records(tmp_path / 'run', 'train')] == [1, 2]
 
 
+def test_moe_flags_without_moe_are_noted_as_ignored(tmp_path, corpus, capsys):
+    """A run given MoE flags but not --moe trains a dense model, as the original does; the log says so, naming
+    the flags that differ from their defaults (and none with --moe, or without MoE flags)."""
+    assert run(tmp_path / 'dense', corpus, '--max_step', '1', '--moe-num-expert', '16', '--moe-top-k', '2',
+               '--moe-no-gate-bias', '--moe-bias-update-rate', '0.01', '--debug') == 0
+    out = capsys.readouterr().out
+    assert ('NOTE: --moe-num-expert 16, --moe-no-gate-bias, --moe-bias-update-rate 0.01: MoE options, ignored '
+            'without --moe (this model is dense)') in out
+    assert run(tmp_path / 'moe', corpus, '--max_step', '1', '--moe', '--moe-num-expert', '4', '--debug') == 0
+    assert run(tmp_path / 'plain', corpus, '--max_step', '1', '--debug') == 0
+    assert 'ignored without --moe' not in capsys.readouterr().out
+
+
 def test_epochs_wrap_around_with_fresh_memory(tmp_path, tmp_path_factory):
     small = write_corpus(tmp_path_factory.mktemp('small'), sizes=(700, 400, 400))
     work = tmp_path / 'run'
