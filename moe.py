@@ -17,10 +17,10 @@ the expert compute:
 The forward returns the output and the call's routing statistics (MoEStats: the
 balance loss and the router logits, from which the z-loss, in the graph; the load,
 the dropped copies); nothing of a forward is kept on the layer (on CPUs, a copy of
-the expert weights in the autocast dtype is: FusedExpertLinear.weight_in). Host synchronisations: none on the grouped_mm and
-tiles paths, capacity drops included; the slices path reads the per-expert counts
-once (it splits the rows by them); an expert-parallel layer reads its all_to_all
-split sizes once.
+the expert weights in the autocast dtype is: FusedExpertLinear.weight_in). Host
+synchronisations: none on the grouped_mm and tiles paths, capacity drops included;
+the slices path reads the per-expert counts once (it splits the rows by them); an
+expert-parallel layer reads its all_to_all split sizes once.
 """
 import math
 from dataclasses import dataclass
@@ -370,7 +370,8 @@ def grouped_mm_fast_on_cuda(capability, dtype):
 def grouped_mm_zeroes_empty_groups(device):
     """Whether grouped_mm gives an expert without rows an exact zero slot in the weight-gradient product
     (groups along the summed dimension). On CPUs it is a loop of mm over the groups, and mm over an empty
-    inner dimension writes zeros; CUDA's kernels leave that slot undefined (garbage seen on sm100), so there the experts without rows are masked to zero."""
+    inner dimension writes zeros; CUDA's kernels leave that slot undefined (garbage seen on sm100), so there
+    the experts without rows are masked to zero."""
     return torch.device(device).type == 'cpu'
 
 
@@ -425,7 +426,8 @@ def expert_path(backend, device, dtype, widths):
                   mm in C++, the per-expert products and nothing else), CUDA bf16 on compute capability 9.x/10.x
       tiles       other accelerators and dtypes (CUDA fp32/TF32, fp16, bf16 before sm90): batched products on
                   each expert's rows cut into tiles (tile_rows: the tile size follows the rows per expert)
-      slices      a CPU without grouped_mm: there a host read costs nothing, and padding would
+      slices      a CPU without grouped_mm: there a host read costs nothing, and the tiles' padding rows
+                  would only add products
     """
     if backend in ('tiles', 'slices'):
         return backend
