@@ -728,7 +728,9 @@ class ModelConfig(Mapping):
     @classmethod
     def from_dict(cls, flat):
         """The configuration a flat dict of keywords describes (what checkpoints store); an option it does not
-        name (a file written before the option existed) takes its default. A ConfigError for a bad value."""
+        name (a file written before the option existed) takes its default. A ConfigError for a bad value.
+        A dense model's MoE options shape nothing: ones MoEConfig rejects (an older file's, or the original
+        constructor's, which ignores them without moe) take their defaults rather than refuse the model."""
         unknown = [k for k in flat if k not in FLAT_KEYS]
         if unknown:
             raise ConfigError(f'unknown model option {unknown[0]!r}; known: {", ".join(FLAT_KEYS)}')
@@ -736,7 +738,9 @@ class ModelConfig(Mapping):
         try:
             moe_options = MoEConfig(**moe)
         except OptionError as e:
-            raise e.with_prefix(MOE_PREFIX) from None
+            if flat.get('moe', False):
+                raise e.with_prefix(MOE_PREFIX) from None
+            moe_options = MoEConfig()
         return cls(**{k: v for k, v in flat.items() if k not in MOE_KEYS}, moe_options=moe_options)
 
     @classmethod

@@ -43,7 +43,7 @@ MODEL_CASES = [
     (dict(moe='yes'), "moe='yes': must be True or False"),
     (dict(untie_r=True, attn_type=2), 'untie_r=True: only attn_type 0 shares r_w_bias/r_r_bias across layers '
                                       '(attn_type=2)'),
-    (dict(moe_top_k=5, moe_num_expert=4), 'moe_top_k=5: must be between 1 and moe_num_expert=4'),
+    (dict(moe=True, moe_top_k=5, moe_num_expert=4), 'moe_top_k=5: must be between 1 and moe_num_expert=4'),
     (dict(clamp_len=None), 'clamp_len=None: must be an integer'),
     (dict(unknown=1), "unknown model option 'unknown'"),
 ]

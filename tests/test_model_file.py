@@ -10,6 +10,7 @@ import torch
 import train
 from conftest import tiny_model, write_corpus
 from mem_transformer import MemTransformerLM, ModelConfig, init_weights
+from moe import MoEConfig
 from run.model_file import load_model, model_path, read_model_file, save_model
 from utils import checkpoint as ckpt
 
@@ -76,6 +77,23 @@ def test_a_config_this_code_rejects_is_one_line_naming_the_file(tmp_path):
     ckpt.atomic_save(saved, tmp_path / 'model.pt')
     with pytest.raises(ckpt.CheckpointError, match=r'model\.pt holds a model configuration this code rejects: '
                                                    r'moe_top_k=9: must be between 1 and moe_num_expert=3$'):
+        load_model(tmp_path / 'model.pt')
+
+
+def test_a_dense_model_loads_whatever_its_unused_moe_options_say(tmp_path):
+    """MoE options that MoEConfig rejects (a switch gate routing to 2 experts, top-k above the experts) shape
+    nothing in a dense model: its file loads, with the same weights and losses; an MoE model's is refused."""
+    model = tiny_model()
+    save_model(tmp_path / 'model.pt', model)
+    saved = ckpt.load(tmp_path / 'model.pt', 'model')
+    saved['config'].update(moe_gate='switch', moe_top_k=2, moe_num_expert=1)
+    ckpt.atomic_save(saved, tmp_path / 'model.pt')
+    loaded, _ = load_model(tmp_path / 'model.pt')
+    assert not loaded.config.moe and loaded.config.moe_options == MoEConfig()
+    assert all(torch.equal(a, b) for a, b in zip(segment_losses(loaded), segment_losses(model.eval())))
+    saved['config']['moe'] = True
+    ckpt.atomic_save(saved, tmp_path / 'model.pt')
+    with pytest.raises(ckpt.CheckpointError, match='rejects: moe_top_k=2: must be between 1 and moe_num_expert=1'):
         load_model(tmp_path / 'model.pt')
 
 
