@@ -178,7 +178,8 @@ class TextCodec:
         """Prompt text -> list of ids; ConfigError naming the tokens the vocabulary lacks (without <unk>)."""
         syms = self.symbols(text)
         if not syms:
-            raise ConfigError('the prompt is empty: give at least one character')
+            raise ConfigError('the prompt is empty: give the text to continue (at least one character) with '
+                              '--prompt TEXT or --prompt_file FILE')
         table = self.vocab.sym2idx
         missing = [s for s in syms if s not in table]
         if missing and self.unk is None:

@@ -254,7 +254,8 @@ def test_cli_errors(tmp_path, capsys):
     assert '--top_p 0.0 must be in (0, 1]' in error('--work_dir', run, '--top_p', '0')
     assert '--max_tokens 0 must be at least 1' in error('--work_dir', run, '--max_tokens', '0')
     assert "byte 90 (b'Z')" in error('--work_dir', run, '--prompt', 'Zebra')
-    assert 'the prompt is empty' in error('--work_dir', run, '--prompt', '')
+    assert 'the prompt is empty: give the text to continue (at least one character) with --prompt' in error(
+        '--work_dir', run, '--prompt', '')
     # same_length without a memory masks every key: NaN probabilities, then a traceback from multinomial
     assert 'needs --mem_len > 0' in error('--work_dir', run, '--same_length', '--mem_len', '0')
     other = make_enwik8_dir(tmp_path / 'other', 'xyz 0\n')
