@@ -9,9 +9,10 @@ fall), killed with SIGKILL and resumed with --restart; eval.py and generate.py o
 training-step throughput of train.py's Trainer on the enwik8-base shape (12 x 512, d_inner 2048, tgt/mem 512,
 batch 22 or the largest that fits), dense and with 64 experts (top-2, d_inner 1024 each), in fp32, tf32 and
 bf16, as tokens/s and as a fraction of the bf16 matrix-product peak measured in the same run; the dense bf16 step
-with --deterministic (its cost, and whether two runs repeat bitwise); the MoE layer
-on each expert path (grouped_mm, tiles, slices; bf16, fp16, fp32, TF32) against the per-expert slices; the host synchronisations of one training step. A part that fails
-is recorded and the others still run. Nothing in the repository is written; runs go to DIR/work.
+with --deterministic (its cost, and whether two runs repeat bitwise); the MoE layer on each expert path
+(grouped_mm, tiles, slices; bf16, fp16, fp32, TF32) against the per-expert slices; the host synchronisations of
+one training step. A part that fails is recorded and the others still run. Nothing in the repository is written;
+runs go to DIR/work.
 
 The dry run exercises every part's logic on the CPU (tests/test_gpu_check.py runs it); its figures mean nothing.
 """
