@@ -239,8 +239,8 @@ def read_source(path, trust_pickle):
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        if 'weights_only' not in str(e) and 'weights only' not in str(e).lower():
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        holds_objects, reason = ckpt.weights_only_failure(e)
+        if not holds_objects:
             raise ConversionError(f'{path} is not a torch checkpoint ({reason})') from None
         if not trust_pickle:
             raise ConversionError(

@@ -109,8 +109,18 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
     ckpt.atomic_save({'format': ckpt.FORMAT, 'w': torch.zeros(1000)}, good)
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(good.read_bytes()[:300])
-    with pytest.raises(ckpt.CheckpointError, match='truncated.pt is unreadable'):
+    with pytest.raises(ckpt.CheckpointError, match=r'truncated.pt is unreadable \(RuntimeError: PytorchStreamReader '
+                                                   r'failed reading zip archive: failed finding central directory\): '):
         ckpt.load(truncated)
+    # Bytes that are no pickle at all are damaged, not pickled objects (torch's error names weights_only for both)
+    noise = tmp_path / 'noise.pt'
+    noise.write_bytes(bytes(range(256))[::-3] * 4)
+    with pytest.raises(ckpt.CheckpointError, match=r'noise.pt is unreadable \(UnpicklingError: Unsupported operand'):
+        ckpt.load(noise)
+    text = tmp_path / 'text.pt'
+    text.write_text('hi\n')
+    with pytest.raises(ckpt.CheckpointError, match=r'text.pt is unreadable \(KeyError: '):
+        ckpt.load(text)
     foreign = tmp_path / 'foreign.pt'
     torch.save({'state_dict': {}}, foreign)
     with pytest.raises(ckpt.CheckpointError, match='not a checkpoint written by this project'):

@@ -368,6 +368,9 @@ def test_error_cases(tmp_path, capsys):
 
     (tmp_path / 'text.pt').write_text('hello')
     assert 'is not a torch checkpoint' in run_error(tmp_path, capsys, str(tmp_path / 'text.pt'), '--work_dir', out)
+    (tmp_path / 'noise.pt').write_bytes(bytes(range(256))[::-3] * 4)   # no pickle, though torch names weights_only
+    assert 'noise.pt is not a torch checkpoint (UnpicklingError: Unsupported operand' in run_error(
+        tmp_path, capsys, str(tmp_path / 'noise.pt'), '--work_dir', out)
 
     save({'a': 1}, tmp_path / 'other.pt')
     assert 'not a state dict' in run_error(tmp_path, capsys, str(tmp_path / 'other.pt'), '--work_dir', out)

@@ -30,6 +30,19 @@ def atomic_save(obj, path):
         torch.save(obj, f)
 
 
+def weights_only_failure(e):
+    """What an exception of torch.load(weights_only=True) says of the file: (True, None) when the file names Python
+    classes that the weights-only unpickler refuses (a pickled model, or other objects: opening it would run code);
+    else (False, a short reason: the exception's type and first line, without torch's advice to unpickle)."""
+    text = str(e)
+    if 'GLOBAL' in text:   # 'Unsupported global: GLOBAL m.C', 'unsupported GLOBAL m.f whose module m is blocked'
+        return True, None
+    detail = text.split('WeightsUnpickler error:', 1)[-1]
+    first = next((line.strip() for line in detail.splitlines() if line.strip()), '')
+    first = first.split('. ')[0]   # torch's longer messages go on with advice
+    return False, f'{type(e).__name__}: {first}' if first else type(e).__name__
+
+
 def load(path, what='checkpoint'):
     """Load a plain-data checkpoint onto the CPU, or raise CheckpointError naming the file and the fix."""
     path = os.fspath(path)
@@ -38,8 +51,8 @@ def load(path, what='checkpoint'):
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'weights only' in str(e).lower() or 'weights_only' in str(e).lower():
+        holds_objects, reason = weights_only_failure(e)
+        if holds_objects:
             raise CheckpointError(
                 f'{what} {path} holds pickled Python objects, not plain data (a checkpoint of the original '
                 f'Transformer-XL?); it is not opened because unpickling runs code: convert it first') from None

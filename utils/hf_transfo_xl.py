@@ -19,6 +19,7 @@ import pickle
 import struct
 
 import torch
+from utils.checkpoint import weights_only_failure
 from utils.errors import ConversionError
 
 # TransfoXLConfig's defaults (transformers 4.35) for what a config.json may leave out: save_pretrained writes
@@ -175,10 +176,10 @@ def read_bin(path):
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        if 'weights_only' in str(e) or 'weights only' in str(e).lower():  # (torch's advice is not passed on)
+        holds_objects, reason = weights_only_failure(e)
+        if holds_objects:
             raise HFImportError(f'{path} holds pickled Python objects besides tensors, which are not unpickled '
                                 '(that can run code): save the state dict of tensors, or a model.safetensors') from None
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HFImportError(f'{path} is not a weights-only torch checkpoint ({reason})') from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
