@@ -14,8 +14,9 @@ Accepted sources:
 The architecture is inferred from the tensor shapes (n_layer, d_model, n_head/d_head, d_inner, attention type,
 vocabulary size, adaptive cutoffs and div_val, weight and projection tying, MoE experts); what shapes cannot tell
 (dropout, lengths, pre_lnorm, top_k, ...) comes from the flags where given, else from the pickled model's
-attributes, else from the original train.py's defaults. The weights are loaded into this project's MemTransformerLM with strict=True and
-written as WORK_DIR/model.pt (plain data, as train.py writes it); the inferred configuration is printed.
+attributes, else from the original train.py's defaults. The weights are loaded into this project's MemTransformerLM
+with strict=True and written as WORK_DIR/model.pt (plain data, as train.py writes it); the inferred configuration
+is printed.
 
     python convert_checkpoint.py original/model.pt --work_dir runs/imported --trust-pickle --dataset enwik8 \
         --data ../data/enwik8

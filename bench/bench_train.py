@@ -6,7 +6,8 @@
    dense and MoE (16 and 64 experts, top-2), and the enwik8 base shape at
    tgt_len 128; fp32 and bf16 autocast of one configuration run side by side,
    as do the plain paths (the original's attention arithmetic from
-   tests/reference_attention.py, nn.Dropout, no SDPA) for the dense CPU model, so their ratios are measured under the same load.
+   tests/reference_attention.py, nn.Dropout, no SDPA) for the dense CPU model,
+   so their ratios are measured under the same load.
 2. Model FLOPs per token (bench/flops.py) and the achieved fraction of the
    matrix-product peak measured in the same run.
 3. bf16 against fp32 on real text: the same model, data and seed trained for

@@ -110,7 +110,8 @@ def part_tests(check, device):
 def train_flags(args, work, *more):
     return [sys.executable, 'train.py', '--data', os.path.join(args.out, 'data'), '--dataset', 'enwik8',
             '--work_dir', os.path.join(args.out, 'work', work), *(['--cuda'] if args.device == 'cuda' else []),
-            *args.model, '--moe', '--moe-num-expert', '8', '--moe-top-k', '2', '--lr', '0.002', '--warmup_step', '5', '--scheduler', 'constant',
+            *args.model, '--moe', '--moe-num-expert', '8', '--moe-top-k', '2', '--lr', '0.002', '--warmup_step', '5',
+            '--scheduler', 'constant',
             '--seed', '1', '--log-interval', '1', '--eval-interval', '100000', '--max_eval_steps', '5',
             '--eval_tgt_len', '32', '--save-interval', str(args.kill_at // 2), '--max_step', str(args.steps),
             *more]

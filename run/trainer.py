@@ -576,8 +576,8 @@ class Trainer:
             ckpt.load_weights(self.model, self.dist.local_model_state(best['model_state'], self.model), 'model.pt')
             model_step = best.get('step')
             valid = best.get('val_loss')
-            self.log(f'Testing {run_dir}/model.pt, the best model by validation: step {model_step}'
-                     + ('' if valid is None else ', ' + ' '.join(metric_text(self.config.dataset, valid, 'valid').split())))
+            shown = '' if valid is None else ', ' + ' '.join(metric_text(self.config.dataset, valid, 'valid').split())
+            self.log(f'Testing {run_dir}/model.pt, the best model by validation: step {model_step}{shown}')
         test_loss = self.validation_loss(te_iter)
         self.log('=' * 100)
         self.log('| End of training ' + format_loss(self.config.dataset, 'test', test_loss))
