@@ -106,15 +106,17 @@ def main(argv=None):
     except (UserError, OSError) as e:  # bad input, or the file system's refusal
         if dist.is_main:
             print(f'eval.py: error: {e}', file=sys.stderr)
-        dist.close()
-        return 2
+        return dist.leave(2)
+    code = None
     try:
-        return evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist)
+        code = evaluate_splits(args, model, saved, dataset, data_dir, splits, iters, dist)
     except files.WriteError as e:  # eval.json: a full disk, or a run directory taken away
         print(f'eval.py: error: {e}', file=sys.stderr)
-        return 2
+        code = 2
     finally:
-        dist.close()
+        if code is None:  # an exception on its way out (a bug's traceback)
+            dist.close()
+    return dist.leave(code)   # here, while this frame still holds the model (see Dist.leave)
 
 
 PROGRESS_LINE_S = 60  # off a terminal, a long evaluation says how far it is at most once a minute

@@ -106,7 +106,7 @@ def worker(args, moe, expert_parallel):
                           'ms_per_step': 1000 * elapsed / args.steps,
                           'all_to_all_ms_per_step': 1000 * exchange / args.steps,
                           'all_to_all_calls_per_step': exchanges['calls'] / args.steps}))
-    d.close()
+    d.leave(0)   # under torchrun the process ends here, while this frame holds the model (Dist.leave)
 
 
 # ----------------------------------------------------------------------------- launcher

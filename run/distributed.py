@@ -172,13 +172,31 @@ class Dist:
                              f'of processes ({self.world_size}), each holding the same number of experts')
 
     def close(self):
-        """Leave the process group together: gloo can abort a process whose peer tears down mid-exchange."""
+        """Leave the process group together: gloo can abort a process whose peer tears down mid-exchange. For a
+        process that goes on; a script ends with `leave` instead."""
         if self.active and dist.is_initialized():
-            try:
-                dist.barrier()
-            except RuntimeError:  # a peer is gone already; nothing left to wait for
-                pass
+            self._leave_together()
             dist.destroy_process_group()
+
+    def leave(self, code):
+        """A script's last call, from the frame that holds its model: returns the exit code with one process; under
+        torchrun, leaves the process group together and ends the process at once (os._exit), nothing freed.
+
+        Freeing the process group (DDP's reducer holds it) joins gloo's worker threads while holding the GIL, and a
+        worker that is still freeing the last collective's work, whose tensors are Python objects, waits for the
+        GIL: a deadlock, seen as a rank that never exits after a finished run. Files are closed by then."""
+        if not self.active:
+            return code
+        if dist.is_initialized():
+            self._leave_together()
+        leave_now(code)
+
+    @staticmethod
+    def _leave_together():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone already; nothing left to wait for
+            pass
 
     # ------------------------------------------------------------------ data
     def local(self, batch):

@@ -200,14 +200,14 @@ def main(argv=None):
             print(f'train.py: error: {e}', file=sys.stderr)
         if lock is not None:
             lock.release()
-        dist.close()
-        return 2
+        return dist.leave(2)
+    code = None
     try:
-        return run(config, trainer, setup, notes)
+        code = run(config, trainer, setup, notes)
     except OSError as e:  # a full disk, or the run directory taken away: one line, the checkpoint is kept
         message = str(e) if isinstance(e, files.WriteError) else files.write_error(e, e.filename or config.work_dir)
         print(f'train.py: error: {message}', file=sys.stderr)
-        return 2
+        code = 2
     except RuntimeError as e:
         if not (dist.active and is_peer_failure(e)):
             raise
@@ -220,7 +220,9 @@ def main(argv=None):
             metrics.close()
         if lock is not None:
             lock.release()
-        dist.close()
+        if code is None:  # an exception on its way out (a bug's traceback)
+            dist.close()
+    return dist.leave(code)   # here, while this frame still holds the model (see Dist.leave)
 
 
 def kept_checkpoint(trainer, run_dir):
