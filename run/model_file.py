@@ -68,14 +68,22 @@ def load_model(path, device='cpu'):
     return model.to(device).eval(), saved
 
 
+def weights_beyond_memory(model):
+    """(parameters, bytes of their fp32 weights, this machine's memory) when those weights alone need more than
+    the memory, else None. For a model on the meta device, before the real one is built."""
+    total = model.parameter_counts()['total']
+    need, have = 4 * total, physical_memory()
+    return (total, need, have) if need > have else None
+
+
 def check_fits_memory(config, path):
     """Refuse, in one line, a file whose configuration declares more fp32 weights than this machine's memory (a
     damaged file, or one made for a larger machine) before the model is built: counted on the meta device, which
     allocates nothing, where building it would end in an allocation error."""
     with torch.device('meta'):
-        total = MemTransformerLM(config).parameter_counts()['total']
-    need, have = 4 * total, physical_memory()
-    if need > have:
+        beyond = weights_beyond_memory(MemTransformerLM(config))
+    if beyond is not None:
+        total, need, have = beyond
         raise ckpt.CheckpointError(f'{path} holds a model of {total:.3g} parameters, {need / 2 ** 30:,.1f} GiB of '
                                    f'weights, more than the {have / 2 ** 30:,.1f} GiB of memory of this machine: '
                                    'load it on a machine where it fits, or check that it is the file you meant')

@@ -12,17 +12,18 @@ import mem_transformer
 from mem_transformer import ModelConfig
 from moe import MoEConfig
 from run.distributed import DEFAULT_TIMEOUT_S
-from run.model_file import read_model_file
+from run.model_file import read_model_file, weights_beyond_memory
 from utils import checkpoint as ckpt
 from utils.config import OptionError, add_flags, flag_fields, flag_or_keyword, flag_values
 from utils.errors import ConfigError
-from utils.exp_utils import OneLineArgumentParser, physical_memory, tensorboard_missing
+from utils.exp_utils import OneLineArgumentParser, tensorboard_missing
 from utils.schedules import SCHEDULERS
 
 # Settings that may differ when starting from another run's weights (--restart_dir): they shape no tensor.
 RUNTIME_KEYS = ('dropout', 'dropatt', 'tgt_len', 'ext_len', 'mem_len', 'same_length', 'clamp_len',
                 'moe_capacity_factor', 'moe_eval_capacity_factor', 'moe_balance_coef', 'moe_zloss_coef',
                 'moe_switch_eps', 'moe_random_routing')
+MOE_BIAS_UPDATE_RATE = 0.001   # --moe-bias-update-rate's default: DeepSeek-V3's
 
 
 def build_parser():
@@ -104,7 +105,7 @@ def build_parser():
         help='write WORK_DIR/checkpoint.pt every N steps (also at each evaluation, at the end, on a signal)')
     # FastMoE's flags and the MoE options of the model.
     model('moe', *(f'moe_options.{f.name}' for f in fields(MoEConfig)))
-    add('--moe-bias-update-rate', type=float, default=0.001,
+    add('--moe-bias-update-rate', type=float, default=MOE_BIAS_UPDATE_RATE,
         help='auxfree gate: each step, expert bias += rate * sign(mean load - load); rate in [0, 1]')
     # Several processes (torchrun).
     add('--expert-parallel', action='store_true',
@@ -174,7 +175,7 @@ def moe_flags_without_moe(flags):
     defaults, fields_ = MoEConfig(), flag_fields(MoEConfig)
     changed = [flag_or_keyword(path[0], value, fields_[path].metadata)
                for path, value in flag_values(MoEConfig, flags).items() if value != getattr(defaults, path[0])]
-    if flags.moe_bias_update_rate != build_parser().get_default('moe_bias_update_rate'):
+    if flags.moe_bias_update_rate != MOE_BIAS_UPDATE_RATE:
         changed.append(f'--moe-bias-update-rate {flags.moe_bias_update_rate}')
     return changed
 
@@ -199,10 +200,10 @@ SIZE_PARTS = (('.shared_expert.', lambda f: f'--moe-shared-expert {f.moe_shared_
 def check_fits(model, flags):
     """Refuse a model (on the meta device) whose fp32 weights alone need more than this machine's memory, where
     train.py builds them: one line naming the flags behind most of them, not an allocation error."""
-    total = model.parameter_counts()['total']
-    need, have = 4 * total, physical_memory()
-    if need <= have:
+    beyond = weights_beyond_memory(model)
+    if beyond is None:
         return
+    total, need, have = beyond
     parts = {}
     for name, p in model.named_parameters():  # a shared tensor under its first name only
         part = next(describe for pattern, describe in SIZE_PARTS if pattern in name)
